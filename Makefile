@@ -1,0 +1,32 @@
+# The two set-up commands of the README: `make demo` (main job) and `make test` (test suite).
+# Both create .venv on first use and install moerge into it, with constraints.txt keeping pip on
+# the local CPU build of torch.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint format bench clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/moerge demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check moerge tests examples
+	$(BIN)/ruff format --check moerge tests examples
+
+format: install
+	$(BIN)/ruff format moerge tests examples
+	$(BIN)/ruff check --fix moerge tests examples
+
+clean:
+	rm -rf $(VENV) moerge-demo .pytest_cache .ruff_cache

@@ -1,0 +1,13 @@
+"""moerge: a registry of independently fine-tuned experts, and the means to combine them at
+inference time — merge their weights, route tokens or requests to them — and serve the result."""
+
+from __future__ import annotations
+
+import logging
+
+from moerge.registry import Registry
+
+__version__ = "0.1.0"
+__all__ = ["Registry", "__version__"]
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -1,0 +1,117 @@
+"""Putting the multi-expert layer on a model (``attach``), taking it off (``detach``), and
+setting the routing weights every wrapped layer reads."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from moerge.adapters.layer import MultiExpertLinear, WeightFn
+from moerge.adapters.lora import LoraExpert
+
+
+def _matches(module: str, targets: Sequence[str] | str) -> bool:
+    """PEFT's target semantics: a string is a full-match regex; a list matches exact names or suffixes."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+def attach(
+    model: nn.Module,
+    experts: Sequence[LoraExpert] | Mapping[str, LoraExpert],
+    targets: Sequence[str] | str | None = None,
+) -> list[str]:
+    """Wrap every targeted linear of ``model`` in a :class:`MultiExpertLinear` holding ``experts``
+    (in order; expert e is column e of the routing weights). ``targets`` restricts the modules
+    (names, suffixes like ``"q_proj"``, or a regex); by default every module any expert adapts.
+    Returns the wrapped module names. Routing starts as "base only" until weights are set."""
+    if any(isinstance(m, MultiExpertLinear) for m in model.modules()):
+        raise RuntimeError("model already has moerge experts attached; call detach(model) first")
+    expert_list = list(experts.values()) if isinstance(experts, Mapping) else list(experts)
+    if not expert_list:
+        raise ValueError("attach needs at least one expert")
+    names = [e.name for e in expert_list]
+    if len(set(names)) != len(names):
+        raise ValueError(f"expert names must be unique, got {names}")
+    adapted = sorted({m for e in expert_list for m in e.modules})
+    wanted = [m for m in adapted if targets is None or _matches(m, targets)]
+    if not wanted:
+        raise ValueError(f"no expert module matches targets {targets!r} (experts adapt e.g. {adapted[:3]})")
+    modules = dict(model.named_modules())
+    missing = [m for m in wanted if m not in modules]
+    if missing:
+        raise ValueError(f"experts adapt modules the model does not have: {missing[:5]}")
+    for name in wanted:
+        layer = MultiExpertLinear(modules[name], [e.modules.get(name) for e in expert_list], names, name=name)
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, layer)
+    model._moerge_experts = names  # type: ignore[assignment]
+    return wanted
+
+
+def layers(model: nn.Module) -> dict[str, MultiExpertLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, MultiExpertLinear)}
+
+
+def expert_names(model: nn.Module) -> list[str]:
+    names = getattr(model, "_moerge_experts", None)
+    if names is None:
+        raise RuntimeError("no moerge experts are attached to this model; call attach() first")
+    return list(names)
+
+
+def detach(model: nn.Module) -> list[str]:
+    """Put every wrapped base layer back; returns the module names restored."""
+    restored = []
+    for name, layer in list(layers(model).items()):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.base)
+        restored.append(name)
+    if hasattr(model, "_moerge_experts"):
+        del model._moerge_experts
+    return restored
+
+
+def set_weights(model: nn.Module, weights: torch.Tensor | WeightFn | None) -> None:
+    """Set the routing of every wrapped layer: [B, E] per sequence, [B, T, E] per token, a
+    callable ``(layer, x) -> [..., E]``, or ``None`` for the base model alone."""
+    found = layers(model)
+    if not found:
+        raise RuntimeError("no moerge experts are attached to this model; call attach() first")
+    if isinstance(weights, torch.Tensor):
+        E = next(iter(found.values())).num_experts
+        if weights.dim() not in (2, 3) or weights.shape[-1] != E:
+            raise ValueError(f"routing weights must be [batch, {E}] or [batch, tokens, {E}], got {tuple(weights.shape)}")
+    for layer in found.values():
+        layer.weights = weights
+
+
+@contextmanager
+def use_weights(model: nn.Module, weights: torch.Tensor | WeightFn | None) -> Iterator[None]:
+    """``with use_weights(model, w): model.generate(...)`` — routing restored afterwards."""
+    found = layers(model)
+    before = {n: layer.weights for n, layer in found.items()}
+    set_weights(model, weights)
+    try:
+        yield
+    finally:
+        for n, layer in found.items():
+            layer.weights = before[n]
+
+
+def one_hot(expert_index: Sequence[int], num_experts: int) -> torch.Tensor:
+    """Per-sequence one-hot weights [B, E]: row b routes wholly to expert ``expert_index[b]``
+    (−1 means the base model alone)."""
+    w = torch.zeros(len(expert_index), num_experts)
+    for b, e in enumerate(expert_index):
+        if e >= num_experts:
+            raise ValueError(f"expert index {e} out of range for {num_experts} experts")
+        if e >= 0:
+            w[b, e] = 1.0
+    return w

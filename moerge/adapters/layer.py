@@ -1,0 +1,119 @@
+"""The multi-expert linear layer: one base linear plus E experts' stacked low-rank factors.
+
+    y = W x + Σ_e w_e · s_e · B_e A_e x
+
+Weights come per sequence ([B, E]; one-hot rows make a mixed-expert batch), per token
+([B, T, E]), or from a callable that computes them from the layer's input (token-level routers).
+Only experts that carry a non-zero weight somewhere are computed, and each only on the rows
+(tokens) that give it weight, so a top-k routing touches k experts per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from moerge.adapters.lora import LoraFactors
+
+#: a router hook: (layer, input x [..., d_in]) -> weights [..., E]
+WeightFn = Callable[["MultiExpertLinear", torch.Tensor], torch.Tensor]
+
+
+def base_shape(base: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of an ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2 stores W as [d_in, d_out])."""
+    if isinstance(base, nn.Linear):
+        return base.out_features, base.in_features
+    if type(base).__name__ == "Conv1D" and hasattr(base, "nf"):
+        return base.weight.shape[1], base.weight.shape[0]
+    raise TypeError(f"cannot wrap a {type(base).__name__}: only nn.Linear and transformers Conv1D layers are supported")
+
+
+class MultiExpertLinear(nn.Module):
+    """Wraps a base linear layer and holds E experts' factors stacked as ``lora_A`` [E, r_max, d_in]
+    and ``lora_B`` [E, d_out, r_max] (zero-padded, so mixed ranks are exact) with ``scaling`` [E]."""
+
+    def __init__(self, base: nn.Module, factors: Sequence[LoraFactors | None], expert_names: Sequence[str], name: str = "") -> None:
+        super().__init__()
+        if len(factors) != len(expert_names):
+            raise ValueError(f"{len(factors)} factor sets for {len(expert_names)} expert names")
+        d_out, d_in = base_shape(base)
+        self.base = base
+        self.module_name = name
+        self.expert_names = list(expert_names)
+        ranks = [f.rank if f is not None else 0 for f in factors]
+        r_max = max([1, *ranks])
+        dtype = base.weight.dtype
+        device = base.weight.device
+        A = torch.zeros(len(factors), r_max, d_in, dtype=dtype, device=device)
+        B = torch.zeros(len(factors), d_out, r_max, dtype=dtype, device=device)
+        scaling = torch.zeros(len(factors), dtype=dtype, device=device)
+        for e, f in enumerate(factors):
+            if f is None:
+                continue
+            if f.A.shape[1] != d_in or f.B.shape[0] != d_out:
+                raise ValueError(
+                    f"expert {expert_names[e]!r} at module {name!r}: factors give ΔW of shape "
+                    f"({f.B.shape[0]}, {f.A.shape[1]}) but the base layer is ({d_out}, {d_in}) (d_out, d_in)"
+                )
+            A[e, : f.rank] = f.A.to(dtype)
+            B[e, :, : f.rank] = f.B.to(dtype)
+            scaling[e] = f.scaling
+        self.register_buffer("lora_A", A, persistent=False)
+        self.register_buffer("lora_B", B, persistent=False)
+        self.register_buffer("scaling", scaling, persistent=False)
+        self.ranks = ranks
+        #: routing state: None (base only), a weight tensor, or a WeightFn
+        self.weights: torch.Tensor | WeightFn | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.lora_A.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, ranks={self.ranks}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        w = self.weights(self, x) if callable(self.weights) else self.weights
+        if w is None:
+            return y
+        return y + self.mixture(x, self._align(w, x))
+
+    def _align(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Broadcast weights to x's leading shape: [B, E] per sequence or [B, T, E] per token."""
+        E = self.num_experts
+        if w.shape[-1] != E:
+            raise ValueError(f"routing weights have {w.shape[-1]} experts in the last dim but module {self.module_name!r} holds {E}")
+        lead = x.shape[:-1]
+        if w.shape[0] != lead[0] and lead[0] % w.shape[0] == 0:  # generate() expands rows for beams
+            w = w.repeat_interleave(lead[0] // w.shape[0], dim=0)
+        if w.dim() == 2 and len(lead) == 2:  # per sequence → per token
+            w = w[:, None, :]
+        try:
+            return w.expand(*lead, E)
+        except RuntimeError:
+            raise ValueError(
+                f"routing weights of shape {tuple(w.shape)} do not fit input of shape {tuple(x.shape)} at module "
+                f"{self.module_name!r}; expected [batch, experts] or [batch, tokens, experts]"
+            ) from None
+
+    def mixture(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Σ_e w_e · s_e · B_e A_e x for weights ``w`` [..., E] aligned with ``x`` [..., d_in]."""
+        lead = x.shape[:-1]
+        xf = x.reshape(-1, x.shape[-1])
+        wf = w.reshape(-1, self.num_experts).to(x.dtype) * self.scaling
+        out = torch.zeros(xf.shape[0], self.lora_B.shape[1], dtype=x.dtype, device=x.device)
+        active = torch.nonzero(wf.ne(0).any(0)).flatten().tolist()
+        for e in active:
+            r = self.ranks[e]
+            A, B = self.lora_A[e, :r], self.lora_B[e, :, :r]
+            col = wf[:, e]
+            rows = torch.nonzero(col).flatten()
+            if rows.numel() == xf.shape[0]:
+                out.add_((xf @ A.T) @ B.T * col[:, None])
+            else:
+                xs = xf.index_select(0, rows)
+                out.index_add_(0, rows, (xs @ A.T) @ B.T * col.index_select(0, rows)[:, None])
+        return out.reshape(*lead, -1)

@@ -1,0 +1,1 @@
+"""Quality tables and performance benchmarks."""

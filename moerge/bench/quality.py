@@ -1,0 +1,191 @@
+"""The quality table on the zoo: every method scored on every task (exact match), held-in
+normalised score (expert on its own task = 100) and held-out accuracy. Later routers and merges
+add rows through :func:`method_row`."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from moerge.adapters import attach, detach, load_lora, one_hot, use_weights
+from moerge.zoo import Zoo, exact_match
+from moerge.zoo.train import generate_answers
+
+
+@dataclass
+class MethodRow:
+    """One row of the table: a method's per-task scores and the two summary figures."""
+
+    name: str
+    per_task: dict[str, float]
+    held_in_normalized: float
+    held_out_accuracy: float
+    notes: str = ""
+
+
+@dataclass
+class QualityReport:
+    held_in: list[str]
+    held_out: list[str]
+    experts: list[str]
+    #: matrix[expert][task]: exact match of each single expert on each task
+    matrix: dict[str, dict[str, float]]
+    rows: list[MethodRow]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def own_scores(self) -> dict[str, float]:
+        """Each held-in task's own expert on it: the 100 of the normalised score."""
+        return {t: self.matrix[t][t] for t in self.held_in}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "methods": {r.name: asdict(r) for r in self.rows},
+            "cross_task_matrix": self.matrix,
+            "held_in": self.held_in,
+            "held_out": self.held_out,
+            "meta": self.meta,
+        }
+
+    def markdown(self) -> str:
+        lines = [
+            "| method | held-in normalised (expert = 100) | held-out accuracy (%) | notes |",
+            "|---|---:|---:|---|",
+        ]
+        for r in self.rows:
+            lines.append(f"| {r.name} | {r.held_in_normalized:.1f} | {100 * r.held_out_accuracy:.1f} | {r.notes} |")
+        return "\n".join(lines)
+
+    def matrix_markdown(self) -> str:
+        tasks = self.held_in + self.held_out
+        head = "| expert \\ task | " + " | ".join(tasks) + " |"
+        sep = "|---|" + "---:|" * len(tasks)
+        body = [
+            f"| {e} | " + " | ".join(f"{100 * self.matrix[e][t]:.0f}" for t in tasks) + " |" for e in self.experts
+        ]
+        base = next((r for r in self.rows if r.name == "base"), None)
+        if base:
+            body.append("| *base* | " + " | ".join(f"{100 * base.per_task[t]:.0f}" for t in tasks) + " |")
+        return "\n".join([head, sep, *body])
+
+
+def method_row(name: str, per_task: dict[str, float], held_in: Sequence[str], held_out: Sequence[str], own: dict[str, float], notes: str = "") -> MethodRow:
+    """Summarise per-task exact match: mean of 100·score/own over held-in, mean accuracy over held-out."""
+    norm = [100 * per_task[t] / own[t] if own[t] > 0 else 0.0 for t in held_in]
+    return MethodRow(
+        name=name,
+        per_task=dict(per_task),
+        held_in_normalized=sum(norm) / len(norm),
+        held_out_accuracy=sum(per_task[t] for t in held_out) / len(held_out),
+        notes=notes,
+    )
+
+
+def evaluate_zoo(zoo: Zoo, progress: bool = True, max_new_tokens: int = 8) -> QualityReport:
+    """Base, every LoRA expert on every task (one mixed-expert batch per task through the
+    multi-expert layer), the oracle and the best single expert."""
+    t0 = time.perf_counter()
+    reg = zoo.registry
+    tok = zoo.tokenizer()
+    model = zoo.load_base()
+    experts = zoo.held_in
+    tasks = zoo.held_in + zoo.held_out
+    attach(model, [load_lora(name, registry=reg) for name in experts])
+    matrix: dict[str, dict[str, float]] = {e: {} for e in experts}
+    base_scores: dict[str, float] = {}
+    try:
+        for task in tqdm(tasks, desc="evaluate", disable=not progress):
+            test = zoo.test_split(task)
+            prompts = [e.prompt for e in test]
+            n = len(prompts)
+            # rows: base (-1) then each expert, all in one mixed batch
+            batch_prompts = prompts * (len(experts) + 1)
+            assign = [-1] * n + [e for e in range(len(experts)) for _ in range(n)]
+            answers: list[str] = []
+            chunk = 256
+            for i in range(0, len(batch_prompts), chunk):
+                w = one_hot(assign[i : i + chunk], len(experts))
+                with use_weights(model, w):
+                    answers += generate_answers(model, tok, batch_prompts[i : i + chunk], max_new_tokens=max_new_tokens, batch_size=chunk)
+            base_scores[task] = exact_match(answers[:n], test)
+            for e, name in enumerate(experts):
+                matrix[name][task] = exact_match(answers[(e + 1) * n : (e + 2) * n], test)
+    finally:
+        detach(model)
+    own = {t: matrix[t][t] for t in zoo.held_in}
+    rows = [method_row("base", base_scores, zoo.held_in, zoo.held_out, own, "the base model alone")]
+    oracle = {t: matrix[t][t] for t in zoo.held_in}
+    oracle.update({t: max(matrix[e][t] for e in experts) for t in zoo.held_out})
+    rows.append(method_row("oracle", oracle, zoo.held_in, zoo.held_out, own,
+                           "own expert per held-in task; best single expert per held-out task (hindsight)"))
+    singles = [method_row(f"expert:{e}", matrix[e], zoo.held_in, zoo.held_out, own) for e in experts]
+    best = max(singles, key=lambda r: (r.held_in_normalized, r.held_out_accuracy))
+    rows.append(MethodRow(**{**asdict(best), "name": "best single expert", "notes": best.name.removeprefix("expert:")}))
+    return QualityReport(
+        held_in=zoo.held_in,
+        held_out=zoo.held_out,
+        experts=experts,
+        matrix=matrix,
+        rows=rows,
+        meta={"preset": zoo.preset.name, "n_test": zoo.preset.n_test, "eval_seconds": time.perf_counter() - t0,
+              "zoo_build": zoo.meta.get("timings", {}), "threads": torch.get_num_threads()},
+    )
+
+
+def plot_matrix(report: QualityReport, path: str | Path) -> Path:
+    """Heatmap of the cross-task matrix (experts × tasks, exact match %), base as the last row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = report.held_in + report.held_out
+    rows = report.experts + ["base"]
+    base = next(r for r in report.rows if r.name == "base").per_task
+    data = [[100 * report.matrix[e][t] for t in tasks] for e in report.experts] + [[100 * base[t] for t in tasks]]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * len(tasks), 1.2 + 0.45 * len(rows)))
+    im = ax.imshow(data, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.axvline(len(report.held_in) - 0.5, color="white", lw=2)
+    for i, row in enumerate(data):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="white" if v < 60 else "black")
+    ax.set_xlabel("task (held-in | held-out)")
+    ax.set_ylabel("expert")
+    ax.set_title("Exact match (%) of each expert on each task")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: QualityReport, out_dir: str | Path, json_path: str | Path | None = None) -> dict[str, Path]:
+    """report.md, results.json (or ``json_path``) and cross_task.png under ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot_matrix(report, out / "cross_task.png")
+    md = out / "report.md"
+    build = report.meta.get("zoo_build", {})
+    md.write_text(
+        f"# moerge demo — zoo preset `{report.meta.get('preset')}`\n\n"
+        f"{report.markdown()}\n\n"
+        "Held-in normalised: mean over held-in tasks of 100 × score / (the task's own expert's score). "
+        f"Held-out: mean exact match over {', '.join(report.held_out)}.\n\n"
+        f"## Cross-task matrix (exact match %, {report.meta.get('n_test')} test prompts per task)\n\n"
+        f"{report.matrix_markdown()}\n\n![cross-task matrix](cross_task.png)\n\n"
+        f"Zoo build: {build.get('total_s', float('nan')):.0f} s (when built); evaluation: {report.meta['eval_seconds']:.0f} s.\n"
+    )
+    js = Path(json_path) if json_path else out / "results.json"
+    js.parent.mkdir(parents=True, exist_ok=True)
+    js.write_text(json.dumps(report.to_json(), indent=2))
+    return {"markdown": md, "json": js, "png": png}

@@ -1,0 +1,280 @@
+"""Turning a source (PEFT folder, live PeftModel, dense HF folder, sentence-transformers folder)
+into staged registry files plus the facts a record needs. Everything here validates before the
+registry commits anything; errors name the offending file, module or shape."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moerge.registry.files import PICKLE_SUFFIXES, TensorFolder, atomic_save_tensors, canonical_json, load_pickle_weights
+from moerge.registry.schema import LoraSpec
+
+log = logging.getLogger(__name__)
+
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "use_cache"}
+PEFT_PREFIX = "base_model.model."
+LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+
+
+class ShapeMismatchError(ValueError):
+    """A LoRA's factors do not fit the base model it declares."""
+
+
+def config_fingerprint(config: dict[str, Any]) -> str:
+    """sha256 of a model config, ignoring fields that do not change the architecture or weights' meaning."""
+    import hashlib
+
+    clean = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS and not k.startswith("_attn_implementation")}
+    return hashlib.sha256(canonical_json(clean).encode()).hexdigest()[:16]
+
+
+@dataclass
+class BaseInfo:
+    """What the registry knows of a base model: its id, config fingerprint and weight shapes."""
+
+    id: str
+    fingerprint: str | None
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    folder: Path | None = None
+    state: dict[str, torch.Tensor] | None = None  # for a live model given as base
+
+    def tensor(self, key: str) -> torch.Tensor:
+        if self.state is not None:
+            return self.state[key]
+        if self.folder is None:
+            raise FileNotFoundError(f"base model {self.id!r} has no local weights")
+        return TensorFolder(self.folder).get(key)
+
+    def tensors(self, allow_pickle: bool = False) -> TensorFolder | dict[str, torch.Tensor]:
+        if self.state is not None:
+            return self.state
+        if self.folder is None:
+            raise FileNotFoundError(f"base model {self.id!r} has no local weights")
+        return TensorFolder(self.folder, allow_pickle=allow_pickle)
+
+
+def _local_hub_snapshot(model_id: str) -> Path | None:
+    """The local snapshot folder of a hub id, if it is in the HF cache (never downloads)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached, offline, or not a valid id: all mean "not available"
+        return None
+
+
+def resolve_base(base: Any, *, allow_pickle: bool = False, required: bool = False) -> BaseInfo | None:
+    """Resolve ``base`` (a local folder, a hub id in the local HF cache, or a live ``PreTrainedModel``)."""
+    if base is None:
+        return None
+    if hasattr(base, "config") and hasattr(base, "state_dict"):
+        cfg = base.config.to_dict()
+        state = {k: v.detach() for k, v in base.state_dict().items()}
+        return BaseInfo(
+            id=str(getattr(base.config, "_name_or_path", "") or type(base).__name__),
+            fingerprint=config_fingerprint(cfg),
+            shapes={k: tuple(v.shape) for k, v in state.items()},
+            state=state,
+        )
+    base_id = str(base)
+    folder = Path(base_id).expanduser()
+    if not folder.is_dir():
+        folder = _local_hub_snapshot(base_id)
+    if folder is None or not (folder / "config.json").exists():
+        if required:
+            raise FileNotFoundError(
+                f"base model {base_id!r} is neither a local model folder nor in the local Hugging Face cache"
+            )
+        log.warning("base model %r is not available locally; its shapes are not checked", base_id)
+        return BaseInfo(id=base_id, fingerprint=None)
+    cfg = json.loads((folder / "config.json").read_text())
+    weights = TensorFolder(folder, allow_pickle=allow_pickle)
+    return BaseInfo(id=base_id, fingerprint=config_fingerprint(cfg), shapes=weights.shapes(), folder=folder)
+
+
+def detect_kind(folder: Path) -> str:
+    """``lora`` for a PEFT folder, ``embedding`` for sentence-transformers, ``dense`` for an HF model."""
+    if (folder / "adapter_config.json").exists():
+        return "lora"
+    if (folder / "modules.json").exists() or (folder / "config_sentence_transformers.json").exists():
+        return "embedding"
+    if (folder / "config.json").exists():
+        return "dense"
+    raise ValueError(
+        f"{folder} is not a PEFT adapter folder (adapter_config.json), a sentence-transformers folder "
+        "(modules.json) or a Hugging Face model folder (config.json)"
+    )
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def _lora_state(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    st = folder / "adapter_model.safetensors"
+    if st.exists():
+        from safetensors.torch import load_file
+
+        return load_file(st)
+    for suffix in PICKLE_SUFFIXES:
+        p = folder / f"adapter_model{suffix}"
+        if p.exists():
+            return load_pickle_weights(p, allow_pickle)
+    raise FileNotFoundError(f"{folder} has adapter_config.json but no adapter_model.safetensors")
+
+
+def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank/alpha pattern lookup: a key matches a module whose name ends with it (regex)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def stage_lora(folder: Path, stage: Path, base: BaseInfo | None, allow_pickle: bool) -> tuple[LoraSpec, str | None]:
+    """Validate a PEFT LoRA folder and copy it (as safetensors) into ``stage``."""
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    peft_type = str(cfg.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise ValueError(f"{folder}/adapter_config.json has peft_type {cfg.get('peft_type')!r}; only LORA adapters are supported")
+    if cfg.get("use_dora"):
+        raise ValueError(f"{folder} is a DoRA adapter (use_dora=true), which moerge does not support yet")
+    state = _lora_state(folder, allow_pickle)
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        m = LORA_KEY.match(key)
+        if not m:
+            raise ValueError(
+                f"{folder}: weight {key!r} is not a LoRA factor of a linear layer (lora_A/lora_B); "
+                "embedding LoRA, biases and modules_to_save are not supported"
+            )
+        module = m["module"].removeprefix(PEFT_PREFIX)
+        modules.setdefault(module, {})[m["which"]] = tensor
+    if not modules:
+        raise ValueError(f"{folder}: the adapter has no LoRA weights")
+    r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
+    for module, ab in sorted(modules.items()):
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{folder}: module {module!r} has lora_{''.join(ab)} but not both lora_A and lora_B")
+        a, b = ab["A"], ab["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ShapeMismatchError(
+                f"{folder}: module {module!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
+                "which do not compose (expected A [r, d_in], B [d_out, r])"
+            )
+        rank = int(pattern_value(rank_pattern, module, r))
+        if a.shape[0] != rank:
+            raise ShapeMismatchError(
+                f"{folder}: module {module!r} has rank {a.shape[0]} but the config says {rank} (r / rank_pattern)"
+            )
+        if base is not None and base.shapes:
+            wkey = f"{module}.weight"
+            if wkey not in base.shapes:
+                raise ShapeMismatchError(f"{folder}: LoRA module {module!r} has no weight {wkey!r} in base model {base.id!r}")
+            expected = (b.shape[0], a.shape[1])
+            got = base.shapes[wkey]
+            if fan_in_fan_out:
+                got = got[::-1]
+            if tuple(got) != expected:
+                raise ShapeMismatchError(
+                    f"{folder}: LoRA module {module!r} does not fit base model {base.id!r}: lora_B {tuple(b.shape)} × "
+                    f"lora_A {tuple(a.shape)} gives ΔW {expected}, but the base weight {wkey!r} has shape {tuple(base.shapes[wkey])}"
+                )
+    spec = LoraSpec(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=sorted(cfg["target_modules"]) if isinstance(cfg.get("target_modules"), list) else [str(cfg.get("target_modules"))],
+        rank_pattern={k: int(v) for k, v in rank_pattern.items()},
+        alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
+        use_rslora=bool(cfg.get("use_rslora", False)),
+        fan_in_fan_out=fan_in_fan_out,
+        modules=sorted(modules),
+    )
+    atomic_save_tensors(stage / "adapter_model.safetensors", {k: v.contiguous() for k, v in state.items()}, {"format": "pt"})
+    (stage / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    declared = cfg.get("base_model_name_or_path")
+    return spec, declared
+
+
+def save_live_peft(model: Any, adapter_name: str | None, dest: Path) -> Path:
+    """Save one named adapter of a live ``PeftModel`` as an ordinary PEFT folder."""
+    names = list(getattr(model, "peft_config", {}))
+    if not names:
+        raise TypeError(f"{type(model).__name__} is not a PeftModel (no peft_config)")
+    name = adapter_name or (names[0] if len(names) == 1 else None)
+    if name is None:
+        raise ValueError(f"the PeftModel holds adapters {names}; pass adapter_name= to pick one")
+    if name not in names:
+        raise ValueError(f"adapter {name!r} is not in the PeftModel (it has {names})")
+    model.save_pretrained(str(dest), selected_adapters=[name], safe_serialization=True)
+    return dest if name == "default" else dest / name
+
+
+# --------------------------------------------------------------------------- dense / embedding
+
+
+def _copy_non_weight_files(src: Path, dst: Path) -> None:
+    for p in src.rglob("*"):
+        rel = p.relative_to(src)
+        if p.is_dir() or p.suffix in PICKLE_SUFFIXES or p.suffix == ".safetensors" or p.name.endswith(".safetensors.index.json"):
+            continue
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(p, dst / rel)
+
+
+def stage_dense(folder: Path, stage: Path, base: BaseInfo | None, allow_pickle: bool) -> str:
+    """Stage a dense fine-tune: the task vector τ = θ_ft − θ_base when a base is known, else whole."""
+    ft = TensorFolder(folder, allow_pickle=allow_pickle)
+    _copy_non_weight_files(folder, stage)
+    if base is None:
+        atomic_save_tensors(stage / "model.safetensors", dict(ft.items()), {"format": "pt"})
+        return "whole"
+    if not base.shapes:
+        raise FileNotFoundError(f"base model {base.id!r} has no local weights; a task vector needs them")
+    base_keys = set(base.shapes)
+    ft_keys = set(ft.keys())
+    missing = sorted(ft_keys - base_keys)
+    if missing:
+        raise ShapeMismatchError(f"{folder}: weights {missing[:5]} are not in base model {base.id!r}")
+    tau: dict[str, torch.Tensor] = {}
+    base_weights = base.tensors(allow_pickle)
+    for key in sorted(ft_keys):
+        t = ft.get(key)
+        if tuple(t.shape) != tuple(base.shapes[key]):
+            raise ShapeMismatchError(
+                f"{folder}: weight {key!r} has shape {tuple(t.shape)} but base model {base.id!r} has {tuple(base.shapes[key])}"
+            )
+        b = base_weights.get(key) if isinstance(base_weights, TensorFolder) else base_weights[key]
+        if not t.is_floating_point():
+            if not torch.equal(t, b):
+                raise ValueError(f"{folder}: non-float tensor {key!r} differs from the base; cannot store as a task vector")
+            continue
+        tau[key] = (t.to(torch.float32) - b.to(torch.float32)).to(t.dtype)
+    atomic_save_tensors(stage / "task_vector.safetensors", tau, {"format": "pt"})
+    return "task_vector"
+
+
+def stage_folder(folder: Path, stage: Path, allow_pickle: bool) -> None:
+    """Copy a whole model folder (e.g. sentence-transformers), converting any pickle weights."""
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if p.is_dir() or any(part.startswith(".") for part in rel.parts):
+            continue
+        dst = stage / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if p.suffix in PICKLE_SUFFIXES:
+            state = load_pickle_weights(p, allow_pickle)
+            atomic_save_tensors(dst.with_suffix(".safetensors").with_name(p.stem.replace("pytorch_model", "model") + ".safetensors"), state, {"format": "pt"})
+        else:
+            shutil.copy2(p, dst)

@@ -1,0 +1,300 @@
+"""Build (or load from cache) the embedded default: tokenizer, a tiny Llama base pre-trained on
+generic tasks, one PEFT LoRA expert and one dense fine-tune per held-in task, all registered in
+a registry with descriptions, skills and example prompts. Seeded and cached on disk."""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import math
+import random
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from moerge.registry import Registry, config_fingerprint
+from moerge.registry.files import atomic_write_json
+from moerge.zoo import tasks as T
+from moerge.zoo.tokenizer import build_tokenizer
+from moerge.zoo.train import encode_for_training, generate_answers, make_base_model, train_loop
+
+log = logging.getLogger(__name__)
+
+#: bump when the zoo's data or training changes, so old caches are not reused
+ZOO_FORMAT = 1
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything that determines a zoo build (its hash names the cache folder)."""
+
+    name: str
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    seed: int = 0
+    base_steps: int = 700
+    base_batch: int = 128
+    base_lr: float = 3e-3
+    n_train: int = 2000
+    n_val: int = 64
+    n_test: int = 100
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_lr: float = 6e-3
+    lora_max_steps: int = 500
+    dense_lr: float = 1e-3
+    dense_max_steps: int = 300
+    batch: int = 64
+    eval_every: int = 50
+    min_steps: int = 100
+    #: stop training an expert once its validation exact match reaches this
+    target_val: float = 0.98
+
+    def key(self) -> str:
+        return config_fingerprint({**asdict(self), "format": ZOO_FORMAT})
+
+
+PRESETS: dict[str, Preset] = {
+    "small": Preset("small"),
+    "default": Preset(
+        "default", hidden=96, base_steps=1500, n_train=4000, n_val=100, n_test=200,
+        lora_max_steps=800, dense_max_steps=400, target_val=0.99,
+    ),
+}
+
+
+def default_cache_dir() -> Path:
+    """``$MOERGE_CACHE``, else ``$XDG_CACHE_HOME/moerge``, else ``~/.cache/moerge``."""
+    env = os.environ.get("MOERGE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "moerge"
+
+
+@dataclass
+class Zoo:
+    """A built zoo on disk: paths, the tokenizer, the base model and the registry of its experts."""
+
+    root: Path
+    preset: Preset
+    meta: dict[str, Any]
+
+    @property
+    def base_path(self) -> Path:
+        return self.root / "base"
+
+    @property
+    def registry_path(self) -> Path:
+        return self.root / "registry"
+
+    @property
+    def registry(self) -> Registry:
+        return Registry(self.registry_path)
+
+    def lora_path(self, task: str) -> Path:
+        return self.root / "lora" / task
+
+    def dense_path(self, task: str) -> Path:
+        return self.root / "dense" / task
+
+    @property
+    def held_in(self) -> list[str]:
+        return [t.name for t in T.HELD_IN]
+
+    @property
+    def held_out(self) -> list[str]:
+        return [t.name for t in T.HELD_OUT]
+
+    def tokenizer(self) -> PreTrainedTokenizerFast:
+        tok = AutoTokenizer.from_pretrained(self.base_path)
+        tok.padding_side = "left"
+        return tok
+
+    def load_base(self) -> LlamaForCausalLM:
+        model = LlamaForCausalLM.from_pretrained(self.base_path)
+        model.eval()
+        return model
+
+    def test_split(self, task: str) -> list[T.Example]:
+        return T.split(task, 0, self.preset.n_test, seed=self.preset.seed)[1]
+
+    def train_split(self, task: str) -> list[T.Example]:
+        return T.split(task, self.preset.n_train, self.preset.n_test, seed=self.preset.seed)[0]
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def load(preset: str | Preset = "small", cache_dir: str | Path | None = None, progress: bool = True, rebuild: bool = False) -> Zoo:
+    """The zoo for ``preset``, built on first use and cached under ``cache_dir`` (see
+    :func:`default_cache_dir`). Safe to call from several processes at once."""
+    p = PRESETS[preset] if isinstance(preset, str) else preset
+    if isinstance(preset, str) and preset not in PRESETS:
+        raise KeyError(f"unknown zoo preset {preset!r}; choose one of {sorted(PRESETS)}")
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    root = cache / "zoo" / f"{p.name}-{p.key()}"
+    with _locked(cache / "zoo" / f".{p.name}-{p.key()}.lock"):
+        if rebuild and root.exists():
+            shutil.rmtree(root)
+        if not (root / "meta.json").exists():
+            _build(p, root, progress)
+    return Zoo(root=root, preset=p, meta=json.loads((root / "meta.json").read_text()))
+
+
+def _validation(task: str, p: Preset) -> list[T.Example]:
+    return T.sample(task, p.n_val, seed=10_000 + p.seed)
+
+
+def _train_until(model: torch.nn.Module, tok: PreTrainedTokenizerFast, task: str, p: Preset, *, lr: float, max_steps: int, seed: int, progress: bool) -> dict[str, float]:
+    """Train in rounds of ``eval_every`` steps until validation exact match reaches the target."""
+    train = T.split(task, p.n_train, p.n_test, seed=p.seed)[0]
+    val = _validation(task, p)
+    steps, acc = 0, 0.0
+    # one optimizer/schedule over max_steps, driven round by round
+    rounds = max_steps // p.eval_every
+    state: dict[str, Any] = {}
+    for rnd in range(rounds):
+        _train_round(model, tok, train, p, lr=lr, max_steps=max_steps, seed=seed, state=state, steps=p.eval_every, progress=progress, desc=task)
+        steps += p.eval_every
+        if steps < p.min_steps and rnd < rounds - 1:
+            continue
+        acc = T.exact_match(generate_answers(model, tok, [e.prompt for e in val]), val)
+        if acc >= p.target_val:
+            break
+    return {"steps": steps, "val_accuracy": acc}
+
+
+def _train_round(model, tok, train, p: Preset, *, lr, max_steps, seed, state, steps, progress, desc) -> None:  # noqa: ANN001
+    if not state:
+        params = [q for q in model.parameters() if q.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        warm = 10
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, max_steps - warm))))
+        )
+        state.update(opt=opt, sched=sched, params=params, rng=random.Random(seed))
+        torch.manual_seed(seed)
+    model.train()
+    for _ in tqdm(range(steps), desc=desc, leave=False, disable=not progress):
+        batch = encode_for_training(tok, state["rng"].sample(train, p.batch), prompt_loss=False)
+        loss = model(**batch).loss
+        state["opt"].zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(state["params"], 1.0)
+        state["opt"].step()
+        state["sched"].step()
+    model.eval()
+
+
+def _build(p: Preset, root: Path, progress: bool) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    t0 = time.perf_counter()
+    tmp = root.with_name(root.name + ".building")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    tok = build_tokenizer()
+    timings: dict[str, float] = {}
+
+    # 1. base: generic pre-training (copy / first / last) so it knows the prompt format
+    base = make_base_model(tok, p.hidden, p.layers, p.heads, seed=p.seed)
+    pretrain = [e for task in T.PRETRAIN for e in T.sample(task, p.n_train, seed=p.seed)]
+    train_loop(base, tok, pretrain, steps=p.base_steps, batch_size=p.base_batch, lr=p.base_lr, seed=p.seed,
+               weight_decay=0.01, desc="base", progress=progress)
+    base.eval()
+    base.save_pretrained(tmp / "base")
+    tok.save_pretrained(tmp / "base")
+    timings["base_s"] = time.perf_counter() - t0
+
+    # 2. one PEFT LoRA expert and one dense fine-tune per held-in task
+    lora_cfg = LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, target_modules=LORA_TARGETS, lora_dropout=0.0,
+                          base_model_name_or_path=str(root / "base"))
+    training: dict[str, dict[str, Any]] = {}
+    bar = tqdm(T.HELD_IN, desc="experts", disable=not progress)
+    for i, task in enumerate(bar):
+        bar.set_postfix(task=task.name)
+        t1 = time.perf_counter()
+        peft_model = get_peft_model(copy.deepcopy(base), copy.deepcopy(lora_cfg))
+        lora_stats = _train_until(peft_model, tok, task.name, p, lr=p.lora_lr, max_steps=p.lora_max_steps,
+                                  seed=p.seed * 1000 + i, progress=progress)
+        peft_model.save_pretrained(tmp / "lora" / task.name)
+        _fix_base_path(tmp / "lora" / task.name, root / "base")
+        t2 = time.perf_counter()
+        dense = copy.deepcopy(base)
+        dense_stats = _train_until(dense, tok, task.name, p, lr=p.dense_lr, max_steps=p.dense_max_steps,
+                                   seed=p.seed * 1000 + 500 + i, progress=progress)
+        dense.save_pretrained(tmp / "dense" / task.name)
+        tok.save_pretrained(tmp / "dense" / task.name)
+        training[task.name] = {"lora": {**lora_stats, "seconds": t2 - t1},
+                               "dense": {**dense_stats, "seconds": time.perf_counter() - t2}}
+    timings["experts_s"] = time.perf_counter() - t0 - timings["base_s"]
+
+    # 3. register everything (the registry records point at the final zoo path)
+    reg = Registry(tmp / "registry")
+    for task in T.HELD_IN:
+        examples = [e.prompt for e in T.split(task, 8, 0, seed=p.seed)[0]]
+        common = dict(description=task.description, skills=list(task.skills), examples=examples,
+                      tags=["zoo", p.name, "held-in", task.name])
+        reg.register(tmp / "lora" / task.name, task.name, base=tmp / "base",
+                     metrics={"val_exact_match": training[task.name]["lora"]["val_accuracy"]}, **common)
+        reg.register(tmp / "dense" / task.name, f"{task.name}-dense", base=tmp / "base", kind="dense",
+                     metrics={"val_exact_match": training[task.name]["dense"]["val_accuracy"]}, **common)
+    _rewrite_base_ids(reg, str(tmp / "base"), str(root / "base"))
+    timings["total_s"] = time.perf_counter() - t0
+    meta = {"preset": asdict(p), "format": ZOO_FORMAT, "timings": timings, "training": training,
+            "held_in": [t.name for t in T.HELD_IN], "held_out": [t.name for t in T.HELD_OUT],
+            "torch": torch.__version__}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    if root.exists():
+        shutil.rmtree(root)
+    tmp.rename(root)
+    log.info("built zoo %s in %.1fs", root, timings["total_s"])
+
+
+def _fix_base_path(folder: Path, base: Path) -> None:
+    cfg_path = folder / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = str(base)
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
+def _rewrite_base_ids(reg: Registry, old: str, new: str) -> None:
+    """Point records at the zoo's final base folder (they were registered while it was being built)."""
+    with reg._write() as con:
+        rows = con.execute("SELECT name, version, record FROM experts").fetchall()
+        for name, version, record in rows:
+            data = json.loads(record)
+            if data.get("base_model") == old:
+                data["base_model"] = new
+                con.execute("UPDATE experts SET base_model=?, record=? WHERE name=? AND version=?",
+                            (new, json.dumps(data), name, version))
+                atomic_write_json(reg.root / "experts" / name / str(version) / "record.json", data)
+
+
+def with_overrides(preset: str, **overrides: Any) -> Preset:
+    """A preset with some fields changed (its cache key changes with them)."""
+    return replace(PRESETS[preset], **overrides)
