@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from moerge.registry.importers import PEFT_PREFIX, LORA_KEY, pattern_value
+from moerge.registry.importers import LORA_KEY, PEFT_PREFIX, pattern_value
 
 
 @dataclass

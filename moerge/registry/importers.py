@@ -77,7 +77,12 @@ def resolve_base(base: Any, *, allow_pickle: bool = False, required: bool = Fals
         return None
     if hasattr(base, "config") and hasattr(base, "state_dict"):
         cfg = base.config.to_dict()
-        state = {k: v.detach() for k, v in base.state_dict().items()}
+        # a PEFT-injected model keeps base weights under ".base_layer": read them as the plain model's
+        state = {
+            k.replace(".base_layer.", "."): v.detach()
+            for k, v in base.state_dict().items()
+            if ".lora_" not in k and "modules_to_save" not in k
+        }
         return BaseInfo(
             id=str(getattr(base.config, "_name_or_path", "") or type(base).__name__),
             fingerprint=config_fingerprint(cfg),
