@@ -41,7 +41,13 @@ def main(verbose: int) -> None:
 
 @main.command()
 @click.option("--preset", default="default", show_default=True, type=click.Choice(["small", "default"]), help="Zoo preset.")
-@click.option("--out", default="moerge-demo", show_default=True, type=click.Path(file_okay=False), help="Folder for report.md, results.json and cross_task.png.")
+@click.option(
+    "--out",
+    default="moerge-demo",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder for report.md, results.json and cross_task.png.",
+)
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write every figure as JSON here.")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Zoo cache folder (env MOERGE_CACHE).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
@@ -55,7 +61,9 @@ def demo(preset: str, out: str, json_path: str | None, cache_dir: str | None, no
     click.echo(f"[1/3] zoo preset {preset!r} (built once, then cached) ...", err=True)
     zoo = zoo_mod.load(preset, cache_dir=cache_dir, progress=not no_progress)
     click.echo(f"      {zoo.root}", err=True)
-    click.echo(f"[2/3] evaluating base, {len(zoo.held_in)} experts × {len(zoo.held_in) + len(zoo.held_out)} tasks, oracle ...", err=True)
+    click.echo(
+        f"[2/3] evaluating base, {len(zoo.held_in)} experts × {len(zoo.held_in) + len(zoo.held_out)} tasks, oracle ...", err=True
+    )
     report = evaluate_zoo(zoo, progress=not no_progress)
     report.meta["demo_seconds"] = time.perf_counter() - t0
     paths = write_report(report, out, json_path)
@@ -81,8 +89,12 @@ def zoo_build(preset: str, cache_dir: str | None, rebuild: bool) -> None:
     from moerge import zoo as zoo_mod
 
     z = zoo_mod.load(preset, cache_dir=cache_dir, rebuild=rebuild)
-    click.echo(json.dumps({"root": str(z.root), "registry": str(z.registry_path), "base": str(z.base_path),
-                           "timings": z.meta["timings"]}, indent=2))
+    click.echo(
+        json.dumps(
+            {"root": str(z.root), "registry": str(z.registry_path), "base": str(z.base_path), "timings": z.meta["timings"]},
+            indent=2,
+        )
+    )
 
 
 @zoo.command("tasks")
@@ -123,8 +135,12 @@ def _fail(exc: Exception) -> None:
 @click.option("--tag", "tags", multiple=True, help="A tag (repeatable).")
 @click.option("--example", "examples", multiple=True, help="An example input (repeatable).")
 @click.option("--metric", "metrics", multiple=True, help="KEY=VALUE (repeatable).")
-@click.option("--base", default=None, help="Base model folder or hub id (LoRA: defaults to the adapter's; dense: stores a task vector).")
-@click.option("--kind", default=None, type=click.Choice(["lora", "dense", "embedding", "model"]), help="Override the detected kind.")
+@click.option(
+    "--base", default=None, help="Base model folder or hub id (LoRA: defaults to the adapter's; dense: stores a task vector)."
+)
+@click.option(
+    "--kind", default=None, type=click.Choice(["lora", "dense", "embedding", "model"]), help="Override the detected kind."
+)
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle .bin weights (read with weights_only=True).")
 def registry_add(registry_path, source, name, description, skills, tags, examples, metrics, base, kind, allow_pickle) -> None:  # noqa: ANN001
     """Register SOURCE (a PEFT adapter, HF model or sentence-transformers folder)."""
@@ -137,8 +153,16 @@ def registry_add(registry_path, source, name, description, skills, tags, example
                 raise ValueError(f"--metric {m!r} must be KEY=VALUE")
             parsed[key] = float(value)
         rec = _open(registry_path).register(
-            source, name, description=description, skills=skills, tags=tags, examples=examples,
-            metrics=parsed, base=base, kind=kind, allow_pickle=allow_pickle,
+            source,
+            name,
+            description=description,
+            skills=skills,
+            tags=tags,
+            examples=examples,
+            metrics=parsed,
+            base=base,
+            kind=kind,
+            allow_pickle=allow_pickle,
         )
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
         _fail(exc)

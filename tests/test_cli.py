@@ -9,8 +9,19 @@ from click.testing import CliRunner
 
 from moerge.cli import main
 
-COMMANDS = [[], ["demo"], ["zoo"], ["zoo", "build"], ["zoo", "tasks"], ["registry"], ["registry", "add"],
-            ["registry", "list"], ["registry", "show"], ["registry", "rm"], ["registry", "export"]]
+COMMANDS = [
+    [],
+    ["demo"],
+    ["zoo"],
+    ["zoo", "build"],
+    ["zoo", "tasks"],
+    ["registry"],
+    ["registry", "add"],
+    ["registry", "list"],
+    ["registry", "show"],
+    ["registry", "rm"],
+    ["registry", "export"],
+]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "moerge")
@@ -23,8 +34,29 @@ def test_every_command_has_help(cmd):
 def test_registry_commands_round_trip(tmp_path, lora_folder, llama_folder):
     run = CliRunner().invoke
     reg = ["--registry", str(tmp_path / "reg")]
-    r = run(main, ["registry", "add", *reg, str(lora_folder), "--name", "qa", "--skill", "qa", "--tag", "t",
-                   "--example", "q?", "--metric", "em=0.5", "--base", str(llama_folder), "--description", "answers"])
+    r = run(
+        main,
+        [
+            "registry",
+            "add",
+            *reg,
+            str(lora_folder),
+            "--name",
+            "qa",
+            "--skill",
+            "qa",
+            "--tag",
+            "t",
+            "--example",
+            "q?",
+            "--metric",
+            "em=0.5",
+            "--base",
+            str(llama_folder),
+            "--description",
+            "answers",
+        ],
+    )
     assert r.exit_code == 0 and "registered qa@1 (lora, peft)" in r.output, r.output
     r = run(main, ["registry", "list", *reg, "--json"])
     listed = json.loads(r.output)
@@ -54,7 +86,9 @@ def test_zoo_tasks_lists_every_task():
 @pytest.mark.slow
 def test_demo_writes_table_json_and_heatmap(tmp_path, small_zoo):
     out = tmp_path / "demo"
-    r = CliRunner().invoke(main, ["demo", "--preset", "small", "--out", str(out), "--json", str(tmp_path / "r.json"), "--no-progress"])
+    r = CliRunner().invoke(
+        main, ["demo", "--preset", "small", "--out", str(out), "--json", str(tmp_path / "r.json"), "--no-progress"]
+    )
     assert r.exit_code == 0, r.output
     assert "| base |" in r.output and "| oracle |" in r.output and "best single expert" in r.output
     data = json.loads((tmp_path / "r.json").read_text())

@@ -24,8 +24,16 @@ from moerge.registry.store import ExpertNotFoundError
 
 def test_register_peft_folder_records_everything(tmp_path, lora_folder, llama_folder):
     reg = Registry(tmp_path / "reg")
-    rec = reg.register(lora_folder, "qa", description="answers", skills=["qa"], tags=["t1"], examples=["q?"],
-                       metrics={"em": 0.9}, base=llama_folder)
+    rec = reg.register(
+        lora_folder,
+        "qa",
+        description="answers",
+        skills=["qa"],
+        tags=["t1"],
+        examples=["q?"],
+        metrics={"em": 0.9},
+        base=llama_folder,
+    )
     assert (rec.name, rec.version, rec.kind, rec.storage) == ("qa", 1, "lora", "peft")
     assert rec.lora.r == 4 and rec.lora.lora_alpha == 8 and rec.lora.target_modules == ["q_proj", "v_proj"]
     assert len(rec.lora.modules) == 4 and rec.base_fingerprint and rec.base_model == str(llama_folder)
@@ -175,8 +183,16 @@ def test_artifacts_are_keyed_by_producer_and_config_hash(tmp_path, lora_folder):
 
 @pytest.mark.parametrize(
     ("name", "why"),
-    [("../evil", "path separator"), ("a/b", "path separator"), ("a\\b", "path separator"), ("..", "'..'"),
-     ("", "empty"), ("x" * 101, "limit is 100"), ("-x", "must start"), ("sp ace", "may only use")],
+    [
+        ("../evil", "path separator"),
+        ("a/b", "path separator"),
+        ("a\\b", "path separator"),
+        ("..", "'..'"),
+        ("", "empty"),
+        ("x" * 101, "limit is 100"),
+        ("-x", "must start"),
+        ("sp ace", "may only use"),
+    ],
 )
 def test_bad_names_are_rejected_with_the_reason(tmp_path, lora_folder, name, why):
     reg = Registry(tmp_path / "reg")

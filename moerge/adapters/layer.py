@@ -34,7 +34,9 @@ class MultiExpertLinear(nn.Module):
     """Wraps a base linear layer and holds E experts' factors stacked as ``lora_A`` [E, r_max, d_in]
     and ``lora_B`` [E, d_out, r_max] (zero-padded, so mixed ranks are exact) with ``scaling`` [E]."""
 
-    def __init__(self, base: nn.Module, factors: Sequence[LoraFactors | None], expert_names: Sequence[str], name: str = "") -> None:
+    def __init__(
+        self, base: nn.Module, factors: Sequence[LoraFactors | None], expert_names: Sequence[str], name: str = ""
+    ) -> None:
         super().__init__()
         if len(factors) != len(expert_names):
             raise ValueError(f"{len(factors)} factor sets for {len(expert_names)} expert names")
@@ -85,7 +87,9 @@ class MultiExpertLinear(nn.Module):
         """Broadcast weights to x's leading shape: [B, E] per sequence or [B, T, E] per token."""
         E = self.num_experts
         if w.shape[-1] != E:
-            raise ValueError(f"routing weights have {w.shape[-1]} experts in the last dim but module {self.module_name!r} holds {E}")
+            raise ValueError(
+                f"routing weights have {w.shape[-1]} experts in the last dim but module {self.module_name!r} holds {E}"
+            )
         lead = x.shape[:-1]
         if w.shape[0] != lead[0] and lead[0] % w.shape[0] == 0:  # generate() expands rows for beams
             w = w.repeat_interleave(lead[0] // w.shape[0], dim=0)

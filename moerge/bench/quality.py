@@ -66,16 +66,16 @@ class QualityReport:
         tasks = self.held_in + self.held_out
         head = "| expert \\ task | " + " | ".join(tasks) + " |"
         sep = "|---|" + "---:|" * len(tasks)
-        body = [
-            f"| {e} | " + " | ".join(f"{100 * self.matrix[e][t]:.0f}" for t in tasks) + " |" for e in self.experts
-        ]
+        body = [f"| {e} | " + " | ".join(f"{100 * self.matrix[e][t]:.0f}" for t in tasks) + " |" for e in self.experts]
         base = next((r for r in self.rows if r.name == "base"), None)
         if base:
             body.append("| *base* | " + " | ".join(f"{100 * base.per_task[t]:.0f}" for t in tasks) + " |")
         return "\n".join([head, sep, *body])
 
 
-def method_row(name: str, per_task: dict[str, float], held_in: Sequence[str], held_out: Sequence[str], own: dict[str, float], notes: str = "") -> MethodRow:
+def method_row(
+    name: str, per_task: dict[str, float], held_in: Sequence[str], held_out: Sequence[str], own: dict[str, float], notes: str = ""
+) -> MethodRow:
     """Summarise per-task exact match: mean of 100·score/own over held-in, mean accuracy over held-out."""
     norm = [100 * per_task[t] / own[t] if own[t] > 0 else 0.0 for t in held_in]
     return MethodRow(
@@ -112,7 +112,9 @@ def evaluate_zoo(zoo: Zoo, progress: bool = True, max_new_tokens: int = 8) -> Qu
             for i in range(0, len(batch_prompts), chunk):
                 w = one_hot(assign[i : i + chunk], len(experts))
                 with use_weights(model, w):
-                    answers += generate_answers(model, tok, batch_prompts[i : i + chunk], max_new_tokens=max_new_tokens, batch_size=chunk)
+                    answers += generate_answers(
+                        model, tok, batch_prompts[i : i + chunk], max_new_tokens=max_new_tokens, batch_size=chunk
+                    )
             base_scores[task] = exact_match(answers[:n], test)
             for e, name in enumerate(experts):
                 matrix[name][task] = exact_match(answers[(e + 1) * n : (e + 2) * n], test)
@@ -122,8 +124,16 @@ def evaluate_zoo(zoo: Zoo, progress: bool = True, max_new_tokens: int = 8) -> Qu
     rows = [method_row("base", base_scores, zoo.held_in, zoo.held_out, own, "the base model alone")]
     oracle = {t: matrix[t][t] for t in zoo.held_in}
     oracle.update({t: max(matrix[e][t] for e in experts) for t in zoo.held_out})
-    rows.append(method_row("oracle", oracle, zoo.held_in, zoo.held_out, own,
-                           "own expert per held-in task; best single expert per held-out task (hindsight)"))
+    rows.append(
+        method_row(
+            "oracle",
+            oracle,
+            zoo.held_in,
+            zoo.held_out,
+            own,
+            "own expert per held-in task; best single expert per held-out task (hindsight)",
+        )
+    )
     singles = [method_row(f"expert:{e}", matrix[e], zoo.held_in, zoo.held_out, own) for e in experts]
     best = max(singles, key=lambda r: (r.held_in_normalized, r.held_out_accuracy))
     rows.append(MethodRow(**{**asdict(best), "name": "best single expert", "notes": best.name.removeprefix("expert:")}))
@@ -133,8 +143,13 @@ def evaluate_zoo(zoo: Zoo, progress: bool = True, max_new_tokens: int = 8) -> Qu
         experts=experts,
         matrix=matrix,
         rows=rows,
-        meta={"preset": zoo.preset.name, "n_test": zoo.preset.n_test, "eval_seconds": time.perf_counter() - t0,
-              "zoo_build": zoo.meta.get("timings", {}), "threads": torch.get_num_threads()},
+        meta={
+            "preset": zoo.preset.name,
+            "n_test": zoo.preset.n_test,
+            "eval_seconds": time.perf_counter() - t0,
+            "zoo_build": zoo.meta.get("timings", {}),
+            "threads": torch.get_num_threads(),
+        },
     )
 
 

@@ -95,9 +95,7 @@ def resolve_base(base: Any, *, allow_pickle: bool = False, required: bool = Fals
         folder = _local_hub_snapshot(base_id)
     if folder is None or not (folder / "config.json").exists():
         if required:
-            raise FileNotFoundError(
-                f"base model {base_id!r} is neither a local model folder nor in the local Hugging Face cache"
-            )
+            raise FileNotFoundError(f"base model {base_id!r} is neither a local model folder nor in the local Hugging Face cache")
         log.warning("base model %r is not available locally; its shapes are not checked", base_id)
         return BaseInfo(id=base_id, fingerprint=None)
     cfg = json.loads((folder / "config.json").read_text())
@@ -197,7 +195,9 @@ def stage_lora(folder: Path, stage: Path, base: BaseInfo | None, allow_pickle: b
     spec = LoraSpec(
         r=r,
         lora_alpha=alpha,
-        target_modules=sorted(cfg["target_modules"]) if isinstance(cfg.get("target_modules"), list) else [str(cfg.get("target_modules"))],
+        target_modules=sorted(cfg["target_modules"])
+        if isinstance(cfg.get("target_modules"), list)
+        else [str(cfg.get("target_modules"))],
         rank_pattern={k: int(v) for k, v in rank_pattern.items()},
         alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
         use_rslora=bool(cfg.get("use_rslora", False)),
@@ -280,6 +280,10 @@ def stage_folder(folder: Path, stage: Path, allow_pickle: bool) -> None:
         dst.parent.mkdir(parents=True, exist_ok=True)
         if p.suffix in PICKLE_SUFFIXES:
             state = load_pickle_weights(p, allow_pickle)
-            atomic_save_tensors(dst.with_suffix(".safetensors").with_name(p.stem.replace("pytorch_model", "model") + ".safetensors"), state, {"format": "pt"})
+            atomic_save_tensors(
+                dst.with_suffix(".safetensors").with_name(p.stem.replace("pytorch_model", "model") + ".safetensors"),
+                state,
+                {"format": "pt"},
+            )
         else:
             shutil.copy2(p, dst)

@@ -225,9 +225,7 @@ class Registry:
                 base_info = importers.resolve_base(base, allow_pickle=allow_pickle) if base is not None else None
                 importers.stage_folder(folder, files_dir, allow_pickle)
                 storage = "folder"
-            files = {
-                str(p.relative_to(files_dir)): sha256_file(p) for p in sorted(files_dir.rglob("*")) if p.is_file()
-            }
+            files = {str(p.relative_to(files_dir)): sha256_file(p) for p in sorted(files_dir.rglob("*")) if p.is_file()}
             draft = dict(
                 name=name,
                 kind=kind,
@@ -295,9 +293,7 @@ class Registry:
             version = int(v)
         with self._connect() as con:
             if version is None:
-                row = con.execute(
-                    "SELECT record FROM experts WHERE name=? ORDER BY version DESC LIMIT 1", (name,)
-                ).fetchone()
+                row = con.execute("SELECT record FROM experts WHERE name=? ORDER BY version DESC LIMIT 1", (name,)).fetchone()
             else:
                 row = con.execute("SELECT record FROM experts WHERE name=? AND version=?", (name, int(version))).fetchone()
         if row is None:

@@ -72,8 +72,14 @@ PRESETS: dict[str, Preset] = {
     # same architecture (a wider model trained no better per CPU-second here), more data, a
     # stricter stopping target and a larger test split for the demo's figures
     "default": Preset(
-        "default", base_steps=1000, n_train=4000, n_val=100, n_test=300,
-        lora_max_steps=600, dense_max_steps=400, target_val=0.99,
+        "default",
+        base_steps=1000,
+        n_train=4000,
+        n_val=100,
+        n_test=300,
+        lora_max_steps=600,
+        dense_max_steps=400,
+        target_val=0.99,
     ),
 }
 
@@ -148,7 +154,9 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def load(preset: str | Preset = "small", cache_dir: str | Path | None = None, progress: bool = True, rebuild: bool = False) -> Zoo:
+def load(
+    preset: str | Preset = "small", cache_dir: str | Path | None = None, progress: bool = True, rebuild: bool = False
+) -> Zoo:
     """The zoo for ``preset``, built on first use and cached under ``cache_dir`` (see
     :func:`default_cache_dir`). Safe to call from several processes at once."""
     p = PRESETS[preset] if isinstance(preset, str) else preset
@@ -168,7 +176,17 @@ def _validation(task: str, p: Preset) -> list[T.Example]:
     return T.sample(task, p.n_val, seed=10_000 + p.seed)
 
 
-def _train_until(model: torch.nn.Module, tok: PreTrainedTokenizerFast, task: str, p: Preset, *, lr: float, max_steps: int, seed: int, progress: bool) -> dict[str, float]:
+def _train_until(
+    model: torch.nn.Module,
+    tok: PreTrainedTokenizerFast,
+    task: str,
+    p: Preset,
+    *,
+    lr: float,
+    max_steps: int,
+    seed: int,
+    progress: bool,
+) -> dict[str, float]:
     """Train in rounds of ``eval_every`` steps until validation exact match reaches the target."""
     train = T.split(task, p.n_train, p.n_test, seed=p.seed)[0]
     val = _validation(task, p)
@@ -177,7 +195,19 @@ def _train_until(model: torch.nn.Module, tok: PreTrainedTokenizerFast, task: str
     rounds = max_steps // p.eval_every
     state: dict[str, Any] = {}
     for rnd in range(rounds):
-        _train_round(model, tok, train, p, lr=lr, max_steps=max_steps, seed=seed, state=state, steps=p.eval_every, progress=progress, desc=task)
+        _train_round(
+            model,
+            tok,
+            train,
+            p,
+            lr=lr,
+            max_steps=max_steps,
+            seed=seed,
+            state=state,
+            steps=p.eval_every,
+            progress=progress,
+            desc=task,
+        )
         steps += p.eval_every
         if steps < p.min_steps and rnd < rounds - 1:
             continue
@@ -193,7 +223,10 @@ def _train_round(model, tok, train, p: Preset, *, lr, max_steps, seed, state, st
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         warm = 10
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, max_steps - warm))))
+            opt,
+            lambda s: (
+                (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, max_steps - warm))))
+            ),
         )
         state.update(opt=opt, sched=sched, params=params, rng=random.Random(seed))
         torch.manual_seed(seed)
@@ -225,51 +258,88 @@ def _build(p: Preset, root: Path, progress: bool) -> None:
     # 1. base: generic pre-training (copy / first / last) so it knows the prompt format
     base = make_base_model(tok, p.hidden, p.layers, p.heads, seed=p.seed)
     pretrain = [e for task in T.PRETRAIN for e in T.sample(task, p.n_train, seed=p.seed)]
-    train_loop(base, tok, pretrain, steps=p.base_steps, batch_size=p.base_batch, lr=p.base_lr, seed=p.seed,
-               weight_decay=0.01, desc="base", progress=progress)
+    train_loop(
+        base,
+        tok,
+        pretrain,
+        steps=p.base_steps,
+        batch_size=p.base_batch,
+        lr=p.base_lr,
+        seed=p.seed,
+        weight_decay=0.01,
+        desc="base",
+        progress=progress,
+    )
     base.eval()
     base.save_pretrained(tmp / "base")
     tok.save_pretrained(tmp / "base")
     timings["base_s"] = time.perf_counter() - t0
 
     # 2. one PEFT LoRA expert and one dense fine-tune per held-in task
-    lora_cfg = LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, target_modules=LORA_TARGETS, lora_dropout=0.0,
-                          base_model_name_or_path=str(root / "base"))
+    lora_cfg = LoraConfig(
+        r=p.lora_r,
+        lora_alpha=p.lora_alpha,
+        target_modules=LORA_TARGETS,
+        lora_dropout=0.0,
+        base_model_name_or_path=str(root / "base"),
+    )
     training: dict[str, dict[str, Any]] = {}
     bar = tqdm(T.HELD_IN, desc="experts", disable=not progress)
     for i, task in enumerate(bar):
         bar.set_postfix(task=task.name)
         t1 = time.perf_counter()
         peft_model = get_peft_model(copy.deepcopy(base), copy.deepcopy(lora_cfg))
-        lora_stats = _train_until(peft_model, tok, task.name, p, lr=p.lora_lr, max_steps=p.lora_max_steps,
-                                  seed=p.seed * 1000 + i, progress=progress)
+        lora_stats = _train_until(
+            peft_model, tok, task.name, p, lr=p.lora_lr, max_steps=p.lora_max_steps, seed=p.seed * 1000 + i, progress=progress
+        )
         peft_model.save_pretrained(tmp / "lora" / task.name)
         _fix_base_path(tmp / "lora" / task.name, root / "base")
         t2 = time.perf_counter()
         dense = copy.deepcopy(base)
-        dense_stats = _train_until(dense, tok, task.name, p, lr=p.dense_lr, max_steps=p.dense_max_steps,
-                                   seed=p.seed * 1000 + 500 + i, progress=progress)
+        dense_stats = _train_until(
+            dense, tok, task.name, p, lr=p.dense_lr, max_steps=p.dense_max_steps, seed=p.seed * 1000 + 500 + i, progress=progress
+        )
         dense.save_pretrained(tmp / "dense" / task.name)
         tok.save_pretrained(tmp / "dense" / task.name)
-        training[task.name] = {"lora": {**lora_stats, "seconds": t2 - t1},
-                               "dense": {**dense_stats, "seconds": time.perf_counter() - t2}}
+        training[task.name] = {
+            "lora": {**lora_stats, "seconds": t2 - t1},
+            "dense": {**dense_stats, "seconds": time.perf_counter() - t2},
+        }
     timings["experts_s"] = time.perf_counter() - t0 - timings["base_s"]
 
     # 3. register everything (the registry records point at the final zoo path)
     reg = Registry(tmp / "registry")
     for task in T.HELD_IN:
         examples = [e.prompt for e in T.split(task, 8, 0, seed=p.seed)[0]]
-        common = dict(description=task.description, skills=list(task.skills), examples=examples,
-                      tags=["zoo", p.name, "held-in", task.name])
-        reg.register(tmp / "lora" / task.name, task.name, base=tmp / "base",
-                     metrics={"val_exact_match": training[task.name]["lora"]["val_accuracy"]}, **common)
-        reg.register(tmp / "dense" / task.name, f"{task.name}-dense", base=tmp / "base", kind="dense",
-                     metrics={"val_exact_match": training[task.name]["dense"]["val_accuracy"]}, **common)
+        common = dict(
+            description=task.description, skills=list(task.skills), examples=examples, tags=["zoo", p.name, "held-in", task.name]
+        )
+        reg.register(
+            tmp / "lora" / task.name,
+            task.name,
+            base=tmp / "base",
+            metrics={"val_exact_match": training[task.name]["lora"]["val_accuracy"]},
+            **common,
+        )
+        reg.register(
+            tmp / "dense" / task.name,
+            f"{task.name}-dense",
+            base=tmp / "base",
+            kind="dense",
+            metrics={"val_exact_match": training[task.name]["dense"]["val_accuracy"]},
+            **common,
+        )
     _rewrite_base_ids(reg, str(tmp / "base"), str(root / "base"))
     timings["total_s"] = time.perf_counter() - t0
-    meta = {"preset": asdict(p), "format": ZOO_FORMAT, "timings": timings, "training": training,
-            "held_in": [t.name for t in T.HELD_IN], "held_out": [t.name for t in T.HELD_OUT],
-            "torch": torch.__version__}
+    meta = {
+        "preset": asdict(p),
+        "format": ZOO_FORMAT,
+        "timings": timings,
+        "training": training,
+        "held_in": [t.name for t in T.HELD_IN],
+        "held_out": [t.name for t in T.HELD_OUT],
+        "torch": torch.__version__,
+    }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     if root.exists():
         shutil.rmtree(root)
@@ -292,8 +362,9 @@ def _rewrite_base_ids(reg: Registry, old: str, new: str) -> None:
             data = json.loads(record)
             if data.get("base_model") == old:
                 data["base_model"] = new
-                con.execute("UPDATE experts SET base_model=?, record=? WHERE name=? AND version=?",
-                            (new, json.dumps(data), name, version))
+                con.execute(
+                    "UPDATE experts SET base_model=?, record=? WHERE name=? AND version=?", (new, json.dumps(data), name, version)
+                )
                 atomic_write_json(reg.root / "experts" / name / str(version) / "record.json", data)
 
 

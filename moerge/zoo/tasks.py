@@ -83,8 +83,12 @@ HELD_IN: tuple[Task, ...] = (
         "reverse",
         "Reverse the order of a list of letters.",
         ("reversal", "ordering"),
-        ("reverse the letters", "write the letters backwards", "give the list in reverse order",
-         "read the items from last to first"),
+        (
+            "reverse the letters",
+            "write the letters backwards",
+            "give the list in reverse order",
+            "read the items from last to first",
+        ),
         _letters,
         lambda xs: xs[::-1],
     ),
@@ -92,8 +96,12 @@ HELD_IN: tuple[Task, ...] = (
         "sort",
         "Sort a list of letters alphabetically.",
         ("sorting", "ordering"),
-        ("sort the letters", "put the letters in alphabetical order", "arrange the items from a to z",
-         "order the list alphabetically"),
+        (
+            "sort the letters",
+            "put the letters in alphabetical order",
+            "arrange the items from a to z",
+            "order the list alphabetically",
+        ),
         _letters,
         sorted,
     ),
@@ -101,8 +109,12 @@ HELD_IN: tuple[Task, ...] = (
         "uppercase",
         "Rewrite every letter as a capital letter.",
         ("capitalisation", "letter mapping"),
-        ("write the letters in capitals", "make every letter uppercase", "convert the items to upper case",
-         "capitalise each letter"),
+        (
+            "write the letters in capitals",
+            "make every letter uppercase",
+            "convert the items to upper case",
+            "capitalise each letter",
+        ),
         _letters,
         lambda xs: [c.upper() for c in xs],
     ),
@@ -110,8 +122,12 @@ HELD_IN: tuple[Task, ...] = (
         "shift",
         "Replace each letter by the next letter of the alphabet (j wraps to a).",
         ("letter shifting", "letter mapping"),
-        ("shift each letter by one", "replace every letter with the next one", "move each letter one step forward",
-         "advance the letters by one place"),
+        (
+            "shift each letter by one",
+            "replace every letter with the next one",
+            "move each letter one step forward",
+            "advance the letters by one place",
+        ),
         _letters,
         _shift,
     ),
@@ -119,8 +135,7 @@ HELD_IN: tuple[Task, ...] = (
         "tail",
         "Drop the first letter of the list and keep the rest.",
         ("selection", "filtering"),
-        ("drop the first letter", "remove the first item", "keep everything after the first letter",
-         "delete the leading letter"),
+        ("drop the first letter", "remove the first item", "keep everything after the first letter", "delete the leading letter"),
         _letters,
         lambda xs: xs[1:],
     ),
@@ -269,7 +284,7 @@ def exact_match(predictions: Sequence[str], examples: Sequence[Example]) -> floa
         raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
     if not examples:
         return 0.0
-    hits = sum(" ".join(p.split()) == e.target for p, e in zip(predictions, examples))
+    hits = sum(" ".join(p.split()) == e.target for p, e in zip(predictions, examples, strict=True))
     return hits / len(examples)
 
 

@@ -33,7 +33,9 @@ def make_base_model(tokenizer: PreTrainedTokenizerFast, hidden: int, layers: int
     return LlamaForCausalLM(config)
 
 
-def encode_for_training(tokenizer: PreTrainedTokenizerFast, examples: Sequence[Example], prompt_loss: bool) -> dict[str, torch.Tensor]:
+def encode_for_training(
+    tokenizer: PreTrainedTokenizerFast, examples: Sequence[Example], prompt_loss: bool
+) -> dict[str, torch.Tensor]:
     """Right-padded ids with labels; prompt tokens are masked out of the loss unless ``prompt_loss``."""
     rows, labels = [], []
     for e in examples:
@@ -45,7 +47,7 @@ def encode_for_training(tokenizer: PreTrainedTokenizerFast, examples: Sequence[E
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     lab = torch.full((len(rows), width), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, lb) in enumerate(zip(rows, labels)):
+    for i, (r, lb) in enumerate(zip(rows, labels, strict=True)):
         ids[i, : len(r)] = torch.tensor(r)
         lab[i, : len(lb)] = torch.tensor(lb)
         mask[i, : len(r)] = 1
