@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -155,14 +155,6 @@ class TensorFolder:
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for k in self.keys():
             yield k, self.get(k)
-
-    def weight_files(self) -> list[Path]:
-        return sorted(set(self._key_to_file.values()))
-
-
-def load_safetensors_verified(path: Path, expected_sha: str) -> dict[str, torch.Tensor]:
-    verify_file(path, expected_sha)
-    return load_file(path)
 
 
 @contextmanager

@@ -76,9 +76,6 @@ class ExpertNotFoundError(KeyError):
         return str(self.args[0])
 
 
-ExpertRef = "str | ExpertRecord | tuple[str, int]"
-
-
 class Registry:
     """A persistent catalogue of experts. ``Registry(path)`` creates or opens ``path``;
     ``Registry()`` (or ``Registry(":memory:")``) is a throw-away registry in a temp folder."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -68,7 +68,6 @@ def train_loop(
     prompt_loss: bool = False,
     desc: str = "train",
     progress: bool = True,
-    loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
 ) -> list[float]:
     """AdamW with linear warm-up and cosine decay over the trainable parameters; returns losses."""
     rng = random.Random(seed)
@@ -89,7 +88,7 @@ def train_loop(
     bar = tqdm(range(steps), desc=desc, leave=False, disable=not progress)
     for _ in bar:
         batch = encode_for_training(tokenizer, rng.sample(list(examples), min(batch_size, len(examples))), prompt_loss)
-        loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
+        loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
