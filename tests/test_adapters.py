@@ -270,3 +270,28 @@ def test_thin_qr_route_equals_dense_svd_without_building_the_matrix():
         assert via_qr.A.shape == (k, 40) and via_qr.B.shape == (30, k)
         assert torch.allclose(via_qr.delta(), via_svd.delta(), atol=1e-4)
     assert torch.allclose(lowrank_from_factors([(1.0, terms[0]), (-1.0, terms[1])], 8).delta(), dense, atol=1e-4)
+
+
+@pytest.mark.parametrize("gather_limit", [1 << 30, 0], ids=["gather", "sorted-dispatch"])
+def test_topk_weights_equal_the_same_dense_weights(monkeypatch, gather_limit):
+    """Both top-k paths (per-row gather for small batches, sort-by-expert for large) equal the
+    dense mixture with the same weights scattered into [..., E]."""
+    from moerge.adapters import TopK
+    from moerge.adapters import layer as layer_mod
+
+    monkeypatch.setattr(layer_mod, "GATHER_LIMIT", gather_limit)
+    torch.manual_seed(1)
+    base = torch.nn.Linear(16, 12)
+    factors = [LoraFactors(torch.randn(r, 16), torch.randn(12, r), s) for r, s in [(4, 0.5), (2, 2.0), (8, 1.0), (3, 0.7)]]
+    layer = MultiExpertLinear(base, factors, ["a", "b", "c", "d"], name="probe")
+    x = torch.randn(3, 5, 16)
+    idx = torch.stack([torch.randperm(4)[:2] for _ in range(15)]).reshape(3, 5, 2)
+    w = torch.softmax(torch.randn(3, 5, 2), -1)
+    sparse = TopK(idx, w)
+    with torch.no_grad():
+        layer.weights = sparse
+        got = layer(x)
+        layer.weights = sparse.dense(4)
+        want = layer(x)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(want, _hand_layer_output(layer, factors, x, sparse.dense(4)), atol=1e-5)

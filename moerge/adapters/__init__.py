@@ -2,7 +2,7 @@
 batched multi-expert layer, with attach/detach on any HF causal LM."""
 
 from moerge.adapters.attach import attach, detach, expert_names, layers, one_hot, set_weights, use_weights
-from moerge.adapters.layer import MultiExpertLinear
+from moerge.adapters.layer import MultiExpertLinear, TopK
 from moerge.adapters.lora import (
     LoraExpert,
     LoraFactors,
@@ -18,6 +18,7 @@ __all__ = [
     "LoraExpert",
     "LoraFactors",
     "MultiExpertLinear",
+    "TopK",
     "attach",
     "detach",
     "expert_names",

@@ -11,14 +11,35 @@ Only experts that carry a non-zero weight somewhere are computed, and each only 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from moerge.adapters.lora import LoraFactors
 
-#: a router hook: (layer, input x [..., d_in]) -> weights [..., E]
-WeightFn = Callable[["MultiExpertLinear", torch.Tensor], torch.Tensor]
+
+@dataclass
+class TopK:
+    """Sparse routing weights: for every row, ``index`` [..., k] experts with ``weight`` [..., k].
+    What top-k routers return, so the layer never scans a dense [..., E] tensor for non-zeros."""
+
+    index: torch.Tensor
+    weight: torch.Tensor
+
+    def dense(self, num_experts: int) -> torch.Tensor:
+        """The same weights as a dense [..., E] tensor (repeated indices add up)."""
+        out = torch.zeros(*self.index.shape[:-1], num_experts, dtype=self.weight.dtype, device=self.weight.device)
+        return out.scatter_add_(-1, self.index, self.weight)
+
+
+#: a router hook: (layer, input x [..., d_in]) -> weights [..., E] or TopK
+WeightFn = Callable[["MultiExpertLinear", torch.Tensor], "torch.Tensor | TopK"]
+
+#: below this many gathered factor elements per call (rows·k·r·(d_in+d_out)) a top-k mixture
+#: gathers each row's experts' factors and runs two batched matmuls; above it, rows are sorted by
+#: expert and each expert runs once on its rows (decode steps take the first path, prefill the second)
+GATHER_LIMIT = 1 << 21
 
 
 def base_shape(base: nn.Module) -> tuple[int, int]:
@@ -81,6 +102,8 @@ class MultiExpertLinear(nn.Module):
         w = self.weights(self, x) if callable(self.weights) else self.weights
         if w is None:
             return y
+        if isinstance(w, TopK):
+            return y + self.topk_mixture(x, w)
         return y + self.mixture(x, self._align(w, x))
 
     def _align(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -121,3 +144,33 @@ class MultiExpertLinear(nn.Module):
                 xs = xf.index_select(0, rows)
                 out.index_add_(0, rows, (xs @ A.T) @ B.T * col.index_select(0, rows)[:, None])
         return out.reshape(*lead, -1)
+
+    def topk_mixture(self, x: torch.Tensor, w: TopK) -> torch.Tensor:
+        """Σ_j w_j · s_{e_j} · B_{e_j} A_{e_j} x for sparse weights aligned with ``x``'s rows."""
+        lead = x.shape[:-1]
+        if w.index.shape[:-1] != lead or w.weight.shape != w.index.shape:
+            raise ValueError(
+                f"top-k routing of shape {tuple(w.index.shape)} does not fit input {tuple(x.shape)} at module {self.module_name!r}"
+            )
+        k = w.index.shape[-1]
+        xf = x.reshape(-1, x.shape[-1])
+        idx = w.index.reshape(-1, k)
+        coef = w.weight.reshape(-1, k).to(x.dtype) * self.scaling[idx]
+        n, r = xf.shape[0], self.lora_A.shape[1]
+        if n * k * r * (self.lora_A.shape[2] + self.lora_B.shape[1]) <= GATHER_LIMIT:
+            h = torch.einsum("nkrd,nd->nkr", self.lora_A[idx], xf) * coef[..., None]
+            return torch.einsum("nkor,nkr->no", self.lora_B[idx], h).reshape(*lead, -1)
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        rows = order // k
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        xs = xf.index_select(0, rows)
+        parts, start = [], 0
+        for e, c in enumerate(counts):
+            if c:
+                rk = self.ranks[e]
+                parts.append((xs[start : start + c] @ self.lora_A[e, :rk].T) @ self.lora_B[e, :, :rk].T)
+                start += c
+        ys = torch.cat(parts) * coef.reshape(-1)[order][:, None]
+        out = torch.zeros(n, self.lora_B.shape[1], dtype=x.dtype, device=x.device)
+        return out.index_add_(0, rows, ys).reshape(*lead, -1)

@@ -28,6 +28,8 @@ class MethodRow:
     held_in_normalized: float
     held_out_accuracy: float
     notes: str = ""
+    #: routers: share of held-in prompt tokens (× modules) whose top-1 expert is the task's own
+    routing_accuracy: float | None = None
 
 
 @dataclass
@@ -55,11 +57,12 @@ class QualityReport:
 
     def markdown(self) -> str:
         lines = [
-            "| method | held-in normalised (expert = 100) | held-out accuracy (%) | notes |",
-            "|---|---:|---:|---|",
+            "| method | held-in normalised (expert = 100) | held-out accuracy (%) | routing accuracy, held-in (%) | notes |",
+            "|---|---:|---:|---:|---|",
         ]
         for r in self.rows:
-            lines.append(f"| {r.name} | {r.held_in_normalized:.1f} | {100 * r.held_out_accuracy:.1f} | {r.notes} |")
+            ra = "" if r.routing_accuracy is None else f"{100 * r.routing_accuracy:.1f}"
+            lines.append(f"| {r.name} | {r.held_in_normalized:.1f} | {100 * r.held_out_accuracy:.1f} | {ra} | {r.notes} |")
         return "\n".join(lines)
 
     def matrix_markdown(self) -> str:
@@ -151,6 +154,66 @@ def evaluate_zoo(zoo: Zoo, progress: bool = True, max_new_tokens: int = 8) -> Qu
             "threads": torch.get_num_threads(),
         },
     )
+
+
+#: the routers in the demo table and how they are set up on the zoo
+ZOO_ROUTERS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "PHATGOOSE": ("phatgoose", {}, "top-2 per token and module; gates: 100 steps, batch 32"),
+    "GLIDER": (
+        "glider",
+        {"expert_text": "description+examples", "query_separator": " : "},
+        "PHATGOOSE + α·cos(instruction, expert text); α=100 held-in, 3 held-out",
+    ),
+    "Arrow": ("arrow", {}, "top-2; prototype = top right singular vector of ΔW"),
+    "retrieval": ("retrieval", {}, "top-1 expert of the nearest registered example (MiniLM)"),
+}
+
+
+def evaluate_routers(
+    zoo: Zoo,
+    report: QualityReport,
+    routers: Sequence[str] = tuple(ZOO_ROUTERS),
+    progress: bool = True,
+    max_new_tokens: int = 8,
+) -> list[MethodRow]:
+    """Add a row per router (composed over the zoo's LoRA experts; per-expert artifacts are
+    prepared once and cached in the zoo's registry): exact match per task, and routing accuracy
+    on held-in tasks. GLIDER uses its α preset for known tasks on held-in and for unseen tasks on
+    held-out, as the paper picks α per evaluation suite."""
+    from moerge.composer import compose
+
+    reg = zoo.registry
+    own = report.own_scores()
+    rows = []
+    for label in routers:
+        name, cfg, notes = ZOO_ROUTERS[label]
+        t0 = time.perf_counter()
+        model = compose(zoo.base_path, reg.select(names=zoo.held_in), name, data=zoo.expert_data, progress=progress, **cfg)
+        prep = time.perf_counter() - t0
+        per_task: dict[str, float] = {}
+        hits = []
+        for task in tqdm(zoo.held_in + zoo.held_out, desc=label, disable=not progress):
+            if name == "glider":
+                preset = "known" if task in zoo.held_in else "unseen"
+                model.router.config = model.router.config.model_copy(update={"alpha_preset": preset})
+            test = zoo.test_split(task)
+            prompts = [e.prompt for e in test]
+            answers = model.generate(prompts, max_new_tokens=max_new_tokens, batch_size=256)
+            per_task[task] = exact_match(answers, test)
+            if task in zoo.held_in:
+                top, mask = model.token_routing(prompts[:100])
+                hits.append(float(((top == model.experts.index(task)) & mask).sum() / (mask.sum() * top.shape[0])))
+        row = method_row(label, per_task, zoo.held_in, zoo.held_out, own, notes)
+        row.routing_accuracy = sum(hits) / len(hits)
+        report.meta.setdefault("routers", {})[label] = {
+            "router": name,
+            "config": model.router.config.to_json(),
+            "prepare_seconds": prep,
+            "seconds": time.perf_counter() - t0,
+        }
+        rows.append(row)
+        report.rows.append(row)
+    return rows
 
 
 def plot_matrix(report: QualityReport, path: str | Path) -> Path:

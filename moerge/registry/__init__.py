@@ -3,7 +3,7 @@
 from moerge.registry.files import IntegrityError, UnsafeWeightsError
 from moerge.registry.importers import ShapeMismatchError, config_fingerprint
 from moerge.registry.schema import ExpertRecord, InvalidNameError, LoraSpec, validate_name
-from moerge.registry.store import ExpertNotFoundError, Registry
+from moerge.registry.store import ExpertNotFoundError, Registry, Selection
 
 __all__ = [
     "ExpertNotFoundError",
@@ -12,6 +12,7 @@ __all__ = [
     "InvalidNameError",
     "LoraSpec",
     "Registry",
+    "Selection",
     "ShapeMismatchError",
     "UnsafeWeightsError",
     "config_fingerprint",

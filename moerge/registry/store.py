@@ -22,8 +22,9 @@ import sqlite3
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,24 @@ class ExpertNotFoundError(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Some records of one registry, in order (what ``compose``/``merge`` take as ``experts``)."""
+
+    registry: Registry
+    records: builtins.list[ExpertRecord]
+
+    @property
+    def names(self) -> builtins.list[str]:
+        return [r.name for r in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[ExpertRecord]:
+        return iter(self.records)
 
 
 class Registry:
@@ -333,6 +352,28 @@ class Registry:
         if tag is not None:
             out = [r for r in out if tag in r.tags]
         return out
+
+    def select(
+        self,
+        names: Sequence[str] | None = None,
+        kind: str | None = None,
+        base: str | None = None,
+        skill: str | None = None,
+        tag: str | None = None,
+    ) -> Selection:
+        """A set of experts to compose or merge: named ones (``"name"`` or ``"name@version"``)
+        and/or the latest versions matching the filters."""
+        if names is not None:
+            records = [self._resolve(n) for n in names]
+            filt = {r.ref for r in self.list(kind=kind, base=base, skill=skill, tag=tag, all_versions=True)}
+            dropped = [r.ref for r in records if r.ref not in filt]
+            if dropped:
+                raise ValueError(f"experts {dropped} do not match the filters kind={kind} base={base} skill={skill} tag={tag}")
+        else:
+            records = self.list(kind=kind, base=base, skill=skill, tag=tag)
+        if not records:
+            raise ValueError(f"no expert in {self.root} matches kind={kind} base={base} skill={skill} tag={tag}")
+        return Selection(self, records)
 
     def file(self, expert: Any, relname: str, version: int | None = None, verify: bool = True) -> Path:
         """Path of one stored file of an expert, after checking its sha256 (unless ``verify=False``)."""

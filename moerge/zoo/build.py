@@ -8,7 +8,6 @@ import copy
 import fcntl
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -25,6 +24,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFas
 
 from moerge.registry import Registry, config_fingerprint
 from moerge.registry.files import atomic_write_json
+from moerge.training import warmup_cosine
 from moerge.zoo import tasks as T
 from moerge.zoo.tokenizer import build_tokenizer
 from moerge.zoo.train import encode_for_training, generate_answers, make_base_model, train_loop
@@ -142,6 +142,11 @@ class Zoo:
     def train_split(self, task: str) -> list[T.Example]:
         return T.split(task, self.preset.n_train, self.preset.n_test, seed=self.preset.seed)[0]
 
+    def expert_data(self, expert: str) -> list[tuple[str, str]]:
+        """(prompt, target) pairs an expert was trained on (``sort`` and ``sort-dense`` share them):
+        what post-hoc routers such as PHATGOOSE train on."""
+        return [(e.prompt, e.target) for e in self.train_split(expert.removesuffix("-dense"))]
+
 
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
@@ -221,13 +226,7 @@ def _train_round(model, tok, train, p: Preset, *, lr, max_steps, seed, state, st
     if not state:
         params = [q for q in model.parameters() if q.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        warm = 10
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt,
-            lambda s: (
-                (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, max_steps - warm))))
-            ),
-        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(10, max_steps))
         state.update(opt=opt, sched=sched, params=params, rng=random.Random(seed))
         torch.manual_seed(seed)
     model.train()

@@ -3,7 +3,6 @@ the base model, the PEFT LoRA experts and the dense fine-tunes alike."""
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Sequence
 
@@ -11,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from moerge.training import encode_pairs, warmup_cosine
 from moerge.zoo.tasks import Example
 
 
@@ -37,21 +37,7 @@ def encode_for_training(
     tokenizer: PreTrainedTokenizerFast, examples: Sequence[Example], prompt_loss: bool
 ) -> dict[str, torch.Tensor]:
     """Right-padded ids with labels; prompt tokens are masked out of the loss unless ``prompt_loss``."""
-    rows, labels = [], []
-    for e in examples:
-        prompt_ids = tokenizer(e.prompt).input_ids
-        answer_ids = tokenizer(e.target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        rows.append(prompt_ids + answer_ids)
-        labels.append((prompt_ids if prompt_loss else [-100] * len(prompt_ids)) + answer_ids)
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    lab = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, lb) in enumerate(zip(rows, labels, strict=True)):
-        ids[i, : len(r)] = torch.tensor(r)
-        lab[i, : len(lb)] = torch.tensor(lb)
-        mask[i, : len(r)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+    return encode_pairs(tokenizer, [(e.prompt, e.target) for e in examples], prompt_loss=prompt_loss)
 
 
 def train_loop(
@@ -76,13 +62,7 @@ def train_loop(
     if not params:
         raise ValueError("train_loop: the model has no trainable parameters")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, steps))
     model.train()
     losses: list[float] = []
     bar = tqdm(range(steps), desc=desc, leave=False, disable=not progress)

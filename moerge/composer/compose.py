@@ -1,0 +1,280 @@
+"""``compose(base, experts, router=...)``: a base model, LoRA experts from the registry and a
+router, ready to ``generate``, ``forward`` and ``explain``; its spec saves to JSON and loads back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from moerge.adapters import attach, detach, load_lora, use_weights
+from moerge.composer.explain import Explanation, dense_from_calls
+from moerge.registry import ExpertRecord, Registry, Selection
+from moerge.registry.files import atomic_write_json
+from moerge.routers import PrepareContext, PrepareReport, Recorder, Router, Routing, make_router
+from moerge.routers.base import ExpertData
+
+SPEC_FORMAT = 1
+
+
+class CompositionSpec(BaseModel):
+    """Everything needed to rebuild a composition (callables such as a describer are not saved;
+    pass them again to :meth:`ComposedModel.load`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: int = SPEC_FORMAT
+    base: str
+    registry: str
+    experts: list[str]
+    router: str
+    config: dict[str, Any]
+
+
+def resolve_experts(experts: Any, registry: Registry | None) -> tuple[Registry, list[ExpertRecord]]:
+    """``experts`` as a Registry (its LoRA experts), a Selection, or names/records with ``registry``."""
+    if isinstance(experts, Registry):
+        return experts, experts.select(kind="lora").records
+    if isinstance(experts, Selection):
+        return experts.registry, list(experts.records)
+    if experts is None:
+        if registry is None:
+            raise ValueError("compose needs experts: a Registry, registry.select(...), or names with registry=")
+        return registry, registry.select(kind="lora").records
+    if isinstance(experts, str):
+        experts = [experts]
+    if registry is None:
+        raise ValueError("experts given by name need registry= (or pass registry.select(names=[...]))")
+    records = [registry._resolve(e) for e in experts]
+    if not records:
+        raise ValueError("compose needs at least one expert")
+    return registry, records
+
+
+def load_base(base: str, tokenizer: Any = None) -> tuple[torch.nn.Module, Any]:
+    """A causal LM and its tokenizer from a folder or hub id (left padding, pad = EOS if unset)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base)
+    except OSError as exc:
+        raise OSError(f"cannot load base model {base!r}: {exc}") from None
+    tok = tokenizer or AutoTokenizer.from_pretrained(base)
+    return model.eval(), tok
+
+
+class ComposedModel:
+    """A base model with experts attached and a router deciding their weights."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        router: Router,
+        records: Sequence[ExpertRecord],
+        registry: Registry,
+        spec: CompositionSpec,
+        prepared: Sequence[PrepareReport] = (),
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.router = router
+        self.records = list(records)
+        self.registry = registry
+        self.spec = spec
+        self.prepared = list(prepared)
+
+    def __repr__(self) -> str:
+        return f"ComposedModel(base={self.spec.base!r}, router={self.spec.router!r}, experts={self.experts})"
+
+    @property
+    def experts(self) -> list[str]:
+        return [r.name for r in self.records]
+
+    # ------------------------------------------------------------------------- routing
+
+    def route(self, texts: str | Sequence[str], task: str | Sequence[str] | None = None) -> Routing:
+        """The router's decision for these inputs (token routers: a hook plus any per-example bias)."""
+        return self.router.route([texts] if isinstance(texts, str) else list(texts), task)
+
+    @contextmanager
+    def routed(self, routing: Routing) -> Iterator[None]:
+        with use_weights(self.model, routing.layer_weights()):
+            yield
+
+    def _encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        tok = self.tokenizer
+        tok.padding_side = "left"
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        device = next(self.model.parameters()).device
+        return {k: v.to(device) for k, v in tok(list(prompts), return_tensors="pt", padding=True).items()}
+
+    @torch.inference_mode()
+    def forward(self, prompts: str | Sequence[str], task: str | Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """The model's forward on these texts (left-padded), routed."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        with self.routed(self.route(prompts, task)):
+            return self.model(**self._encode(prompts), **kwargs)
+
+    __call__ = forward
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        task: str | Sequence[str] | None = None,
+        max_new_tokens: int = 32,
+        batch_size: int = 64,
+        **generation_kwargs: Any,
+    ) -> list[str]:
+        """Generated continuations (greedy unless ``generation_kwargs`` say otherwise), routed per
+        the router: token routers decide at every prefill and decode step."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        tasks = None if task is None or isinstance(task, str) else list(task)
+        out: list[str] = []
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
+            routing = self.route(chunk, task if tasks is None else tasks[i : i + batch_size])
+            out += self._generate(chunk, routing, max_new_tokens, **generation_kwargs)[0]
+        return out
+
+    def _generate(self, prompts: Sequence[str], routing: Routing, max_new_tokens: int, **kw: Any) -> tuple[list[str], Any]:
+        tok = self.tokenizer
+        enc = self._encode(prompts)
+        kw.setdefault("do_sample", False)
+        with self.routed(routing):
+            gen = self.model.generate(
+                **enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw
+            )
+        new = gen[:, enc["input_ids"].shape[1] :]
+        texts = [" ".join(t.split()) for t in tok.batch_decode(new, skip_special_tokens=True)]
+        return texts, (enc, new)
+
+    @torch.inference_mode()
+    def explain(self, prompt: str, task: str | None = None, max_new_tokens: int = 16, **generation_kwargs: Any) -> Explanation:
+        """Generate for one prompt while recording, per module and token, which experts were
+        chosen and with what weight."""
+        routing = self.route([prompt], task)
+        recorder = Recorder()
+        if routing.granularity == "token":
+            routing.hook.recorder = recorder  # type: ignore[union-attr]
+        texts, (enc, new) = self._generate([prompt], routing, max_new_tokens, **generation_kwargs)
+        # routed positions: the prompt (prefill), then each generated token fed back (all but the last)
+        ids = enc["input_ids"][0][enc["attention_mask"][0].bool()].tolist() + new[0].tolist()[:-1]
+        tokens = self.tokenizer.convert_ids_to_tokens(ids)
+        E = len(self.experts)
+        if routing.granularity == "token":
+            weights = dense_from_calls(recorder.calls, E)
+            n = min(len(tokens), *(w.shape[0] for w in weights.values()))
+            weights = {m: w[:n] for m, w in weights.items()}
+            tokens = tokens[:n]
+        else:
+            row = routing.weights[0].float()
+            weights = {m: row.expand(len(tokens), E).clone() for m in self._module_names()}
+        info = {k: (v[0] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in routing.info.items()}
+        return Explanation(prompt, texts[0], tokens, self.experts, routing.granularity, weights, info)
+
+    def _module_names(self) -> list[str]:
+        from moerge.adapters import layers
+
+        return list(layers(self.model))
+
+    @torch.inference_mode()
+    def token_routing(self, prompts: Sequence[str], task: str | Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-1 expert per module and prompt token in one prefill → (top1 [modules, B, T], mask [B, T]).
+        Sequence routers give their choice at every position."""
+        routing = self.route(list(prompts), task)
+        enc = self._encode(prompts)
+        mask = enc["attention_mask"].bool().cpu()
+        if routing.granularity != "token":
+            top = routing.weights.argmax(1)
+            return top[None, :, None].expand(1, *mask.shape), mask
+        recorder = Recorder()
+        routing.hook.recorder = recorder  # type: ignore[union-attr]
+        with self.routed(routing):
+            self.model(**enc)
+        return torch.stack([idx[..., 0] for _, idx, _ in recorder.calls]), mask
+
+    # ---------------------------------------------------------------------- persistence
+
+    def save(self, path: str | Path) -> Path:
+        """Write the composition's spec (base, registry, expert versions, router, config) as JSON."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, self.spec.model_dump(mode="json"))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, **kwargs: Any) -> ComposedModel:
+        """Rebuild a saved composition (artifacts come from the registry, nothing is retrained
+        unless missing; pass ``data=``/``describer=`` again if preparation may need them)."""
+        try:
+            spec = CompositionSpec.model_validate_json(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read composition spec {path}: {exc}") from None
+        reg = Registry(spec.registry)
+        return compose(spec.base, reg.select(names=spec.experts), spec.router, config=spec.config, **kwargs)
+
+
+def compose(
+    base: str | torch.nn.Module | None = None,
+    experts: Any = None,
+    router: str = "phatgoose",
+    *,
+    registry: Registry | None = None,
+    tokenizer: Any = None,
+    data: ExpertData | None = None,
+    describer: Callable[[Any], str] | None = None,
+    config: dict[str, Any] | None = None,
+    progress: bool = False,
+    **router_config: Any,
+) -> ComposedModel:
+    """Compose ``base`` with LoRA ``experts`` under ``router`` (``"phatgoose"``, ``"glider"``,
+    ``"arrow"``, ``"retrieval"``; router settings as keywords or ``config=``).
+
+    ``experts``: a Registry (all its LoRA experts), ``registry.select(...)``, or names with
+    ``registry=``. ``base``: a folder/hub id, a loaded model (then pass ``tokenizer=``), or None
+    for the experts' registered base. Missing per-expert artifacts are computed and stored in the
+    registry first (PHATGOOSE/GLIDER gate training needs ``data``: expert name → examples)."""
+    reg, records = resolve_experts(experts, registry)
+    not_lora = [f"{r.ref} ({r.kind})" for r in records if r.kind != "lora"]
+    if not_lora:
+        raise ValueError(f"compose routes among LoRA experts; these are not: {', '.join(not_lora)}")
+    bases = {r.base_model for r in records}
+    if base is None:
+        if len(bases) != 1 or None in bases:
+            raise ValueError(f"the experts do not name one common base ({sorted(map(str, bases))}); pass base=")
+        base = next(iter(bases))
+    prints = {r.base_fingerprint for r in records if r.base_fingerprint}
+    if len(prints) > 1:
+        raise ValueError(f"the experts were trained on different base models (fingerprints {sorted(prints)})")
+    if isinstance(base, torch.nn.Module):
+        if tokenizer is None:
+            raise ValueError("a loaded base model needs tokenizer=")
+        model, base_id = base, getattr(getattr(base, "config", None), "name_or_path", "") or "<in-memory model>"
+    else:
+        model, tokenizer = load_base(str(base), tokenizer)
+        base_id = str(base)
+    rtr = make_router(router, config, **router_config)
+    ctx = PrepareContext(registry=reg, model=model, tokenizer=tokenizer, data=data, describer=describer, progress=progress)
+    reports = rtr.prepare(ctx, records)
+    loras = [load_lora(r, registry=reg) for r in records]
+    attach(model, loras)
+    try:
+        rtr.load(records, loras, ctx)
+    except Exception:
+        detach(model)
+        raise
+    spec = CompositionSpec(
+        base=base_id, registry=str(reg.root), experts=[r.ref for r in records], router=router, config=rtr.config.to_json()
+    )
+    return ComposedModel(model, tokenizer, rtr, records, reg, spec, reports)
+
+
+def load_composition(path: str | Path, **kwargs: Any) -> ComposedModel:
+    return ComposedModel.load(path, **kwargs)

@@ -1,0 +1,150 @@
+"""What a composed model did with one prompt: per layer, module and token, the experts chosen
+and their weights; a text summary, JSON, and a heatmap (tokens × layers, coloured by expert)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
+
+
+def layer_index(module: str) -> int:
+    """The transformer block a module belongs to (``model.layers.3.self_attn.q_proj`` → 3); −1 if none."""
+    m = _LAYER.search(module)
+    return int(m.group(1)) if m else -1
+
+
+@dataclass
+class Explanation:
+    prompt: str
+    output: str
+    #: the tokens at which routing happened: the prompt's, then every generated token fed back
+    tokens: list[str]
+    experts: list[str]
+    granularity: str
+    #: module → dense weights [tokens, experts] (zeros for experts not chosen)
+    weights: dict[str, torch.Tensor]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.weights)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({layer_index(m) for m in self.weights})
+
+    def per_layer(self) -> torch.Tensor:
+        """Mean weight over each layer's modules → [layers, tokens, experts]."""
+        out = []
+        for layer in self.layers:
+            mats = [w for m, w in self.weights.items() if layer_index(m) == layer]
+            out.append(torch.stack(mats).mean(0))
+        return torch.stack(out)
+
+    def top_expert(self) -> torch.Tensor:
+        """The expert with the most weight per layer and token → [layers, tokens]."""
+        return self.per_layer().argmax(-1)
+
+    def expert_share(self) -> dict[str, float]:
+        """Share of all routing weight each expert received (over modules and tokens)."""
+        total = torch.stack(list(self.weights.values())).sum((0, 1))
+        total = total / total.sum().clamp_min(1e-12)
+        return {e: float(total[i]) for i, e in enumerate(self.experts)}
+
+    def chosen(self, module: str, token: int) -> list[tuple[str, float]]:
+        """(expert, weight) pairs chosen at one module and token, heaviest first."""
+        w = self.weights[module][token]
+        nz = torch.nonzero(w).flatten().tolist()
+        return sorted(((self.experts[i], float(w[i])) for i in nz), key=lambda t: -t[1])
+
+    def summary(self, max_tokens: int = 40) -> str:
+        share = sorted(self.expert_share().items(), key=lambda t: -t[1])
+        lines = [
+            f"prompt: {self.prompt!r}",
+            f"output: {self.output!r}",
+            f"routing: {self.granularity}-level over {len(self.experts)} experts, {len(self.weights)} modules",
+            "expert share of routing weight: " + ", ".join(f"{e} {100 * s:.0f}%" for e, s in share if s >= 0.005),
+        ]
+        if "alpha" in self.info:
+            cos = self.info.get("cosine")
+            lines.append(
+                f"global (GLIDER) α={self.info['alpha']:g}; cosine: "
+                + ", ".join(f"{e} {float(c):.2f}" for e, c in zip(self.experts, cos, strict=True))
+            )
+        top = self.top_expert()
+        width = max(len(t) for t in self.tokens[:max_tokens]) if self.tokens else 5
+        lines.append("top expert per token (columns: layers " + " ".join(str(layer) for layer in self.layers) + "):")
+        for t, tok in enumerate(self.tokens[:max_tokens]):
+            lines.append(f"  {tok:>{width}}  " + "  ".join(self.experts[int(top[li, t])] for li in range(len(self.layers))))
+        if len(self.tokens) > max_tokens:
+            lines.append(f"  … {len(self.tokens) - max_tokens} more tokens")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "output": self.output,
+            "tokens": self.tokens,
+            "experts": self.experts,
+            "granularity": self.granularity,
+            "modules": {m: [self.chosen(m, t) for t in range(len(self.tokens))] for m in self.weights},
+            "expert_share": self.expert_share(),
+        }
+
+    def plot(self, path: str | Path) -> Path:
+        """Heatmap: tokens (rows) × layers (columns), each cell coloured by its top expert,
+        shaded by that expert's weight."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import ListedColormap
+        from matplotlib.patches import Patch
+
+        per_layer = self.per_layer()  # [L, T, E]
+        top = per_layer.argmax(-1).T.numpy()  # [T, L]
+        strength = per_layer.max(-1).values.T.numpy()
+        cmap = plt.get_cmap("tab20" if len(self.experts) > 10 else "tab10")
+        colours = [cmap(i % cmap.N) for i in range(len(self.experts))]
+        fig, ax = plt.subplots(figsize=(2.5 + 0.9 * len(self.layers), 1.2 + 0.28 * len(self.tokens)))
+        ax.imshow(top, cmap=ListedColormap(colours), vmin=-0.5, vmax=len(self.experts) - 0.5, aspect="auto")
+        for t in range(top.shape[0]):
+            for li in range(top.shape[1]):
+                ax.text(li, t, f"{strength[t, li]:.2f}", ha="center", va="center", fontsize=6)
+        ax.set_xticks(range(len(self.layers)), [f"layer {layer}" for layer in self.layers])
+        ax.set_yticks(range(len(self.tokens)), self.tokens, fontsize=7)
+        used = sorted(set(top.flatten().tolist()))
+        ax.legend(
+            handles=[Patch(color=colours[i], label=self.experts[i]) for i in used],
+            bbox_to_anchor=(1.02, 1),
+            loc="upper left",
+            fontsize=7,
+        )
+        ax.set_title("top expert per token and layer (mean over the layer's modules; text: its weight)", fontsize=8)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def dense_from_calls(
+    calls: Sequence[tuple[str, torch.Tensor, torch.Tensor]], num_experts: int, row: int = 0
+) -> dict[str, torch.Tensor]:
+    """Concatenate one row's recorded top-k decisions per module along tokens → dense [T, E]."""
+    per: dict[str, list[torch.Tensor]] = {}
+    for module, idx, w in calls:
+        i, v = idx[row], w[row]
+        if i.dim() == 1:  # a call without a token axis
+            i, v = i[None], v[None]
+        dense = torch.zeros(i.shape[0], num_experts).scatter_add_(-1, i, v)
+        per.setdefault(module, []).append(dense)
+    return {m: torch.cat(parts) for m, parts in per.items()}

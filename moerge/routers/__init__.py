@@ -1,0 +1,45 @@
+"""Routers: per-expert preparation (gate vectors, prototypes, text and example embeddings,
+stored as registry artifacts) and the decision — which experts, with which weights, at which
+granularity. ``compose(..., router=name)`` picks one by its registered name."""
+
+from moerge.routers.arrow import ArrowConfig, ArrowRouter, arrow_prototypes
+from moerge.routers.base import (
+    ROUTERS,
+    PrepareContext,
+    PrepareReport,
+    Recorder,
+    Router,
+    RouterConfig,
+    Routing,
+    get_router,
+    make_router,
+    register_router,
+)
+from moerge.routers.glider import ALPHA_PRESETS, GliderConfig, GliderRouter
+from moerge.routers.phatgoose import GateTraining, PhatgooseConfig, PhatgooseRouter, train_gates
+from moerge.routers.retrieval import RetrievalConfig, RetrievalRouter
+
+__all__ = [
+    "ALPHA_PRESETS",
+    "ROUTERS",
+    "ArrowConfig",
+    "ArrowRouter",
+    "GateTraining",
+    "GliderConfig",
+    "GliderRouter",
+    "PhatgooseConfig",
+    "PhatgooseRouter",
+    "PrepareContext",
+    "PrepareReport",
+    "Recorder",
+    "RetrievalConfig",
+    "RetrievalRouter",
+    "Router",
+    "RouterConfig",
+    "Routing",
+    "arrow_prototypes",
+    "get_router",
+    "make_router",
+    "register_router",
+    "train_gates",
+]
