@@ -50,24 +50,38 @@ def main(verbose: int) -> None:
 )
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write every figure as JSON here.")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Zoo cache folder (env MOERGE_CACHE).")
+@click.option(
+    "--routers",
+    default="PHATGOOSE,GLIDER,Arrow,retrieval",
+    show_default=True,
+    help="Router rows to add (comma-separated), or 'none'.",
+)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def demo(preset: str, out: str, json_path: str | None, cache_dir: str | None, no_progress: bool) -> None:
-    """Build or load the zoo, evaluate base, every expert on every task and the oracle, print the table."""
+def demo(preset: str, out: str, json_path: str | None, cache_dir: str | None, routers: str, no_progress: bool) -> None:
+    """Build or load the zoo, evaluate base, every expert on every task, the oracle and the routers; print the table."""
     _quiet_hf()
     from moerge import zoo as zoo_mod
-    from moerge.bench.quality import evaluate_zoo, write_report
+    from moerge.bench.quality import ZOO_ROUTERS, evaluate_routers, evaluate_zoo, write_report
 
+    chosen = [] if routers.strip().lower() == "none" else [r.strip() for r in routers.split(",") if r.strip()]
+    unknown = [r for r in chosen if r not in ZOO_ROUTERS]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown router row(s) {unknown}; choose from {list(ZOO_ROUTERS)} or 'none'", param_hint="--routers"
+        )
     t0 = time.perf_counter()
-    click.echo(f"[1/3] zoo preset {preset!r} (built once, then cached) ...", err=True)
+    click.echo(f"[1/4] zoo preset {preset!r} (built once, then cached) ...", err=True)
     zoo = zoo_mod.load(preset, cache_dir=cache_dir, progress=not no_progress)
     click.echo(f"      {zoo.root}", err=True)
     click.echo(
-        f"[2/3] evaluating base, {len(zoo.held_in)} experts × {len(zoo.held_in) + len(zoo.held_out)} tasks, oracle ...", err=True
+        f"[2/4] evaluating base, {len(zoo.held_in)} experts × {len(zoo.held_in) + len(zoo.held_out)} tasks, oracle ...", err=True
     )
     report = evaluate_zoo(zoo, progress=not no_progress)
+    click.echo(f"[3/4] routers: {', '.join(chosen) or 'none'} (per-expert artifacts prepared once, cached) ...", err=True)
+    evaluate_routers(zoo, report, chosen, progress=not no_progress)
     report.meta["demo_seconds"] = time.perf_counter() - t0
     paths = write_report(report, out, json_path)
-    click.echo("[3/3] done\n", err=True)
+    click.echo("[4/4] done\n", err=True)
     click.echo(report.markdown())
     click.echo("\nCross-task matrix (exact match %):\n")
     click.echo(report.matrix_markdown())
@@ -105,6 +119,149 @@ def zoo_tasks() -> None:
     for t in (*HELD_IN, *HELD_OUT):
         e = sample(t, 1, seed=0)[0]
         click.echo(f"{t.name:20s} {'held-out' if t.held_out else 'held-in ':8s} {e.prompt} {e.target}")
+
+
+# ---------------------------------------------------------------------------- routing
+
+
+def _parse_config(items: tuple[str, ...]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _read_data(path: str) -> dict[str, list[tuple[str, str]]]:
+    data: dict[str, list[tuple[str, str]]] = {}
+    with open(path) as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                data.setdefault(row["expert"], []).append((row["prompt"], row["target"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise click.BadParameter(
+                    f"{path}:{n}: each line must be a JSON object with expert, prompt, target ({exc})", param_hint="--data"
+                ) from None
+    return data
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--router", default="phatgoose", show_default=True, help="phatgoose, glider, arrow or retrieval.")
+@click.option(
+    "--registry", "registry_path", default=None, type=click.Path(file_okay=False), help="Registry folder (default: the zoo's)."
+)
+@click.option(
+    "--zoo",
+    "zoo_preset",
+    default="small",
+    show_default=True,
+    type=click.Choice(["small", "default"]),
+    help="Zoo used when no --registry/--composition.",
+)
+@click.option(
+    "--composition", default=None, type=click.Path(dir_okay=False, exists=True), help="A saved composition (JSON spec)."
+)
+@click.option("--expert", "experts", multiple=True, help="Restrict to these experts (repeatable; default: every LoRA expert).")
+@click.option("--base", default=None, help="Base model folder or hub id (default: the experts' registered base).")
+@click.option(
+    "--data", default=None, type=click.Path(dir_okay=False, exists=True), help="JSONL {expert, prompt, target} for gate training."
+)
+@click.option("--set", "settings", multiple=True, help="Router setting KEY=VALUE (repeatable), e.g. --set top_k=1 --set alpha=3.")
+@click.option("--task", default=None, help="A task description for GLIDER's global router (default: the prompt).")
+@click.option("--max-new-tokens", default=8, show_default=True, type=int)
+@click.option(
+    "--png", default=None, type=click.Path(dir_okay=False), help="Write a heatmap (tokens × layers, coloured by expert)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the explanation as JSON.")
+@click.option("--save", default=None, type=click.Path(dir_okay=False), help="Save the composition spec here.")
+def route(
+    prompt,
+    router,
+    registry_path,
+    zoo_preset,
+    composition,
+    experts,
+    base,
+    data,
+    settings,
+    task,
+    max_new_tokens,
+    png,
+    as_json,
+    save,
+) -> None:  # noqa: ANN001
+    """Compose experts under a router, generate for PROMPT and show which experts were chosen where."""
+    _quiet_hf()
+    import moerge
+    from moerge.bench.quality import ZOO_ROUTERS
+
+    config = _parse_config(settings)
+    try:
+        train_data = _read_data(data) if data else None
+        if composition:
+            model = moerge.load_composition(composition, data=train_data)
+        else:
+            if registry_path:
+                reg = moerge.Registry(registry_path)
+            else:
+                from moerge import zoo as zoo_mod
+
+                z = zoo_mod.load(zoo_preset, progress=False)
+                reg, base = z.registry, base or str(z.base_path)
+                train_data = train_data or z.expert_data
+                zoo_cfg = next((c for n, c, _ in ZOO_ROUTERS.values() if n == router), {})
+                config = {**zoo_cfg, **config}
+            sel = reg.select(names=list(experts) or None, kind="lora")
+            model = moerge.compose(base, sel, router, data=train_data, **config)
+        if max_new_tokens < 1:
+            raise ValueError("--max-new-tokens must be at least 1")
+        ex = model.explain(prompt, task=task, max_new_tokens=max_new_tokens)
+    except (KeyError, ValueError, OSError, RuntimeError) as exc:
+        _fail(exc)
+    click.echo(json.dumps(ex.to_json(), indent=2) if as_json else ex.summary())
+    if png:
+        click.echo(f"wrote {ex.plot(png)}", err=True)
+    if save:
+        click.echo(f"saved composition to {model.save(save)}", err=True)
+
+
+@main.group()
+def bench() -> None:
+    """Performance benchmarks (ratios against a baseline measured in the same run)."""
+
+
+@bench.command("routing")
+@click.option("--hidden", default=512, show_default=True, type=int)
+@click.option("--layers", default=4, show_default=True, type=int)
+@click.option("--experts", default="4,8,16", show_default=True, help="Expert counts for PHATGOOSE top-k.")
+@click.option("--top-k", default=2, show_default=True, type=int)
+@click.option("--batch", default=8, show_default=True, type=int)
+@click.option("--repeats", default=5, show_default=True, type=int)
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the result as JSON.")
+@click.option("--no-progress", is_flag=True)
+def bench_routing(hidden, layers, experts, top_k, batch, repeats, json_path, no_progress) -> None:  # noqa: ANN001
+    """Forward/generate time: base, single LoRA, PHATGOOSE top-k over E experts, every expert computed."""
+    from moerge.bench import routing as rb
+
+    try:
+        counts = rb.parse_experts(experts)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--experts") from None
+    cfg = rb.BenchConfig(hidden=hidden, layers=layers, experts=tuple(counts), top_k=top_k, batch=batch, repeats=repeats)
+    result = rb.run(cfg, progress=not no_progress)
+    click.echo(rb.markdown(result))
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(result, fh, indent=2)
 
 
 # ---------------------------------------------------------------------------- registry

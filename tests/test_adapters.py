@@ -272,14 +272,15 @@ def test_thin_qr_route_equals_dense_svd_without_building_the_matrix():
     assert torch.allclose(lowrank_from_factors([(1.0, terms[0]), (-1.0, terms[1])], 8).delta(), dense, atol=1e-4)
 
 
-@pytest.mark.parametrize("gather_limit", [1 << 30, 0], ids=["gather", "sorted-dispatch"])
-def test_topk_weights_equal_the_same_dense_weights(monkeypatch, gather_limit):
-    """Both top-k paths (per-row gather for small batches, sort-by-expert for large) equal the
-    dense mixture with the same weights scattered into [..., E]."""
+@pytest.mark.parametrize("rows", [1 << 30, 0], ids=["stacked", "per-expert"])
+def test_topk_weights_equal_the_same_dense_weights(monkeypatch, rows):
+    """Both top-k paths (stacked factors for small batches, each expert on its rows for large)
+    equal the dense mixture with the same weights scattered into [..., E]."""
     from moerge.adapters import TopK
     from moerge.adapters import layer as layer_mod
 
-    monkeypatch.setattr(layer_mod, "GATHER_LIMIT", gather_limit)
+    monkeypatch.setattr(layer_mod, "CONCAT_ROWS", rows)
+    monkeypatch.setattr(layer_mod, "CONCAT_EXPERTS_PER_K", 0)
     torch.manual_seed(1)
     base = torch.nn.Linear(16, 12)
     factors = [LoraFactors(torch.randn(r, 16), torch.randn(12, r), s) for r, s in [(4, 0.5), (2, 2.0), (8, 1.0), (3, 0.7)]]

@@ -49,6 +49,13 @@ def test_phatgoose_scores_are_invariant_to_shifting_and_scaling_gates_and_inputs
     assert torch.allclose(phatgoose_logits(4.0 * u - 2.5, standardise(V)), ref, atol=1e-3)
     assert ref.abs().max() <= 64**0.5 + 1e-3  # sqrt(d)·Pearson correlation is bounded by sqrt(d)
 
+    # LayerNorm on both sides, spelled out (biased variance, eps 1e-5)
+    def ln(t):
+        return (t - t.mean(-1, keepdim=True)) / torch.sqrt(t.var(-1, unbiased=False, keepdim=True) + 1e-5)
+
+    explicit = ln(u) @ ln(V).T / 64**0.5
+    assert torch.allclose(ref, explicit, atol=1e-5)
+
 
 def test_arrow_prototype_is_the_top_right_singular_vector_of_delta_w(small_zoo):
     expert = moerge.adapters.load_lora("sort", registry=small_zoo.registry)
@@ -171,7 +178,7 @@ def test_adding_an_expert_prepares_that_expert_alone(small_zoo, zoo_reg):
 
 def test_phatgoose_without_training_data_says_what_to_pass(small_zoo, zoo_reg):
     with pytest.raises(ValueError, match="data="):
-        moerge.compose(small_zoo.base_path, zoo_reg.select(names=["sort"]), "phatgoose")
+        moerge.compose(small_zoo.base_path, zoo_reg.select(names=["sort"]), "phatgoose", seed=12345)
 
 
 def test_retrieval_routes_each_input_to_the_expert_of_its_nearest_example(small_zoo, zoo_reg):

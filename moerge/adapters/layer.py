@@ -36,10 +36,13 @@ class TopK:
 #: a router hook: (layer, input x [..., d_in]) -> weights [..., E] or TopK
 WeightFn = Callable[["MultiExpertLinear", torch.Tensor], "torch.Tensor | TopK"]
 
-#: below this many gathered factor elements per call (rows·k·r·(d_in+d_out)) a top-k mixture
-#: gathers each row's experts' factors and runs two batched matmuls; above it, rows are sorted by
-#: expert and each expert runs once on its rows (decode steps take the first path, prefill the second)
-GATHER_LIMIT = 1 << 21
+#: a top-k mixture runs as two matmuls over all experts' stacked factors (x·[A_1;…;A_E]ᵀ, masked
+#: to each row's k experts, then ·[B_1 … B_E]ᵀ) when the batch has at most this many rows or
+#: E ≤ CONCAT_EXPERTS_PER_K·k; otherwise each expert runs once on the rows routed to it. On a
+#: CPU the few large matmuls beat many small gathers for decode steps and small prefills
+#: (measured in benches: ``moerge bench routing``).
+CONCAT_ROWS = 256
+CONCAT_EXPERTS_PER_K = 4
 
 
 def base_shape(base: nn.Module) -> tuple[int, int]:
@@ -86,6 +89,8 @@ class MultiExpertLinear(nn.Module):
         self.register_buffer("lora_A", A, persistent=False)
         self.register_buffer("lora_B", B, persistent=False)
         self.register_buffer("scaling", scaling, persistent=False)
+        # [d_out, E·r_max]: B_1 … B_E side by side, for the stacked top-k path
+        self.register_buffer("lora_B_cat", B.permute(1, 0, 2).reshape(d_out, -1).contiguous(), persistent=False)
         self.ranks = ranks
         #: routing state: None (base only), a weight tensor, or a WeightFn
         self.weights: torch.Tensor | WeightFn | None = None
@@ -152,25 +157,13 @@ class MultiExpertLinear(nn.Module):
             raise ValueError(
                 f"top-k routing of shape {tuple(w.index.shape)} does not fit input {tuple(x.shape)} at module {self.module_name!r}"
             )
-        k = w.index.shape[-1]
-        xf = x.reshape(-1, x.shape[-1])
-        idx = w.index.reshape(-1, k)
-        coef = w.weight.reshape(-1, k).to(x.dtype) * self.scaling[idx]
-        n, r = xf.shape[0], self.lora_A.shape[1]
-        if n * k * r * (self.lora_A.shape[2] + self.lora_B.shape[1]) <= GATHER_LIMIT:
-            h = torch.einsum("nkrd,nd->nkr", self.lora_A[idx], xf) * coef[..., None]
-            return torch.einsum("nkor,nkr->no", self.lora_B[idx], h).reshape(*lead, -1)
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        rows = order // k
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        xs = xf.index_select(0, rows)
-        parts, start = [], 0
-        for e, c in enumerate(counts):
-            if c:
-                rk = self.ranks[e]
-                parts.append((xs[start : start + c] @ self.lora_A[e, :rk].T) @ self.lora_B[e, :, :rk].T)
-                start += c
-        ys = torch.cat(parts) * coef.reshape(-1)[order][:, None]
-        out = torch.zeros(n, self.lora_B.shape[1], dtype=x.dtype, device=x.device)
-        return out.index_add_(0, rows, ys).reshape(*lead, -1)
+        E, k = self.num_experts, w.index.shape[-1]
+        n = lead.numel()
+        if n > CONCAT_ROWS and E > CONCAT_EXPERTS_PER_K * k:
+            return self.mixture(x, w.dense(E).to(x.dtype))
+        xf = x.reshape(n, -1)
+        coef = torch.zeros(n, E, dtype=x.dtype, device=x.device)
+        coef.scatter_add_(1, w.index.reshape(n, k), w.weight.reshape(n, k).to(x.dtype))
+        coef = coef * self.scaling
+        h = (xf @ self.lora_A.reshape(-1, xf.shape[-1]).T).view(n, E, -1) * coef[:, :, None]
+        return (h.view(n, -1) @ self.lora_B_cat.T).reshape(*lead, -1)

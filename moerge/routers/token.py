@@ -32,7 +32,8 @@ def standardise(x: torch.Tensor) -> torch.Tensor:
 
 
 def phatgoose_logits(u: torch.Tensor, keys_ln: torch.Tensor) -> torch.Tensor:
-    """LN(u) · K̂ᵀ / sqrt(d) for keys already standardised (K̂ = LN(V), [E, d]) → [..., E]."""
+    """LN(u) · K̂ᵀ / sqrt(d) for keys already standardised (K̂ = LN(V), [E, d]) → [..., E].
+    (``F.layer_norm`` is an order of magnitude faster than ``var`` on CPU, so LN(u) is built.)"""
     return standardise(u) @ keys_ln.T / math.sqrt(u.shape[-1])
 
 
