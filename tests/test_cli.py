@@ -21,6 +21,9 @@ COMMANDS = [
     ["registry", "show"],
     ["registry", "rm"],
     ["registry", "export"],
+    ["route"],
+    ["bench"],
+    ["bench", "routing"],
 ]
 
 
@@ -92,9 +95,70 @@ def test_demo_writes_table_json_and_heatmap(tmp_path, small_zoo):
     assert r.exit_code == 0, r.output
     assert "| base |" in r.output and "| oracle |" in r.output and "best single expert" in r.output
     data = json.loads((tmp_path / "r.json").read_text())
-    for name in ("base", "oracle", "best single expert"):
+    for name in ("base", "oracle", "best single expert", "PHATGOOSE", "GLIDER", "Arrow", "retrieval"):
         m = data["methods"][name]
         assert {"held_in_normalized", "held_out_accuracy", "per_task"} <= set(m)
         assert set(m["per_task"]) == set(data["held_in"] + data["held_out"])
+    for name in ("PHATGOOSE", "GLIDER", "Arrow", "retrieval"):
+        assert f"| {name} |" in r.output
+        assert 0.0 <= data["methods"][name]["routing_accuracy"] <= 1.0
+    # GLIDER routes held-in prompts to their own expert (instruction embedding vs expert text)
+    assert data["methods"]["GLIDER"]["routing_accuracy"] > 0.9
     assert (out / "report.md").read_text().startswith("# moerge demo")
     assert (out / "cross_task.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_rejects_an_unknown_router_row():
+    r = CliRunner().invoke(main, ["demo", "--routers", "PHATGOOSE,nope"])
+    assert r.exit_code != 0 and "nope" in r.output
+
+
+@pytest.mark.slow
+def test_route_prints_a_summary_and_writes_heatmap_json_and_spec(tmp_path, small_zoo):
+    run = CliRunner().invoke
+    png, spec = tmp_path / "route.png", tmp_path / "comp.json"
+    prompt = small_zoo.test_split("sort")[0].prompt
+    args = ["route", prompt, "--router", "glider", "--expert", "sort", "--expert", "max", "--set", "steps=10"]
+    r = run(main, [*args, "--png", str(png), "--save", str(spec)])
+    assert r.exit_code == 0, r.output
+    assert "top expert per token" in r.output and "α=100" in r.output
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    r = run(main, ["route", prompt, "--composition", str(spec), "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output[r.output.index("{") :])
+    assert data["experts"] == ["sort", "max"] and data["tokens"]
+    bad = run(main, ["route", prompt, "--router", "nope"])
+    assert bad.exit_code == 2 and "known routers" in bad.output
+    bad = run(main, ["route", prompt, "--set", "top_k"])
+    assert bad.exit_code != 0 and "KEY=VALUE" in bad.output
+
+
+def test_bench_routing_runs_and_reports_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "routing",
+            "--hidden",
+            "32",
+            "--layers",
+            "1",
+            "--experts",
+            "2,3",
+            "--batch",
+            "2",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+            "--no-progress",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["single LoRA"]["forward_ratio"] == 1.0
+    assert {"base (no experts)", "PHATGOOSE top-2, E=2", "PHATGOOSE top-2, E=3", "every expert computed, E=3"} <= set(rows)
+    assert "× single LoRA" in r.output
+    bad = CliRunner().invoke(main, ["bench", "routing", "--experts", "a,b"])
+    assert bad.exit_code != 0 and "--experts" in bad.output

@@ -127,7 +127,7 @@ class Explanation:
             loc="upper left",
             fontsize=7,
         )
-        ax.set_title("top expert per token and layer (mean over the layer's modules; text: its weight)", fontsize=8)
+        ax.set_title("top expert per token and layer\n(mean over the layer's modules; text: its weight)", fontsize=8)
         fig.tight_layout()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
