@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moerge.adapters import attach, detach, load_lora, one_hot, use_weights
+from moerge.plotting import pyplot, save_figure
 from moerge.zoo import Zoo, exact_match
 from moerge.zoo.train import generate_answers
 
@@ -218,10 +219,7 @@ def evaluate_routers(
 
 def plot_matrix(report: QualityReport, path: str | Path) -> Path:
     """Heatmap of the cross-task matrix (experts × tasks, exact match %), base as the last row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     tasks = report.held_in + report.held_out
     rows = report.experts + ["base"]
@@ -239,12 +237,7 @@ def plot_matrix(report: QualityReport, path: str | Path) -> Path:
     ax.set_ylabel("expert")
     ax.set_title("Exact match (%) of each expert on each task")
     fig.colorbar(im, ax=ax, fraction=0.03)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(report: QualityReport, out_dir: str | Path, json_path: str | Path | None = None) -> dict[str, Path]:

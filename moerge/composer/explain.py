@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from moerge.plotting import pyplot, save_figure
+
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
 
 
@@ -101,10 +103,7 @@ class Explanation:
     def plot(self, path: str | Path) -> Path:
         """Heatmap: tokens (rows) × layers (columns), each cell coloured by its top expert,
         shaded by that expert's weight."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
         from matplotlib.colors import ListedColormap
         from matplotlib.patches import Patch
 
@@ -128,12 +127,7 @@ class Explanation:
             fontsize=7,
         )
         ax.set_title("top expert per token and layer\n(mean over the layer's modules; text: its weight)", fontsize=8)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
 
 def dense_from_calls(

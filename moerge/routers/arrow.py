@@ -16,9 +16,8 @@ from pydantic import Field
 
 from moerge.adapters import load_lora
 from moerge.adapters.lora import LoraExpert, lowrank_from_factors
-from moerge.routers.base import ArtifactSpec, PrepareContext, Router, RouterConfig, Routing, register_router
-from moerge.routers.phatgoose import stack_keys
-from moerge.routers.token import TokenHook
+from moerge.routers.base import ArtifactSpec, PrepareContext, RouterConfig, register_router
+from moerge.routers.phatgoose import KeyedTokenRouter, stack_keys
 
 
 class ArrowConfig(RouterConfig):
@@ -32,9 +31,9 @@ def arrow_prototypes(expert: LoraExpert) -> dict[str, torch.Tensor]:
 
 
 @register_router("arrow")
-class ArrowRouter(Router):
+class ArrowRouter(KeyedTokenRouter):
     config_cls = ArrowConfig
-    granularity = "token"
+    score = "abs"
     PROTOS = "arrow-prototypes"
 
     def artifact_specs(self) -> list[ArtifactSpec]:
@@ -47,17 +46,3 @@ class ArrowRouter(Router):
         self.experts = [r.name for r in records]
         protos = [self.artifact(self.PROTOS, r, ctx) for r in records]
         self.keys, self.missing = stack_keys(protos, sorted({m for p in protos for m in p}))
-
-    def hook(self, bias: torch.Tensor | None = None, recorder=None) -> TokenHook:  # noqa: ANN001
-        return TokenHook(
-            self.keys,
-            score="abs",
-            top_k=self.config.top_k,
-            temperature=self.config.temperature,
-            bias=bias,
-            missing=self.missing,
-            recorder=recorder,
-        )
-
-    def route(self, texts: Sequence[str], task: str | Sequence[str] | None = None) -> Routing:
-        return Routing("token", list(self.experts), hook=self.hook())

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from moerge.adapters import attach, detach, load_lora, set_weights
 from moerge.adapters.lora import LoraExpert
 from moerge.routers.base import ArtifactSpec, PrepareContext, Router, RouterConfig, Routing, register_router
-from moerge.routers.token import TokenHook, standardise
+from moerge.routers.token import Score, TokenHook, standardise
 from moerge.training import TextPair, encode_pairs, warmup_constant
 
 
@@ -134,12 +134,33 @@ def stack_keys(
     return keys, missing
 
 
+class KeyedTokenRouter(Router):
+    """A token router whose state is one key matrix per module (``self.keys``, ``self.missing``),
+    scored by :class:`TokenHook` (``score`` "ln" or "abs"): PHATGOOSE, GLIDER and Arrow."""
+
+    granularity = "token"
+    score: ClassVar[Score] = "ln"
+
+    def hook(self, bias: torch.Tensor | None = None, recorder=None) -> TokenHook:  # noqa: ANN001
+        return TokenHook(
+            self.keys,
+            score=self.score,
+            top_k=self.config.top_k,  # type: ignore[attr-defined]
+            temperature=getattr(self.config, "temperature", 1.0),
+            bias=bias,
+            missing=self.missing,
+            recorder=recorder,
+        )
+
+    def route(self, texts: Sequence[str], task: str | Sequence[str] | None = None) -> Routing:
+        return Routing("token", list(self.experts), hook=self.hook())
+
+
 @register_router("phatgoose")
-class PhatgooseRouter(Router):
+class PhatgooseRouter(KeyedTokenRouter):
     """Per-token, per-module top-k over post-hoc gate vectors (§1.4)."""
 
     config_cls = PhatgooseConfig
-    granularity = "token"
     GATES = "phatgoose-gates"
 
     def artifact_specs(self) -> list[ArtifactSpec]:
@@ -166,9 +187,3 @@ class PhatgooseRouter(Router):
         modules = sorted({m for g in gates for m in g})
         # LN(v) once, at load (§2.2: "LayerNorm'ed once")
         self.keys, self.missing = stack_keys(gates, modules, transform=standardise)
-
-    def hook(self, bias: torch.Tensor | None = None, recorder=None) -> TokenHook:  # noqa: ANN001
-        return TokenHook(self.keys, score="ln", top_k=self.config.top_k, bias=bias, missing=self.missing, recorder=recorder)
-
-    def route(self, texts: Sequence[str], task: str | Sequence[str] | None = None) -> Routing:
-        return Routing("token", list(self.experts), hook=self.hook())
