@@ -280,7 +280,6 @@ def _build(p: Preset, root: Path, progress: bool) -> None:
         lora_alpha=p.lora_alpha,
         target_modules=LORA_TARGETS,
         lora_dropout=0.0,
-        base_model_name_or_path=str(root / "base"),
     )
     training: dict[str, dict[str, Any]] = {}
     bar = tqdm(T.HELD_IN, desc="experts", disable=not progress)
