@@ -9,6 +9,7 @@ input in every forward (prefill and each decode step) — plus an optional per-e
 from __future__ import annotations
 
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -174,8 +175,6 @@ class Router(ABC):
     def prepare(self, ctx: PrepareContext, experts: Sequence[Any]) -> list[PrepareReport]:
         """Compute and store the artifacts that are missing; experts already prepared with the
         same key are not touched (so adding one expert prepares that expert alone)."""
-        import time
-
         reports = []
         records = [ctx.registry._resolve(ref) for ref in experts]
         for spec in self.artifact_specs():
