@@ -1,4 +1,4 @@
-"""The ``moerge`` command: the demo, the zoo, and the expert registry."""
+"""The ``moerge`` command: the demo, the zoo, the expert registry, routing and merging."""
 
 from __future__ import annotations
 
@@ -265,6 +265,73 @@ def bench_routing(hidden, layers, experts, top_k, batch, repeats, json_path, no_
 
 
 # ---------------------------------------------------------------------------- registry
+
+
+@main.command("merge")
+@click.option(
+    "--method",
+    default="ties",
+    show_default=True,
+    help="average, task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune, svd.",
+)
+@click.option("--experts", required=True, help="Comma-separated registry names or PEFT-adapter / model folders.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write (must not exist or be empty).")
+@click.option(
+    "--registry",
+    "registry_path",
+    envvar="MOERGE_REGISTRY",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Registry holding the named experts (env MOERGE_REGISTRY).",
+)
+@click.option("--base", default=None, help="Base model folder or hub id (default: the experts' registered base).")
+@click.option("--weights", default=None, help="Comma-separated weight per expert, in --experts order.")
+@click.option("--density", default=None, type=float, help="Fraction kept (ties, dare_*, magnitude_prune).")
+@click.option("--lambda", "lambda_", default=None, type=float, help="Scale of the merged task vector.")
+@click.option("--majority-sign-method", default=None, type=click.Choice(["total", "frequency"]), help="TIES sign election.")
+@click.option("--seed", default=None, type=int, help="DARE mask seed.")
+@click.option(
+    "--flavor", default=None, type=click.Choice(["peft", "mergekit"]), help="Whose semantics where PEFT and mergekit differ."
+)
+@click.option("--rank", default=None, type=int, help="Rank of a LoRA output (default: the largest input rank).")
+@click.option(
+    "--output", default=None, type=click.Choice(["lora", "model"]), help="LoRA experts: a LoRA (default) or a merged model."
+)
+@click.option("--no-progress", is_flag=True)
+def merge_cmd(
+    method,
+    experts,
+    out,
+    registry_path,
+    base,
+    weights,
+    density,
+    lambda_,
+    majority_sign_method,
+    seed,
+    flavor,
+    rank,
+    output,
+    no_progress,
+) -> None:  # noqa: ANN001
+    """Merge experts into one LoRA or one model with a static merge method, written to --out."""
+    _quiet_hf()
+    import moerge
+
+    names = [e.strip() for e in experts.split(",") if e.strip()]
+    params = {"density": density, "lambda": lambda_, "majority_sign_method": majority_sign_method, "seed": seed, "flavor": flavor}
+    try:
+        reg = moerge.Registry(registry_path) if registry_path else None
+        w = [float(x) for x in weights.split(",")] if weights else None
+        path = moerge.merge(
+            base, names, method, out, registry=reg, weights=w, output=output, rank=rank, progress=not no_progress, **params
+        )
+    except (KeyError, ValueError, OSError, RuntimeError) as exc:
+        _fail(exc)
+    report = json.loads((path / "moerge_merge.json").read_text())
+    click.echo(f"merged {len(names)} experts with {method} into {path} ({report['output']}, {report['seconds']:.1f} s)")
+    if report["refactor_error"]:
+        click.echo(f"rank-{report['rank']} re-factoring: max relative error {max(report['refactor_error'].values()):.3f}")
 
 
 @main.group()

@@ -1,6 +1,8 @@
-"""The user-facing composition API: ``compose(base, experts, router=...)`` → :class:`ComposedModel`."""
+"""The user-facing API: ``compose(base, experts, router=...)`` → :class:`ComposedModel`, and
+``merge(base, experts, method=...)`` → a merged model or LoRA."""
 
 from moerge.composer.compose import ComposedModel, CompositionSpec, compose, load_base, load_composition
 from moerge.composer.explain import Explanation
+from moerge.composer.merge import MergeReport, merge
 
-__all__ = ["ComposedModel", "CompositionSpec", "Explanation", "compose", "load_base", "load_composition"]
+__all__ = ["ComposedModel", "CompositionSpec", "Explanation", "MergeReport", "compose", "load_base", "load_composition", "merge"]

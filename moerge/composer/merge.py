@@ -1,0 +1,511 @@
+"""``moerge.merge(base, experts, method, out=None, **params)``: a static merge of LoRA or dense
+experts with one of the kernels in :mod:`moerge.adapters.merge`.
+
+* LoRA experts merge in ΔW = s·B·A space, module by module. The result is re-factored by
+  truncated SVD into one LoRA (``output="lora"``, saved as a PEFT folder that
+  ``PeftModel.from_pretrained`` loads) or folded into the base weights (``output="model"``).
+  Linear methods (``average``, ``task_arithmetic``, ``svd``) re-factor in factor form (thin QR
+  of the stacked factors), never building a d_out×d_in matrix.
+* Dense experts merge as task vectors, streamed tensor by tensor from safetensors: peak memory
+  is the output being written (flushed in shards) plus one tensor per expert, not N models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from moerge.adapters.lora import LoraExpert, LoraFactors, load_lora, lowrank_from_delta, lowrank_from_factors
+from moerge.adapters.merge import get_merge, merge_params, tensor_generator
+from moerge.registry import ExpertRecord, Registry, Selection
+from moerge.registry.files import TensorFolder, atomic_save_tensors, atomic_write_json, staging_dir
+from moerge.registry.importers import detect_kind
+
+log = logging.getLogger(__name__)
+
+Output = Literal["lora", "model"]
+#: linear methods whose LoRA result can be re-factored from the stacked factors directly
+FACTOR_FORM = {"average", "task_arithmetic", "svd"}
+REPORT_FILE = "moerge_merge.json"
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+@dataclass
+class MergeReport:
+    """What a merge did: inputs, parameters, timings and, for a LoRA output, the re-factoring
+    error per module (relative Frobenius norm of merged ΔW minus its rank-r factors)."""
+
+    method: str
+    params: dict[str, Any]
+    experts: list[str]
+    base: str
+    output: str
+    rank: int | None = None
+    tensors: int = 0
+    seconds: float = 0.0
+    refactor_error: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+    @property
+    def max_refactor_error(self) -> float:
+        return max(self.refactor_error.values(), default=0.0)
+
+
+# ------------------------------------------------------------------------ expert sources
+
+
+@dataclass
+class DenseSource:
+    """One dense expert's task vector, read lazily: a registry task vector, or θ_i − θ_0 for a
+    whole model (registry ``whole`` storage or a model folder)."""
+
+    name: str
+    weights: TensorFolder
+    is_task_vector: bool
+
+    def task_tensor(self, key: str, base: torch.Tensor) -> torch.Tensor:
+        if key not in self.weights:
+            if self.is_task_vector:  # the registry leaves out tensors equal to the base (non-float)
+                return torch.zeros_like(base, dtype=torch.float32)
+            raise KeyError(f"expert {self.name!r} has no weight {key!r} that the base model has")
+        t = self.weights.get(key)
+        if tuple(t.shape) != tuple(base.shape):
+            raise ValueError(f"expert {self.name!r}: weight {key!r} has shape {tuple(t.shape)}, base has {tuple(base.shape)}")
+        return t.float() if self.is_task_vector else t.float() - base.float()
+
+
+def _records(experts: Any, registry: Registry | None) -> tuple[Registry | None, list[Any]]:
+    if isinstance(experts, Registry):
+        return experts, list(experts.list())
+    if isinstance(experts, Selection):
+        return experts.registry, list(experts.records)
+    if isinstance(experts, str | Path | ExpertRecord):
+        experts = [experts]
+    items = list(experts or [])
+    if not items:
+        raise ValueError("merge needs at least one expert")
+    return registry, items
+
+
+def _kind_of(item: Any, registry: Registry | None) -> tuple[str, Any, str]:
+    """(kind, resolved item, display name) for a registry name/record or a folder."""
+    if isinstance(item, ExpertRecord):
+        return item.kind, item, item.ref
+    path = Path(str(item)).expanduser()
+    if path.is_dir():
+        kind = detect_kind(path)
+        return ("lora" if kind == "lora" else "dense"), path, path.name
+    if registry is None:
+        raise FileNotFoundError(f"expert {item!r} is not a folder; to name registry experts pass registry= (or a Selection)")
+    rec = registry._resolve(item)
+    return rec.kind, rec, rec.ref
+
+
+def _dense_source(item: Any, registry: Registry | None, name: str) -> DenseSource:
+    if isinstance(item, ExpertRecord):
+        folder = registry.path(item)  # type: ignore[union-attr]
+        for rel in item.files:  # verify before reading lazily
+            if rel.endswith(".safetensors"):
+                registry.file(item, rel)  # type: ignore[union-attr]
+        if item.storage == "task_vector":
+            return DenseSource(name, TensorFolder(folder, stem="task_vector"), True)
+        return DenseSource(name, TensorFolder(folder), False)
+    return DenseSource(name, TensorFolder(item), False)
+
+
+def _base_of(items: Sequence[tuple[str, Any, str]], base: Any) -> str:
+    if base is not None:
+        return str(base)
+    found = set()
+    for _, it, _ in items:
+        if isinstance(it, ExpertRecord):
+            found.add(it.base_model)
+        elif (Path(it) / "adapter_config.json").exists():
+            found.add(json.loads((Path(it) / "adapter_config.json").read_text()).get("base_model_name_or_path"))
+        else:
+            found.add(None)
+    if len(found) != 1 or None in found:
+        raise ValueError(f"the experts do not name one common base model ({sorted(map(str, found))}); pass base=")
+    return str(next(iter(found)))
+
+
+# ------------------------------------------------------------------------------ merge
+
+
+def merge(
+    base: Any = None,
+    experts: Any = None,
+    method: str = "ties",
+    out: str | Path | None = None,
+    *,
+    registry: Registry | None = None,
+    weights: Sequence[float] | Mapping[str, float] | None = None,
+    output: Output | None = None,
+    rank: int | None = None,
+    progress: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    **params: Any,
+) -> Any:
+    """Merge ``experts`` onto ``base`` with ``method`` (``average``, ``task_arithmetic``,
+    ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``, ``svd``) and its ``params``
+    (``density``, ``majority_sign_method``, ``lambda``, ``seed``, ``flavor``, ``rank`` …).
+
+    ``experts``: a Registry, ``registry.select(...)``, or a list of registry names (with
+    ``registry=``) or PEFT-adapter / model folders — all LoRA or all dense. ``weights``: one per
+    expert (a list in order, or name → weight). ``base``: a folder or hub id in the local cache;
+    default the experts' registered base. LoRA experts give ``output="lora"`` by default (one
+    LoRA of rank ``rank``, default the largest input rank as PEFT does) or ``"model"`` (folded
+    into the base); dense experts give a model.
+
+    With ``out`` the result is written there (a PEFT folder or a model folder with config and
+    tokenizer; the folder must not exist or be empty; written atomically) and its path is
+    returned; without, the merged model is returned (a ``PeftModel`` for a LoRA output). Either
+    way the :class:`MergeReport` is at ``result.merge_report`` / ``out/moerge_merge.json``."""
+    t0 = time.perf_counter()
+    m = get_merge(method)
+    params = merge_params(method, params)
+    reg, items = _records(experts, registry)
+    resolved = [_kind_of(it, reg) for it in items]
+    kinds = {k for k, _, _ in resolved}
+    if not kinds <= {"lora", "dense"}:
+        bad = [n for k, _, n in resolved if k not in ("lora", "dense")]
+        raise ValueError(f"only LoRA and dense experts can be merged; these are not: {bad}")
+    if len(kinds) > 1:
+        raise ValueError(
+            "cannot merge LoRA and dense experts together: "
+            f"LoRA {[n for k, _, n in resolved if k == 'lora']}, dense {[n for k, _, n in resolved if k == 'dense']}"
+        )
+    names = [n for _, _, n in resolved]
+    w = _expert_weights(weights, names)
+    base_id = _base_of(resolved, base)
+    kind = kinds.pop()
+    if output is None:
+        output = "lora" if kind == "lora" else "model"
+    if output not in ("lora", "model"):
+        raise ValueError(f"output must be 'lora' or 'model', got {output!r}")
+    if kind == "dense" and output == "lora":
+        raise ValueError("dense experts merge into a model (output='model'); a LoRA output needs LoRA experts")
+    if out is not None:
+        out = Path(out).expanduser()
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise FileExistsError(f"merge output {out} exists and is not an empty folder")
+    report = MergeReport(method, {**params}, names, base_id, output)
+    if kind == "lora":
+        loras = [
+            load_lora(it, name=n, registry=reg) if isinstance(it, ExpertRecord) else load_lora(it, name=n)
+            for _, it, n in resolved
+        ]
+        result = _merge_lora(base_id, loras, m.name, params, w, output, rank, out, report, progress)
+    else:
+        sources = [_dense_source(it, reg, n) for _, it, n in resolved]
+        result = _merge_dense(base_id, sources, m.name, params, w, out, report, progress, shard_bytes)
+    report.seconds = time.perf_counter() - t0
+    if out is not None:
+        atomic_write_json(Path(result) / REPORT_FILE, report.to_json())
+    else:
+        result.merge_report = report
+    return result
+
+
+def _expert_weights(weights: Any, names: list[str]) -> torch.Tensor | None:
+    if weights is None:
+        return None
+    if isinstance(weights, Mapping):
+        unknown = sorted(set(weights) - set(names))
+        if unknown:
+            raise ValueError(f"weights name experts that are not merged: {unknown} (merging {names})")
+        return torch.tensor([float(weights.get(n, 1.0)) for n in names])
+    w = [float(x) for x in weights]
+    if len(w) != len(names):
+        raise ValueError(f"{len(w)} weights for {len(names)} experts ({names})")
+    return torch.tensor(w)
+
+
+def _kernel_kwargs(method: str, params: dict[str, Any], key: str) -> dict[str, Any]:
+    kw = {k: v for k, v in params.items() if k != "seed"}
+    if get_merge(method).random:
+        kw["generator"] = tensor_generator(int(params.get("seed", 0)), key)
+    return kw
+
+
+# ------------------------------------------------------------------------------- LoRA
+
+
+def merge_lora_deltas(
+    loras: Sequence[LoraExpert], method: str, params: dict[str, Any], weights: torch.Tensor | None
+) -> Iterator[tuple[str, torch.Tensor | None, list[tuple[float, LoraFactors]]]]:
+    """Per module: the merged ΔW (None for a linear method: use the returned weighted factor
+    terms instead) — the one place LoRA experts are merged, always in ΔW space."""
+    kernel = get_merge(method)
+    modules = sorted({mod for e in loras for mod in e.modules})
+    lam = float(params.get("lambda_", 1.0))
+    for mod in modules:
+        present = [(i, e.modules[mod]) for i, e in enumerate(loras) if mod in e.modules]
+        if method in FACTOR_FORM:
+            ws = [float(weights[i]) if weights is not None else 1.0 for i, _ in present]
+            coef = [lam * x for x in ws]
+            if method == "average":
+                total = sum(float(weights[i]) if weights is not None else 1.0 for i in range(len(loras)))
+                coef = [x / total for x in ws]
+            yield mod, None, [(c, f) for c, (_, f) in zip(coef, present, strict=True)]
+            continue
+        ref = present[0][1]
+        shape = (ref.B.shape[0], ref.A.shape[1])
+        deltas = [e.modules[mod].delta() if mod in e.modules else torch.zeros(shape) for e in loras]
+        yield mod, kernel(deltas, weights, **_kernel_kwargs(method, params, mod)), []
+
+
+def _merge_lora(
+    base_id: str,
+    loras: list[LoraExpert],
+    method: str,
+    params: dict[str, Any],
+    weights: torch.Tensor | None,
+    output: Output,
+    rank: int | None,
+    out: Path | None,
+    report: MergeReport,
+    progress: bool,
+) -> Any:
+    fifo = {e.fan_in_fan_out for e in loras}
+    if len(fifo) > 1:
+        raise ValueError("the LoRA experts disagree on fan_in_fan_out (they adapt different layer types)")
+    if method == "svd":
+        rank = int(params.pop("rank", rank or 0)) or rank
+    target_rank = rank or max(f.rank for e in loras for f in e.modules.values())
+    report.rank = target_rank if output == "lora" else None
+    modules = sorted({mod for e in loras for mod in e.modules})
+    bar = tqdm(
+        merge_lora_deltas(loras, method, params, weights), total=len(modules), desc=f"merge {method}", disable=not progress
+    )
+    if output == "model":
+        model, tok = _load_model(base_id)
+        for mod, delta, terms in bar:
+            if delta is None:
+                delta = sum(c * f.delta() for c, f in terms)
+            layer = model.get_submodule(mod)
+            d = delta.T if fifo == {True} else delta
+            with torch.no_grad():
+                layer.weight.add_(d.to(layer.weight.dtype))
+            report.tensors += 1
+        return _finish_model(model, tok, out)
+    factors: dict[str, LoraFactors] = {}
+    for mod, delta, terms in bar:
+        if delta is None:
+            f = lowrank_from_factors(terms, target_rank)
+            full = sum(c * t.delta() for c, t in terms) if _small(terms) else None
+        else:
+            f = lowrank_from_delta(delta, min(target_rank, min(delta.shape)))
+            full = delta
+        if full is not None:
+            norm = full.norm()
+            report.refactor_error[mod] = float((full - f.delta()).norm() / norm) if norm > 0 else 0.0
+        factors[mod] = f
+        report.tensors += 1
+    merged = LoraExpert(f"{method}-merge", factors, fan_in_fan_out=fifo.pop())
+    return _finish_lora(merged, base_id, target_rank, out)
+
+
+def _small(terms: list[tuple[float, LoraFactors]]) -> bool:
+    f = terms[0][1]
+    return f.B.shape[0] * f.A.shape[1] <= 4096 * 4096
+
+
+def save_peft_lora(expert: LoraExpert, folder: Path, base_id: str, rank: int) -> Path:
+    """Write ``expert`` (scaling folded into B) as a PEFT LoRA folder: r = ``rank``,
+    lora_alpha = r (scaling 1), exact module names as targets, ranks below r zero-padded."""
+    state: dict[str, torch.Tensor] = {}
+    for mod, f in expert.modules.items():
+        A = torch.zeros(rank, f.A.shape[1])
+        B = torch.zeros(f.B.shape[0], rank)
+        A[: f.rank] = f.A.float()
+        B[:, : f.rank] = f.scaling * f.B.float()
+        state[f"base_model.model.{mod}.lora_A.weight"] = A.contiguous()
+        state[f"base_model.model.{mod}.lora_B.weight"] = B.contiguous()
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_id,
+        "r": rank,
+        "lora_alpha": rank,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(expert.modules),
+        "fan_in_fan_out": expert.fan_in_fan_out,
+        "bias": "none",
+        "use_rslora": False,
+        "inference_mode": True,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_save_tensors(folder / "adapter_model.safetensors", state, {"format": "pt"})
+    atomic_write_json(folder / "adapter_config.json", config)
+    return folder
+
+
+def _finish_lora(merged: LoraExpert, base_id: str, rank: int, out: Path | None) -> Any:
+    if out is not None:
+        return _atomic_folder(out, lambda stage: save_peft_lora(merged, stage, base_id, rank))
+    from peft import PeftModel
+
+    model, tok = _load_model(base_id)
+    with staging_dir(_tmp_root()) as stage:
+        save_peft_lora(merged, stage / "adapter", base_id, rank)
+        peft_model = PeftModel.from_pretrained(model, stage / "adapter").eval()
+    peft_model.tokenizer = tok
+    return peft_model
+
+
+def _load_model(path: str) -> tuple[torch.nn.Module, Any]:
+    """The causal LM at ``path`` (eval mode) and its tokenizer, or None if it has none."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+    except OSError as exc:
+        raise OSError(f"cannot load base model {path!r}: {exc}") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        tok = None
+    return model, tok
+
+
+def _tmp_root() -> Path:
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / "moerge-merge"
+
+
+def _atomic_folder(out: Path, write: Any) -> Path:
+    """Write into a staging folder beside ``out``, then rename it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with staging_dir(out.parent) as stage:
+        write(stage)
+        if out.exists():
+            out.rmdir()
+        stage.rename(out)
+        stage.mkdir()
+    return out
+
+
+def _finish_model(model: torch.nn.Module, tok: Any, out: Path | None) -> Any:
+    if out is None:
+        model.tokenizer = tok
+        return model
+
+    def write(stage: Path) -> None:
+        model.save_pretrained(stage)
+        if tok is not None:
+            tok.save_pretrained(stage)
+
+    return _atomic_folder(out, write)
+
+
+# ------------------------------------------------------------------------------ dense
+
+
+class ShardWriter:
+    """Collects output tensors and flushes a safetensors shard whenever ``shard_bytes`` is
+    reached; ``close()`` names the shards as ``save_pretrained`` does and writes the index."""
+
+    def __init__(self, folder: Path, shard_bytes: int) -> None:
+        self.folder, self.shard_bytes = folder, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.shards: list[list[str]] = []
+        self.total = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        self.pending[key] = tensor.contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        self.size += nbytes
+        self.total += nbytes
+        if self.size >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        atomic_save_tensors(self.folder / f"shard-{len(self.shards):05d}.safetensors", self.pending, {"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.size = {}, 0
+
+    def close(self) -> None:
+        self.flush()
+        n = len(self.shards)
+        if n == 1:
+            (self.folder / "shard-00000.safetensors").rename(self.folder / "model.safetensors")
+            return
+        weight_map = {}
+        for i, keys in enumerate(self.shards):
+            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.folder / f"shard-{i:05d}.safetensors").rename(self.folder / name)
+            weight_map.update({k: name for k in keys})
+        atomic_write_json(
+            self.folder / "model.safetensors.index.json", {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        )
+
+
+def _merge_dense(
+    base_id: str,
+    sources: list[DenseSource],
+    method: str,
+    params: dict[str, Any],
+    weights: torch.Tensor | None,
+    out: Path | None,
+    report: MergeReport,
+    progress: bool,
+    shard_bytes: int,
+) -> Any:
+    from moerge.registry.importers import resolve_base
+
+    info = resolve_base(base_id, required=True)
+    assert info is not None and info.folder is not None
+    base_w = TensorFolder(info.folder)
+    kernel = get_merge(method)
+    keys = base_w.keys()
+
+    def write(stage: Path) -> None:
+        writer = ShardWriter(stage, shard_bytes)
+        for key in tqdm(keys, desc=f"merge {method}", disable=not progress):
+            b = base_w.get(key)
+            if not b.is_floating_point():
+                writer.add(key, b)
+                continue
+            taus = [s.task_tensor(key, b) for s in sources]
+            merged = kernel(taus, weights, **_kernel_kwargs(method, params, key))
+            writer.add(key, (b.float() + merged).to(b.dtype))
+            report.tensors += 1
+            del taus, merged
+        writer.close()
+        for f in sorted(info.folder.iterdir()):
+            if (
+                f.is_file()
+                and not f.name.endswith((".safetensors", ".bin", ".pt", ".pth"))
+                and f.name != "model.safetensors.index.json"
+            ):
+                shutil.copy2(f, stage / f.name)
+
+    if out is not None:
+        return _atomic_folder(out, write)
+    with staging_dir(_tmp_root()) as stage:
+        write(stage)
+        model, tok = _load_model(str(stage))
+    model.tokenizer = tok
+    return model

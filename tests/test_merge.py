@@ -1,0 +1,289 @@
+"""Static merges: kernel agreement with PEFT's merge_utils and with mergekit, LoRA merges in ΔW
+space, SVD re-factoring, PEFT round trips, dense streaming and sharding, errors and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ids, lora_config, peft_with_adapters, tiny_llama
+from safetensors.torch import load_file
+
+import moerge
+from moerge.adapters import load_lora, lowrank_from_delta
+from moerge.adapters import merge as K
+
+
+def _tensors(n=3, shape=(12, 20), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) for _ in range(n)]
+
+
+# ------------------------------------------------------------------ kernels vs PEFT
+
+
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("task_arithmetic", {}),
+        ("magnitude_prune", {"density": 0.3}),
+        ("ties", {"density": 0.3}),
+        ("ties", {"density": 0.5, "majority_sign_method": "frequency"}),
+    ],
+)
+def test_deterministic_kernels_equal_peft_merge_utils(method, params):
+    from peft.utils import merge_utils
+
+    ts, w = _tensors(), torch.tensor([0.5, 1.0, 0.7])
+    ours = K.get_merge(method)(ts, w, **params)
+    args = [params[k] for k in ("density", "majority_sign_method") if k in params]
+    theirs = getattr(merge_utils, method)(ts, w, *args)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_with_the_same_random_mask_equals_peft(method):
+    from peft.utils import merge_utils
+
+    ts, w = _tensors(seed=1), torch.tensor([1.0, 0.4, 0.8])
+    torch.manual_seed(123)
+    theirs = getattr(merge_utils, method)(ts, w, 0.4)
+    ours = K.get_merge(method)(ts, w, density=0.4, generator=torch.Generator().manual_seed(123))
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    # a different seed draws a different mask
+    other = K.get_merge(method)(ts, w, density=0.4, generator=torch.Generator().manual_seed(124))
+    assert not torch.allclose(other, theirs)
+
+
+def test_kernel_definitions_on_hand_examples():
+    a, b = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([3.0, 1.0, -0.5])
+    torch.testing.assert_close(K.average([a, b]), (a + b) / 2)
+    torch.testing.assert_close(K.average([a, b], [1.0, 3.0]), (a + 3 * b) / 4)
+    torch.testing.assert_close(K.task_arithmetic([a, b], lambda_=0.3), 0.3 * (a + b))
+    # TIES at density 1: sign elected by the sum (+, -, 0 -> +), mean of the agreeing entries
+    torch.testing.assert_close(K.ties([a, b], density=1.0), torch.tensor([2.0, -2.0, 0.5]))
+    # SVD: rank 1 of a rank-2 matrix is its Eckart–Young truncation
+    m = torch.diag(torch.tensor([3.0, 1.0]))
+    torch.testing.assert_close(K.svd([m], rank=1), torch.diag(torch.tensor([3.0, 0.0])))
+    torch.testing.assert_close(K.svd([a], rank=1), a)  # 1-D passes through
+
+
+def test_merge_params_are_validated_with_names():
+    with pytest.raises(ValueError, match=r"needs \['density'\]"):
+        K.merge_params("ties", {})
+    with pytest.raises(ValueError, match="does not take \\['rank'\\]"):
+        K.merge_params("ties", {"density": 0.2, "rank": 3})
+    with pytest.raises(ValueError, match="density must be in"):
+        K.merge_params("dare_ties", {"density": 1.5})
+    with pytest.raises(KeyError, match="unknown merge method 'tie'"):
+        K.get_merge("tie")
+    assert K.merge_params("dare_linear", {"density": 0.5, "seed": 3, "lambda": 0.5}) == {
+        "density": 0.5,
+        "seed": 3,
+        "lambda_": 0.5,
+    }
+
+
+# ------------------------------------------------------------- dense merges vs mergekit
+
+
+@pytest.fixture
+def dense_family(tmp_path: Path) -> Path:
+    """A tiny Llama base and three fine-tunes (perturbed copies) saved as model folders."""
+    tiny_llama(0).save_pretrained(tmp_path / "base")
+    for i in range(3):
+        m = tiny_llama(0)
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+        m.save_pretrained(tmp_path / f"ft{i}")
+    return tmp_path
+
+
+def _mergekit(root: Path, method: str, models: list[dict], out: Path, **global_params) -> dict[str, torch.Tensor]:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    cfg = {"merge_method": method, "base_model": str(root / "base"), "models": models, "dtype": "float32"}
+    if global_params:
+        cfg["parameters"] = global_params
+    run_merge(
+        MergeConfiguration.model_validate(cfg), str(out), MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False)
+    )
+    return load_file(out / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "method,params,mk_global",
+    [
+        ("task_arithmetic", {"lambda": 0.7}, {"lambda": 0.7}),
+        ("ties", {"density": 0.3, "flavor": "mergekit"}, {}),
+    ],
+)
+def test_dense_merge_equals_mergekit(dense_family, method, params, mk_global):
+    root, weights = dense_family, [0.5, 1.0, 0.7]
+    mk_models = [
+        {"model": str(root / f"ft{i}"), "parameters": {"weight": w, **({"density": 0.3} if method == "ties" else {})}}
+        for i, w in enumerate(weights)
+    ]
+    theirs = _mergekit(root, method, mk_models, root / "mk", **mk_global)
+    path = moerge.merge(root / "base", [root / f"ft{i}" for i in range(3)], method, root / "ours", weights=weights, **params)
+    ours = load_file(path / "model.safetensors")
+    assert set(ours) == set(theirs)
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-6, rtol=0)
+    report = json.loads((path / "moerge_merge.json").read_text())
+    assert report["method"] == method and report["tensors"] == len(theirs)
+
+
+def test_dense_merge_streams_into_shards_and_loads(dense_family):
+    from transformers import AutoModelForCausalLM
+
+    root = dense_family
+    experts = [root / f"ft{i}" for i in range(3)]
+    whole = moerge.merge(root / "base", experts, "dare_ties", root / "whole", density=0.5, seed=7)
+    sharded = moerge.merge(root / "base", experts, "dare_ties", root / "sharded", density=0.5, seed=7, shard_bytes=20_000)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    a = AutoModelForCausalLM.from_pretrained(whole)
+    b = AutoModelForCausalLM.from_pretrained(sharded)
+    x = ids()
+    torch.testing.assert_close(a(x).logits, b(x).logits)  # same seed, same masks, whatever the shards
+    in_memory = moerge.merge(root / "base", experts, "dare_ties", density=0.5, seed=7)
+    torch.testing.assert_close(in_memory(x).logits, a(x).logits)
+    assert in_memory.merge_report.method == "dare_ties"
+
+
+def test_dense_merge_of_registry_task_vectors_equals_folder_merge(dense_family, tmp_path):
+    root = dense_family
+    reg = moerge.Registry(tmp_path / "reg")
+    for i in range(3):
+        reg.register(root / f"ft{i}", f"ft{i}", base=root / "base", kind="dense")
+    from_reg = moerge.merge(None, reg.select(kind="dense"), "ties", tmp_path / "a", density=0.4)
+    from_folders = moerge.merge(root / "base", [root / f"ft{i}" for i in range(3)], "ties", tmp_path / "b", density=0.4)
+    a, b = load_file(from_reg / "model.safetensors"), load_file(from_folders / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------- LoRA merges
+
+
+@pytest.fixture
+def lora_family(tmp_path: Path) -> tuple[Path, list[Path]]:
+    """A tiny Llama base folder and three PEFT LoRA folders on it (different ranks and targets)."""
+    from transformers import LlamaForCausalLM
+
+    base_dir = tmp_path / "base"
+    tiny_llama(0).save_pretrained(base_dir)
+    folders = []
+    for i, (targets, r) in enumerate([(["q_proj", "v_proj"], 4), (["q_proj", "down_proj"], 2), (["v_proj"], 4)]):
+        model = peft_with_adapters(LlamaForCausalLM.from_pretrained(base_dir), {"default": lora_config(targets, r=r)}, seed=i)
+        model.save_pretrained(tmp_path / f"lora{i}")
+        folders.append(tmp_path / f"lora{i}")
+    for f in folders:  # point each adapter at the base folder
+        cfg = json.loads((f / "adapter_config.json").read_text())
+        cfg["base_model_name_or_path"] = str(base_dir)
+        (f / "adapter_config.json").write_text(json.dumps(cfg))
+    return base_dir, folders
+
+
+def test_lora_average_happens_in_delta_space_not_on_factors(lora_family):
+    """Folding an average of two LoRAs equals base + mean(s·B·A); averaging A and B separately
+    (cross terms) would not."""
+    from transformers import AutoModelForCausalLM
+
+    base_dir, folders = lora_family
+    pair = [folders[0], folders[2]]  # both adapt v_proj with rank 4
+    merged = moerge.merge(base_dir, pair, "average", output="model")
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    e0, e2 = load_lora(pair[0]), load_lora(pair[1])
+    mod = "model.layers.0.self_attn.v_proj"
+    expected = base.get_submodule(mod).weight + (e0.modules[mod].delta() + e2.modules[mod].delta()) / 2
+    got = merged.get_submodule(mod).weight
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    f0, f2 = e0.modules[mod], e2.modules[mod]
+    factor_avg = base.get_submodule(mod).weight + f0.scaling * ((f0.B + f2.B) / 2) @ ((f0.A + f2.A) / 2)
+    assert (got - factor_avg).abs().max() > 1e-3
+
+
+def test_merged_lora_saved_as_peft_reloads_with_the_same_logits(lora_family, tmp_path):
+    """Task arithmetic at rank Σr is exact: the PEFT folder equals base + λ·Σ ΔW folded in."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_dir, folders = lora_family
+    out = moerge.merge(base_dir, folders, "task_arithmetic", tmp_path / "merged-lora", rank=10, **{"lambda": 0.5})
+    report = json.loads((out / "moerge_merge.json").read_text())
+    assert report["rank"] == 10 and max(report["refactor_error"].values()) < 1e-5
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out).eval()
+    folded = moerge.merge(base_dir, folders, "task_arithmetic", output="model", **{"lambda": 0.5})
+    x = ids()
+    torch.testing.assert_close(peft_model(x).logits, folded(x).logits, atol=1e-5, rtol=1e-5)
+    in_memory = moerge.merge(base_dir, folders, "task_arithmetic", rank=10, **{"lambda": 0.5})
+    torch.testing.assert_close(in_memory(x).logits, folded(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_svd_refactoring_error_is_the_eckart_young_tail(lora_family):
+    base_dir, folders = lora_family
+    merged = moerge.merge(base_dir, folders, "ties", density=0.5, rank=2)
+    report = merged.merge_report
+    experts = [load_lora(f) for f in folders]
+    mod = "model.layers.1.self_attn.q_proj"
+    deltas = [e.modules[mod].delta() if mod in e.modules else torch.zeros(32, 32) for e in experts]
+    full = K.ties(deltas, density=0.5)
+    S = torch.linalg.svdvals(full)
+    tail = float(S[2:].square().sum().sqrt() / S.square().sum().sqrt())
+    assert report.refactor_error[mod] == pytest.approx(tail, abs=1e-5)
+    f = lowrank_from_delta(full, 2)
+    assert float((full - f.delta()).norm() / full.norm()) == pytest.approx(tail, abs=1e-5)
+
+
+def test_merge_errors_name_the_problem(lora_family, dense_family, tmp_path):
+    base_dir, folders = lora_family
+    with pytest.raises(ValueError, match="cannot merge LoRA and dense"):
+        moerge.merge(base_dir, [folders[0], dense_family / "ft0"], "average")
+    with pytest.raises(ValueError, match="2 weights for 3 experts"):
+        moerge.merge(base_dir, folders, "average", weights=[1, 2])
+    with pytest.raises(ValueError, match="dense experts merge into a model"):
+        moerge.merge(dense_family / "base", [dense_family / "ft0"], "average", output="lora")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not an empty folder"):
+        moerge.merge(base_dir, folders, "average", busy)
+    assert (busy / "keep.txt").read_text() == "x"
+    with pytest.raises(FileNotFoundError, match="pass registry="):
+        moerge.merge(base_dir, ["no-such-expert"], "average")
+
+
+def test_cli_merge_writes_a_peft_folder(lora_family, tmp_path):
+    from click.testing import CliRunner
+
+    from moerge.cli import main
+
+    base_dir, folders = lora_family
+    out = tmp_path / "cli-out"
+    res = CliRunner().invoke(
+        main,
+        [
+            "merge",
+            "--method",
+            "ties",
+            "--density",
+            "0.5",
+            "--experts",
+            ",".join(map(str, folders)),
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "merged 3 experts with ties" in res.output and "re-factoring" in res.output
+    assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
+    res = CliRunner().invoke(main, ["merge", "--method", "ties", "--experts", str(folders[0]), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "needs ['density']" in res.output
