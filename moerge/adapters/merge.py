@@ -34,11 +34,14 @@ from __future__ import annotations
 
 import inspect
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from moerge.adapters.lora import LoraExpert, LoraFactors
 
 Flavor = Literal["peft", "mergekit"]
 SignMethod = Literal["total", "frequency", "sum", "count"]
@@ -46,6 +49,8 @@ SignMethod = Literal["total", "frequency", "sum", "count"]
 _SIGN_ALIASES = {"sum": "total", "count": "frequency", "total": "total", "frequency": "frequency"}
 
 TaskTensors = Sequence[torch.Tensor] | torch.Tensor
+#: linear methods: a LoRA result can be re-factored from the experts' stacked factors directly
+FACTOR_FORM = frozenset({"average", "task_arithmetic", "svd"})
 
 
 @dataclass(frozen=True)
@@ -334,3 +339,38 @@ def rank_for(shape: Sequence[int], rank: int | None = None, keep: float | None =
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     return max(1, min(full, int(keep * full)))
+
+
+def kernel_kwargs(method: str, params: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """Validated params as the kernel takes them: ``seed`` becomes a per-tensor generator."""
+    kw = {k: v for k, v in params.items() if k != "seed"}
+    if get_merge(method).random:
+        kw["generator"] = tensor_generator(int(params.get("seed", 0)), key)
+    return kw
+
+
+# ----------------------------------------------------------------------- LoRA experts
+
+
+def merge_lora_deltas(
+    loras: Sequence[LoraExpert], method: str, params: dict[str, Any], weights: torch.Tensor | None
+) -> Iterator[tuple[str, torch.Tensor | None, list[tuple[float, LoraFactors]]]]:
+    """Per module: the merged ΔW (None for a linear method: use the returned weighted factor
+    terms instead) — the one place LoRA experts are merged, always in ΔW space."""
+    kernel = get_merge(method)
+    modules = sorted({mod for e in loras for mod in e.modules})
+    lam = float(params.get("lambda_", 1.0))
+    for mod in modules:
+        present = [(i, e.modules[mod]) for i, e in enumerate(loras) if mod in e.modules]
+        if method in FACTOR_FORM:
+            ws = [float(weights[i]) if weights is not None else 1.0 for i, _ in present]
+            coef = [lam * x for x in ws]
+            if method == "average":
+                total = sum(float(weights[i]) if weights is not None else 1.0 for i in range(len(loras)))
+                coef = [x / total for x in ws]
+            yield mod, None, [(c, f) for c, (_, f) in zip(coef, present, strict=True)]
+            continue
+        ref = present[0][1]
+        shape = (ref.B.shape[0], ref.A.shape[1])
+        deltas = [e.modules[mod].delta() if mod in e.modules else torch.zeros(shape) for e in loras]
+        yield mod, kernel(deltas, weights, **kernel_kwargs(method, params, mod)), []

@@ -235,7 +235,8 @@ def compose(
     **router_config: Any,
 ) -> ComposedModel:
     """Compose ``base`` with LoRA ``experts`` under ``router`` (``"phatgoose"``, ``"glider"``,
-    ``"arrow"``, ``"retrieval"``; router settings as keywords or ``config=``).
+    ``"arrow"``, ``"retrieval"``, ``"twin"``; router settings as keywords or ``config=``).
+    ``"twin"`` folds its shared merge into the base weights: a model passed in is modified.
 
     ``experts``: a Registry (all its LoRA experts), ``registry.select(...)``, or names with
     ``registry=``. ``base``: a folder/hub id, a loaded model (then pass ``tokenizer=``), or None
@@ -263,13 +264,14 @@ def compose(
     rtr = make_router(router, config, **router_config)
     ctx = PrepareContext(registry=reg, model=model, tokenizer=tokenizer, data=data, describer=describer, progress=progress)
     reports = rtr.prepare(ctx, records)
-    loras = [load_lora(r, registry=reg) for r in records]
+    loras = rtr.install(model, records, [load_lora(r, registry=reg) for r in records], ctx)
     attach(model, loras)
     try:
         rtr.load(records, loras, ctx)
     except Exception:
         detach(model)
         raise
+    reports = [*reports, *rtr.load_reports]
     spec = CompositionSpec(
         base=base_id, registry=str(reg.root), experts=[r.ref for r in records], router=router, config=rtr.config.to_json()
     )

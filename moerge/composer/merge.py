@@ -16,7 +16,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moerge.adapters.lora import LoraExpert, LoraFactors, load_lora, lowrank_from_delta, lowrank_from_factors
-from moerge.adapters.merge import get_merge, merge_params, tensor_generator
+from moerge.adapters.merge import get_merge, kernel_kwargs, merge_lora_deltas, merge_params
 from moerge.registry import ExpertRecord, Registry, Selection
 from moerge.registry.files import TensorFolder, atomic_save_tensors, atomic_write_json, staging_dir
 from moerge.registry.importers import detect_kind
@@ -33,8 +33,6 @@ from moerge.registry.importers import detect_kind
 log = logging.getLogger(__name__)
 
 Output = Literal["lora", "model"]
-#: linear methods whose LoRA result can be re-factored from the stacked factors directly
-FACTOR_FORM = {"average", "task_arithmetic", "svd"}
 REPORT_FILE = "moerge_merge.json"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
@@ -232,38 +230,7 @@ def _expert_weights(weights: Any, names: list[str]) -> torch.Tensor | None:
     return torch.tensor(w)
 
 
-def _kernel_kwargs(method: str, params: dict[str, Any], key: str) -> dict[str, Any]:
-    kw = {k: v for k, v in params.items() if k != "seed"}
-    if get_merge(method).random:
-        kw["generator"] = tensor_generator(int(params.get("seed", 0)), key)
-    return kw
-
-
 # ------------------------------------------------------------------------------- LoRA
-
-
-def merge_lora_deltas(
-    loras: Sequence[LoraExpert], method: str, params: dict[str, Any], weights: torch.Tensor | None
-) -> Iterator[tuple[str, torch.Tensor | None, list[tuple[float, LoraFactors]]]]:
-    """Per module: the merged ΔW (None for a linear method: use the returned weighted factor
-    terms instead) — the one place LoRA experts are merged, always in ΔW space."""
-    kernel = get_merge(method)
-    modules = sorted({mod for e in loras for mod in e.modules})
-    lam = float(params.get("lambda_", 1.0))
-    for mod in modules:
-        present = [(i, e.modules[mod]) for i, e in enumerate(loras) if mod in e.modules]
-        if method in FACTOR_FORM:
-            ws = [float(weights[i]) if weights is not None else 1.0 for i, _ in present]
-            coef = [lam * x for x in ws]
-            if method == "average":
-                total = sum(float(weights[i]) if weights is not None else 1.0 for i in range(len(loras)))
-                coef = [x / total for x in ws]
-            yield mod, None, [(c, f) for c, (_, f) in zip(coef, present, strict=True)]
-            continue
-        ref = present[0][1]
-        shape = (ref.B.shape[0], ref.A.shape[1])
-        deltas = [e.modules[mod].delta() if mod in e.modules else torch.zeros(shape) for e in loras]
-        yield mod, kernel(deltas, weights, **_kernel_kwargs(method, params, mod)), []
 
 
 def _merge_lora(
@@ -293,7 +260,9 @@ def _merge_lora(
         model, tok = _load_model(base_id)
         for mod, delta, terms in bar:
             if delta is None:
-                delta = sum(c * f.delta() for c, f in terms)
+                delta = (
+                    lowrank_from_factors(terms, target_rank).delta() if method == "svd" else sum(c * f.delta() for c, f in terms)
+                )
             layer = model.get_submodule(mod)
             d = delta.T if fifo == {True} else delta
             with torch.no_grad():
@@ -489,7 +458,7 @@ def _merge_dense(
                 writer.add(key, b)
                 continue
             taus = [s.task_tensor(key, b) for s in sources]
-            merged = kernel(taus, weights, **_kernel_kwargs(method, params, key))
+            merged = kernel(taus, weights, **kernel_kwargs(method, params, key))
             writer.add(key, (b.float() + merged).to(b.dtype))
             report.tensors += 1
             del taus, merged

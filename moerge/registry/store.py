@@ -4,6 +4,7 @@ Layout::
 
     <root>/index.sqlite              experts + artifacts tables
     <root>/experts/<name>/<version>/ record.json, weights (safetensors), artifacts/<producer>/<hash>.*
+    <root>/group-artifacts/<producer>/<hash>.*   derived from a set of experts (e.g. a Twin-Merging router)
     <root>/.staging/                 registrations in progress (never read)
 
 A registration stages every file, validates, then — under SQLite's write lock — takes the next
@@ -66,6 +67,16 @@ CREATE TABLE IF NOT EXISTS artifacts (
     sha256 TEXT NOT NULL,
     created TEXT NOT NULL,
     PRIMARY KEY (name, version, producer, config_hash)
+);
+CREATE TABLE IF NOT EXISTS group_artifacts (
+    producer TEXT NOT NULL,
+    config_hash TEXT NOT NULL,
+    experts TEXT NOT NULL,
+    config TEXT NOT NULL,
+    file TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    created TEXT NOT NULL,
+    PRIMARY KEY (producer, config_hash)
 );
 """
 
@@ -408,6 +419,14 @@ class Registry:
                 for rec in targets:
                     con.execute("DELETE FROM experts WHERE name=? AND version=?", (rec.name, rec.version))
                     con.execute("DELETE FROM artifacts WHERE name=? AND version=?", (rec.name, rec.version))
+                    for producer, chash, refs, file in con.execute(
+                        "SELECT producer, config_hash, experts, file FROM group_artifacts"
+                    ).fetchall():
+                        if rec.ref in json.loads(refs):
+                            con.execute("DELETE FROM group_artifacts WHERE producer=? AND config_hash=?", (producer, chash))
+                            gpath = self.root / file
+                            if gpath.exists():
+                                gpath.rename(trash / f"group-{chash}{gpath.suffix}")
                     folder = self.root / "experts" / rec.name / str(rec.version)
                     if folder.exists():
                         folder.rename(trash / str(rec.version))
@@ -469,19 +488,7 @@ class Registry:
         rec = self._resolve(expert)
         validate_name(producer)
         chash = config_hash(config)
-        folder = self.path(rec) / "artifacts" / producer
-        if isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
-            path = folder / f"{chash}.safetensors"
-            atomic_save_tensors(path, {k: v.detach().cpu() for k, v in data.items()})
-        else:
-            try:
-                payload = json.dumps(data)
-            except TypeError as exc:
-                raise TypeError(f"artifact data for {producer!r} must be a dict of tensors or JSON-serialisable: {exc}") from None
-            path = folder / f"{chash}.json"
-            from moerge.registry.files import atomic_write_bytes
-
-            atomic_write_bytes(path, payload.encode())
+        path = _write_artifact(self.path(rec) / "artifacts" / producer / chash, producer, data)
         with self._write() as con:
             con.execute(
                 "INSERT OR REPLACE INTO artifacts VALUES (?,?,?,?,?,?,?,?)",
@@ -508,13 +515,7 @@ class Registry:
             ).fetchone()
         if row is None:
             return None
-        path = self.path(rec) / row[0]
-        verify_file(path, row[1])
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(path)
-        return json.loads(path.read_text())
+        return _read_artifact(self.path(rec) / row[0], row[1])
 
     def list_artifacts(self, expert: Any) -> builtins.list[dict[str, Any]]:
         rec = self._resolve(expert)
@@ -524,6 +525,79 @@ class Registry:
                 (rec.name, rec.version),
             ).fetchall()
         return [dict(producer=p, config_hash=h, config=json.loads(c), file=f, created=t) for p, h, c, f, t in rows]
+
+    # ------------------------------------------------------------ group artifacts
+
+    def _group_key(self, experts: Iterable[Any], config: Any) -> tuple[builtins.list[str], str]:
+        refs = sorted(self._resolve(e).ref for e in experts)
+        if not refs:
+            raise ValueError("a group artifact needs at least one expert")
+        return refs, config_hash({"experts": refs, "config": config})
+
+    def put_group_artifact(self, experts: Iterable[Any], producer: str, config: Any, data: Any) -> Path:
+        """Store something derived from a *set* of experts (e.g. a router trained over all of
+        them), keyed by ``producer``, the experts' refs (name@version) and a hash of ``config``.
+        Removing any of those experts removes it."""
+        validate_name(producer)
+        refs, chash = self._group_key(experts, config)
+        path = _write_artifact(self.root / "group-artifacts" / producer / chash, producer, data)
+        with self._write() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO group_artifacts VALUES (?,?,?,?,?,?,?)",
+                (
+                    producer,
+                    chash,
+                    json.dumps(refs),
+                    json.dumps(config, sort_keys=True, default=str),
+                    str(path.relative_to(self.root)),
+                    sha256_file(path),
+                    datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                ),
+            )
+        return path
+
+    def get_group_artifact(self, experts: Iterable[Any], producer: str, config: Any) -> Any:
+        """The group artifact for (these experts, producer, config), or ``None``."""
+        _, chash = self._group_key(experts, config)
+        with self._connect() as con:
+            row = con.execute(
+                "SELECT file, sha256 FROM group_artifacts WHERE producer=? AND config_hash=?", (producer, chash)
+            ).fetchone()
+        return None if row is None else _read_artifact(self.root / row[0], row[1])
+
+    def list_group_artifacts(self) -> builtins.list[dict[str, Any]]:
+        with self._connect() as con:
+            rows = con.execute("SELECT producer, config_hash, experts, config, file, created FROM group_artifacts").fetchall()
+        return [
+            dict(producer=p, config_hash=h, experts=json.loads(e), config=json.loads(c), file=f, created=t)
+            for p, h, e, c, f, t in rows
+        ]
+
+
+def _write_artifact(stem: Path, producer: str, data: Any) -> Path:
+    """Tensors → ``stem.safetensors``, anything else JSON-serialisable → ``stem.json`` (atomic)."""
+    if isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
+        path = stem.with_suffix(".safetensors")
+        atomic_save_tensors(path, {k: v.detach().cpu().contiguous() for k, v in data.items()})
+        return path
+    try:
+        payload = json.dumps(data)
+    except TypeError as exc:
+        raise TypeError(f"artifact data for {producer!r} must be a dict of tensors or JSON-serialisable: {exc}") from None
+    from moerge.registry.files import atomic_write_bytes
+
+    path = stem.with_suffix(".json")
+    atomic_write_bytes(path, payload.encode())
+    return path
+
+
+def _read_artifact(path: Path, sha: str) -> Any:
+    verify_file(path, sha)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return json.loads(path.read_text())
 
 
 __all__ = ["Registry", "ExpertNotFoundError", "IntegrityError"]

@@ -18,6 +18,7 @@ from moerge.routers.base import (
 from moerge.routers.glider import ALPHA_PRESETS, GliderConfig, GliderRouter
 from moerge.routers.phatgoose import GateTraining, PhatgooseConfig, PhatgooseRouter, train_gates
 from moerge.routers.retrieval import RetrievalConfig, RetrievalRouter
+from moerge.routers.twin import TwinConfig, TwinRouter
 
 __all__ = [
     "ALPHA_PRESETS",
@@ -37,6 +38,8 @@ __all__ = [
     "Router",
     "RouterConfig",
     "Routing",
+    "TwinConfig",
+    "TwinRouter",
     "arrow_prototypes",
     "get_router",
     "make_router",

@@ -202,6 +202,16 @@ class Router(ABC):
 
     # -------------------------------------------------------------------------- routing
 
+    def install(
+        self, model: torch.nn.Module, records: Sequence[Any], loras: Sequence[LoraExpert], ctx: PrepareContext
+    ) -> list[LoraExpert]:
+        """The experts the multi-expert layer should hold (default: the experts' own LoRAs). A
+        router may also change the base here — Twin-Merging folds its shared merge into it."""
+        return list(loras)
+
+    #: preparation done while loading (e.g. a router trained over all experts), for the composer's report
+    load_reports: list[PrepareReport] = []
+
     @abstractmethod
     def load(self, records: Sequence[Any], loras: Sequence[LoraExpert], ctx: PrepareContext) -> None:
         """Build the runtime state for these experts (in this order: column e = expert e)."""

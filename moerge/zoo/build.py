@@ -139,6 +139,10 @@ class Zoo:
     def test_split(self, task: str) -> list[T.Example]:
         return T.split(task, 0, self.preset.n_test, seed=self.preset.seed)[1]
 
+    def val_split(self, task: str) -> list[T.Example]:
+        """The validation split (expert early stopping; hyper-parameter choice in the demo)."""
+        return _validation(task, self.preset)
+
     def train_split(self, task: str) -> list[T.Example]:
         return T.split(task, self.preset.n_train, self.preset.n_test, seed=self.preset.seed)[0]
 
