@@ -58,7 +58,10 @@ class TwinConfig(RouterConfig):
 
     @model_validator(mode="after")
     def _check_shared(self) -> TwinConfig:
-        merge_params(self.shared_method, self.shared_params)  # raises naming a bad method or parameter
+        try:
+            merge_params(self.shared_method, self.shared_params)
+        except KeyError as exc:  # an unknown method: pydantic reports ValueErrors with the field
+            raise ValueError(exc.args[0]) from None
         return self
 
 
