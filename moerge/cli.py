@@ -56,19 +56,23 @@ def main(verbose: int) -> None:
     show_default=True,
     help="Router rows to add (comma-separated), or 'none'.",
 )
+@click.option(
+    "--merges",
+    default="uniform average,task arithmetic,TIES,DARE-TIES,Twin-Merging",
+    show_default=True,
+    help="Merge rows to add (comma-separated), or 'none'.",
+)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def demo(preset: str, out: str, json_path: str | None, cache_dir: str | None, routers: str, no_progress: bool) -> None:
-    """Build or load the zoo, evaluate base, every expert on every task, the oracle and the routers; print the table."""
+def demo(
+    preset: str, out: str, json_path: str | None, cache_dir: str | None, routers: str, merges: str, no_progress: bool
+) -> None:
+    """Build or load the zoo, evaluate base, every expert on every task, the oracle, the routers and the merges; print the table."""
     _quiet_hf()
     from moerge import zoo as zoo_mod
-    from moerge.bench.quality import ZOO_ROUTERS, evaluate_routers, evaluate_zoo, write_report
+    from moerge.bench.quality import ZOO_MERGES, ZOO_ROUTERS, evaluate_merges, evaluate_routers, evaluate_zoo, write_report
 
-    chosen = [] if routers.strip().lower() == "none" else [r.strip() for r in routers.split(",") if r.strip()]
-    unknown = [r for r in chosen if r not in ZOO_ROUTERS]
-    if unknown:
-        raise click.BadParameter(
-            f"unknown router row(s) {unknown}; choose from {list(ZOO_ROUTERS)} or 'none'", param_hint="--routers"
-        )
+    chosen = _rows(routers, ZOO_ROUTERS, "--routers")
+    chosen_merges = _rows(merges, ZOO_MERGES, "--merges")
     t0 = time.perf_counter()
     click.echo(f"[1/4] zoo preset {preset!r} (built once, then cached) ...", err=True)
     zoo = zoo_mod.load(preset, cache_dir=cache_dir, progress=not no_progress)
@@ -79,6 +83,10 @@ def demo(preset: str, out: str, json_path: str | None, cache_dir: str | None, ro
     report = evaluate_zoo(zoo, progress=not no_progress)
     click.echo(f"[3/4] routers: {', '.join(chosen) or 'none'} (per-expert artifacts prepared once, cached) ...", err=True)
     evaluate_routers(zoo, report, chosen, progress=not no_progress)
+    click.echo(
+        f"      merges: {', '.join(chosen_merges) or 'none'} (hyper-parameters chosen on the validation split) ...", err=True
+    )
+    evaluate_merges(zoo, report, chosen_merges, progress=not no_progress)
     report.meta["demo_seconds"] = time.perf_counter() - t0
     paths = write_report(report, out, json_path)
     click.echo("[4/4] done\n", err=True)
@@ -86,6 +94,14 @@ def demo(preset: str, out: str, json_path: str | None, cache_dir: str | None, ro
     click.echo("\nCross-task matrix (exact match %):\n")
     click.echo(report.matrix_markdown())
     click.echo(f"\nWrote {paths['markdown']}, {paths['json']}, {paths['png']} in {report.meta['demo_seconds']:.0f} s.")
+
+
+def _rows(spec: str, known: dict, option: str) -> list[str]:
+    chosen = [] if spec.strip().lower() == "none" else [r.strip() for r in spec.split(",") if r.strip()]
+    unknown = [r for r in chosen if r not in known]
+    if unknown:
+        raise click.BadParameter(f"unknown row(s) {unknown}; choose from {list(known)} or 'none'", param_hint=option)
+    return chosen
 
 
 @main.group()

@@ -31,6 +31,9 @@ class MethodRow:
     notes: str = ""
     #: routers: share of held-in prompt tokens (× modules) whose top-1 expert is the task's own
     routing_accuracy: float | None = None
+    #: merges: bytes stored beyond the base (fp32), and the same for keeping every expert
+    stored_bytes: int | None = None
+    experts_bytes: int | None = None
 
 
 @dataclass
@@ -58,12 +61,14 @@ class QualityReport:
 
     def markdown(self) -> str:
         lines = [
-            "| method | held-in normalised (expert = 100) | held-out accuracy (%) | routing accuracy, held-in (%) | notes |",
-            "|---|---:|---:|---:|---|",
+            "| method | held-in normalised (expert = 100) | held-out accuracy (%) | routing accuracy, held-in (%) "
+            "| stored (vs every expert) | notes |",
+            "|---|---:|---:|---:|---:|---|",
         ]
         for r in self.rows:
             ra = "" if r.routing_accuracy is None else f"{100 * r.routing_accuracy:.1f}"
-            lines.append(f"| {r.name} | {r.held_in_normalized:.1f} | {100 * r.held_out_accuracy:.1f} | {ra} | {r.notes} |")
+            st = "" if r.stored_bytes is None else f"{r.stored_bytes / 1024:.0f} KB ({r.stored_bytes / r.experts_bytes:.2f}×)"
+            lines.append(f"| {r.name} | {r.held_in_normalized:.1f} | {100 * r.held_out_accuracy:.1f} | {ra} | {st} | {r.notes} |")
         return "\n".join(lines)
 
     def matrix_markdown(self) -> str:
@@ -215,6 +220,120 @@ def evaluate_routers(
         rows.append(row)
         report.rows.append(row)
     return rows
+
+
+#: the merges in the demo table: label → (method, hyper-parameter grid, notes). Every grid
+#: point is scored on the zoo's validation split (held-in normalised); the best is reported on test.
+ZOO_MERGES: dict[str, tuple[str, list[dict[str, Any]], str]] = {
+    "uniform average": ("average", [{}], "mean of the experts' ΔW"),
+    "task arithmetic": ("task_arithmetic", [{"lambda": x} for x in (0.3, 0.5, 1.0)], "λ·Σ ΔW"),
+    "TIES": ("ties", [{"density": d, "lambda": x} for d in (0.2, 0.5) for x in (0.5, 1.0)], "trim, elect sign, disjoint mean"),
+    "DARE-TIES": (
+        "dare_ties",
+        [{"density": d, "lambda": x, "seed": 0} for d in (0.3, 0.5) for x in (0.5, 1.0)],
+        "drop-and-rescale, then TIES",
+    ),
+    "Twin-Merging": (
+        "twin",
+        [{"rank": r, "shared_params": {"lambda": x}} for r in (None, 16, 32) for x in (0.3, 0.5)],
+        "TA shared expert + SVD twin vectors + MLP router, exact per-input merge",
+    ),
+}
+
+
+def _lora_bytes(loras: Sequence[Any]) -> int:
+    return 4 * sum(f.A.numel() + f.B.numel() for e in loras for f in e.modules.values())
+
+
+def _dense_delta_bytes(loras: Sequence[Any]) -> int:
+    shapes = {m: (f.B.shape[0], f.A.shape[1]) for e in loras for m, f in e.modules.items()}
+    return 4 * sum(a * b for a, b in shapes.values())
+
+
+def _score(zoo: Zoo, answer: Any, tasks: Sequence[str], split: str) -> dict[str, float]:
+    out = {}
+    for task in tasks:
+        data = zoo.val_split(task) if split == "val" else zoo.test_split(task)
+        out[task] = exact_match(answer([e.prompt for e in data]), data)
+    return out
+
+
+def evaluate_merges(
+    zoo: Zoo,
+    report: QualityReport,
+    merges: Sequence[str] = tuple(ZOO_MERGES),
+    progress: bool = True,
+    max_new_tokens: int = 8,
+) -> list[MethodRow]:
+    """Add a row per merge: static merges folded into the base, Twin-Merging composed; each
+    grid point scored on the validation split, the best (held-in normalised) then on test."""
+    from moerge.composer import compose, merge
+
+    reg = zoo.registry
+    own = report.own_scores()
+    tok = zoo.tokenizer()
+    loras = [load_lora(n, registry=reg) for n in zoo.held_in]
+    experts_bytes = _lora_bytes(loras)
+    rows = []
+    for label in merges:
+        method, grid, notes = ZOO_MERGES[label]
+        t0 = time.perf_counter()
+        best: tuple[float, dict[str, Any], Any] | None = None
+        tried = []
+        for params in tqdm(grid, desc=label, disable=not progress):
+            if method == "twin":
+                built = compose(zoo.base_path, reg.select(names=zoo.held_in), "twin", data=zoo.expert_data, **params)
+
+                def answer(prompts: list[str], m: Any = built) -> list[str]:
+                    return m.generate(prompts, max_new_tokens=max_new_tokens, batch_size=256)
+
+            else:
+                built = merge(zoo.base_path, reg.select(names=zoo.held_in), method, output="model", **params)
+
+                def answer(prompts: list[str], m: Any = built) -> list[str]:
+                    return generate_answers(m, tok, prompts, max_new_tokens=max_new_tokens, batch_size=256)
+
+            val_scores = _score(zoo, answer, zoo.held_in, "val")
+            score = 100 * sum(val_scores.values()) / len(val_scores)  # mean validation exact match (%)
+            tried.append({"params": params, "val_exact_match": score})
+            if best is None or score > best[0]:
+                best = (score, params, (built, answer))
+        assert best is not None
+        _, params, (built, answer) = best
+        row = method_row(label, _score(zoo, answer, zoo.held_in + zoo.held_out, "test"), zoo.held_in, zoo.held_out, own)
+        shown = ", ".join(f"{k}={v}" for k, v in _flat(params).items() if k != "seed") or "no parameters"
+        row.notes = f"{notes}; {shown} (chosen on validation)"
+        row.experts_bytes = experts_bytes
+        if method == "twin":
+            st = built.router.stored
+            row.stored_bytes = 4 * (st["twin_params"] + st["shared_params"] + st["router_params"])
+            top, mask = built.token_routing([e.prompt for t in zoo.held_in for e in zoo.test_split(t)[:100]])
+            labels = torch.tensor([built.experts.index(t) for t in zoo.held_in for _ in zoo.test_split(t)[:100]])
+            row.routing_accuracy = float((top[0, :, -1] == labels).float().mean())
+        else:
+            row.stored_bytes = _dense_delta_bytes(loras)
+        report.meta.setdefault("merges", {})[label] = {
+            "method": method,
+            "chosen": params,
+            "grid": tried,
+            "seconds": time.perf_counter() - t0,
+            **({"router": built.router.router_metrics, "stored": built.router.stored} if method == "twin" else {}),
+        }
+        rows.append(row)
+        report.rows.append(row)
+    return rows
+
+
+def _flat(params: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        if isinstance(v, dict):
+            out.update(_flat(v))
+        elif k == "rank" and v is None:
+            out["rank"] = "10 % of min(d)"
+        else:
+            out[k] = v
+    return out
 
 
 def plot_matrix(report: QualityReport, path: str | Path) -> Path:

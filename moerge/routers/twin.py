@@ -255,8 +255,13 @@ class TwinRouter(Router):
             twins.append(LoraExpert(r.name, factors, fan_in_fan_out=fifo, meta={"ref": r.ref, "twin_of": r.ref}))
         self.stored = {
             "twin_params": sum(f.A.numel() + f.B.numel() for e in twins for f in e.modules.values()),
+            # θ_s − θ_0 per module, stored dense or as stacked factors, whichever is smaller
             "shared_params": sum(
-                (d.numel() if d is not None else sum(t.A.numel() + t.B.numel() for _, t in terms)) for d, terms in shared.values()
+                min(
+                    model.get_submodule(m).weight.numel(),
+                    d.numel() if d is not None else sum(t.A.numel() + t.B.numel() for _, t in terms),
+                )
+                for m, (d, terms) in shared.items()
             ),
         }
         return twins
