@@ -280,6 +280,51 @@ def bench_routing(hidden, layers, experts, top_k, batch, repeats, json_path, no_
             json.dump(result, fh, indent=2)
 
 
+@bench.command("merging")
+@click.option("--twin/--no-twin", default=True, help="Twin-Merging batched vs per-sample materialised.")
+@click.option("--dense/--no-dense", default=True, help="Dense TIES of N models vs mergekit (needs mergekit).")
+@click.option("--batches", default="16,64", show_default=True, help="Batch sizes for the Twin-Merging comparison.")
+@click.option("--hidden", default=512, show_default=True, type=int)
+@click.option("--tasks", default=8, show_default=True, type=int, help="Twin vectors (tasks).")
+@click.option("--repeats", default=3, show_default=True, type=int)
+@click.option("--models", default=8, show_default=True, type=int, help="Dense models to merge.")
+@click.option("--params-m", default=100.0, show_default=True, type=float, help="Million parameters per dense model.")
+@click.option(
+    "--workdir", default=None, type=click.Path(file_okay=False), help="Where to build the dense models (default: a temp folder)."
+)
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the result as JSON.")
+@click.option("--no-progress", is_flag=True)
+def bench_merging(twin, dense, batches, hidden, tasks, repeats, models, params_m, workdir, json_path, no_progress) -> None:  # noqa: ANN001
+    """Twin-Merging's batched dynamic merge vs per-sample materialise; dense TIES vs mergekit (time, peak RSS)."""
+    from moerge.bench import merging as mb
+
+    try:
+        sizes = tuple(int(b) for b in batches.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {batches!r}", param_hint="--batches") from None
+    result = mb.MergeBenchResult()
+    tcfg = mb.TwinBenchConfig(hidden=hidden, tasks=tasks, batches=sizes, repeats=repeats)
+    dcfg = mb.DenseBenchConfig(models=models, params_m=params_m, workdir=workdir)
+    result.config = {"twin": tcfg.__dict__ if twin else None, "dense": dcfg.__dict__ if dense else None, "threads": _threads()}
+    if twin:
+        result.twin = mb.bench_twin(tcfg, progress=not no_progress)
+    if dense:
+        try:
+            result.dense = mb.bench_dense(dcfg, progress=not no_progress)
+        except RuntimeError as exc:
+            _fail(exc)
+    click.echo(mb.markdown(result))
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(result.to_json(), fh, indent=2)
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 # ---------------------------------------------------------------------------- registry
 
 

@@ -104,6 +104,17 @@ def test_demo_writes_table_json_and_heatmap(tmp_path, small_zoo):
         assert 0.0 <= data["methods"][name]["routing_accuracy"] <= 1.0
     # GLIDER routes held-in prompts to their own expert (instruction embedding vs expert text)
     assert data["methods"]["GLIDER"]["routing_accuracy"] > 0.9
+    for name in ("uniform average", "task arithmetic", "TIES", "DARE-TIES", "Twin-Merging"):
+        m = data["methods"][name]
+        assert f"| {name} |" in r.output and "chosen on validation" in m["notes"]
+        assert 0 < m["stored_bytes"] and m["experts_bytes"] > 0
+        meta = data["meta"]["merges"][name]
+        best = max(meta["grid"], key=lambda g: g["val_exact_match"])
+        assert meta["chosen"] == best["params"]  # the validation split's best grid point
+    twin = data["methods"]["Twin-Merging"]
+    # the spec's claim on this zoo: a dynamic merge recovers the experts; static merges do not
+    assert twin["held_in_normalized"] > 80 and twin["routing_accuracy"] > 0.8
+    assert twin["held_in_normalized"] > max(data["methods"][n]["held_in_normalized"] for n in ("task arithmetic", "TIES")) + 20
     assert (out / "report.md").read_text().startswith("# moerge demo")
     assert (out / "cross_task.png").read_bytes()[:4] == b"\x89PNG"
 

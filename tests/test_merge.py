@@ -287,3 +287,23 @@ def test_cli_merge_writes_a_peft_folder(lora_family, tmp_path):
     assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
     res = CliRunner().invoke(main, ["merge", "--method", "ties", "--experts", str(folders[0]), "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "needs ['density']" in res.output
+
+
+def test_bench_merging_runs_both_parts_and_reports_ratios(tmp_path):
+    """The benchmark's plumbing on tiny sizes (no timing is asserted): Twin batched vs per-sample
+    agree, and moerge's dense TIES equals mergekit's on the models it builds."""
+    from click.testing import CliRunner
+
+    from moerge.cli import main
+
+    js = tmp_path / "bench.json"
+    args = ["bench", "merging", "--hidden", "64", "--tasks", "3", "--batches", "2,4", "--repeats", "1"]
+    args += ["--models", "2", "--params-m", "1", "--json", str(js), "--no-progress"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    data = json.loads(js.read_text())
+    assert [r["batch"] for r in data["twin"]] == [2, 4]
+    assert all(r["max_abs_logit_diff"] < 1e-4 and r["speedup"] > 0 for r in data["twin"])
+    assert data["dense"]["max_abs_diff"] == 0.0
+    assert data["dense"]["time_ratio"] > 0 and data["dense"]["rss_ratio"] > 0
+    assert "ratio moerge / mergekit" in res.output and "speed-up" in res.output

@@ -154,14 +154,18 @@ def _weights(weights: Any, n: int, like: torch.Tensor) -> torch.Tensor:
     return w.view(n, *([1] * (like.dim() - 1)))
 
 
-def magnitude_mask(tensor: torch.Tensor, density: float, at_least_one: bool = False) -> torch.Tensor:
-    """1 where |tensor| is among its top ``int(density·n)`` entries (``max(1, ·)`` if ``at_least_one``)."""
+def magnitude_mask(tensor: torch.Tensor, density: float, flavor: Flavor = "peft") -> torch.Tensor:
+    """1 where |tensor| is among its top ``int(density·n)`` entries. PEFT picks them with
+    ``topk``; mergekit keeps ``max(1, ·)`` and picks with a descending ``argsort`` — replicated
+    so that equal magnitudes at the threshold fall the same way as in each peer."""
     n = tensor.numel()
     k = int(density * n)
-    if at_least_one and density > 0:
-        k = max(1, k)
     mask = torch.zeros(n, dtype=tensor.dtype, device=tensor.device)
-    if k > 0:
+    if flavor == "mergekit":
+        k = max(1, k) if density > 0 else 0
+        if k > 0:
+            mask[torch.argsort(tensor.abs().reshape(-1).float(), descending=True)[:k]] = 1
+    elif k > 0:
         mask[torch.topk(tensor.abs().reshape(-1), k=k, largest=True).indices] = 1
     return mask.view_as(tensor)
 
@@ -172,7 +176,7 @@ def trim(stacked: torch.Tensor, density: float, flavor: Flavor = "peft") -> torc
         return stacked
     if density <= 0 and flavor == "mergekit":
         return torch.zeros_like(stacked)
-    return torch.stack([t * magnitude_mask(t, density, at_least_one=flavor == "mergekit") for t in stacked])
+    return torch.stack([t * magnitude_mask(t, density, flavor) for t in stacked])
 
 
 def drop_and_rescale(
