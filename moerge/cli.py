@@ -296,6 +296,7 @@ def bench_routing(hidden, layers, experts, top_k, batch, repeats, json_path, no_
 @click.option("--no-progress", is_flag=True)
 def bench_merging(twin, dense, batches, hidden, tasks, repeats, models, params_m, workdir, json_path, no_progress) -> None:  # noqa: ANN001
     """Twin-Merging's batched dynamic merge vs per-sample materialise; dense TIES vs mergekit (time, peak RSS)."""
+    _quiet_hf()
     from moerge.bench import merging as mb
 
     try:

@@ -302,8 +302,8 @@ def test_bench_merging_runs_both_parts_and_reports_ratios(tmp_path):
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     data = json.loads(js.read_text())
-    assert [r["batch"] for r in data["twin"]] == [2, 4]
-    assert all(r["max_abs_logit_diff"] < 1e-4 and r["speedup"] > 0 for r in data["twin"])
+    assert [(r["mode"], r["batch"]) for r in data["twin"]] == [(m, b) for b in (2, 4) for m in ("forward", "forward", "generate")]
+    assert all(r["max_abs_logit_diff"] < 1e-4 and r["same_generated_tokens"] and r["speedup"] > 0 for r in data["twin"])
     assert data["dense"]["max_abs_diff"] == 0.0
     assert data["dense"]["time_ratio"] > 0 and data["dense"]["rss_ratio"] > 0
     assert "ratio moerge / mergekit" in res.output and "speed-up" in res.output

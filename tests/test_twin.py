@@ -141,8 +141,13 @@ def test_removing_an_expert_drops_group_artifacts_naming_it(twin, tmp_path, smal
     shutil.copytree(small_zoo.registry_path, tmp_path / "reg")
     reg = moerge.Registry(tmp_path / "reg")
     names = ["sort", "max", "min"]
+    before = reg.list_group_artifacts()  # the shared zoo registry may already hold some (demo runs)
     moerge.compose(small_zoo.base_path, reg.select(names=names), "twin", data=small_zoo.expert_data, **FAST)
-    assert len(reg.list_group_artifacts()) == 1
+    mine = [a for a in reg.list_group_artifacts() if a["experts"] == ["max@1", "min@1", "sort@1"]]
+    assert len(mine) == 1 and len(reg.list_group_artifacts()) == len(before) + 1
+    files = list((tmp_path / "reg" / "group-artifacts").rglob("*.safetensors"))
     reg.remove("max")
-    assert reg.list_group_artifacts() == []
-    assert not list((tmp_path / "reg" / "group-artifacts").rglob("*.safetensors"))
+    left = reg.list_group_artifacts()
+    assert all("max@1" not in a["experts"] for a in left)
+    gone = (tmp_path / "reg" / mine[0]["file"]).exists()
+    assert not gone and len(list((tmp_path / "reg" / "group-artifacts").rglob("*.safetensors"))) == len(left) < len(files)

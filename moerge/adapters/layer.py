@@ -43,6 +43,8 @@ WeightFn = Callable[["MultiExpertLinear", torch.Tensor], "torch.Tensor | TopK"]
 #: (measured in benches: ``moerge bench routing``).
 CONCAT_ROWS = 256
 CONCAT_EXPERTS_PER_K = 4
+#: dense weights ([..., E] with at least this share of non-zeros) use the stacked path too
+DENSE_FRACTION = 0.5
 
 
 def base_shape(base: nn.Module) -> tuple[int, int]:
@@ -132,12 +134,19 @@ class MultiExpertLinear(nn.Module):
             ) from None
 
     def mixture(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Σ_e w_e · s_e · B_e A_e x for weights ``w`` [..., E] aligned with ``x`` [..., d_in]."""
+        """Σ_e w_e · s_e · B_e A_e x for weights ``w`` [..., E] aligned with ``x`` [..., d_in].
+        Dense weights (most rows give most experts weight, e.g. Twin-Merging's softmax) run as
+        two matmuls over the stacked factors; sparse ones (one-hot batches) expert by expert,
+        each on its own rows."""
         lead = x.shape[:-1]
         xf = x.reshape(-1, x.shape[-1])
         wf = w.reshape(-1, self.num_experts).to(x.dtype) * self.scaling
+        nonzero = wf.ne(0)
+        if self.num_experts > 1 and nonzero.float().mean() >= DENSE_FRACTION:
+            h = (xf @ self.lora_A.reshape(-1, xf.shape[-1]).T).view(xf.shape[0], self.num_experts, -1) * wf[:, :, None]
+            return (h.view(xf.shape[0], -1) @ self.lora_B_cat.T).reshape(*lead, -1)
         out = torch.zeros(xf.shape[0], self.lora_B.shape[1], dtype=x.dtype, device=x.device)
-        active = torch.nonzero(wf.ne(0).any(0)).flatten().tolist()
+        active = torch.nonzero(nonzero.any(0)).flatten().tolist()
         for e in active:
             r = self.ranks[e]
             A, B = self.lora_A[e, :r], self.lora_B[e, :, :r]

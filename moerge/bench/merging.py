@@ -2,8 +2,10 @@
 
 * ``twin``: Twin-Merging's exact batched dynamic merge (every row its own weights, through the
   multi-expert layer) against the reference code's way — per input, materialise θ_s + Σ w_t v_t
-  as dense weights, then forward that one input (``torch.func.functional_call``) — at several
-  batch sizes, on a mid-size tiny Llama with T random rank-r twin vectors on 7 projections.
+  as dense weights, then run that one input (forward with ``torch.func.functional_call``, as the
+  discriminative code does; generate after overwriting the weights in place, as the generative
+  server does) — at several batch sizes, on a mid-size tiny Llama with T random rank-r twin
+  vectors on 7 projections.
 * ``dense``: a TIES merge of N dense models (built and saved by the benchmark, ~``params_m``
   million parameters each) by ``moerge.merge`` (streamed) and by mergekit on the same inputs,
   each in a fresh subprocess: wall time and peak RSS, and the largest difference between the
@@ -38,6 +40,7 @@ class TwinBenchConfig:
     rank: int = 16
     batches: tuple[int, ...] = (16, 64)
     seq: int = 64
+    new_tokens: int = 16
     repeats: int = 3
     seed: int = 0
 
@@ -72,42 +75,97 @@ def _median_time(fn: Any, repeats: int) -> float:
 
 
 def bench_twin(cfg: TwinBenchConfig, progress: bool = False) -> list[dict[str, Any]]:
-    from moerge.routers.twin import per_sample_forward
+    """Per batch size, forward (prefill of ``seq`` tokens) and generate (``new_tokens`` greedy
+    tokens after ``seq``-token prompts): batched per-row weights vs per input materialise-then-run."""
+    from moerge.adapters import layers
+    from moerge.routers.twin import materialised_weights, per_sample_forward
 
     model = build_model(BenchConfig(hidden=cfg.hidden, layers=cfg.layers, seq=cfg.seq, seed=cfg.seed))
     attach(model, random_experts(model, cfg.tasks, cfg.rank, cfg.seed))
+    wrapped = layers(model)
+    dense_twins = {n: torch.einsum("e,eor,eri->eoi", m.scaling, m.lora_B, m.lora_A) for n, m in wrapped.items()}
     g = torch.Generator().manual_seed(cfg.seed)
+    gen_kw = dict(max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens, do_sample=False, pad_token_id=0)
     rows = []
     for batch in cfg.batches:
         ids = torch.randint(3, 2000, (batch, cfg.seq), generator=g)
         enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         w = torch.softmax(torch.randn(batch, cfg.tasks, generator=g) * 2, dim=-1)
 
-        def batched(w: torch.Tensor = w, enc: dict = enc) -> torch.Tensor:
+        def batched_forward(w: torch.Tensor = w, enc: dict = enc) -> torch.Tensor:
             with use_weights(model, w), torch.inference_mode():
                 return model(**enc).logits
 
-        def per_sample(w: torch.Tensor = w, enc: dict = enc) -> torch.Tensor:
+        def per_sample_fwd(w: torch.Tensor = w, enc: dict = enc) -> torch.Tensor:
             return per_sample_forward(model, enc, w)
 
-        diff = float((batched() - per_sample()).abs().max())
-        tb, tp = [], []
-        for _ in range(cfg.repeats):  # interleaved, median of each
-            tb.append(_median_time(batched, 1))
-            tp.append(_median_time(per_sample, 1))
-        b, p = statistics.median(tb), statistics.median(tp)
-        rows.append(
-            {
-                "batch": batch,
-                "batched_s": b,
-                "per_sample_s": p,
-                "speedup": p / b,
-                "batched_tokens_per_s": batch * cfg.seq / b,
-                "max_abs_logit_diff": diff,
-            }
+        def batched_generate(w: torch.Tensor = w, enc: dict = enc) -> torch.Tensor:
+            with use_weights(model, w), torch.inference_mode():
+                return model.generate(**enc, **gen_kw)
+
+        def per_sample_generate(w: torch.Tensor = w, enc: dict = enc) -> torch.Tensor:
+            """The reference generative server's way: per request, overwrite the weights in place
+            with that request's merge, then generate for it alone."""
+            saved = {n: m.base.weight.detach().clone() for n, m in wrapped.items()}
+            outs = []
+            try:
+                with use_weights(model, None), torch.inference_mode():
+                    for b in range(w.shape[0]):
+                        for key, value in materialised_weights(model, w[b]).items():
+                            wrapped[key.removesuffix(".base.weight")].base.weight.copy_(value)
+                        outs.append(model.generate(**{k: v[b : b + 1] for k, v in enc.items()}, **gen_kw))
+                        for n, m in wrapped.items():
+                            m.base.weight.copy_(saved[n])
+            finally:
+                for n, m in wrapped.items():
+                    m.base.weight.data.copy_(saved[n])
+            return torch.cat(outs)
+
+        def per_sample_dense_fwd(w: torch.Tensor = w, enc: dict = enc) -> torch.Tensor:
+            """As the official discriminative code: twin vectors kept as dense matrices, each
+            input's weights θ_s + Σ_t w_t·V_t summed densely, then ``functional_call``."""
+            outs = []
+            with use_weights(model, None), torch.inference_mode():
+                for b in range(w.shape[0]):
+                    params = {
+                        f"{n}.base.weight": m.base.weight + torch.einsum("e,eoi->oi", w[b], dense_twins[n])
+                        for n, m in wrapped.items()
+                    }
+                    row = {k: v[b : b + 1] for k, v in enc.items()}
+                    outs.append(torch.func.functional_call(model, params, args=(), kwargs=row).logits)
+            return torch.cat(outs)
+
+        fwd_diff = float((batched_forward() - per_sample_fwd()).abs().max())
+        fwd_diff = max(fwd_diff, float((batched_forward() - per_sample_dense_fwd()).abs().max()))
+        same_tokens = bool(torch.equal(batched_generate(), per_sample_generate()))
+        runs = (
+            ("forward", "low-rank twin vectors", batched_forward, per_sample_fwd),
+            ("forward", "dense twin vectors (official code)", batched_forward, per_sample_dense_fwd),
+            ("generate", "low-rank twin vectors", batched_generate, per_sample_generate),
         )
-        if progress:
-            print(f"twin batch {batch}: batched {b:.3f}s, per-sample {p:.3f}s, {p / b:.1f}×", file=sys.stderr)
+        for mode, reference, fast, slow in runs:
+            tb, tp = [], []
+            for _ in range(cfg.repeats):  # interleaved, median of each
+                tb.append(_median_time(fast, 1))
+                tp.append(_median_time(slow, 1))
+            b, p = statistics.median(tb), statistics.median(tp)
+            rows.append(
+                {
+                    "mode": mode,
+                    "reference": reference,
+                    "batch": batch,
+                    "batched_s": b,
+                    "per_sample_s": p,
+                    "speedup": p / b,
+                    "max_abs_logit_diff": fwd_diff,
+                    "same_generated_tokens": same_tokens,
+                }
+            )
+            if progress:
+                print(
+                    f"twin {mode} ({reference}) batch {batch}: batched {b:.3f}s, per-sample {p:.3f}s, {p / b:.1f}×",
+                    file=sys.stderr,
+                )
     return rows
 
 
@@ -228,7 +286,8 @@ def bench_dense(cfg: DenseBenchConfig, progress: bool = False) -> dict[str, Any]
             "mergekit": mk,
             "time_ratio": ours["seconds"] / mk["seconds"],
             "rss_ratio": ours["peak_rss_mb"] / mk["peak_rss_mb"],
-            "merge_rss_ratio": ours["merge_rss_mb"] / mk["merge_rss_mb"],
+            # on tiny models the imports can be the peak: no merge RSS to compare
+            "merge_rss_ratio": ours["merge_rss_mb"] / mk["merge_rss_mb"] if mk["merge_rss_mb"] > 0 else float("nan"),
             "moerge_rss_in_models": ours["merge_rss_mb"] / model_mb,
             "mergekit_rss_in_models": mk["merge_rss_mb"] / model_mb,
             "max_abs_diff": diff,
@@ -242,11 +301,13 @@ def markdown(result: MergeBenchResult) -> str:
     lines = []
     if result.twin:
         lines += [
-            "| batch | batched dynamic merge (s) | per-sample materialise + forward (s) | speed-up | max logit diff |",
-            "|---:|---:|---:|---:|---:|",
+            "| run | per-sample reference | batch | batched dynamic merge (s) | per-sample materialise, then run (s) "
+            "| speed-up | max logit diff | same tokens |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
         ]
         lines += [
-            f"| {r['batch']} | {r['batched_s']:.3f} | {r['per_sample_s']:.3f} | {r['speedup']:.1f}× | {r['max_abs_logit_diff']:.1e} |"
+            f"| {r['mode']} | {r['reference']} | {r['batch']} | {r['batched_s']:.3f} | {r['per_sample_s']:.3f} | {r['speedup']:.1f}× "
+            f"| {r['max_abs_logit_diff']:.1e} | {'yes' if r['same_generated_tokens'] else 'no'} |"
             for r in result.twin
         ]
     d = result.dense
