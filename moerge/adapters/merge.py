@@ -226,8 +226,12 @@ def disjoint_merge(
     return mixed / divisor
 
 
-def _sign_input(stacked: torch.Tensor, weights: torch.Tensor, flavor: Flavor) -> torch.Tensor:
-    return stacked if flavor == "peft" else stacked * weights
+def _elect_and_merge(stacked: torch.Tensor, weights: Any, method: SignMethod, flavor: Flavor, normalize: bool) -> torch.Tensor:
+    """TIES' second half on sparsified task tensors: elect a sign on the raw (PEFT) or weighted
+    (mergekit) tensors, then the disjoint merge."""
+    w = _weights(weights, stacked.shape[0], stacked)
+    sign = majority_sign(stacked if flavor == "peft" else stacked * w, method)
+    return disjoint_merge(stacked, w, sign, flavor, normalize)
 
 
 # ---------------------------------------------------------------------------- kernels
@@ -274,9 +278,7 @@ def ties(
     """TIES: trim to ``density``, elect sign, disjoint merge, scale by λ. ``normalize`` only
     affects ``flavor="mergekit"`` (PEFT always divides by the agreeing count)."""
     x = trim(_stack(task_tensors), density, flavor)
-    w = _weights(weights, x.shape[0], x)
-    sign = majority_sign(_sign_input(x, w, flavor), majority_sign_method)
-    return lambda_ * disjoint_merge(x, w, sign, flavor, normalize)
+    return lambda_ * _elect_and_merge(x, weights, majority_sign_method, flavor, normalize)
 
 
 @register_merge("dare_linear")
@@ -308,9 +310,7 @@ def dare_ties(
 ) -> torch.Tensor:
     """DARE then TIES' sign election and disjoint merge (``normalize``: mergekit flavour only)."""
     x = drop_and_rescale(_stack(task_tensors), density, generator, flavor)
-    w = _weights(weights, x.shape[0], x)
-    sign = majority_sign(_sign_input(x, w, flavor), majority_sign_method)
-    return lambda_ * disjoint_merge(x, w, sign, flavor, normalize)
+    return lambda_ * _elect_and_merge(x, weights, majority_sign_method, flavor, normalize)
 
 
 @register_merge("svd")
