@@ -95,6 +95,19 @@ def test_generate_and_explain_report_per_input_weights(twin):
     assert "reverse" in ex.summary()
 
 
+def test_expert_order_does_not_change_the_routing(twin):
+    """The router is cached per expert *set*; listing the experts in another order must permute
+    its weights with them (spec pitfall 7), not reuse the classes in the old order."""
+    model, reg, zoo = twin
+    names = list(reversed(model.experts))
+    again = moerge.compose(zoo.base_path, reg.select(names=names), "twin", **FAST)
+    assert again.experts == names and all(r.computed == [] for r in again.prepared)
+    prompts = [zoo.test_split(t)[0].prompt for t in ("sort", "max", "tail")]
+    w, w2 = model.router.weights(prompts), again.router.weights(prompts)
+    torch.testing.assert_close(w2, w[:, [model.experts.index(n) for n in names]], atol=1e-6, rtol=1e-5)
+    assert again.generate(prompts, max_new_tokens=6) == model.generate(prompts, max_new_tokens=6)
+
+
 def test_group_wise_variant_shares_weights_inside_a_group():
     torch.manual_seed(0)
     w = torch.softmax(torch.randn(30, 4) * 3, dim=-1)

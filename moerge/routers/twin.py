@@ -269,6 +269,7 @@ class TwinRouter(Router):
     def _router_key(self) -> dict[str, Any]:
         c = self.config
         return {
+            "format": 2,  # 2: classes in sorted-ref order (format 1 used the caller's order)
             "twin": self._twin_key(None, None),  # type: ignore[arg-type]
             **{k: getattr(c, k) for k in ("epochs", "lr", "batch_size", "dropout", "max_per_task", "val_fraction", "seed")},
         }
@@ -291,6 +292,9 @@ class TwinRouter(Router):
         self.mlp.load_state_dict({k: v for k, v in state.items() if not k.startswith("metric.")})
         self.mlp.eval()
         self.router_metrics = {k.removeprefix("metric."): float(v) for k, v in state.items() if k.startswith("metric.")}
+        canonical = sorted(r.ref for r in records)
+        #: router class of each attached expert (column e of the weights = expert e)
+        self.class_of = torch.tensor([canonical.index(r.ref) for r in records])
         self.stored["router_params"] = sum(p.numel() for p in self.mlp.parameters())
 
     def features(self, texts: Sequence[str]) -> torch.Tensor:
@@ -305,7 +309,9 @@ class TwinRouter(Router):
         c = self.config
         g = torch.Generator().manual_seed(c.seed)
         train_x, train_y, val_x, val_y = [], [], [], []
-        for t, r in enumerate(records):
+        # classes in a canonical order (sorted refs), whatever order the caller lists the experts
+        # in — load() maps them back (spec pitfall 7: router classes silently out of step)
+        for t, r in enumerate(sorted(records, key=lambda r: r.ref)):
             data = ctx.data_for(r.name)
             texts = [d if isinstance(d, str) else d[0] for d in data] if data else list(r.examples)
             if len(texts) < 2:
@@ -361,7 +367,8 @@ class TwinRouter(Router):
         """Per-input merge weights softmax(R(Emb(x)) / temperature) → [batch, experts]."""
         assert self.mlp is not None, "router not loaded"
         with torch.no_grad():
-            return torch.softmax(self.mlp(self.features(texts)) / self.config.temperature, dim=-1)
+            logits = self.mlp(self.features(texts))[:, self.class_of]
+            return torch.softmax(logits / self.config.temperature, dim=-1)
 
     def route(self, texts: Sequence[str], task: str | Sequence[str] | None = None) -> Routing:
         w = self.weights(texts)
