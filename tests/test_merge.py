@@ -307,3 +307,19 @@ def test_bench_merging_runs_both_parts_and_reports_ratios(tmp_path):
     assert data["dense"]["max_abs_diff"] == 0.0
     assert data["dense"]["time_ratio"] > 0 and data["dense"]["rss_ratio"] > 0
     assert "ratio moerge / mergekit" in res.output and "speed-up" in res.output
+
+
+def test_svd_merge_takes_merges_rank_and_equals_the_truncated_sum(lora_family):
+    """``merge(..., "svd", rank=r)``: the rank argument is the kernel's; the folded result is the
+    best rank-r approximation of Σ ΔW per module."""
+    from transformers import AutoModelForCausalLM
+
+    base_dir, folders = lora_family
+    folded = moerge.merge(base_dir, folders, "svd", output="model", rank=2)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    experts = [load_lora(f) for f in folders]
+    mod = "model.layers.0.self_attn.v_proj"
+    total = sum(e.modules[mod].delta() for e in experts if mod in e.modules)
+    expected = base.get_submodule(mod).weight + K.truncated_svd(total, 2)
+    torch.testing.assert_close(folded.get_submodule(mod).weight, expected, atol=1e-5, rtol=1e-5)
+    assert folded.merge_report.params["rank"] == 2

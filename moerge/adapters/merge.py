@@ -364,14 +364,12 @@ def merge_lora_deltas(
     kernel = get_merge(method)
     modules = sorted({mod for e in loras for mod in e.modules})
     lam = float(params.get("lambda_", 1.0))
+    weight_of = [float(weights[i]) if weights is not None else 1.0 for i in range(len(loras))]
     for mod in modules:
         present = [(i, e.modules[mod]) for i, e in enumerate(loras) if mod in e.modules]
         if method in FACTOR_FORM:
-            ws = [float(weights[i]) if weights is not None else 1.0 for i, _ in present]
-            coef = [lam * x for x in ws]
-            if method == "average":
-                total = sum(float(weights[i]) if weights is not None else 1.0 for i in range(len(loras)))
-                coef = [x / total for x in ws]
+            ws = [weight_of[i] for i, _ in present]
+            coef = [x / sum(weight_of) for x in ws] if method == "average" else [lam * x for x in ws]
             yield mod, None, [(c, f) for c, (_, f) in zip(coef, present, strict=True)]
             continue
         ref = present[0][1]

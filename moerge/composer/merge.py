@@ -17,7 +17,7 @@ import logging
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,7 +53,7 @@ class MergeReport:
     refactor_error: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items()}
+        return asdict(self)
 
     @property
     def max_refactor_error(self) -> float:
@@ -172,6 +172,8 @@ def merge(
     way the :class:`MergeReport` is at ``result.merge_report`` / ``out/moerge_merge.json``."""
     t0 = time.perf_counter()
     m = get_merge(method)
+    if "rank" in m.params and rank is not None:  # svd: merge()'s rank is the kernel's rank
+        params.setdefault("rank", rank)
     params = merge_params(method, params)
     reg, items = _records(experts, registry)
     resolved = [_kind_of(it, reg) for it in items]
@@ -248,8 +250,9 @@ def _merge_lora(
     fifo = {e.fan_in_fan_out for e in loras}
     if len(fifo) > 1:
         raise ValueError("the LoRA experts disagree on fan_in_fan_out (they adapt different layer types)")
-    if method == "svd":
-        rank = int(params.pop("rank", rank or 0)) or rank
+    if method == "svd":  # its rank is the output rank; the factor-form terms are the exact sum
+        rank = int(params["rank"])
+        params = {k: v for k, v in params.items() if k != "rank"}
     target_rank = rank or max(f.rank for e in loras for f in e.modules.values())
     report.rank = target_rank if output == "lora" else None
     modules = sorted({mod for e in loras for mod in e.modules})

@@ -210,7 +210,7 @@ class Router(ABC):
         return list(loras)
 
     #: preparation done while loading (e.g. a router trained over all experts), for the composer's report
-    load_reports: list[PrepareReport] = []
+    load_reports: Sequence[PrepareReport] = ()
 
     @abstractmethod
     def load(self, records: Sequence[Any], loras: Sequence[LoraExpert], ctx: PrepareContext) -> None:

@@ -152,6 +152,8 @@ class TwinRouter(Router):
     def __init__(self, config: TwinConfig) -> None:
         super().__init__(config)
         self._group: list[Any] = []
+        self._shared_key: tuple | None = None
+        self._shared: dict[str, Any] = {}
         self._loras: dict[str, LoraExpert] = {}
         self.load_reports: list[PrepareReport] = []
         self.mlp: TwinMLP | None = None
@@ -216,7 +218,7 @@ class TwinRouter(Router):
 
     def _shared_cache(self, loras: Sequence[LoraExpert]) -> dict[str, Any]:
         key = (tuple(e.name for e in loras), self.config.shared_method, repr(self.config.shared_params))
-        if getattr(self, "_shared_key", None) != key:
+        if self._shared_key != key:
             self._shared_key, self._shared = key, self.shared_deltas(loras)
         return self._shared
 
@@ -389,7 +391,7 @@ def materialised_weights(model: nn.Module, row: torch.Tensor) -> dict[str, torch
     for name, layer in layers(model).items():
         delta = torch.einsum("e,eor,eri->oi", row.to(layer.lora_A.dtype) * layer.scaling, layer.lora_B, layer.lora_A)
         w = layer.base.weight
-        out[f"{name}.base.weight"] = w + (delta if w.shape == delta.shape and type(layer.base).__name__ != "Conv1D" else delta.T)
+        out[f"{name}.base.weight"] = w + (delta.T if type(layer.base).__name__ == "Conv1D" else delta)
     return out
 
 
