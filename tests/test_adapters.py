@@ -7,11 +7,15 @@ import torch
 from conftest import LLAMA_TARGETS, ids, lora_config, peft_with_adapters, tiny_gpt2, tiny_llama
 
 from moerge.adapters import (
+    Assignment,
+    LoraExpert,
     LoraFactors,
     MultiExpertLinear,
     attach,
+    attach_slots,
     detach,
     layers,
+    load_expert,
     lora_from_state,
     lowrank_from_delta,
     lowrank_from_factors,
@@ -296,3 +300,66 @@ def test_topk_weights_equal_the_same_dense_weights(monkeypatch, rows):
         want = layer(x)
     assert torch.allclose(got, want, atol=1e-5)
     assert torch.allclose(want, _hand_layer_output(layer, factors, x, sparse.dense(4)), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_assignment_in_slots_equals_peft_mixed_batch(family):
+    """Serving's path: experts loaded into slots of an empty layer, a per-row Assignment (gather +
+    batched matmuls), equals PEFT's adapter_names batch; so does the uniform fast path."""
+    base, targets = (tiny_llama(), LLAMA_TARGETS) if family == "llama" else (tiny_gpt2(), GPT2_TARGETS)
+    fifo = family == "gpt2"
+    cfgs = {
+        "x": lora_config(targets, fan_in_fan_out=fifo),
+        "y": lora_config(targets[:2], r=2, lora_alpha=4, fan_in_fan_out=fifo),
+        "z": lora_config(targets, r=6, lora_alpha=3, use_rslora=True, fan_in_fan_out=fifo),
+    }
+    pm = peft_with_adapters(base, cfgs)
+    experts = dict(zip(cfgs, experts_of(pm, list(cfgs)), strict=True))
+    x = ids(batch=5)
+    assign = ["z", "x", "__base__", "y", "x"]
+    model = detached_base(pm)
+    modules = sorted({m for e in experts.values() for m in e.modules})
+    attach_slots(model, modules, capacity=4)
+    slots = {"y": 3, "x": 0, "z": 1}  # y (rank 2) first, then larger ranks grow the slots in place
+    for name in ["y", "x", "z"]:
+        load_expert(model, slots[name], experts[name])
+    with torch.no_grad():
+        want = pm(input_ids=x, adapter_names=assign).logits
+        with use_weights(model, Assignment(torch.tensor([slots.get(n, -1) for n in assign]))):
+            got = model(input_ids=x).logits
+        assert torch.allclose(got, want, atol=1e-5)
+        pm.set_adapter("x")
+        want_x = pm(input_ids=x).logits
+        with use_weights(model, Assignment(torch.zeros(5, dtype=torch.long))):
+            got_x = model(input_ids=x).logits
+        assert torch.allclose(got_x, want_x, atol=1e-5)
+        # two experts in one row with weights (a sequence-level top-k) = the dense per-sequence weights
+        mixed = Assignment.rows([[(0, 0.25), (1, 0.75)], [(3, 1.0)], [], [(1, 0.5), (0, 0.5)], [(0, 1.0)]])
+        with use_weights(model, mixed):
+            got_mixed = model(input_ids=x).logits
+        with use_weights(model, mixed.dense(4)):
+            want_mixed = model(input_ids=x).logits
+        assert torch.allclose(got_mixed, want_mixed, atol=1e-5)
+
+
+def test_slot_reload_replaces_an_expert_and_rejects_bad_shapes_without_writing():
+    pm = peft_with_adapters(tiny_llama(), {"x": lora_config(LLAMA_TARGETS), "y": lora_config(LLAMA_TARGETS, r=2)})
+    ex, ey = experts_of(pm, ["x", "y"])
+    model = detached_base(pm)
+    attach_slots(model, sorted(ex.modules), capacity=1)
+    x = ids(batch=2)
+    with torch.no_grad():
+        load_expert(model, 0, ex)
+        load_expert(model, 0, ey)  # evict x, y takes the slot
+        with use_weights(model, Assignment(torch.zeros(2, dtype=torch.long))):
+            got = model(input_ids=x).logits
+        pm.set_adapter("y")
+        assert torch.allclose(got, pm(input_ids=x).logits, atol=1e-5)
+        before = {n: layer.lora_A.clone() for n, layer in layers(model).items()}
+        name = next(iter(ex.modules))
+        bad = LoraExpert("bad", {**ex.modules, name: LoraFactors(torch.ones(2, 7), torch.ones(3, 2), 1.0)})
+        with pytest.raises(ValueError, match="bad.*shape"):
+            load_expert(model, 0, bad)
+        assert all(torch.equal(before[n], layer.lora_A) for n, layer in layers(model).items())
+        with pytest.raises(ValueError, match="without slots"):
+            load_expert(model, 0, LoraExpert("odd", {"lm_head": ex.modules[name]}))

@@ -1,8 +1,18 @@
 """Experts as tensors and modules: LoRA factors, task vectors, low-rank conversions and the
 batched multi-expert layer, with attach/detach on any HF causal LM."""
 
-from moerge.adapters.attach import attach, detach, expert_names, layers, one_hot, set_weights, use_weights
-from moerge.adapters.layer import MultiExpertLinear, TopK
+from moerge.adapters.attach import (
+    attach,
+    attach_slots,
+    detach,
+    expert_names,
+    layers,
+    load_expert,
+    one_hot,
+    set_weights,
+    use_weights,
+)
+from moerge.adapters.layer import Assignment, MultiExpertLinear, TopK
 from moerge.adapters.lora import (
     LoraExpert,
     LoraFactors,
@@ -15,14 +25,17 @@ from moerge.adapters.lora import (
 )
 
 __all__ = [
+    "Assignment",
     "LoraExpert",
     "LoraFactors",
     "MultiExpertLinear",
     "TopK",
     "attach",
+    "attach_slots",
     "detach",
     "expert_names",
     "layers",
+    "load_expert",
     "load_lora",
     "load_task_vector",
     "lora_from_state",

@@ -54,6 +54,49 @@ def attach(
     return wanted
 
 
+def attach_slots(model: nn.Module, modules: Sequence[str], capacity: int) -> list[str]:
+    """Wrap ``modules`` (those not wrapped yet) in multi-expert layers with ``capacity`` empty
+    expert slots, for a model whose resident experts change while it serves (see
+    :func:`load_expert`). Returns the newly wrapped module names."""
+    if capacity < 1:
+        raise ValueError(f"capacity must be at least 1 expert slot, got {capacity}")
+    have = layers(model)
+    if have and next(iter(have.values())).num_experts != capacity:
+        raise ValueError(f"model already has {next(iter(have.values())).num_experts} expert slots, not {capacity}")
+    found = dict(model.named_modules())
+    missing = [m for m in modules if m not in found]
+    if missing:
+        raise ValueError(f"experts adapt modules the model does not have: {missing[:5]}")
+    new = [m for m in modules if m not in have]
+    for name in new:
+        layer = MultiExpertLinear(found[name], [None] * capacity, [""] * capacity, name=name)
+        parent_name, _, child = name.rpartition(".")
+        setattr(found[parent_name] if parent_name else model, child, layer)
+    if not hasattr(model, "_moerge_experts"):
+        model._moerge_experts = [""] * capacity  # type: ignore[assignment]
+    return new
+
+
+def load_expert(model: nn.Module, slot: int, expert: LoraExpert | None) -> None:
+    """Put ``expert`` into expert slot ``slot`` of every wrapped layer (``None`` empties it);
+    modules the expert does not adapt get zeros. Every shape is checked before anything is
+    written, so a bad expert leaves the model as it was."""
+    found = layers(model)
+    if not found:
+        raise RuntimeError("no expert slots on this model; call attach_slots() first")
+    if expert is not None:
+        unknown = sorted(set(expert.modules) - set(found))
+        if unknown:
+            raise ValueError(f"expert {expert.name!r} adapts modules without slots: {unknown[:5]}; call attach_slots() for them")
+        for name, layer in found.items():
+            layer.check(expert.modules.get(name), expert.name)
+    for name, layer in found.items():
+        layer.set_expert(slot, expert.modules.get(name) if expert else None, expert.name if expert else "")
+    names = getattr(model, "_moerge_experts", None)
+    if names is not None and slot < len(names):
+        names[slot] = expert.name if expert else ""
+
+
 def layers(model: nn.Module) -> dict[str, MultiExpertLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, MultiExpertLinear)}
 

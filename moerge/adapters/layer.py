@@ -33,6 +33,57 @@ class TopK:
         return out.scatter_add_(-1, self.index, self.weight)
 
 
+class Assignment:
+    """Per-sequence expert assignment for a mixed-expert batch (serving): row b uses experts
+    ``index[b, j]`` with weight ``weight[b, j]``; index −1 pads (no expert: the base model alone).
+
+    The layer evaluates it as a per-row gather of the assigned factors and two batched matmuls
+    (the BGMV shape of S-LoRA/Punica), so the cost does not grow with the number of distinct
+    experts in the batch; a batch whose rows all use one expert runs as one plain LoRA matmul.
+    The bookkeeping (clamped indices, the uniform case) is computed once here, not per module."""
+
+    def __init__(self, index: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        index = torch.as_tensor(index, dtype=torch.long)
+        if index.dim() == 1:
+            index = index[:, None]
+        if index.dim() != 2:
+            raise ValueError(f"an assignment's index must be [batch] or [batch, k], got shape {tuple(index.shape)}")
+        weight = torch.ones(index.shape) if weight is None else torch.as_tensor(weight, dtype=torch.float32)
+        if weight.dim() == 1:
+            weight = weight[:, None]
+        if weight.shape != index.shape:
+            raise ValueError(f"assignment weights {tuple(weight.shape)} do not match its index {tuple(index.shape)}")
+        valid = index >= 0
+        self.index = index
+        self.weight = weight * valid
+        self.safe_index = index.clamp(min=0)
+        firsts = index[:, 0].unique().tolist() if index.numel() else []
+        #: the one expert every row uses alone (k = 1), or None
+        self.uniform: int | None = firsts[0] if index.shape[1] == 1 and len(firsts) == 1 and firsts[0] >= 0 else None
+        self.any = bool(valid.any())
+
+    @classmethod
+    def rows(cls, experts: Sequence[Sequence[tuple[int, float]]]) -> Assignment:
+        """From per-row lists of (expert index, weight); rows may list different numbers of experts."""
+        k = max([1, *(len(r) for r in experts)])
+        index = torch.full((len(experts), k), -1, dtype=torch.long)
+        weight = torch.zeros(len(experts), k)
+        for b, row in enumerate(experts):
+            for j, (e, w) in enumerate(row):
+                index[b, j], weight[b, j] = e, w
+        return cls(index, weight)
+
+    def __len__(self) -> int:
+        return self.index.shape[0]
+
+    def dense(self, num_experts: int) -> torch.Tensor:
+        """The same weights as dense per-sequence weights [batch, E]."""
+        if self.index.numel() and int(self.index.max()) >= num_experts:
+            raise ValueError(f"assignment names expert {int(self.index.max())} but there are {num_experts}")
+        out = torch.zeros(len(self), num_experts)
+        return out.scatter_add_(1, self.safe_index, self.weight)
+
+
 #: a router hook: (layer, input x [..., d_in]) -> weights [..., E] or TopK
 WeightFn = Callable[["MultiExpertLinear", torch.Tensor], "torch.Tensor | TopK"]
 
@@ -80,11 +131,7 @@ class MultiExpertLinear(nn.Module):
         for e, f in enumerate(factors):
             if f is None:
                 continue
-            if f.A.shape[1] != d_in or f.B.shape[0] != d_out:
-                raise ValueError(
-                    f"expert {expert_names[e]!r} at module {name!r}: factors give ΔW of shape "
-                    f"({f.B.shape[0]}, {f.A.shape[1]}) but the base layer is ({d_out}, {d_in}) (d_out, d_in)"
-                )
+            self.check(f, expert_names[e])
             A[e, : f.rank] = f.A.to(dtype)
             B[e, :, : f.rank] = f.B.to(dtype)
             scaling[e] = f.scaling
@@ -109,9 +156,80 @@ class MultiExpertLinear(nn.Module):
         w = self.weights(self, x) if callable(self.weights) else self.weights
         if w is None:
             return y
+        if isinstance(w, Assignment):
+            return y + self.assigned_mixture(x, w) if w.any else y
         if isinstance(w, TopK):
             return y + self.topk_mixture(x, w)
         return y + self.mixture(x, self._align(w, x))
+
+    def assigned_mixture(self, x: torch.Tensor, a: Assignment) -> torch.Tensor:
+        """Σ_j w_bj · s_e · B_e A_e x_b with e = index[b, j], for x [B, T, d_in] (or [B, d_in])."""
+        index, safe, weight = a.index, a.safe_index, a.weight
+        rows = x.shape[0]
+        if rows != len(a):
+            if rows % len(a):
+                raise ValueError(
+                    f"an assignment for {len(a)} sequences does not fit input {tuple(x.shape)} at {self.module_name!r}"
+                )
+            rep = rows // len(a)  # generate() expands rows for beams / num_return_sequences
+            index, safe, weight = (t.repeat_interleave(rep, dim=0) for t in (index, safe, weight))
+        if int(safe.max()) >= self.num_experts:
+            raise ValueError(
+                f"assignment names expert {int(safe.max())} but module {self.module_name!r} holds {self.num_experts}"
+            )
+        x3 = x if x.dim() == 3 else x.unsqueeze(1)
+        if a.uniform is not None:
+            e = a.uniform
+            r = max(self.ranks[e], 1)
+            coef = (weight[:, 0] * self.scaling[e]).to(x.dtype)
+            out = ((x3 @ self.lora_A[e, :r].T) * coef[:, None, None]) @ self.lora_B[e, :, :r].T
+        else:
+            out = None
+            for j in range(index.shape[1]):
+                ix = safe[:, j]
+                coef = (weight[:, j] * self.scaling.index_select(0, ix)).to(x.dtype)
+                h = torch.bmm(x3, self.lora_A.index_select(0, ix).transpose(1, 2)) * coef[:, None, None]
+                term = torch.bmm(h, self.lora_B.index_select(0, ix).transpose(1, 2))
+                out = term if out is None else out + term
+        return out if x.dim() == 3 else out.squeeze(1)
+
+    def set_expert(self, e: int, factors: LoraFactors | None, name: str) -> None:
+        """Put ``factors`` (or nothing) into expert slot ``e`` in place — how a serving worker
+        swaps a resident expert without rebuilding the layer. Call :meth:`check` first when
+        several layers must change together (this one only raises on a shape mismatch)."""
+        self.check(factors, name)
+        if factors is not None and factors.rank > self.lora_A.shape[1]:
+            self._grow_rank(factors.rank)
+        self.lora_A[e].zero_()
+        self.lora_B[e].zero_()
+        self.scaling[e] = 0.0
+        rank = 0
+        if factors is not None:
+            rank = factors.rank
+            self.lora_A[e, :rank] = factors.A.to(self.lora_A.dtype)
+            self.lora_B[e, :, :rank] = factors.B.to(self.lora_B.dtype)
+            self.scaling[e] = factors.scaling
+        r_max = self.lora_A.shape[1]
+        self.lora_B_cat[:, e * r_max : (e + 1) * r_max] = self.lora_B[e]
+        self.ranks[e] = rank
+        self.expert_names[e] = name
+
+    def check(self, factors: LoraFactors | None, name: str) -> None:
+        d_out, d_in = base_shape(self.base)
+        if factors is not None and (factors.A.shape[1] != d_in or factors.B.shape[0] != d_out):
+            raise ValueError(
+                f"expert {name!r} at module {self.module_name!r}: factors give ΔW of shape "
+                f"({factors.B.shape[0]}, {factors.A.shape[1]}) but the base layer is ({d_out}, {d_in}) (d_out, d_in)"
+            )
+
+    def _grow_rank(self, rank: int) -> None:
+        E, r_old, d_in = self.lora_A.shape
+        A = self.lora_A.new_zeros(E, rank, d_in)
+        B = self.lora_B.new_zeros(E, self.lora_B.shape[1], rank)
+        A[:, :r_old] = self.lora_A
+        B[:, :, :r_old] = self.lora_B
+        self.lora_A, self.lora_B = A, B
+        self.lora_B_cat = B.permute(1, 0, 2).reshape(B.shape[1], -1).contiguous()
 
     def _align(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Broadcast weights to x's leading shape: [B, E] per sequence or [B, T, E] per token."""
