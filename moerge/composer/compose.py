@@ -67,6 +67,19 @@ def load_base(base: str, tokenizer: Any = None) -> tuple[torch.nn.Module, Any]:
     return model.eval(), tok
 
 
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Left-padded token ids and attention mask (pad = EOS if the tokenizer has no pad token)."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return {k: v.to(device) for k, v in tokenizer(list(prompts), return_tensors="pt", padding=True).items()}
+
+
+def decode_text(tokenizer: Any, ids: Any) -> str:
+    """Generated ids as text with whitespace normalised (the zoo's word-level tokenizer spaces words)."""
+    return " ".join(tokenizer.decode(ids, skip_special_tokens=True).split())
+
+
 class ComposedModel:
     """A base model with experts attached and a router deciding their weights."""
 
@@ -107,12 +120,7 @@ class ComposedModel:
             yield
 
     def _encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        tok = self.tokenizer
-        tok.padding_side = "left"
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
-        device = next(self.model.parameters()).device
-        return {k: v.to(device) for k, v in tok(list(prompts), return_tensors="pt", padding=True).items()}
+        return encode_prompts(self.tokenizer, prompts, next(self.model.parameters()).device)
 
     @torch.inference_mode()
     def forward(self, prompts: str | Sequence[str], task: str | Sequence[str] | None = None, **kwargs: Any) -> Any:
@@ -210,11 +218,16 @@ class ComposedModel:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, **kwargs: Any) -> ComposedModel:
-        """Rebuild a saved composition (artifacts come from the registry, nothing is retrained
+    def load(cls, path: str | Path | dict[str, Any] | CompositionSpec, **kwargs: Any) -> ComposedModel:
+        """Rebuild a saved composition (a spec file, or the spec itself) (artifacts come from the registry, nothing is retrained
         unless missing; pass ``data=``/``describer=`` again if preparation may need them)."""
         try:
-            spec = CompositionSpec.model_validate_json(Path(path).read_text())
+            if isinstance(path, CompositionSpec):
+                spec = path
+            elif isinstance(path, dict):
+                spec = CompositionSpec.model_validate(path)
+            else:
+                spec = CompositionSpec.model_validate_json(Path(path).read_text())
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot read composition spec {path}: {exc}") from None
         reg = Registry(spec.registry)

@@ -1,0 +1,39 @@
+"""Serving: workers that keep experts resident and batch requests by assigned expert (one
+``generate`` per mixed batch through the multi-expert layer), a dispatcher that places
+requests on workers with affinity, and a Ray Serve HTTP application.
+
+The scheduling logic (:mod:`moerge.serving.batching`) and the engine
+(:mod:`moerge.serving.engine`) run without Ray; Ray is imported only by the actor and app
+modules."""
+
+from moerge.serving.batching import BatchQueue, Placement, Residency, group_requests, select_batch
+from moerge.serving.engine import ExpertEngine
+from moerge.serving.types import (
+    BASE,
+    BadRequest,
+    GenerationParams,
+    Limits,
+    ServeRequest,
+    ServeResult,
+    ServingError,
+    Unavailable,
+    UnknownExpert,
+)
+
+__all__ = [
+    "BASE",
+    "BadRequest",
+    "BatchQueue",
+    "ExpertEngine",
+    "GenerationParams",
+    "Limits",
+    "Placement",
+    "Residency",
+    "ServeRequest",
+    "ServeResult",
+    "ServingError",
+    "Unavailable",
+    "UnknownExpert",
+    "group_requests",
+    "select_batch",
+]

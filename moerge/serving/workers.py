@@ -1,0 +1,351 @@
+"""Ray core: :class:`ExpertWorker` actors that keep experts resident and batch requests by
+assigned expert, and the :class:`ExpertPool` that dispatches to them.
+
+Each worker owns an :class:`~moerge.serving.engine.ExpertEngine` (the base model once, LRU
+expert slots, any whole compositions) and a :class:`~moerge.serving.batching.BatchQueue`; a
+background task drains up to ``max_batch`` compatible requests (or what arrived within
+``max_wait_s``) and runs them as one ``generate`` in a thread, so the actor keeps accepting
+requests meanwhile.
+
+The pool groups requests by what must be resident to serve them, places each group with
+:class:`~moerge.serving.batching.Placement` (affinity, hot-expert replication,
+least-outstanding), and returns results in request order. A worker that dies is restarted by
+Ray (``max_restarts``); the requests it held are retried once on another worker (or the same
+one, restarted), and answered with a 503-style error if that fails too — none is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from moerge.registry import Registry
+from moerge.serving.batching import BatchQueue, Placement, group_requests
+from moerge.serving.types import BASE, BadRequest, Limits, ServeRequest, ServeResult, ServingError, UnknownExpert
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerConfig:
+    """What every worker loads and how it batches."""
+
+    registry: str
+    base: str | None = None
+    max_resident: int = 8
+    max_batch: int = 16
+    max_wait_s: float = 0.01
+    preload: tuple[str, ...] = ()
+    #: name → composition spec (dict), run whole on every worker
+    compositions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    limits: Limits = Limits()
+    #: torch threads per worker (Ray sets 1 for fractional CPUs)
+    threads: int | None = None
+
+
+class ExpertWorker:
+    """One worker: an engine plus its batching queue. Wrapped as a Ray actor by
+    :func:`spawn_workers`; usable in-process too (``await worker.submit([...])``)."""
+
+    def __init__(self, config: WorkerConfig, index: int = 0) -> None:
+        from moerge.serving.engine import ExpertEngine
+
+        self.config, self.index = config, index
+        self.engine = ExpertEngine(
+            config.registry,
+            base=config.base,
+            max_resident=config.max_resident,
+            preload=config.preload,
+            compositions=config.compositions,
+            limits=config.limits,
+            threads=config.threads,
+        )
+        self.queue: BatchQueue | None = None
+        self._loop: asyncio.Task | None = None
+        self.started = time.time()
+
+    def _ensure_loop(self) -> BatchQueue:
+        if self.queue is None:
+            self.queue = BatchQueue(self.config.max_batch, self.config.max_wait_s, self.config.max_resident)
+        if self._loop is None or self._loop.done():
+            self._loop = asyncio.get_running_loop().create_task(self._drain())
+        return self.queue
+
+    async def submit(self, requests: Sequence[ServeRequest]) -> tuple[list[ServeResult], list[str]]:
+        """Queue ``requests``; returns their results (in order) and the resident experts after."""
+        queue = self._ensure_loop()
+        now = time.monotonic()
+        futures = [queue.put(replace(r, arrived=now)) for r in requests]
+        results = await asyncio.gather(*futures)
+        return list(results), [ref.partition("@")[0] for ref in self.engine.resident]
+
+    async def _drain(self) -> None:
+        assert self.queue is not None
+        while True:
+            batch = await self.queue.next_batch()
+            start = time.monotonic()
+            reqs = [item.request for item in batch]
+            try:
+                results = await asyncio.to_thread(self.engine.run, reqs)
+            except Exception as exc:  # keep serving: this batch fails, the next runs
+                log.exception("worker %d: batch of %d failed", self.index, len(reqs))
+                results = [ServeResult(id=r.id, error=f"internal error: {type(exc).__name__}: {exc}", status=500) for r in reqs]
+            for item, res in zip(batch, results, strict=True):
+                res.worker = self.index
+                res.queue_s = start - item.request.arrived
+                if not item.future.done():
+                    item.future.set_result(res)
+
+    async def usage(self, composition: str, prompts: Sequence[str]) -> list[list[tuple[str, float]]]:
+        return await asyncio.to_thread(self.engine.usage, composition, list(prompts))
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "worker": self.index,
+            "pid": os.getpid(),
+            "queued": len(self.queue) if self.queue is not None else 0,
+            "uptime_s": round(time.time() - self.started, 1),
+            **self.engine.info(),
+        }
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+def spawn_workers(
+    config: WorkerConfig, replicas: int, num_cpus: float = 1.0, max_restarts: int = 3, name_prefix: str | None = None
+) -> list[Any]:
+    """``replicas`` ExpertWorker actors (Ray restarts a dead one up to ``max_restarts`` times;
+    the pool, not Ray, retries the requests it held)."""
+    import ray
+
+    actor = ray.remote(ExpertWorker)
+    out = []
+    for i in range(replicas):
+        opts: dict[str, Any] = {"num_cpus": num_cpus, "max_restarts": max_restarts, "max_task_retries": 0}
+        if name_prefix:
+            opts["name"] = f"{name_prefix}-{i}"
+        out.append(actor.options(**opts).remote(config, i))
+    return out
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Start a local Ray (no dashboard, small object store) unless one is running or
+    ``RAY_ADDRESS`` points at a cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+        return
+    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=80 * 1024**2, log_to_driver=False)
+
+
+def composition_spec(registry: str, router: str, config: Mapping[str, Any] | None = None, data: Any = None) -> dict[str, Any]:
+    """Compose every LoRA expert of ``registry`` under ``router`` once, in this process, so its
+    per-expert artifacts are computed and stored before workers start (they then only load
+    them); returns the composition's spec."""
+    from moerge.composer import compose
+
+    reg = Registry(registry)
+    comp = compose(experts=reg, router=router, config=dict(config or {}), data=data)
+    spec = comp.spec.model_dump(mode="json")
+    del comp
+    return spec
+
+
+class ExpertPool:
+    """The dispatcher over ``replicas`` :class:`ExpertWorker` actors.
+
+    A request names its experts (or a composition); a request naming neither is routed: by
+    ``router`` when it is a sequence-level router (its top choices become the request's
+    experts, batched in the workers' slots), else by ``default_composition`` (token-routed
+    compositions run whole on each worker)."""
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        replicas: int = 2,
+        router: str | None = None,
+        router_config: Mapping[str, Any] | None = None,
+        default_composition: str | None = None,
+        num_cpus: float = 1.0,
+        replicate_at: int | None = None,
+        max_restarts: int = 3,
+        workers: Sequence[Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = Registry(config.registry)
+        self.router = self._sequence_router(router, router_config) if router else None
+        self.router_name = router
+        if default_composition is not None and default_composition not in config.compositions:
+            raise ValueError(f"default composition {default_composition!r} is not among {sorted(config.compositions)}")
+        self.default_composition = default_composition
+        if workers is None:
+            ensure_ray()
+            workers = spawn_workers(config, replicas, num_cpus=num_cpus, max_restarts=max_restarts)
+        self.workers = list(workers)
+        self.placement = Placement(len(self.workers), config.max_resident, replicate_at or config.max_batch)
+        self.retries = 0
+        self.failures = 0
+
+    def _sequence_router(self, name: str, config: Mapping[str, Any] | None) -> Any:
+        from moerge.routers import PrepareContext, Router, make_router
+
+        rtr = make_router(name, dict(config or {}))
+        if rtr.granularity == "token" or type(rtr).install is not Router.install:
+            raise ValueError(f"router {name!r} routes tokens or changes the base model; serve it as a composition")
+        records = self.registry.select(kind="lora").records
+        ctx = PrepareContext(registry=self.registry)
+        rtr.prepare(ctx, records)
+        rtr.load(records, [], ctx)
+        return rtr
+
+    # ---------------------------------------------------------------------------- lifecycle
+
+    def ready(self, timeout_s: float = 120.0) -> list[int]:
+        """Wait until every worker has loaded (raises the first start-up error)."""
+        import ray
+
+        return ray.get([w.ping.remote() for w in self.workers], timeout=timeout_s)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+        self.workers = []
+
+    # ------------------------------------------------------------------------------ routing
+
+    def resolve(self, requests: Sequence[ServeRequest]) -> list[ServeRequest]:
+        """Requests with their experts filled in: named ones checked against the registry
+        (unknown names fail fast), unnamed ones routed."""
+        out: list[ServeRequest] = []
+        unrouted = [i for i, r in enumerate(requests) if not r.experts and r.composition is None]
+        decided = self.decide([requests[i].prompt for i in unrouted]) if unrouted else []
+        routed = dict(zip(unrouted, decided, strict=True))
+        for i, r in enumerate(requests):
+            if i in routed:
+                experts, comp = routed[i]
+                r = replace(r, experts=experts, composition=comp)
+            for n, _ in r.experts:
+                if n != BASE and n.partition("@")[0] not in self.registry:
+                    raise UnknownExpert(f"unknown expert {n!r}; the registry has {self.registry.names()[:20]}")
+            if r.composition is not None and r.composition not in self.config.compositions:
+                raise UnknownExpert(
+                    f"unknown model {r.composition!r}: neither an expert nor one of the compositions {sorted(self.config.compositions)}"
+                )
+            out.append(r)
+        return out
+
+    def decide(self, prompts: Sequence[str]) -> list[tuple[tuple[tuple[str, float], ...], str | None]]:
+        """For unnamed requests: (experts with weights, composition) per prompt."""
+        if self.router is not None:
+            routing = self.router.route(list(prompts))
+            names = routing.experts
+            return [(tuple((names[e], float(row[e])) for e in row.nonzero().flatten().tolist()), None) for row in routing.weights]
+        if self.default_composition is not None:
+            return [((), self.default_composition)] * len(prompts)
+        raise BadRequest("the request names no expert and this server has no router or composition; name an expert")
+
+    async def route(self, prompts: Sequence[str], composition: str | None = None) -> list[dict[str, Any]]:
+        """The routing decision only: sequence routers decide here; a composition's token
+        routing is measured on a worker over one prefill (each expert's share of the weight)."""
+        comp = composition or (None if self.router is not None else self.default_composition)
+        if comp is None:
+            decided = self.decide(prompts)
+            return [{"experts": list(e), "granularity": "sequence", "router": self.router_name} for e, _ in decided]
+        if comp not in self.config.compositions:
+            raise UnknownExpert(f"unknown composition {comp!r}; this server has {sorted(self.config.compositions)}")
+        w = self.placement.choose(())
+        usage = await self.workers[w].usage.remote(comp, list(prompts))
+        router = self.config.compositions[comp].get("router")
+        return [{"experts": u, "granularity": "token-share", "composition": comp, "router": router} for u in usage]
+
+    # ---------------------------------------------------------------------------- serving
+
+    async def agenerate(self, requests: Sequence[ServeRequest]) -> list[ServeResult]:
+        """Serve ``requests``; results come back in request order, each naming its experts."""
+        try:
+            reqs = self.resolve(requests)
+        except ServingError as exc:
+            return [ServeResult(id=r.id, error=exc.message, status=exc.status) for r in requests]
+        results: list[ServeResult | None] = [None] * len(reqs)
+        groups = group_requests(reqs, max_group=self.config.max_batch)
+
+        async def run(key: Any, idx: list[int]) -> None:
+            experts = key[1] - {BASE}
+            out = await self._call([reqs[i] for i in idx], experts)
+            for i, res in zip(idx, out, strict=True):
+                results[i] = res
+
+        await asyncio.gather(*(run(key, idx) for key, idx in groups))
+        return [r for r in results if r is not None]
+
+    def generate(self, requests: Sequence[ServeRequest]) -> list[ServeResult]:
+        """Blocking :meth:`agenerate` (from a driver script, not from inside an event loop)."""
+        return asyncio.run(self.agenerate(requests))
+
+    async def _call(self, group: list[ServeRequest], experts: frozenset[str]) -> list[ServeResult]:
+        from ray.exceptions import RayActorError
+
+        tried: list[int] = []
+        for attempt in range(2):
+            w = self.placement.choose(experts, exclude=tried if len(tried) < len(self.workers) else ())
+            self.placement.assign(w, experts, len(group))
+            try:
+                results, resident = await self.workers[w].submit.remote(group)
+            except RayActorError as exc:
+                self.placement.failed(w, len(group))
+                tried.append(w)
+                if attempt == 0:
+                    self.retries += 1
+                    log.warning("worker %d died with %d requests; retrying them once: %s", w, len(group), exc)
+                    continue
+                self.failures += len(group)
+                msg = f"worker {w} died while serving this request, and again on retry"
+                return [ServeResult(id=r.id, error=msg, status=503, retried=True) for r in group]
+            self.placement.done(w, len(group), resident)
+            for res in results:
+                res.retried = attempt > 0
+            return results
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------------------------- status
+
+    async def ainfo(self) -> dict[str, Any]:
+        workers = []
+        for w, handle in enumerate(self.workers):
+            try:
+                workers.append(await asyncio.wait_for(handle.info.remote(), timeout=10))
+            except Exception as exc:  # a dead or restarting worker is reported, not raised
+                workers.append({"worker": w, "error": f"{type(exc).__name__}: {exc}"})
+        return {
+            "workers": workers,
+            "placement": self.placement.snapshot(),
+            "retries": self.retries,
+            "failed_requests": self.failures,
+            "router": self.router_name,
+            "compositions": sorted(self.config.compositions),
+        }
+
+    def experts(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": r.name,
+                "version": r.version,
+                "kind": r.kind,
+                "description": r.description,
+                "skills": r.skills,
+                "servable": r.kind == "lora",
+            }
+            for r in self.registry.list()
+        ]
