@@ -250,6 +250,91 @@ def route(
         click.echo(f"saved composition to {model.save(save)}", err=True)
 
 
+@main.command()
+@click.option(
+    "--registry", "registry_path", default=None, type=click.Path(file_okay=False), help="Registry folder (default: the zoo's)."
+)
+@click.option(
+    "--zoo",
+    "zoo_preset",
+    default="small",
+    show_default=True,
+    type=click.Choice(["small", "default"]),
+    help="Zoo served when no --registry/--composition (its data trains gates if a router needs them).",
+)
+@click.option(
+    "--router",
+    default=None,
+    help="retrieval (decided per request, experts batched) or phatgoose/glider/arrow/twin (composition).",
+)
+@click.option(
+    "--composition", default=None, type=click.Path(dir_okay=False, exists=True), help="A saved composition (JSON spec)."
+)
+@click.option("--set", "settings", multiple=True, help="Router setting KEY=VALUE (repeatable).")
+@click.option("--replicas", default=1, show_default=True, type=int, help="Expert workers (each holds the base model once).")
+@click.option("--max-resident", default=8, show_default=True, type=int, help="Experts resident per worker (LRU).")
+@click.option("--max-batch", default=16, show_default=True, type=int, help="Requests per batch.")
+@click.option("--max-wait-ms", default=10.0, show_default=True, type=float, help="How long a batch waits for company.")
+@click.option("--num-cpus", default=None, type=float, help="Ray CPUs per worker [default: the machine's CPUs shared, ≤ 1 each].")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
+@click.option("--port", default=8000, show_default=True, type=int)
+def serve(
+    registry_path, zoo_preset, router, composition, settings, replicas, max_resident, max_batch, max_wait_ms, num_cpus, host, port
+) -> None:  # noqa: ANN001
+    """Serve experts over HTTP on Ray Serve until interrupted (POST /v1/generate, /v1/route,
+    /v1/completions; GET /v1/experts, /healthz)."""
+    _quiet_hf()
+    import time
+
+    from moerge.serving.app import deploy
+
+    config = _parse_config(settings)
+    data = None
+    try:
+        if replicas < 1 or max_resident < 1 or max_batch < 1 or max_wait_ms < 0:
+            raise ValueError("--replicas, --max-resident and --max-batch must be ≥ 1 and --max-wait-ms ≥ 0")
+        if not registry_path and not composition:
+            from moerge import zoo as zoo_mod
+            from moerge.bench.quality import ZOO_ROUTERS
+
+            z = zoo_mod.load(zoo_preset, progress=True)
+            registry_path, data = str(z.registry_path), z.expert_data
+            if router:
+                zoo_cfg = next((c for n, c, _ in ZOO_ROUTERS.values() if n == router), {})
+                config = {**zoo_cfg, **config}
+        click.echo("starting Ray Serve and loading workers …", err=True)
+        dep = deploy(
+            composition,
+            registry=registry_path,
+            router=router,
+            router_config=config,
+            data=data,
+            host=host,
+            port=port,
+            replicas=replicas,
+            max_resident=max_resident,
+            max_batch=max_batch,
+            max_wait_s=max_wait_ms / 1000,
+            num_cpus=num_cpus,
+        )
+    except (KeyError, ValueError, OSError, RuntimeError) as exc:
+        _fail(exc)
+    click.echo(f"serving {dep.settings.registry} at {dep.url}  (router: {router or 'none'}; replicas: {replicas})")
+    click.echo(f"  curl -s {dep.url}/v1/experts")
+    click.echo(
+        f'  curl -s {dep.url}/v1/generate -H \'content-type: application/json\' -d \'{{"prompt": "...", "expert": "NAME"}}\''
+    )
+    click.echo("Ctrl-C stops the server.")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve as ray_serve
+
+        click.echo("stopping …", err=True)
+        ray_serve.shutdown()
+
+
 @main.group()
 def bench() -> None:
     """Performance benchmarks (ratios against a baseline measured in the same run)."""

@@ -1,0 +1,441 @@
+"""The Ray Serve application: an HTTP ingress (FastAPI) over an :class:`ExpertPool` of
+:class:`ExpertWorker` actors.
+
+Endpoints: ``POST /v1/generate``, ``POST /v1/route``, ``GET /v1/experts``, ``GET /healthz``,
+``GET /v1/stats`` and the OpenAI-style ``POST /v1/completions`` (``model`` names an expert, a
+composition, ``__base__``, or ``auto`` for the server's router), so OpenAI clients work unchanged.
+
+Serve's ``@serve.batch`` batches the routing decisions of concurrent requests (one embedder
+call for many prompts). Expert batching happens in the workers, not in Serve: Serve would
+split a batch by multiplexed model id, so the expert travels in the payload and each worker
+builds one mixed batch (serving-notes §4.3).
+"""
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+
+from moerge.serving.types import BASE, BadRequest, GenerationParams, Limits, ServeRequest, ServeResult, ServingError
+from moerge.serving.workers import ExpertPool, WorkerConfig
+
+log = logging.getLogger(__name__)
+
+#: ``model`` values (OpenAI API) that mean "let the server's router decide"
+AUTO_MODELS = ("auto", "moerge")
+
+
+@dataclass
+class ServeSettings:
+    """Everything the app needs to start: the workers' config and how to route."""
+
+    registry: str
+    replicas: int = 1
+    router: str | None = None
+    router_config: dict[str, Any] = field(default_factory=dict)
+    compositions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    default_composition: str | None = None
+    max_resident: int = 8
+    max_batch: int = 16
+    max_wait_s: float = 0.01
+    #: Ray CPUs per worker; None = the cluster's CPUs (less the ingress) shared by the workers, at most 1 each
+    num_cpus: float | None = None
+    threads: int | None = None
+    limits: Limits = Limits()
+
+    def worker_config(self) -> WorkerConfig:
+        return WorkerConfig(
+            registry=self.registry,
+            max_resident=self.max_resident,
+            max_batch=self.max_batch,
+            max_wait_s=self.max_wait_s,
+            compositions=self.compositions,
+            limits=self.limits,
+            threads=self.threads,
+        )
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = None
+    prompts: list[str] | None = None
+
+    def texts(self, limits: Limits) -> list[str]:
+        if (self.prompt is None) == (self.prompts is None):
+            raise BadRequest("give exactly one of 'prompt' or 'prompts'")
+        texts = [self.prompt] if self.prompt is not None else list(self.prompts or [])
+        if not texts:
+            raise BadRequest("'prompts' is empty")
+        if len(texts) > limits.max_prompts:
+            raise BadRequest(f"{len(texts)} prompts in one request; the limit is {limits.max_prompts}")
+        return texts
+
+
+class GenerateBody(_Body):
+    expert: str | None = Field(None, description="one expert by name (or name@version), or __base__")
+    experts: dict[str, float] | None = Field(None, description="several experts with weights (a per-request merge)")
+    model: str | None = Field(None, description="a composition (or an expert) by name")
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+class RouteBody(_Body):
+    model: str | None = None
+
+
+class CompletionBody(BaseModel):
+    """OpenAI's completions request; fields we do not use (user, logprobs …) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    prompt: str | list[str]
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status, **extra}}, status_code=status)
+
+
+async def _json(request: Request) -> Any:
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"malformed JSON body: {exc}") from None
+
+
+def _parse(cls: type[BaseModel], data: Any) -> Any:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        where = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise BadRequest(f"invalid request: {where}") from None
+
+
+api = FastAPI(title="moerge", description="Experts served by assigned expert, over Ray")
+
+
+@serve.deployment(max_ongoing_requests=512)
+@serve.ingress(api)
+class MoergeServer:
+    """The HTTP ingress: validates, routes (batched with ``@serve.batch``), dispatches to the pool."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        self.limits = settings.limits
+        self.pool = ExpertPool(
+            settings.worker_config(),
+            replicas=settings.replicas,
+            router=settings.router,
+            router_config=settings.router_config,
+            default_composition=settings.default_composition,
+            num_cpus=settings.num_cpus or 1.0,
+        )
+        self.pool.ready()
+        self.started = time.time()
+        self.requests = 0
+        self.errors: dict[int, int] = {}
+
+    # ------------------------------------------------------------------------------ helpers
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _decide(self, prompts: list[str]) -> list[Any]:
+        return await asyncio.to_thread(self.pool.decide, prompts)
+
+    def _target(self, name: str | None) -> tuple[tuple[tuple[str, float], ...], str | None, bool]:
+        """A ``model``/``expert`` name → (experts, composition, needs routing)."""
+        if name is None or name in AUTO_MODELS:
+            return (), None, True
+        if name in self.settings.compositions:
+            return (), name, False
+        if name == BASE:
+            return ((BASE, 1.0),), None, False
+        return ((name, 1.0),), None, False
+
+    async def _serve(self, requests: list[ServeRequest], route: list[bool]) -> list[ServeResult]:
+        todo = [i for i, r in enumerate(route) if r]
+        if todo:
+            decided = await asyncio.gather(*(self._decide(requests[i].prompt) for i in todo))
+            for i, (experts, comp) in zip(todo, decided, strict=True):
+                requests[i].experts, requests[i].composition = experts, comp
+        for r in requests:
+            r.check(self.limits)
+        results = await self.pool.agenerate(requests)
+        bad = [(i, r) for i, r in enumerate(results) if r.error]
+        if bad:
+            i, r = bad[0]
+            where = f"prompt {i}: " if len(results) > 1 else ""
+            if r.status >= 500:
+                raise RuntimeError(f"{where}{r.error}")
+            err = BadRequest(f"{where}{r.error}")
+            err.status = r.status
+            raise err
+        return results
+
+    async def _guard(self, handler: Any) -> JSONResponse:
+        self.requests += 1
+        try:
+            return JSONResponse(await handler())
+        except ServingError as exc:
+            self.errors[exc.status] = self.errors.get(exc.status, 0) + 1
+            kind = "not_found_error" if exc.status == 404 else "invalid_request_error" if exc.status < 500 else "unavailable"
+            return _error(exc.status, exc.message, kind)
+        except Exception as exc:
+            eid = uuid.uuid4().hex[:12]
+            log.exception("internal error %s", eid)
+            self.errors[500] = self.errors.get(500, 0) + 1
+            return _error(500, f"internal error ({type(exc).__name__}); quote id {eid} when reporting it", "server_error", id=eid)
+
+    # ---------------------------------------------------------------------------- endpoints
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        return JSONResponse({"status": "ok", "workers": len(self.pool.workers), "uptime_s": round(time.time() - self.started, 1)})
+
+    @api.get("/v1/experts")
+    async def experts(self) -> JSONResponse:
+        async def handler() -> dict[str, Any]:
+            info = await self.pool.ainfo()
+            return {
+                "experts": self.pool.experts(),
+                "compositions": [
+                    {"name": n, "router": s.get("router"), "experts": s.get("experts")}
+                    for n, s in self.settings.compositions.items()
+                ],
+                "router": self.settings.router,
+                "default_composition": self.settings.default_composition,
+                "resident": {w["worker"]: w.get("resident", []) for w in info["workers"]},
+            }
+
+        return await self._guard(handler)
+
+    @api.get("/v1/stats")
+    async def stats(self) -> JSONResponse:
+        async def handler() -> dict[str, Any]:
+            return {"requests": self.requests, "errors": self.errors, **(await self.pool.ainfo())}
+
+        return await self._guard(handler)
+
+    @api.post("/v1/generate")
+    async def generate(self, request: Request) -> JSONResponse:
+        async def handler() -> dict[str, Any]:
+            body = _parse(GenerateBody, await _json(request))
+            texts = body.texts(self.limits)
+            given = [x for x in (body.expert, body.experts, body.model) if x is not None]
+            if len(given) > 1:
+                raise BadRequest("give at most one of 'expert', 'experts' or 'model'")
+            params = GenerationParams(body.max_new_tokens, body.temperature, body.top_p, body.seed)
+            if body.experts is not None:
+                if not body.experts:
+                    raise BadRequest("'experts' is empty")
+                experts, comp, route = tuple(body.experts.items()), None, False
+            else:
+                experts, comp, route = self._target(body.expert or body.model)
+            reqs = [ServeRequest(t, experts, comp, params) for t in texts]
+            results = await self._serve(reqs, [route] * len(reqs))
+            return {"id": f"gen-{uuid.uuid4().hex[:12]}", "results": [r.to_json() for r in results]}
+
+        return await self._guard(handler)
+
+    @api.post("/v1/route")
+    async def route(self, request: Request) -> JSONResponse:
+        async def handler() -> dict[str, Any]:
+            body = _parse(RouteBody, await _json(request))
+            texts = body.texts(self.limits)
+            for t in texts:
+                ServeRequest(t).check(self.limits)
+            if body.model is not None and body.model not in AUTO_MODELS and body.model not in self.settings.compositions:
+                raise BadRequest(f"'model' must name a composition {sorted(self.settings.compositions)} or be 'auto'")
+            comp = body.model if body.model in self.settings.compositions else None
+            out = await self.pool.route(texts, comp)
+            for d in out:
+                d["experts"] = [{"name": n, "weight": round(float(w), 6)} for n, w in d["experts"]]
+            return {"decisions": out}
+
+        return await self._guard(handler)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> JSONResponse:
+        async def handler() -> dict[str, Any]:
+            body = _parse(CompletionBody, await _json(request))
+            if body.stream:
+                raise BadRequest("stream=true is not supported; send stream=false")
+            if body.n != 1:
+                raise BadRequest(f"n={body.n} is not supported; send n=1")
+            texts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+            if not texts or len(texts) > self.limits.max_prompts:
+                raise BadRequest(f"'prompt' must hold 1 to {self.limits.max_prompts} prompts")
+            experts, comp, route = self._target(body.model)
+            params = GenerationParams(body.max_tokens, body.temperature, body.top_p, body.seed)
+            reqs = [ServeRequest(t, experts, comp, params) for t in texts]
+            results = await self._serve(reqs, [route] * len(reqs))
+            stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+            choices = []
+            for i, r in enumerate(results):
+                text, reason = r.text, r.finish_reason
+                cut = min((text.find(s) for s in stops if s and s in text), default=-1)
+                if cut >= 0:
+                    text, reason = text[:cut], "stop"
+                choices.append(
+                    {"index": i, "text": text, "logprobs": None, "finish_reason": reason, "experts": r.to_json()["experts"]}
+                )
+            prompt_tokens = sum(r.prompt_tokens for r in results)
+            completion_tokens = sum(r.completion_tokens for r in results)
+            return {
+                "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": body.model,
+                "choices": choices,
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            }
+
+        return await self._guard(handler)
+
+
+@dataclass
+class Deployment:
+    """A running app: its URL, Serve handle and settings; ``shutdown()`` stops it."""
+
+    name: str
+    url: str
+    handle: Any
+    settings: ServeSettings
+
+    def shutdown(self) -> None:
+        serve.delete(self.name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "url": self.url, "settings": asdict(self.settings)}
+
+
+def build_settings(
+    model_or_config: Any = None,
+    *,
+    registry: str | None = None,
+    router: str | None = None,
+    router_config: dict[str, Any] | None = None,
+    composition: Any = None,
+    data: Any = None,
+    **options: Any,
+) -> ServeSettings:
+    """Settings from what the caller has: a :class:`ServeSettings`, a registry (path or
+    Registry), a :class:`ComposedModel` or a saved composition spec; ``router`` names a
+    sequence router (``retrieval``: decided at the ingress, experts batched in the workers) or
+    a token/merging router (``phatgoose``, ``glider``, ``arrow``, ``twin``: composed once here,
+    so its artifacts are stored, then run whole on every worker)."""
+    from pathlib import Path
+
+    from moerge.composer.compose import ComposedModel, CompositionSpec
+    from moerge.registry import Registry
+    from moerge.routers import get_router
+    from moerge.routers.base import Router
+    from moerge.serving.workers import composition_spec
+
+    if isinstance(model_or_config, ServeSettings):
+        return model_or_config
+    compositions: dict[str, dict[str, Any]] = {}
+    default = None
+    if isinstance(model_or_config, ComposedModel):
+        composition = model_or_config.spec
+    elif isinstance(model_or_config, Registry):
+        registry = str(model_or_config.root)
+    elif model_or_config is not None:
+        p = Path(model_or_config)
+        if p.is_file():
+            composition = p
+        else:
+            registry = str(p)
+    if composition is not None:
+        if isinstance(composition, CompositionSpec):
+            spec, name = composition.model_dump(mode="json"), composition.router
+        else:
+            path = Path(composition)
+            try:
+                spec = CompositionSpec.model_validate_json(path.read_text()).model_dump(mode="json")
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"cannot read composition spec {path}: {exc}") from None
+            name = path.stem
+        compositions[name] = spec
+        default = name
+        registry = registry or spec["registry"]
+    if registry is None:
+        raise ValueError("serving needs a registry (or a composition, whose spec names one)")
+    seq_router = None
+    if router is not None:
+        cls = get_router(router)
+        if cls.granularity != "token" and cls.install is Router.install:
+            seq_router = router
+        else:
+            compositions[router] = composition_spec(registry, router, router_config, data=data)
+            default = default or router
+    return ServeSettings(
+        registry=str(registry),
+        router=seq_router,
+        router_config=dict(router_config or {}) if seq_router else {},
+        compositions=compositions,
+        default_composition=default if seq_router is None else None,
+        **options,
+    )
+
+
+def deploy(
+    model_or_config: Any = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    name: str = "moerge",
+    registry: str | None = None,
+    router: str | None = None,
+    router_config: dict[str, Any] | None = None,
+    composition: Any = None,
+    data: Any = None,
+    ray_cpus: int | None = None,
+    ingress_cpus: float = 0.1,
+    **options: Any,
+) -> Deployment:
+    """Start the Ray Serve app (starting a local Ray and Serve if needed; loopback by
+    default) and wait until its workers are loaded. ``options``: :class:`ServeSettings` fields
+    (``replicas``, ``max_resident``, ``max_batch``, ``max_wait_s``, ``num_cpus``, ``limits`` …)."""
+    from moerge.serving.workers import ensure_ray
+
+    settings = build_settings(
+        model_or_config,
+        registry=registry,
+        router=router,
+        router_config=router_config,
+        composition=composition,
+        data=data,
+        **options,
+    )
+    ensure_ray(ray_cpus)
+    if settings.num_cpus is None:
+        import ray
+
+        total = float(ray.cluster_resources().get("CPU", 1.0))
+        settings.num_cpus = round(min(1.0, max(0.05, (total - ingress_cpus) / settings.replicas)), 2)
+    serve.start(http_options={"host": host, "port": port})
+    app = MoergeServer.options(ray_actor_options={"num_cpus": ingress_cpus}).bind(settings)
+    handle = serve.run(app, name=name, route_prefix="/")
+    return Deployment(name=name, url=f"http://{host}:{port}", handle=handle, settings=settings)
