@@ -129,6 +129,23 @@ def _parse(cls: type[BaseModel], data: Any) -> Any:
         raise BadRequest(f"invalid request: {where}") from None
 
 
+async def respond(handler: Any, errors: dict[int, int]) -> JSONResponse:
+    """Run an endpoint's handler: its result as JSON, a :class:`ServingError` as its 4xx/503
+    with the message, anything else as a 500 carrying an id that is also in the log (the
+    exception itself is not shown to the client). ``errors`` counts statuses."""
+    try:
+        return JSONResponse(await handler())
+    except ServingError as exc:
+        errors[exc.status] = errors.get(exc.status, 0) + 1
+        kind = "not_found_error" if exc.status == 404 else "invalid_request_error" if exc.status < 500 else "unavailable"
+        return _error(exc.status, exc.message, kind)
+    except Exception as exc:
+        eid = uuid.uuid4().hex[:12]
+        log.exception("internal error %s", eid)
+        errors[500] = errors.get(500, 0) + 1
+        return _error(500, f"internal error ({type(exc).__name__}); quote id {eid} when reporting it", "server_error", id=eid)
+
+
 api = FastAPI(title="moerge", description="Experts served by assigned expert, over Ray")
 
 
@@ -191,17 +208,7 @@ class MoergeServer:
 
     async def _guard(self, handler: Any) -> JSONResponse:
         self.requests += 1
-        try:
-            return JSONResponse(await handler())
-        except ServingError as exc:
-            self.errors[exc.status] = self.errors.get(exc.status, 0) + 1
-            kind = "not_found_error" if exc.status == 404 else "invalid_request_error" if exc.status < 500 else "unavailable"
-            return _error(exc.status, exc.message, kind)
-        except Exception as exc:
-            eid = uuid.uuid4().hex[:12]
-            log.exception("internal error %s", eid)
-            self.errors[500] = self.errors.get(500, 0) + 1
-            return _error(500, f"internal error ({type(exc).__name__}); quote id {eid} when reporting it", "server_error", id=eid)
+        return await respond(handler, self.errors)
 
     # ---------------------------------------------------------------------------- endpoints
 

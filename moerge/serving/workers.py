@@ -216,6 +216,19 @@ class ExpertPool:
 
         return ray.get([w.ping.remote() for w in self.workers], timeout=timeout_s)
 
+    async def await_alive(self, worker: int, timeout_s: float = 120.0) -> int:
+        """Wait until ``worker`` answers (a restarting actor refuses calls until it is back)."""
+        from ray.exceptions import RayActorError
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return await self.workers[worker].ping.remote()
+            except RayActorError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
     def shutdown(self) -> None:
         import ray
 
@@ -302,6 +315,8 @@ class ExpertPool:
             w = self.placement.choose(experts, exclude=tried if len(tried) < len(self.workers) else ())
             self.placement.assign(w, experts, len(group))
             try:
+                if w in tried:  # the only choice is the worker that died: wait for Ray to restart it
+                    await self.await_alive(w)
                 results, resident = await self.workers[w].submit.remote(group)
             except RayActorError as exc:
                 self.placement.failed(w, len(group))
