@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -363,6 +364,64 @@ def bench_routing(hidden, layers, experts, top_k, batch, repeats, json_path, no_
     if json_path:
         with open(json_path, "w") as fh:
             json.dump(result, fh, indent=2)
+
+
+@bench.command("serving")
+@click.option("--mixed/--no-mixed", default=True, help="Mixed-expert batches vs single-expert, PEFT adapter_names, set_adapter.")
+@click.option("--http/--no-http", default=True, help="End to end over loopback HTTP on Ray Serve (the zoo).")
+@click.option("--hidden", default=512, show_default=True, type=int)
+@click.option("--layers", default=4, show_default=True, type=int)
+@click.option("--batch", default=32, show_default=True, type=int)
+@click.option("--new-tokens", default=32, show_default=True, type=int)
+@click.option("--repeats", default=3, show_default=True, type=int)
+@click.option("--preset", default="small", show_default=True, type=click.Choice(["small", "default"]), help="Zoo for HTTP.")
+@click.option("--requests", "n_requests", default=192, show_default=True, type=int, help="HTTP requests per workload.")
+@click.option("--concurrency", default=16, show_default=True, type=int)
+@click.option("--port", default=8765, show_default=True, type=int)
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the result as JSON.")
+@click.option("--png", default=None, type=click.Path(dir_okay=False), help="Plot mixed-batch throughput by distinct experts.")
+@click.option("--no-progress", is_flag=True)
+def bench_serving(
+    mixed, http, hidden, layers, batch, new_tokens, repeats, preset, n_requests, concurrency, port, json_path, png, no_progress
+) -> None:  # noqa: ANN001
+    """Serving throughput: mixed-expert batches (k = 1, 2, 4, 8) against single-expert batches,
+    PEFT adapter_names and per-request set_adapter; then HTTP req/s and p50/p99 latency."""
+    _quiet_hf()
+    from moerge.bench import serving as sb
+
+    out: dict = {}
+    try:
+        if mixed:
+            out["mixed"] = sb.run_mixed(
+                sb.MixedConfig(hidden=hidden, layers=layers, batch=batch, new_tokens=new_tokens, repeats=repeats),
+                progress=not no_progress,
+            )
+            click.echo(f"mixed-expert batches: batch {batch}, {new_tokens} new tokens, hidden {hidden}, {layers} layers")
+            click.echo(f"{'variant':<32} {'k':>2} {'tok/s':>9} {'vs single':>10} {'vs PEFT':>8}")
+            for r in out["mixed"]["rows"]:
+                peft = "" if r["vs_peft_same_k"] is None else f"{r['vs_peft_same_k']:.2f}"
+                click.echo(f"{r['variant']:<32} {r['k']:>2} {r['tokens_per_s']:>9.1f} {r['vs_single']:>10.2f} {peft:>8}")
+            if png:
+                click.echo(f"wrote {sb.plot_mixed(out['mixed'], png)}", err=True)
+        if http:
+            out["http"] = sb.run_http(
+                sb.HttpConfig(preset=preset, requests=n_requests, concurrency=concurrency, port=port), progress=not no_progress
+            )
+            click.echo(f"HTTP on loopback ({preset} zoo, app start {out['http']['startup_s']} s)")
+            click.echo(
+                f"{'workload':<24} {'conc':>4} {'req/s':>7} {'×c=1':>6} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6} {'experts':>8}"
+            )
+            for r in out["http"]["rows"]:
+                click.echo(
+                    f"{r['workload']:<24} {r['concurrency']:>4} {r['req_per_s']:>7.1f} {r['vs_concurrency_1']:>6.2f} "
+                    f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['mean_batch']:>6.1f} {r['mean_distinct_experts']:>8.1f}"
+                )
+    except (ValueError, RuntimeError, OSError) as exc:
+        _fail(exc)
+    if json_path:
+        from moerge.registry.files import atomic_write_json
+
+        atomic_write_json(Path(json_path), out)
 
 
 @bench.command("merging")
