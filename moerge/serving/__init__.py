@@ -20,8 +20,34 @@ from moerge.serving.types import (
     UnknownExpert,
 )
 
+_LAZY = {
+    "ExpertPool": "moerge.serving.workers",
+    "ExpertWorker": "moerge.serving.workers",
+    "WorkerConfig": "moerge.serving.workers",
+    "composition_spec": "moerge.serving.workers",
+    "deploy": "moerge.serving.app",
+    "Deployment": "moerge.serving.app",
+    "ServeSettings": "moerge.serving.app",
+}
+
+
+def __getattr__(name: str):  # noqa: ANN202 — Ray and FastAPI load only when serving is used
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'moerge.serving' has no attribute {name!r}")
+
+
 __all__ = [
     "BASE",
+    "Deployment",
+    "ExpertPool",
+    "ExpertWorker",
+    "ServeSettings",
+    "WorkerConfig",
+    "composition_spec",
+    "deploy",
     "BadRequest",
     "BatchQueue",
     "ExpertEngine",
