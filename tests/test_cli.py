@@ -24,6 +24,8 @@ COMMANDS = [
     ["route"],
     ["bench"],
     ["bench", "routing"],
+    ["bench", "serving"],
+    ["serve"],
 ]
 
 
@@ -173,3 +175,23 @@ def test_bench_routing_runs_and_reports_ratios(tmp_path):
     assert "× single LoRA" in r.output
     bad = CliRunner().invoke(main, ["bench", "routing", "--experts", "a,b"])
     assert bad.exit_code != 0 and "--experts" in bad.output
+
+
+def test_bench_serving_mixed_batches_report_ratios_and_plot(tmp_path):
+    out, png = tmp_path / "serving.json", tmp_path / "mixed.png"
+    args = ["bench", "serving", "--no-http", "--hidden", "32", "--layers", "1", "--batch", "8", "--new-tokens", "2"]
+    r = CliRunner().invoke(main, [*args, "--repeats", "1", "--json", str(out), "--png", str(png), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(out.read_text())["mixed"]["rows"]
+    got = {(row["variant"], row["k"]) for row in rows}
+    assert {("moerge", k) for k in (1, 2, 4, 8)} <= got and ("peft adapter_names", 8) in got
+    assert ("peft set_adapter per request", 8) in got
+    assert next(row for row in rows if row["variant"] == "moerge" and row["k"] == 1)["vs_single"] == 1.0
+    assert png.stat().st_size > 1000 and "vs single" in r.output
+    bad = CliRunner().invoke(main, ["bench", "serving", "--no-http", "--batch", "6", "--no-progress"])
+    assert bad.exit_code == 2 and "divide the batch" in bad.output
+
+
+def test_serve_rejects_bad_settings_before_starting_anything():
+    r = CliRunner().invoke(main, ["serve", "--registry", ".", "--replicas", "0"])
+    assert r.exit_code == 2 and "--replicas" in r.output
