@@ -22,6 +22,33 @@ REGISTRY_OPTION = click.option(
 )
 
 
+ZOO_REGISTRY_OPTION = click.option(
+    "--registry", "registry_path", default=None, type=click.Path(file_okay=False), help="Registry folder (default: the zoo's)."
+)
+ZOO_OPTION = click.option(
+    "--zoo",
+    "zoo_preset",
+    default="small",
+    show_default=True,
+    type=click.Choice(["small", "default"]),
+    help="Zoo used when no --registry/--composition (its data trains gates if a router needs them).",
+)
+COMPOSITION_OPTION = click.option(
+    "--composition", default=None, type=click.Path(dir_okay=False, exists=True), help="A saved composition (JSON spec)."
+)
+
+
+def _zoo_source(preset: str, router: str | None, config: dict, progress: bool = False) -> tuple:
+    """The zoo's registry, base path and training data, with ``config`` laid over the demo's
+    settings for ``router`` (e.g. GLIDER's α)."""
+    from moerge import zoo as zoo_mod
+    from moerge.bench.quality import ZOO_ROUTERS
+
+    z = zoo_mod.load(preset, progress=progress)
+    zoo_cfg = next((c for n, c, _ in ZOO_ROUTERS.values() if n == router), {}) if router else {}
+    return z.registry, str(z.base_path), z.expert_data, {**zoo_cfg, **config}
+
+
 def _quiet_hf() -> None:
     from transformers.utils import logging as hf_logging
 
@@ -173,20 +200,9 @@ def _read_data(path: str) -> dict[str, list[tuple[str, str]]]:
 @main.command()
 @click.argument("prompt")
 @click.option("--router", default="phatgoose", show_default=True, help="phatgoose, glider, arrow or retrieval.")
-@click.option(
-    "--registry", "registry_path", default=None, type=click.Path(file_okay=False), help="Registry folder (default: the zoo's)."
-)
-@click.option(
-    "--zoo",
-    "zoo_preset",
-    default="small",
-    show_default=True,
-    type=click.Choice(["small", "default"]),
-    help="Zoo used when no --registry/--composition.",
-)
-@click.option(
-    "--composition", default=None, type=click.Path(dir_okay=False, exists=True), help="A saved composition (JSON spec)."
-)
+@ZOO_REGISTRY_OPTION
+@ZOO_OPTION
+@COMPOSITION_OPTION
 @click.option("--expert", "experts", multiple=True, help="Restrict to these experts (repeatable; default: every LoRA expert).")
 @click.option("--base", default=None, help="Base model folder or hub id (default: the experts' registered base).")
 @click.option(
@@ -219,7 +235,6 @@ def route(
     """Compose experts under a router, generate for PROMPT and show which experts were chosen where."""
     _quiet_hf()
     import moerge
-    from moerge.bench.quality import ZOO_ROUTERS
 
     config = _parse_config(settings)
     try:
@@ -230,13 +245,8 @@ def route(
             if registry_path:
                 reg = moerge.Registry(registry_path)
             else:
-                from moerge import zoo as zoo_mod
-
-                z = zoo_mod.load(zoo_preset, progress=False)
-                reg, base = z.registry, base or str(z.base_path)
-                train_data = train_data or z.expert_data
-                zoo_cfg = next((c for n, c, _ in ZOO_ROUTERS.values() if n == router), {})
-                config = {**zoo_cfg, **config}
+                reg, zoo_base, zoo_data, config = _zoo_source(zoo_preset, router, config)
+                base, train_data = base or zoo_base, train_data or zoo_data
             sel = reg.select(names=list(experts) or None, kind="lora")
             model = moerge.compose(base, sel, router, data=train_data, **config)
         if max_new_tokens < 1:
@@ -252,25 +262,14 @@ def route(
 
 
 @main.command()
-@click.option(
-    "--registry", "registry_path", default=None, type=click.Path(file_okay=False), help="Registry folder (default: the zoo's)."
-)
-@click.option(
-    "--zoo",
-    "zoo_preset",
-    default="small",
-    show_default=True,
-    type=click.Choice(["small", "default"]),
-    help="Zoo served when no --registry/--composition (its data trains gates if a router needs them).",
-)
+@ZOO_REGISTRY_OPTION
+@ZOO_OPTION
 @click.option(
     "--router",
     default=None,
     help="retrieval (decided per request, experts batched) or phatgoose/glider/arrow/twin (composition).",
 )
-@click.option(
-    "--composition", default=None, type=click.Path(dir_okay=False, exists=True), help="A saved composition (JSON spec)."
-)
+@COMPOSITION_OPTION
 @click.option("--set", "settings", multiple=True, help="Router setting KEY=VALUE (repeatable).")
 @click.option("--replicas", default=1, show_default=True, type=int, help="Expert workers (each holds the base model once).")
 @click.option("--max-resident", default=8, show_default=True, type=int, help="Experts resident per worker (LRU).")
@@ -295,14 +294,8 @@ def serve(
         if replicas < 1 or max_resident < 1 or max_batch < 1 or max_wait_ms < 0:
             raise ValueError("--replicas, --max-resident and --max-batch must be ≥ 1 and --max-wait-ms ≥ 0")
         if not registry_path and not composition:
-            from moerge import zoo as zoo_mod
-            from moerge.bench.quality import ZOO_ROUTERS
-
-            z = zoo_mod.load(zoo_preset, progress=True)
-            registry_path, data = str(z.registry_path), z.expert_data
-            if router:
-                zoo_cfg = next((c for n, c, _ in ZOO_ROUTERS.values() if n == router), {})
-                config = {**zoo_cfg, **config}
+            reg, _, data, config = _zoo_source(zoo_preset, router, config, progress=True)
+            registry_path = str(reg.root)
         click.echo("starting Ray Serve and loading workers …", err=True)
         dep = deploy(
             composition,
