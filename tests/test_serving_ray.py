@@ -124,6 +124,7 @@ def server(ray_cluster, small_zoo, tmp_path_factory):
     dep = deploy(
         str(small_zoo.registry_path),
         router="retrieval",
+        data=small_zoo.expert_data,  # retrieval's example bank: the experts' training inputs
         composition=spec_path,
         port=_free_port(),
         name="moerge-test",
@@ -152,8 +153,11 @@ def test_http_api_success_paths(server, small_zoo):
         assert res["text"] == target and res["experts"] == [{"name": task, "weight": 1.0}]
         r = c.post("/v1/generate", json={"prompts": [prompt, prompt], "experts": {task: 0.5, small_zoo.held_in[0]: 0.5}})
         assert r.status_code == 200 and len(r.json()["results"]) == 2
-        r = c.post("/v1/generate", json={"prompt": prompt})  # routed by retrieval
-        assert r.status_code == 200 and len(r.json()["results"][0]["experts"]) == 1
+        rows = _rows(small_zoo, 2)
+        r = c.post("/v1/generate", json={"prompts": [p for _, p, _ in rows]})  # routed by retrieval
+        routed = r.json()["results"]
+        assert r.status_code == 200 and all(len(x["experts"]) == 1 for x in routed)
+        assert sum(x["experts"][0]["name"] == t for x, (t, _, _) in zip(routed, rows, strict=True)) / len(rows) >= 0.9
         r = c.post("/v1/generate", json={"prompt": prompt, "model": "arrow", "max_new_tokens": 4})
         res = r.json()["results"][0]
         assert r.status_code == 200 and res["composition"] == "arrow" and res["completion_tokens"] <= 4

@@ -199,6 +199,7 @@ def run_http(cfg: HttpConfig | None = None, progress: bool = True) -> dict[str, 
     dep = deploy(
         registry,
         router="retrieval",
+        data=z.expert_data,
         composition=CompositionSpec.model_validate(spec),
         port=cfg.port,
         name="moerge-bench",

@@ -29,6 +29,8 @@ from moerge.serving.workers import ExpertPool, WorkerConfig
 
 log = logging.getLogger(__name__)
 
+#: example inputs per expert shipped to the ingress for a sequence router (retrieval: paper's N)
+MAX_ROUTER_EXAMPLES = 1000
 #: ``model`` values (OpenAI API) that mean "let the server's router decide"
 AUTO_MODELS = ("auto", "moerge")
 
@@ -41,6 +43,8 @@ class ServeSettings:
     replicas: int = 1
     router: str | None = None
     router_config: dict[str, Any] = field(default_factory=dict)
+    #: expert name → example inputs for the sequence router's preparation (retrieval's bank)
+    router_data: dict[str, list[str]] | None = None
     compositions: dict[str, dict[str, Any]] = field(default_factory=dict)
     default_composition: str | None = None
     max_resident: int = 8
@@ -162,6 +166,7 @@ class MoergeServer:
             replicas=settings.replicas,
             router=settings.router,
             router_config=settings.router_config,
+            router_data=settings.router_data,
             default_composition=settings.default_composition,
             num_cpus=settings.num_cpus or 1.0,
         )
@@ -351,7 +356,8 @@ def build_settings(
     Registry), a :class:`ComposedModel` or a saved composition spec; ``router`` names a
     sequence router (``retrieval``: decided at the ingress, experts batched in the workers) or
     a token/merging router (``phatgoose``, ``glider``, ``arrow``, ``twin``: composed once here,
-    so its artifacts are stored, then run whole on every worker)."""
+    so its artifacts are stored, then run whole on every worker). ``data`` (expert name →
+    examples, or a callable) trains gates and fills retrieval's example bank."""
     from pathlib import Path
 
     from moerge.composer.compose import ComposedModel, CompositionSpec
@@ -397,10 +403,20 @@ def build_settings(
         else:
             compositions[router] = composition_spec(registry, router, router_config, data=data)
             default = default or router
+    router_data = None
+    if seq_router is not None and data is not None:
+        from moerge.routers import PrepareContext
+
+        ctx = PrepareContext(registry=None, data=data)
+        router_data = {}
+        for rec in Registry(registry).list(kind="lora"):
+            examples = ctx.data_for(rec.name) or []
+            router_data[rec.name] = [e if isinstance(e, str) else e[0] for e in examples][:MAX_ROUTER_EXAMPLES]
     return ServeSettings(
         registry=str(registry),
         router=seq_router,
         router_config=dict(router_config or {}) if seq_router else {},
+        router_data=router_data,
         compositions=compositions,
         default_composition=default if seq_router is None else None,
         **options,

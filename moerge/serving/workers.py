@@ -167,7 +167,9 @@ class ExpertPool:
     A request names its experts (or a composition); a request naming neither is routed: by
     ``router`` when it is a sequence-level router (its top choices become the request's
     experts, batched in the workers' slots), else by ``default_composition`` (token-routed
-    compositions run whole on each worker)."""
+    compositions run whole on each worker). ``router_data`` (expert name → example inputs)
+    feeds the router's preparation, e.g. retrieval's example bank; by default the experts'
+    registered examples."""
 
     def __init__(
         self,
@@ -180,10 +182,11 @@ class ExpertPool:
         replicate_at: int | None = None,
         max_restarts: int = 3,
         workers: Sequence[Any] | None = None,
+        router_data: Mapping[str, Sequence[Any]] | None = None,
     ) -> None:
         self.config = config
         self.registry = Registry(config.registry)
-        self.router = self._sequence_router(router, router_config) if router else None
+        self.router = self._sequence_router(router, router_config, router_data) if router else None
         self.router_name = router
         if default_composition is not None and default_composition not in config.compositions:
             raise ValueError(f"default composition {default_composition!r} is not among {sorted(config.compositions)}")
@@ -196,14 +199,14 @@ class ExpertPool:
         self.retries = 0
         self.failures = 0
 
-    def _sequence_router(self, name: str, config: Mapping[str, Any] | None) -> Any:
+    def _sequence_router(self, name: str, config: Mapping[str, Any] | None, data: Mapping[str, Sequence[Any]] | None) -> Any:
         from moerge.routers import PrepareContext, Router, make_router
 
         rtr = make_router(name, dict(config or {}))
         if rtr.granularity == "token" or type(rtr).install is not Router.install:
             raise ValueError(f"router {name!r} routes tokens or changes the base model; serve it as a composition")
         records = self.registry.select(kind="lora").records
-        ctx = PrepareContext(registry=self.registry)
+        ctx = PrepareContext(registry=self.registry, data=data)
         rtr.prepare(ctx, records)
         rtr.load(records, [], ctx)
         return rtr
