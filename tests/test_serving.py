@@ -233,3 +233,24 @@ def test_worker_batches_concurrent_requests_into_one_generate(small_zoo):
     assert {r.distinct_experts for r in results} == {4}
     assert worker.engine.stats["batches"] == 1
     assert sorted(answers[-1][1]) == sorted(small_zoo.held_in[:4])  # resident experts reported back
+
+
+@pytest.mark.slow
+def test_deploy_settings_from_a_composed_model_a_spec_or_a_registry(small_zoo, tmp_path):
+    import moerge
+    from moerge.serving.app import build_settings
+
+    comp = moerge.compose(experts=small_zoo.registry.select(kind="lora"), router="arrow")
+    s = build_settings(comp, replicas=2)
+    assert s.compositions == {"arrow": comp.spec.model_dump(mode="json")} and s.default_composition == "arrow"
+    assert s.registry == str(small_zoo.registry_path) and s.replicas == 2 and s.router is None
+    spec = comp.save(tmp_path / "mine.json")
+    assert build_settings(str(spec)).default_composition == "mine"
+    s = build_settings(str(small_zoo.registry_path), router="retrieval", data=small_zoo.expert_data)
+    assert s.router == "retrieval" and not s.compositions and s.default_composition is None
+    assert set(s.router_data) == set(small_zoo.held_in) and all(isinstance(x, str) for x in s.router_data["sort"])
+    with pytest.raises(KeyError, match="unknown router"):
+        build_settings(str(small_zoo.registry_path), router="nope")
+    with pytest.raises(ValueError, match="cannot read composition spec"):
+        (tmp_path / "bad.json").write_text("{")
+        build_settings(composition=tmp_path / "bad.json")
