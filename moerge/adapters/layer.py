@@ -61,6 +61,8 @@ class Assignment:
         #: the one expert every row uses alone (k = 1), or None
         self.uniform: int | None = firsts[0] if index.shape[1] == 1 and len(firsts) == 1 and firsts[0] >= 0 else None
         self.any = bool(valid.any())
+        #: the largest expert index used, so layers check it without a host sync each
+        self.max_index = int(index.max()) if index.numel() else -1
 
     @classmethod
     def rows(cls, experts: Sequence[Sequence[tuple[int, float]]]) -> Assignment:
@@ -78,8 +80,8 @@ class Assignment:
 
     def dense(self, num_experts: int) -> torch.Tensor:
         """The same weights as dense per-sequence weights [batch, E]."""
-        if self.index.numel() and int(self.index.max()) >= num_experts:
-            raise ValueError(f"assignment names expert {int(self.index.max())} but there are {num_experts}")
+        if self.max_index >= num_experts:
+            raise ValueError(f"assignment names expert {self.max_index} but there are {num_experts}")
         out = torch.zeros(len(self), num_experts)
         return out.scatter_add_(1, self.safe_index, self.weight)
 
@@ -173,10 +175,8 @@ class MultiExpertLinear(nn.Module):
                 )
             rep = rows // len(a)  # generate() expands rows for beams / num_return_sequences
             index, safe, weight = (t.repeat_interleave(rep, dim=0) for t in (index, safe, weight))
-        if int(safe.max()) >= self.num_experts:
-            raise ValueError(
-                f"assignment names expert {int(safe.max())} but module {self.module_name!r} holds {self.num_experts}"
-            )
+        if a.max_index >= self.num_experts:
+            raise ValueError(f"assignment names expert {a.max_index} but module {self.module_name!r} holds {self.num_experts}")
         x3 = x if x.dim() == 3 else x.unsqueeze(1)
         if a.uniform is not None:
             e = a.uniform

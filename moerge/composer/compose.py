@@ -160,7 +160,7 @@ class ComposedModel:
                 **enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw
             )
         new = gen[:, enc["input_ids"].shape[1] :]
-        texts = [" ".join(t.split()) for t in tok.batch_decode(new, skip_special_tokens=True)]
+        texts = [decode_text(tok, row) for row in new]
         return texts, (enc, new)
 
     @torch.inference_mode()

@@ -102,9 +102,11 @@ class ExpertEngine:
         """The registry record a request's expert name means (``name`` or ``name@version``),
         checked to be a LoRA on this engine's base."""
         try:
-            rec = self.registry.get(*_split_ref(name))
+            rec = self.registry.get(name)  # "name" or "name@version"
         except KeyError:
             raise UnknownExpert(f"unknown expert {name!r}; the registry has {self.registry.names()[:20]}") from None
+        except ValueError:
+            raise BadRequest(f"expert {name!r}: the version after '@' must be a number") from None
         if rec.kind != "lora":
             raise BadRequest(f"expert {name!r} is a {rec.kind} expert; serving batches LoRA experts over one base")
         if rec.base_model != self.base:
@@ -112,7 +114,7 @@ class ExpertEngine:
         return rec
 
     def ensure(self, names: Sequence[str]) -> dict[str, int]:
-        """Make ``names`` resident (LRU eviction of others); returns expert ref → slot."""
+        """Make ``names`` resident (LRU eviction of others); returns name → slot."""
         records = [self.record(n) for n in names]
         refs = [r.ref for r in records]
         slots, loads, evicted = self.residency.acquire(refs)
@@ -129,7 +131,7 @@ class ExpertEngine:
                 raise
             self.stats["loads"] += 1
         self.stats["evictions"] += len(evicted)
-        return slots
+        return {n: slots[ref] for n, ref in zip(names, refs, strict=True)}
 
     @property
     def resident(self) -> list[str]:
@@ -189,9 +191,8 @@ class ExpertEngine:
 
     def _run_experts(self, reqs: list[ServeRequest], outs: list[ServeResult]) -> None:
         names = list(dict.fromkeys(n for r in reqs for n, _ in r.experts if n != BASE))
-        refs = {n: self.record(n).ref for n in names}
         slot_of = self.ensure(names) if names else {}
-        rows = [[(slot_of[refs[n]], w) for n, w in r.experts if n != BASE] for r in reqs]
+        rows = [[(slot_of[n], w) for n, w in r.experts if n != BASE] for r in reqs]
         assignment = Assignment.rows(rows) if layers(self.model) else None
         self.distinct_hist[len(names)] += 1
         self._generate(self.model, reqs, outs, assignment)
@@ -273,13 +274,3 @@ class ExpertEngine:
             "stats": dict(self.stats),
             "distinct_experts_per_batch": dict(sorted(self.distinct_hist.items())),
         }
-
-
-def _split_ref(name: str) -> tuple[str, int | None]:
-    if "@" in name:
-        n, _, v = name.partition("@")
-        try:
-            return n, int(v)
-        except ValueError:
-            raise BadRequest(f"expert {name!r}: the version after '@' must be a number") from None
-    return name, None
