@@ -56,6 +56,17 @@ def _quiet_hf() -> None:
     hf_logging.disable_progress_bar()
 
 
+THREADS_OPTION = click.option(
+    "--threads",
+    default=None,
+    type=click.IntRange(min=1),
+    help="torch CPU threads [default: 1 for the zoo's tiny models in demo, torch's default elsewhere].",
+)
+DEVICE_OPTION = click.option(
+    "--device", default="auto", show_default=True, help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps."
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(verbose: int) -> None:
@@ -91,11 +102,31 @@ def main(verbose: int) -> None:
     help="Merge rows to add (comma-separated), or 'none'.",
 )
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@DEVICE_OPTION
+@THREADS_OPTION
 def demo(
-    preset: str, out: str, json_path: str | None, cache_dir: str | None, routers: str, merges: str, no_progress: bool
+    preset: str,
+    out: str,
+    json_path: str | None,
+    cache_dir: str | None,
+    routers: str,
+    merges: str,
+    no_progress: bool,
+    device: str,
+    threads: int | None,
 ) -> None:
-    """Build or load the zoo, evaluate base, every expert on every task, the oracle, the routers and the merges; print the table."""
+    """Build or load the zoo, evaluate base, every expert on every task, the oracle, the routers and the merges; print the table.
+
+    The zoo is built on the CPU (the reference weights); evaluation, router preparation and
+    merges run on --device in float32."""
     _quiet_hf()
+    from moerge.device import SMALL_MODEL_THREADS, resolve_device, set_threads
+
+    try:
+        dev = resolve_device(device)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from None
+    set_threads(threads or SMALL_MODEL_THREADS)
     from moerge import zoo as zoo_mod
     from moerge.bench.quality import ZOO_MERGES, ZOO_ROUTERS, evaluate_merges, evaluate_routers, evaluate_zoo, write_report
 
@@ -108,13 +139,14 @@ def demo(
     click.echo(
         f"[2/4] evaluating base, {len(zoo.held_in)} experts × {len(zoo.held_in) + len(zoo.held_out)} tasks, oracle ...", err=True
     )
-    report = evaluate_zoo(zoo, progress=not no_progress)
+    report = evaluate_zoo(zoo, progress=not no_progress, device=dev)
+    report.meta["device"], report.meta["threads"] = str(dev), torch_threads()
     click.echo(f"[3/4] routers: {', '.join(chosen) or 'none'} (per-expert artifacts prepared once, cached) ...", err=True)
-    evaluate_routers(zoo, report, chosen, progress=not no_progress)
+    evaluate_routers(zoo, report, chosen, progress=not no_progress, device=dev)
     click.echo(
         f"      merges: {', '.join(chosen_merges) or 'none'} (hyper-parameters chosen on the validation split) ...", err=True
     )
-    evaluate_merges(zoo, report, chosen_merges, progress=not no_progress)
+    evaluate_merges(zoo, report, chosen_merges, progress=not no_progress, device=dev)
     report.meta["demo_seconds"] = time.perf_counter() - t0
     paths = write_report(report, out, json_path)
     click.echo("[4/4] done\n", err=True)
@@ -122,6 +154,12 @@ def demo(
     click.echo("\nCross-task matrix (exact match %):\n")
     click.echo(report.matrix_markdown())
     click.echo(f"\nWrote {paths['markdown']}, {paths['json']}, {paths['png']} in {report.meta['demo_seconds']:.0f} s.")
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _rows(spec: str, known: dict, option: str) -> list[str]:
@@ -278,8 +316,35 @@ def route(
 @click.option("--num-cpus", default=None, type=float, help="Ray CPUs per worker [default: the machine's CPUs shared, ≤ 1 each].")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
 @click.option("--port", default=8000, show_default=True, type=int)
+@click.option(
+    "--device", default="auto", show_default=True, help="Workers' device: auto (the GPU Ray gives each, else CPU), cpu, cuda."
+)
+@click.option(
+    "--dtype", default="auto", show_default=True, help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."
+)
+@click.option(
+    "--gpus-per-worker", default=0.0, show_default=True, type=float, help="GPUs each worker asks Ray for (0.5: two per card)."
+)
+@click.option("--compile", "compiled", is_flag=True, help="Static KV cache + torch.compile decode (pays on a GPU).")
+@THREADS_OPTION
 def serve(
-    registry_path, zoo_preset, router, composition, settings, replicas, max_resident, max_batch, max_wait_ms, num_cpus, host, port
+    registry_path,
+    zoo_preset,
+    router,
+    composition,
+    settings,
+    replicas,
+    max_resident,
+    max_batch,
+    max_wait_ms,
+    num_cpus,
+    host,
+    port,
+    device,
+    dtype,
+    gpus_per_worker,
+    compiled,
+    threads,
 ) -> None:  # noqa: ANN001
     """Serve experts over HTTP on Ray Serve until interrupted (POST /v1/generate, /v1/route,
     /v1/completions; GET /v1/experts, /healthz)."""
@@ -293,6 +358,13 @@ def serve(
     try:
         if replicas < 1 or max_resident < 1 or max_batch < 1 or max_wait_ms < 0:
             raise ValueError("--replicas, --max-resident and --max-batch must be ≥ 1 and --max-wait-ms ≥ 0")
+        if gpus_per_worker < 0 or (gpus_per_worker > 1 and gpus_per_worker != int(gpus_per_worker)):
+            raise ValueError(f"--gpus-per-worker must be a fraction ≤ 1 or a whole number, got {gpus_per_worker}")
+        if device.startswith("cuda") and not gpus_per_worker:
+            raise ValueError("--device cuda needs --gpus-per-worker (e.g. 1, or 0.5 for two workers per card)")
+        from moerge.device import resolve_dtype
+
+        resolve_dtype(dtype)
         if not registry_path and not composition:
             reg, _, data, config = _zoo_source(zoo_preset, router, config, progress=True)
             registry_path = str(reg.root)
@@ -310,6 +382,11 @@ def serve(
             max_batch=max_batch,
             max_wait_s=max_wait_ms / 1000,
             num_cpus=num_cpus,
+            threads=threads,
+            device=device,
+            dtype=dtype,
+            gpus_per_worker=gpus_per_worker,
+            compile=compiled,
         )
     except (KeyError, ValueError, OSError, RuntimeError) as exc:
         _fail(exc)

@@ -63,6 +63,26 @@ def peft_with_adapters(base, configs: dict, seed: int = 0):
     return model
 
 
+def experts_of(peft_model, names):
+    """Our LoraExperts read from a live PeftModel's state and configs (as a PEFT folder would give)."""
+    from peft import get_peft_model_state_dict
+
+    from moerge.adapters import lora_from_state
+
+    out = []
+    for n in names:
+        state = get_peft_model_state_dict(peft_model, adapter_name=n)
+        out.append(lora_from_state(n, peft_model.peft_config[n].to_dict(), state))
+    return out
+
+
+def detached_base(peft_model):
+    """The base model without PEFT layers (a deep copy, so the PeftModel stays usable)."""
+    import copy
+
+    return copy.deepcopy(peft_model).unload().eval()
+
+
 @pytest.fixture
 def llama_folder(tmp_path: Path) -> Path:
     model = tiny_llama()

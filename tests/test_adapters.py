@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, ids, lora_config, peft_with_adapters, tiny_gpt2, tiny_llama
+from conftest import LLAMA_TARGETS, detached_base, experts_of, ids, lora_config, peft_with_adapters, tiny_gpt2, tiny_llama
 
 from moerge.adapters import (
     Assignment,
@@ -16,32 +16,12 @@ from moerge.adapters import (
     detach,
     layers,
     load_expert,
-    lora_from_state,
     lowrank_from_delta,
     lowrank_from_factors,
     one_hot,
     set_weights,
     use_weights,
 )
-
-
-def experts_of(peft_model, names):
-    """Our LoraExperts read from a live PeftModel's state and configs (as a PEFT folder would give)."""
-    from peft import get_peft_model_state_dict
-
-    out = []
-    for n in names:
-        state = get_peft_model_state_dict(peft_model, adapter_name=n)
-        out.append(lora_from_state(n, peft_model.peft_config[n].to_dict(), state))
-    return out
-
-
-def detached_base(peft_model):
-    """The base model without PEFT layers (a deep copy, so the PeftModel stays usable)."""
-    import copy
-
-    return copy.deepcopy(peft_model).unload().eval()
-
 
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 
@@ -276,15 +256,18 @@ def test_thin_qr_route_equals_dense_svd_without_building_the_matrix():
     assert torch.allclose(lowrank_from_factors([(1.0, terms[0]), (-1.0, terms[1])], 8).delta(), dense, atol=1e-4)
 
 
-@pytest.mark.parametrize("rows", [1 << 30, 0], ids=["stacked", "per-expert"])
-def test_topk_weights_equal_the_same_dense_weights(monkeypatch, rows):
-    """Both top-k paths (stacked factors for small batches, each expert on its rows for large)
-    equal the dense mixture with the same weights scattered into [..., E]."""
+@pytest.mark.parametrize("path", ["stacked", "gathered", "grouped", "gathered-chunked"])
+def test_topk_weights_equal_the_same_dense_weights(monkeypatch, path):
+    """Every top-k path (stacked factors, per-pair gather + bmm, sorted segment matmul, and the
+    gathered path cut into chunks where it stands in for the segment matmul) equals the dense
+    mixture with the same weights scattered into [..., E]."""
     from moerge.adapters import TopK
     from moerge.adapters import layer as layer_mod
 
-    monkeypatch.setattr(layer_mod, "CONCAT_ROWS", rows)
-    monkeypatch.setattr(layer_mod, "CONCAT_EXPERTS_PER_K", 0)
+    monkeypatch.setattr(layer_mod, "STACKED_MAX_EXPERTS", 1 << 30 if path == "stacked" else 0)
+    monkeypatch.setattr(layer_mod, "GATHER_PAIRS", 1 << 30 if path.startswith("gathered") else 0)
+    if path == "gathered-chunked":
+        monkeypatch.setattr(layer_mod, "GATHER_CHUNK", 7)
     torch.manual_seed(1)
     base = torch.nn.Linear(16, 12)
     factors = [LoraFactors(torch.randn(r, 16), torch.randn(12, r), s) for r, s in [(4, 0.5), (2, 2.0), (8, 1.0), (3, 0.7)]]
@@ -293,6 +276,7 @@ def test_topk_weights_equal_the_same_dense_weights(monkeypatch, rows):
     idx = torch.stack([torch.randperm(4)[:2] for _ in range(15)]).reshape(3, 5, 2)
     w = torch.softmax(torch.randn(3, 5, 2), -1)
     sparse = TopK(idx, w)
+    assert layer_mod.topk_path(4, 15, 2) == path.removesuffix("-chunked")
     with torch.no_grad():
         layer.weights = sparse
         got = layer(x)

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from moerge.adapters.layer import MultiExpertLinear, WeightFn
+from moerge.adapters.layer import Assignment, MultiExpertLinear, TopK, WeightFn
 from moerge.adapters.lora import LoraExpert
 
 
@@ -121,22 +121,36 @@ def detach(model: nn.Module) -> list[str]:
     return restored
 
 
-def set_weights(model: nn.Module, weights: torch.Tensor | WeightFn | None) -> None:
-    """Set the routing of every wrapped layer: [B, E] per sequence, [B, T, E] per token, a
-    callable ``(layer, x) -> [..., E]``, or ``None`` for the base model alone."""
+def set_weights(model: nn.Module, weights: torch.Tensor | Assignment | TopK | WeightFn | None) -> None:
+    """Set the routing of every wrapped layer: [B, E] per sequence, [B, T, E] per token, an
+    :class:`Assignment`, :class:`TopK`, a callable ``(layer, x) -> [..., E] | TopK``, or ``None``
+    for the base model alone. Tensors are moved to the model's device here, once for all
+    layers; per-sequence weights on the CPU whose rows use at most half the experts become an
+    :class:`Assignment` (read once on the host), so the layers compute only those experts."""
     found = layers(model)
     if not found:
         raise RuntimeError("no moerge experts are attached to this model; call attach() first")
+    first = next(iter(found.values()))
+    E, device = first.num_experts, first.lora_A.device
     if isinstance(weights, torch.Tensor):
-        E = next(iter(found.values())).num_experts
         if weights.dim() not in (2, 3) or weights.shape[-1] != E:
             raise ValueError(f"routing weights must be [batch, {E}] or [batch, tokens, {E}], got {tuple(weights.shape)}")
+        if weights.dim() == 2 and weights.device.type == "cpu" and 2 * int(weights.ne(0).sum(1).max()) <= E:
+            weights = Assignment.from_dense(weights)
+        else:
+            weights = weights.to(device)
+    if isinstance(weights, Assignment):
+        if weights.max_index >= E:
+            raise ValueError(f"the assignment names expert {weights.max_index} but the model holds {E}")
+        weights.on(device)
+    elif isinstance(weights, TopK):
+        weights = weights.to(device)
     for layer in found.values():
         layer.weights = weights
 
 
 @contextmanager
-def use_weights(model: nn.Module, weights: torch.Tensor | WeightFn | None) -> Iterator[None]:
+def use_weights(model: nn.Module, weights: torch.Tensor | Assignment | TopK | WeightFn | None) -> Iterator[None]:
     """``with use_weights(model, w): model.generate(...)`` — routing restored afterwards."""
     found = layers(model)
     before = {n: layer.weights for n, layer in found.items()}

@@ -3,9 +3,25 @@
     y = W x + Σ_e w_e · s_e · B_e A_e x
 
 Weights come per sequence ([B, E]; one-hot rows make a mixed-expert batch), per token
-([B, T, E]), or from a callable that computes them from the layer's input (token-level routers).
-Only experts that carry a non-zero weight somewhere are computed, and each only on the rows
-(tokens) that give it weight, so a top-k routing touches k experts per token.
+([B, T, E]), as an :class:`Assignment` (serving's per-row experts), as :class:`TopK` (what
+token routers return) or from a callable that computes them from the layer's input.
+
+Every forward path is free of host↔device synchronisation: which kernel runs is decided from
+shapes, dtypes and the device type only (Python values fixed for a whole ``generate``), never
+from the values of a tensor, so a GPU never waits for the host inside a module and the forward
+can be captured by ``torch.compile`` / CUDA graphs. ``tests/test_device.py`` proves it on the
+``meta`` device, which raises on any data-dependent call. The paths (see :func:`topk_path`):
+
+* ``stacked`` — two matmuls over every expert's factors side by side (x·[A_1;…;A_E]ᵀ, masked to
+  each row's weights, then ·[B_1 … B_E]ᵀ): dense weights, and top-k over few experts;
+* ``gathered`` — per (row, expert) pair, gather that expert's factors and run two batched
+  matmuls (the BGMV shape of Punica/S-LoRA): mixed batches and decode steps, cost ∝ k;
+* ``grouped`` — sort the (token, expert) pairs by expert and run a segment matmul
+  (``torch._grouped_mm``): long prefills over many experts, cost ∝ k, not E.
+
+Routing tensors may live on the CPU or the device and in any float dtype; they are moved once
+(``set_weights`` moves them to the model's device; an :class:`Assignment` keeps one copy per
+device) and cast to the activations' dtype, so a bf16 model adds its LoRA term in bf16 like PEFT.
 """
 
 from __future__ import annotations
@@ -32,6 +48,9 @@ class TopK:
         out = torch.zeros(*self.index.shape[:-1], num_experts, dtype=self.weight.dtype, device=self.weight.device)
         return out.scatter_add_(-1, self.index, self.weight)
 
+    def to(self, device: torch.device) -> TopK:
+        return TopK(self.index.to(device, non_blocking=True), self.weight.to(device, non_blocking=True))
+
 
 class Assignment:
     """Per-sequence expert assignment for a mixed-expert batch (serving): row b uses experts
@@ -40,15 +59,16 @@ class Assignment:
     The layer evaluates it as a per-row gather of the assigned factors and two batched matmuls
     (the BGMV shape of S-LoRA/Punica), so the cost does not grow with the number of distinct
     experts in the batch; a batch whose rows all use one expert runs as one plain LoRA matmul.
-    The bookkeeping (clamped indices, the uniform case) is computed once here, not per module."""
+    The bookkeeping (clamped indices, the uniform case, the largest index) is computed once
+    here on the host, and :meth:`to` keeps one copy per device, so no layer reads a value back."""
 
     def __init__(self, index: torch.Tensor, weight: torch.Tensor | None = None) -> None:
-        index = torch.as_tensor(index, dtype=torch.long)
+        index = torch.as_tensor(index, dtype=torch.long).cpu()
         if index.dim() == 1:
             index = index[:, None]
         if index.dim() != 2:
             raise ValueError(f"an assignment's index must be [batch] or [batch, k], got shape {tuple(index.shape)}")
-        weight = torch.ones(index.shape) if weight is None else torch.as_tensor(weight, dtype=torch.float32)
+        weight = torch.ones(index.shape) if weight is None else torch.as_tensor(weight, dtype=torch.float32).cpu()
         if weight.dim() == 1:
             weight = weight[:, None]
         if weight.shape != index.shape:
@@ -63,6 +83,7 @@ class Assignment:
         self.any = bool(valid.any())
         #: the largest expert index used, so layers check it without a host sync each
         self.max_index = int(index.max()) if index.numel() else -1
+        self._copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def rows(cls, experts: Sequence[Sequence[tuple[int, float]]]) -> Assignment:
@@ -75,8 +96,29 @@ class Assignment:
                 index[b, j], weight[b, j] = e, w
         return cls(index, weight)
 
+    @classmethod
+    def from_dense(cls, weights: torch.Tensor) -> Assignment:
+        """Per-sequence weights [B, E] as an assignment of each row's non-zero experts (read on
+        the host once per batch, so the layers run the gathered path instead of all E experts)."""
+        w = weights.detach().float().cpu()
+        nonzero = w.ne(0)
+        k = max(1, int(nonzero.sum(1).max())) if w.numel() else 1
+        order = nonzero.float().topk(k, dim=1)  # the non-zero columns first
+        index = torch.where(order.values > 0, order.indices, torch.full_like(order.indices, -1))
+        return cls(index, w.gather(1, order.indices))
+
     def __len__(self) -> int:
         return self.index.shape[0]
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(clamped index, weight) on ``device``, copied there once per assignment."""
+        if device == self.safe_index.device:
+            return self.safe_index, self.weight
+        if device not in self._copies:
+            pin = device.type == "cuda"
+            idx, w = (t.pin_memory() if pin else t for t in (self.safe_index, self.weight))
+            self._copies[device] = (idx.to(device, non_blocking=True), w.to(device, non_blocking=True))
+        return self._copies[device]
 
     def dense(self, num_experts: int) -> torch.Tensor:
         """The same weights as dense per-sequence weights [batch, E]."""
@@ -89,15 +131,39 @@ class Assignment:
 #: a router hook: (layer, input x [..., d_in]) -> weights [..., E] or TopK
 WeightFn = Callable[["MultiExpertLinear", torch.Tensor], "torch.Tensor | TopK"]
 
-#: a top-k mixture runs as two matmuls over all experts' stacked factors (x·[A_1;…;A_E]ᵀ, masked
-#: to each row's k experts, then ·[B_1 … B_E]ᵀ) when the batch has at most this many rows or
-#: E ≤ CONCAT_EXPERTS_PER_K·k; otherwise each expert runs once on the rows routed to it. On a
-#: CPU the few large matmuls beat many small gathers for decode steps and small prefills
-#: (measured in benches: ``moerge bench routing``).
-CONCAT_ROWS = 256
-CONCAT_EXPERTS_PER_K = 4
-#: dense weights ([..., E] with at least this share of non-zeros) use the stacked path too
-DENSE_FRACTION = 0.5
+#: top-k over at most this many experts runs ``stacked`` (two matmuls over all experts' factors)
+STACKED_MAX_EXPERTS = 16
+#: ... or over more experts but at most this many (row, expert) pairs runs ``gathered``
+#: (decode steps, short prefills); longer inputs run ``grouped``. Measured with ``moerge bench routing``.
+GATHER_PAIRS = 256
+#: the gathered path's working set is cut into chunks of this many pairs when it stands in for
+#: ``grouped`` (a device without a sync-free segment matmul), bounding its memory
+GATHER_CHUNK = 4096
+
+
+def grouped_mm_available(x: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` runs sync-free for these activations: on the CPU (no
+    device to wait for), and on CUDA in bfloat16 on compute capability ≥ 9 (elsewhere CUDA
+    falls back to a loop that reads the offsets on the host). The ``meta`` device stands in
+    for CUDA in tests (its kernel has CUDA's dtype rules)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    if x.dtype != torch.bfloat16:
+        return False
+    if x.device.type == "meta":
+        return True
+    return x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+def topk_path(num_experts: int, rows: int, k: int) -> str:
+    """Which kernel a top-k mixture over ``num_experts`` with ``rows`` × ``k`` pairs uses."""
+    if num_experts <= STACKED_MAX_EXPERTS:
+        return "stacked"
+    if rows * k <= GATHER_PAIRS:
+        return "gathered"
+    return "grouped"
 
 
 def base_shape(base: nn.Module) -> tuple[int, int]:
@@ -111,7 +177,8 @@ def base_shape(base: nn.Module) -> tuple[int, int]:
 
 class MultiExpertLinear(nn.Module):
     """Wraps a base linear layer and holds E experts' factors stacked as ``lora_A`` [E, r_max, d_in]
-    and ``lora_B`` [E, d_out, r_max] (zero-padded, so mixed ranks are exact) with ``scaling`` [E]."""
+    and ``lora_B`` [E, d_out, r_max] (zero-padded, so mixed ranks are exact) with ``scaling`` [E].
+    The factors take the base weight's device and dtype (and follow ``model.to(...)``)."""
 
     def __init__(
         self, base: nn.Module, factors: Sequence[LoraFactors | None], expert_names: Sequence[str], name: str = ""
@@ -134,17 +201,17 @@ class MultiExpertLinear(nn.Module):
             if f is None:
                 continue
             self.check(f, expert_names[e])
-            A[e, : f.rank] = f.A.to(dtype)
-            B[e, :, : f.rank] = f.B.to(dtype)
+            A[e, : f.rank] = f.A.to(device=device, dtype=dtype)
+            B[e, :, : f.rank] = f.B.to(device=device, dtype=dtype)
             scaling[e] = f.scaling
         self.register_buffer("lora_A", A, persistent=False)
         self.register_buffer("lora_B", B, persistent=False)
         self.register_buffer("scaling", scaling, persistent=False)
-        # [d_out, E·r_max]: B_1 … B_E side by side, for the stacked top-k path
+        # [d_out, E·r_max]: B_1 … B_E side by side, for the stacked path
         self.register_buffer("lora_B_cat", B.permute(1, 0, 2).reshape(d_out, -1).contiguous(), persistent=False)
         self.ranks = ranks
-        #: routing state: None (base only), a weight tensor, or a WeightFn
-        self.weights: torch.Tensor | WeightFn | None = None
+        #: routing state: None (base only), a weight tensor, an Assignment, TopK, or a WeightFn
+        self.weights: torch.Tensor | Assignment | TopK | WeightFn | None = None
 
     @property
     def num_experts(self) -> int:
@@ -159,14 +226,17 @@ class MultiExpertLinear(nn.Module):
         if w is None:
             return y
         if isinstance(w, Assignment):
-            return y + self.assigned_mixture(x, w) if w.any else y
+            # compiled: no branch on the assignment's Python values (they would specialise the graph)
+            return y + self.assigned_mixture(x, w) if w.any or torch.compiler.is_compiling() else y
         if isinstance(w, TopK):
-            return y + self.topk_mixture(x, w)
-        return y + self.mixture(x, self._align(w, x))
+            return y + self.topk_mixture(x, w if w.index.device == x.device else w.to(x.device))
+        return y + self.mixture(x, self._align(w if w.device == x.device else w.to(x.device), x))
+
+    # ------------------------------------------------------------------------------ paths
 
     def assigned_mixture(self, x: torch.Tensor, a: Assignment) -> torch.Tensor:
         """Σ_j w_bj · s_e · B_e A_e x_b with e = index[b, j], for x [B, T, d_in] (or [B, d_in])."""
-        index, safe, weight = a.index, a.safe_index, a.weight
+        safe, weight = a.on(x.device)
         rows = x.shape[0]
         if rows != len(a):
             if rows % len(a):
@@ -174,24 +244,89 @@ class MultiExpertLinear(nn.Module):
                     f"an assignment for {len(a)} sequences does not fit input {tuple(x.shape)} at {self.module_name!r}"
                 )
             rep = rows // len(a)  # generate() expands rows for beams / num_return_sequences
-            index, safe, weight = (t.repeat_interleave(rep, dim=0) for t in (index, safe, weight))
-        if a.max_index >= self.num_experts:
+            safe, weight = (t.repeat_interleave(rep, dim=0) for t in (safe, weight))
+        compiling = torch.compiler.is_compiling()  # set_weights checked the index range already
+        if not compiling and a.max_index >= self.num_experts:
             raise ValueError(f"assignment names expert {a.max_index} but module {self.module_name!r} holds {self.num_experts}")
         x3 = x if x.dim() == 3 else x.unsqueeze(1)
-        if a.uniform is not None:
+        if a.uniform is not None and not compiling:
             e = a.uniform
             r = max(self.ranks[e], 1)
-            coef = (weight[:, 0] * self.scaling[e]).to(x.dtype)
+            coef = (weight[:, 0] * self.scaling[e].float()).to(x.dtype)
             out = ((x3 @ self.lora_A[e, :r].T) * coef[:, None, None]) @ self.lora_B[e, :, :r].T
         else:
             out = None
-            for j in range(index.shape[1]):
+            for j in range(safe.shape[1]):
                 ix = safe[:, j]
-                coef = (weight[:, j] * self.scaling.index_select(0, ix)).to(x.dtype)
+                coef = (weight[:, j] * self.scaling.index_select(0, ix).float()).to(x.dtype)
                 h = torch.bmm(x3, self.lora_A.index_select(0, ix).transpose(1, 2)) * coef[:, None, None]
                 term = torch.bmm(h, self.lora_B.index_select(0, ix).transpose(1, 2))
                 out = term if out is None else out + term
         return out if x.dim() == 3 else out.squeeze(1)
+
+    def mixture(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Σ_e w_e · s_e · B_e A_e x for dense weights ``w`` [..., E] aligned with ``x`` [..., d_in]:
+        two matmuls over the stacked factors (every expert computed, as dense weights ask)."""
+        lead = x.shape[:-1]
+        coef = (w.reshape(-1, self.num_experts).float() * self.scaling.float()).to(x.dtype)
+        return self._stacked(x.reshape(-1, x.shape[-1]), coef).reshape(*lead, -1)
+
+    def topk_mixture(self, x: torch.Tensor, w: TopK) -> torch.Tensor:
+        """Σ_j w_j · s_{e_j} · B_{e_j} A_{e_j} x for sparse weights aligned with ``x``'s rows."""
+        lead = x.shape[:-1]
+        if w.index.shape[:-1] != lead or w.weight.shape != w.index.shape:
+            raise ValueError(
+                f"top-k routing of shape {tuple(w.index.shape)} does not fit input {tuple(x.shape)} at module {self.module_name!r}"
+            )
+        E, k, n = self.num_experts, w.index.shape[-1], lead.numel()
+        xf = x.reshape(n, -1)
+        index = w.index.reshape(n, k)
+        path = topk_path(E, n, k)
+        if path == "stacked":
+            coef = torch.zeros(n, E, dtype=torch.float32, device=x.device)
+            coef.scatter_add_(1, index, w.weight.reshape(n, k).float())
+            out = self._stacked(xf, (coef * self.scaling.float()).to(x.dtype))
+        else:
+            flat = index.reshape(-1)
+            coef = (w.weight.reshape(-1).float() * self.scaling.index_select(0, flat).float()).to(x.dtype)
+            if path == "grouped" and grouped_mm_available(x):
+                out = self._grouped(xf, flat, coef, k)
+            else:
+                out = self._gathered(xf, flat, coef, k)
+        return out.reshape(*lead, -1)
+
+    def _stacked(self, xf: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        """x·[A_1;…;A_E]ᵀ scaled per (row, expert) by ``coef`` [n, E], then ·[B_1 … B_E]ᵀ."""
+        n, E = xf.shape[0], self.num_experts
+        h = (xf @ self.lora_A.reshape(-1, xf.shape[-1]).T).view(n, E, -1) * coef[:, :, None]
+        return h.view(n, -1) @ self.lora_B_cat.T
+
+    def _gathered(self, xf: torch.Tensor, flat: torch.Tensor, coef: torch.Tensor, k: int) -> torch.Tensor:
+        """Per (row, expert) pair p: gather A_{e_p}, B_{e_p}; two batched matrix-vector products;
+        the k pairs of a row summed. Chunked so the gathered factors stay bounded."""
+        n, d_in = xf.shape
+        xs = xf[:, None, :].expand(n, k, d_in).reshape(n * k, 1, d_in)
+        parts = []
+        for s in range(0, n * k, GATHER_CHUNK):
+            ix, c = flat[s : s + GATHER_CHUNK], coef[s : s + GATHER_CHUNK]
+            h = torch.bmm(xs[s : s + GATHER_CHUNK], self.lora_A.index_select(0, ix).transpose(1, 2)) * c[:, None, None]
+            parts.append(torch.bmm(h, self.lora_B.index_select(0, ix).transpose(1, 2)))
+        y = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return y.view(n, k, -1).sum(1)
+
+    def _grouped(self, xf: torch.Tensor, flat: torch.Tensor, coef: torch.Tensor, k: int) -> torch.Tensor:
+        """Pairs sorted by expert, one segment matmul per factor (``torch._grouped_mm`` with
+        cumulative end offsets per expert), then put back in order and the k pairs of a row summed."""
+        E = self.num_experts
+        order = torch.argsort(flat, stable=True)
+        ones = torch.ones_like(flat, dtype=torch.int32)
+        offsets = torch.zeros(E, dtype=torch.int32, device=xf.device).scatter_add_(0, flat, ones).cumsum(0, dtype=torch.int32)
+        xs = xf.index_select(0, order // k)
+        h = torch._grouped_mm(xs, self.lora_A.transpose(1, 2), offs=offsets) * coef.index_select(0, order)[:, None]
+        y = torch._grouped_mm(h, self.lora_B.transpose(1, 2), offs=offsets)
+        return torch.empty_like(y).index_copy_(0, order, y).view(xf.shape[0], k, -1).sum(1)
+
+    # ------------------------------------------------------------------------------ slots
 
     def set_expert(self, e: int, factors: LoraFactors | None, name: str) -> None:
         """Put ``factors`` (or nothing) into expert slot ``e`` in place — how a serving worker
@@ -206,8 +341,8 @@ class MultiExpertLinear(nn.Module):
         rank = 0
         if factors is not None:
             rank = factors.rank
-            self.lora_A[e, :rank] = factors.A.to(self.lora_A.dtype)
-            self.lora_B[e, :, :rank] = factors.B.to(self.lora_B.dtype)
+            self.lora_A[e, :rank] = factors.A.to(device=self.lora_A.device, dtype=self.lora_A.dtype)
+            self.lora_B[e, :, :rank] = factors.B.to(device=self.lora_B.device, dtype=self.lora_B.dtype)
             self.scaling[e] = factors.scaling
         r_max = self.lora_A.shape[1]
         self.lora_B_cat[:, e * r_max : (e + 1) * r_max] = self.lora_B[e]
@@ -250,47 +385,3 @@ class MultiExpertLinear(nn.Module):
                 f"routing weights of shape {tuple(w.shape)} do not fit input of shape {tuple(x.shape)} at module "
                 f"{self.module_name!r}; expected [batch, experts] or [batch, tokens, experts]"
             ) from None
-
-    def mixture(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Σ_e w_e · s_e · B_e A_e x for weights ``w`` [..., E] aligned with ``x`` [..., d_in].
-        Dense weights (most rows give most experts weight, e.g. Twin-Merging's softmax) run as
-        two matmuls over the stacked factors; sparse ones (one-hot batches) expert by expert,
-        each on its own rows."""
-        lead = x.shape[:-1]
-        xf = x.reshape(-1, x.shape[-1])
-        wf = w.reshape(-1, self.num_experts).to(x.dtype) * self.scaling
-        nonzero = wf.ne(0)
-        if self.num_experts > 1 and nonzero.float().mean() >= DENSE_FRACTION:
-            h = (xf @ self.lora_A.reshape(-1, xf.shape[-1]).T).view(xf.shape[0], self.num_experts, -1) * wf[:, :, None]
-            return (h.view(xf.shape[0], -1) @ self.lora_B_cat.T).reshape(*lead, -1)
-        out = torch.zeros(xf.shape[0], self.lora_B.shape[1], dtype=x.dtype, device=x.device)
-        active = torch.nonzero(nonzero.any(0)).flatten().tolist()
-        for e in active:
-            r = self.ranks[e]
-            A, B = self.lora_A[e, :r], self.lora_B[e, :, :r]
-            col = wf[:, e]
-            rows = torch.nonzero(col).flatten()
-            if rows.numel() == xf.shape[0]:
-                out.add_((xf @ A.T) @ B.T * col[:, None])
-            else:
-                xs = xf.index_select(0, rows)
-                out.index_add_(0, rows, (xs @ A.T) @ B.T * col.index_select(0, rows)[:, None])
-        return out.reshape(*lead, -1)
-
-    def topk_mixture(self, x: torch.Tensor, w: TopK) -> torch.Tensor:
-        """Σ_j w_j · s_{e_j} · B_{e_j} A_{e_j} x for sparse weights aligned with ``x``'s rows."""
-        lead = x.shape[:-1]
-        if w.index.shape[:-1] != lead or w.weight.shape != w.index.shape:
-            raise ValueError(
-                f"top-k routing of shape {tuple(w.index.shape)} does not fit input {tuple(x.shape)} at module {self.module_name!r}"
-            )
-        E, k = self.num_experts, w.index.shape[-1]
-        n = lead.numel()
-        if n > CONCAT_ROWS and E > CONCAT_EXPERTS_PER_K * k:
-            return self.mixture(x, w.dense(E).to(x.dtype))
-        xf = x.reshape(n, -1)
-        coef = torch.zeros(n, E, dtype=x.dtype, device=x.device)
-        coef.scatter_add_(1, w.index.reshape(n, k), w.weight.reshape(n, k).to(x.dtype))
-        coef = coef * self.scaling
-        h = (xf @ self.lora_A.reshape(-1, xf.shape[-1]).T).view(n, E, -1) * coef[:, :, None]
-        return (h.view(n, -1) @ self.lora_B_cat.T).reshape(*lead, -1)

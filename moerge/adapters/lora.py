@@ -72,9 +72,11 @@ def lora_from_state(name: str, config: dict[str, Any], state: dict[str, torch.Te
     return LoraExpert(name=name, modules=modules, fan_in_fan_out=bool(config.get("fan_in_fan_out", False)))
 
 
-def load_lora(source: Any, name: str | None = None, registry: Any = None, version: int | None = None) -> LoraExpert:
+def load_lora(
+    source: Any, name: str | None = None, registry: Any = None, version: int | None = None, device: Any = "cpu"
+) -> LoraExpert:
     """Load a LoRA expert from a registry (``source`` = expert name or record, with ``registry``),
-    or from a PEFT adapter folder."""
+    or from a PEFT adapter folder; its factors are loaded straight onto ``device``."""
     from safetensors.torch import load_file
 
     if registry is not None:
@@ -82,13 +84,13 @@ def load_lora(source: Any, name: str | None = None, registry: Any = None, versio
         if rec.kind != "lora":
             raise ValueError(f"expert {rec.ref} is a {rec.kind} expert, not a LoRA")
         config = json.loads(registry.file(rec, "adapter_config.json").read_text())
-        state = registry.load_tensors(rec)
+        state = registry.load_tensors(rec, device=device)
         expert = lora_from_state(name or rec.name, config, state)
         expert.meta = {"ref": rec.ref, "description": rec.description}
         return expert
     folder = Path(source)
     config = json.loads((folder / "adapter_config.json").read_text())
-    state = load_file(folder / "adapter_model.safetensors")
+    state = load_file(folder / "adapter_model.safetensors", device=str(device))
     return lora_from_state(name or folder.name, config, state)
 
 

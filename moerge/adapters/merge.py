@@ -189,7 +189,11 @@ def drop_and_rescale(
         return stacked
     out = []
     for t in stacked:
-        mask = torch.bernoulli(torch.full_like(t, density), generator=generator)
+        if generator is not None and generator.device != t.device:
+            # drawn where the generator lives, so a seed gives the same mask on every device
+            mask = torch.bernoulli(torch.full(t.shape, density, dtype=t.dtype), generator=generator).to(t.device)
+        else:
+            mask = torch.bernoulli(torch.full_like(t, density), generator=generator)
         kept = t * mask
         if flavor == "peft":
             kept = kept / density

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moerge.adapters import attach, detach, load_lora, one_hot, use_weights
+from moerge.device import DeviceLike, module_device, resolve_device
 from moerge.plotting import pyplot, save_figure
 from moerge.zoo import Zoo, exact_match
 from moerge.zoo.train import generate_answers
@@ -96,16 +97,16 @@ def method_row(
     )
 
 
-def evaluate_zoo(zoo: Zoo, progress: bool = True, max_new_tokens: int = 8) -> QualityReport:
+def evaluate_zoo(zoo: Zoo, progress: bool = True, max_new_tokens: int = 8, device: DeviceLike = "cpu") -> QualityReport:
     """Base, every LoRA expert on every task (one mixed-expert batch per task through the
     multi-expert layer), the oracle and the best single expert."""
     t0 = time.perf_counter()
     reg = zoo.registry
     tok = zoo.tokenizer()
-    model = zoo.load_base()
+    model = zoo.load_base(device)
     experts = zoo.held_in
     tasks = zoo.held_in + zoo.held_out
-    attach(model, [load_lora(name, registry=reg) for name in experts])
+    attach(model, [load_lora(name, registry=reg, device=module_device(model)) for name in experts])
     matrix: dict[str, dict[str, float]] = {e: {} for e in experts}
     base_scores: dict[str, float] = {}
     try:
@@ -181,6 +182,7 @@ def evaluate_routers(
     routers: Sequence[str] = tuple(ZOO_ROUTERS),
     progress: bool = True,
     max_new_tokens: int = 8,
+    device: DeviceLike = "cpu",
 ) -> list[MethodRow]:
     """Add a row per router (composed over the zoo's LoRA experts; per-expert artifacts are
     prepared once and cached in the zoo's registry): exact match per task, and routing accuracy
@@ -194,7 +196,16 @@ def evaluate_routers(
     for label in routers:
         name, cfg, notes = ZOO_ROUTERS[label]
         t0 = time.perf_counter()
-        model = compose(zoo.base_path, reg.select(names=zoo.held_in), name, data=zoo.expert_data, progress=progress, **cfg)
+        model = compose(
+            zoo.base_path,
+            reg.select(names=zoo.held_in),
+            name,
+            data=zoo.expert_data,
+            progress=progress,
+            device=device,
+            dtype="float32",
+            **cfg,
+        )
         prep = time.perf_counter() - t0
         per_task: dict[str, float] = {}
         hits = []
@@ -264,6 +275,7 @@ def evaluate_merges(
     merges: Sequence[str] = tuple(ZOO_MERGES),
     progress: bool = True,
     max_new_tokens: int = 8,
+    device: DeviceLike = "cpu",
 ) -> list[MethodRow]:
     """Add a row per merge: static merges folded into the base, Twin-Merging composed; each
     grid point scored on the validation split, the best (held-in normalised) then on test."""
@@ -282,13 +294,23 @@ def evaluate_merges(
         tried = []
         for params in tqdm(grid, desc=label, disable=not progress):
             if method == "twin":
-                built = compose(zoo.base_path, reg.select(names=zoo.held_in), "twin", data=zoo.expert_data, **params)
+                built = compose(
+                    zoo.base_path,
+                    reg.select(names=zoo.held_in),
+                    "twin",
+                    data=zoo.expert_data,
+                    device=device,
+                    dtype="float32",
+                    **params,
+                )
 
                 def answer(prompts: list[str], m: Any = built) -> list[str]:
                     return m.generate(prompts, max_new_tokens=max_new_tokens, batch_size=256)
 
             else:
-                built = merge(zoo.base_path, reg.select(names=zoo.held_in), method, output="model", **params)
+                built = merge(zoo.base_path, reg.select(names=zoo.held_in), method, output="model", device=device, **params).to(
+                    resolve_device(device)
+                )
 
                 def answer(prompts: list[str], m: Any = built) -> list[str]:
                     return generate_answers(m, tok, prompts, max_new_tokens=max_new_tokens, batch_size=256)

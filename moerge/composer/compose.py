@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 
 from moerge.adapters import attach, detach, load_lora, use_weights
 from moerge.composer.explain import Explanation, dense_from_calls
+from moerge.device import DeviceLike, DTypeLike, module_device, module_dtype, place, resolve_device, resolve_dtype
 from moerge.registry import ExpertRecord, Registry, Selection
 from moerge.registry.files import atomic_write_json
 from moerge.routers import PrepareContext, PrepareReport, Recorder, Router, Routing, make_router
@@ -55,24 +56,32 @@ def resolve_experts(experts: Any, registry: Registry | None) -> tuple[Registry, 
     return registry, records
 
 
-def load_base(base: str, tokenizer: Any = None) -> tuple[torch.nn.Module, Any]:
-    """A causal LM and its tokenizer from a folder or hub id (left padding, pad = EOS if unset)."""
+def load_base(
+    base: str, tokenizer: Any = None, device: DeviceLike = "auto", dtype: DTypeLike = "auto"
+) -> tuple[torch.nn.Module, Any]:
+    """A causal LM and its tokenizer from a folder or hub id (left padding, pad = EOS if unset),
+    loaded in ``dtype`` onto ``device`` (``"auto"``: CUDA, else MPS, else CPU; bfloat16 on CUDA
+    where supported, else float32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
     try:
-        model = AutoModelForCausalLM.from_pretrained(base)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dt)
     except OSError as exc:
         raise OSError(f"cannot load base model {base!r}: {exc}") from None
     tok = tokenizer or AutoTokenizer.from_pretrained(base)
-    return model.eval(), tok
+    return model.to(dev).eval(), tok
 
 
-def encode_prompts(tokenizer: Any, prompts: Sequence[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def encode_prompts(
+    tokenizer: Any, prompts: Sequence[str], device: torch.device | str = "cpu", **kwargs: Any
+) -> dict[str, torch.Tensor]:
     """Left-padded token ids and attention mask (pad = EOS if the tokenizer has no pad token)."""
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return {k: v.to(device) for k, v in tokenizer(list(prompts), return_tensors="pt", padding=True).items()}
+    return {k: v.to(device) for k, v in tokenizer(list(prompts), return_tensors="pt", padding=True, **kwargs).items()}
 
 
 def decode_text(tokenizer: Any, ids: Any) -> str:
@@ -151,15 +160,42 @@ class ComposedModel:
             out += self._generate(chunk, routing, max_new_tokens, **generation_kwargs)[0]
         return out
 
+    #: decode with a static KV cache and torch.compile (see moerge.decoding)
+    compile: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return module_device(self.model)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return module_dtype(self.model)
+
     def _generate(self, prompts: Sequence[str], routing: Routing, max_new_tokens: int, **kw: Any) -> tuple[list[str], Any]:
+        from moerge import decoding
+
         tok = self.tokenizer
-        enc = self._encode(prompts)
         kw.setdefault("do_sample", False)
-        with self.routed(routing):
+        compiled = self.compile
+        n = len(prompts)
+        rows = decoding.pad_rows(prompts, compiled)
+        enc = encode_prompts(tok, rows, self.device, **decoding.tokenizer_kwargs(compiled))
+        weights = routing.layer_weights()
+        if len(rows) > n:  # dummy rows (compiled bucket): the first row's routing, output dropped
+            if routing.granularity == "token":
+                bias = routing.hook.bias  # type: ignore[union-attr]
+                if bias is not None:
+                    routing.hook.bias = torch.cat([bias, bias[:1].expand(len(rows) - n, -1)])  # type: ignore[union-attr]
+            else:
+                weights = torch.cat([weights, weights[:1].expand(len(rows) - n, -1)])
+        if compiled:
+            kw.update(decoding.compile_kwargs(self.device))
+        with use_weights(self.model, weights):
             gen = self.model.generate(
                 **enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw
             )
-        new = gen[:, enc["input_ids"].shape[1] :]
+        enc = {k: v[:n] for k, v in enc.items()}
+        new = gen[:n, enc["input_ids"].shape[1] :]
         texts = [decode_text(tok, row) for row in new]
         return texts, (enc, new)
 
@@ -200,13 +236,13 @@ class ComposedModel:
         enc = self._encode(prompts)
         mask = enc["attention_mask"].bool().cpu()
         if routing.granularity != "token":
-            top = routing.weights.argmax(1)
+            top = routing.weights.argmax(1).cpu()
             return top[None, :, None].expand(1, *mask.shape), mask
         recorder = Recorder()
         routing.hook.recorder = recorder  # type: ignore[union-attr]
         with self.routed(routing):
             self.model(**enc)
-        return torch.stack([idx[..., 0] for _, idx, _ in recorder.calls]), mask
+        return torch.stack([idx[..., 0] for _, idx, _ in recorder.calls]).cpu(), mask
 
     # ---------------------------------------------------------------------- persistence
 
@@ -245,6 +281,9 @@ def compose(
     describer: Callable[[Any], str] | None = None,
     config: dict[str, Any] | None = None,
     progress: bool = False,
+    device: DeviceLike = "auto",
+    dtype: DTypeLike = "auto",
+    compile: bool = False,
     **router_config: Any,
 ) -> ComposedModel:
     """Compose ``base`` with LoRA ``experts`` under ``router`` (``"phatgoose"``, ``"glider"``,
@@ -254,7 +293,13 @@ def compose(
     ``experts``: a Registry (all its LoRA experts), ``registry.select(...)``, or names with
     ``registry=``. ``base``: a folder/hub id, a loaded model (then pass ``tokenizer=``), or None
     for the experts' registered base. Missing per-expert artifacts are computed and stored in the
-    registry first (PHATGOOSE/GLIDER gate training needs ``data``: expert name → examples)."""
+    registry first (PHATGOOSE/GLIDER gate training needs ``data``: expert name → examples).
+
+    ``device``/``dtype``: where the composition runs (``"auto"``: CUDA, else MPS, else CPU;
+    bfloat16 on CUDA, float32 on CPU). A loaded ``base`` stays where it is unless they are given
+    explicitly. Preparation (gate training, SVDs, router training) runs there too. ``compile``:
+    decode with a static KV cache and ``torch.compile`` (CUDA graphs on a GPU; see
+    :meth:`ComposedModel.generate`) — worth it on a GPU, not on a CPU."""
     reg, records = resolve_experts(experts, registry)
     not_lora = [f"{r.ref} ({r.kind})" for r in records if r.kind != "lora"]
     if not_lora:
@@ -271,13 +316,25 @@ def compose(
         if tokenizer is None:
             raise ValueError("a loaded base model needs tokenizer=")
         model, base_id = base, getattr(getattr(base, "config", None), "name_or_path", "") or "<in-memory model>"
+        if device not in (None, "auto") or dtype not in (None, "auto"):
+            place(
+                model,
+                module_device(model) if device in (None, "auto") else device,
+                module_dtype(model) if dtype in (None, "auto") else dtype,
+            )
     else:
-        model, tokenizer = load_base(str(base), tokenizer)
+        model, tokenizer = load_base(str(base), tokenizer, device=device, dtype=dtype)
         base_id = str(base)
+    dev = module_device(model)
+    unknown = sorted(k for k in router_config if k in SETTINGS_NOT_ROUTER)
+    if unknown:
+        raise TypeError(
+            f"compose() got {unknown} as router settings; pass them by their names ({SETTINGS_NOT_ROUTER[unknown[0]]})"
+        )
     rtr = make_router(router, config, **router_config)
     ctx = PrepareContext(registry=reg, model=model, tokenizer=tokenizer, data=data, describer=describer, progress=progress)
     reports = rtr.prepare(ctx, records)
-    loras = rtr.install(model, records, [load_lora(r, registry=reg) for r in records], ctx)
+    loras = rtr.install(model, records, [load_lora(r, registry=reg, device=dev) for r in records], ctx)
     attach(model, loras)
     try:
         rtr.load(records, loras, ctx)
@@ -288,7 +345,13 @@ def compose(
     spec = CompositionSpec(
         base=base_id, registry=str(reg.root), experts=[r.ref for r in records], router=router, config=rtr.config.to_json()
     )
-    return ComposedModel(model, tokenizer, rtr, records, reg, spec, reports)
+    composed = ComposedModel(model, tokenizer, rtr, records, reg, spec, reports)
+    composed.compile = compile
+    return composed
+
+
+#: keywords of compose() that are not router settings, for a clear error when misspelt
+SETTINGS_NOT_ROUTER = {"devices": "device=", "torch_dtype": "dtype=", "compiled": "compile="}
 
 
 def load_composition(path: str | Path, **kwargs: Any) -> ComposedModel:

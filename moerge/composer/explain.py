@@ -136,7 +136,7 @@ def dense_from_calls(
     """Concatenate one row's recorded top-k decisions per module along tokens → dense [T, E]."""
     per: dict[str, list[torch.Tensor]] = {}
     for module, idx, w in calls:
-        i, v = idx[row], w[row]
+        i, v = idx[row].cpu(), w[row].float().cpu()
         if i.dim() == 1:  # a call without a token axis
             i, v = i[None], v[None]
         dense = torch.zeros(i.shape[0], num_experts).scatter_add_(-1, i, v)

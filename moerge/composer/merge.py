@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from moerge.adapters.lora import LoraExpert, LoraFactors, load_lora, lowrank_from_delta, lowrank_from_factors
 from moerge.adapters.merge import get_merge, kernel_kwargs, merge_lora_deltas, merge_params
+from moerge.device import DeviceLike, resolve_device
 from moerge.registry import ExpertRecord, Registry, Selection
 from moerge.registry.files import TensorFolder, atomic_save_tensors, atomic_write_json, staging_dir
 from moerge.registry.importers import detect_kind
@@ -77,7 +78,7 @@ class DenseSource:
             if self.is_task_vector:  # the registry leaves out tensors equal to the base (non-float)
                 return torch.zeros_like(base, dtype=torch.float32)
             raise KeyError(f"expert {self.name!r} has no weight {key!r} that the base model has")
-        t = self.weights.get(key)
+        t = self.weights.get(key).to(base.device)
         if tuple(t.shape) != tuple(base.shape):
             raise ValueError(f"expert {self.name!r}: weight {key!r} has shape {tuple(t.shape)}, base has {tuple(base.shape)}")
         return t.float() if self.is_task_vector else t.float() - base.float()
@@ -153,6 +154,7 @@ def merge(
     rank: int | None = None,
     progress: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    device: DeviceLike = "auto",
     **params: Any,
 ) -> Any:
     """Merge ``experts`` onto ``base`` with ``method`` (``average``, ``task_arithmetic``,
@@ -169,8 +171,13 @@ def merge(
     With ``out`` the result is written there (a PEFT folder or a model folder with config and
     tokenizer; the folder must not exist or be empty; written atomically) and its path is
     returned; without, the merged model is returned (a ``PeftModel`` for a LoRA output). Either
-    way the :class:`MergeReport` is at ``result.merge_report`` / ``out/moerge_merge.json``."""
+    way the :class:`MergeReport` is at ``result.merge_report`` / ``out/moerge_merge.json``.
+
+    ``device``: where the kernels run (``"auto"``: a GPU when there is one). Dense merges still
+    stream tensor by tensor: one tensor per expert is on the device at a time; the output is
+    written from the CPU in the base's dtype."""
     t0 = time.perf_counter()
+    dev = resolve_device(device)
     m = get_merge(method)
     if "rank" in m.params and rank is not None:  # svd: merge()'s rank is the kernel's rank
         params.setdefault("rank", rank)
@@ -203,13 +210,13 @@ def merge(
     report = MergeReport(method, {**params}, names, base_id, output)
     if kind == "lora":
         loras = [
-            load_lora(it, name=n, registry=reg) if isinstance(it, ExpertRecord) else load_lora(it, name=n)
+            load_lora(it, name=n, registry=reg, device=dev) if isinstance(it, ExpertRecord) else load_lora(it, name=n, device=dev)
             for _, it, n in resolved
         ]
         result = _merge_lora(base_id, loras, m.name, params, w, output, rank, out, report, progress)
     else:
         sources = [_dense_source(it, reg, n) for _, it, n in resolved]
-        result = _merge_dense(base_id, sources, m.name, params, w, out, report, progress, shard_bytes)
+        result = _merge_dense(base_id, sources, m.name, params, w, out, report, progress, shard_bytes, dev)
     report.seconds = time.perf_counter() - t0
     if out is not None:
         atomic_write_json(Path(result) / REPORT_FILE, report.to_json())
@@ -269,7 +276,7 @@ def _merge_lora(
             layer = model.get_submodule(mod)
             d = delta.T if fifo == {True} else delta
             with torch.no_grad():
-                layer.weight.add_(d.to(layer.weight.dtype))
+                layer.weight.add_(d.to(device=layer.weight.device, dtype=layer.weight.dtype))
             report.tensors += 1
         return _finish_model(model, tok, out)
     factors: dict[str, LoraFactors] = {}
@@ -301,8 +308,8 @@ def save_peft_lora(expert: LoraExpert, folder: Path, base_id: str, rank: int) ->
     for mod, f in expert.modules.items():
         A = torch.zeros(rank, f.A.shape[1])
         B = torch.zeros(f.B.shape[0], rank)
-        A[: f.rank] = f.A.float()
-        B[:, : f.rank] = f.scaling * f.B.float()
+        A[: f.rank] = f.A.float().cpu()
+        B[:, : f.rank] = f.scaling * f.B.float().cpu()
         state[f"base_model.model.{mod}.lora_A.weight"] = A.contiguous()
         state[f"base_model.model.{mod}.lora_B.weight"] = B.contiguous()
     config = {
@@ -444,6 +451,7 @@ def _merge_dense(
     report: MergeReport,
     progress: bool,
     shard_bytes: int,
+    device: torch.device = torch.device("cpu"),
 ) -> Any:
     from moerge.registry.importers import resolve_base
 
@@ -460,9 +468,10 @@ def _merge_dense(
             if not b.is_floating_point():
                 writer.add(key, b)
                 continue
-            taus = [s.task_tensor(key, b) for s in sources]
+            b_dev = b.to(device)
+            taus = [s.task_tensor(key, b_dev) for s in sources]
             merged = kernel(taus, weights, **kernel_kwargs(method, params, key))
-            writer.add(key, (b.float() + merged).to(b.dtype))
+            writer.add(key, (b_dev.float() + merged).to(b.dtype).cpu())
             report.tensors += 1
             del taus, merged
         writer.close()

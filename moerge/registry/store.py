@@ -396,8 +396,10 @@ class Registry:
             verify_file(path, rec.files[relname])
         return path
 
-    def load_tensors(self, expert: Any, relname: str | None = None, version: int | None = None) -> dict[str, torch.Tensor]:
-        """The verified tensors of an expert's main weight file."""
+    def load_tensors(
+        self, expert: Any, relname: str | None = None, version: int | None = None, device: str | torch.device = "cpu"
+    ) -> dict[str, torch.Tensor]:
+        """The verified tensors of an expert's main weight file, loaded straight onto ``device``."""
         from safetensors.torch import load_file
 
         rec = self._resolve(expert, version)
@@ -405,7 +407,7 @@ class Registry:
             relname = {"peft": "adapter_model.safetensors", "task_vector": "task_vector.safetensors"}.get(
                 rec.storage, "model.safetensors"
             )
-        return load_file(self.file(rec, relname))
+        return load_file(self.file(rec, relname), device=str(device))
 
     # ------------------------------------------------------------------ remove / export
 

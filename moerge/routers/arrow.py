@@ -17,7 +17,7 @@ from pydantic import Field
 from moerge.adapters import load_lora
 from moerge.adapters.lora import LoraExpert, lowrank_from_factors
 from moerge.routers.base import ArtifactSpec, PrepareContext, RouterConfig, register_router
-from moerge.routers.phatgoose import KeyedTokenRouter, stack_keys
+from moerge.routers.phatgoose import KeyedTokenRouter, on_device, stack_keys
 
 
 class ArrowConfig(RouterConfig):
@@ -40,9 +40,9 @@ class ArrowRouter(KeyedTokenRouter):
         return [ArtifactSpec(self.PROTOS, lambda rec, ctx: {"method": "top-right-singular-vector"}, self._compute)]
 
     def _compute(self, record: Any, ctx: PrepareContext) -> dict[str, torch.Tensor]:
-        return arrow_prototypes(load_lora(record, registry=ctx.registry))
+        return arrow_prototypes(load_lora(record, registry=ctx.registry, device=ctx.device))
 
     def load(self, records: Sequence[Any], loras: Sequence[LoraExpert], ctx: PrepareContext) -> None:
         self.experts = [r.name for r in records]
         protos = [self.artifact(self.PROTOS, r, ctx) for r in records]
-        self.keys, self.missing = stack_keys(protos, sorted({m for p in protos for m in p}))
+        self.keys, self.missing = on_device(*stack_keys(protos, sorted({m for p in protos for m in p})), device=ctx.device)

@@ -79,7 +79,8 @@ class Recorder:
     calls: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     def add(self, module: str, index: torch.Tensor, weight: torch.Tensor) -> None:
-        self.calls.append((module, index.detach().cpu(), weight.detach().float().cpu()))
+        # kept where they were computed (no read-back inside the forward); moved by the reader
+        self.calls.append((module, index.detach(), weight.detach().float()))
 
 
 @dataclass
@@ -121,6 +122,13 @@ class PrepareContext:
     data: ExpertData | None = None
     describer: Callable[[Any], str] | None = None
     progress: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        """Where preparation runs: the base model's device (the CPU without a model)."""
+        from moerge.device import module_device
+
+        return module_device(self.model) if self.model is not None else torch.device("cpu")
 
     def data_for(self, expert: str) -> Sequence[TextPair] | None:
         if self.data is None:

@@ -134,6 +134,13 @@ def stack_keys(
     return keys, missing
 
 
+def on_device(
+    keys: dict[str, torch.Tensor], missing: dict[str, torch.Tensor], device: torch.device
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Routing keys and masks moved once to the model's device (the hook then never copies)."""
+    return {m: k.to(device) for m, k in keys.items()}, {m: k.to(device) for m, k in missing.items()}
+
+
 class KeyedTokenRouter(Router):
     """A token router whose state is one key matrix per module (``self.keys``, ``self.missing``),
     scored by :class:`TokenHook` (``score`` "ln" or "abs"): PHATGOOSE, GLIDER and Arrow."""
@@ -178,7 +185,7 @@ class PhatgooseRouter(KeyedTokenRouter):
                 f"PHATGOOSE trains expert {record.name!r}'s gates on that expert's own training data: pass "
                 f"data={{{record.name!r}: [(prompt, target), ...]}} (or a callable name -> examples)"
             )
-        expert = load_lora(record, registry=ctx.registry)
+        expert = load_lora(record, registry=ctx.registry, device=ctx.device)
         return train_gates(ctx.model, ctx.tokenizer, expert, data, self.config, ctx.progress).gates  # type: ignore[arg-type]
 
     def load(self, records: Sequence[Any], loras: Sequence[LoraExpert], ctx: PrepareContext) -> None:
@@ -186,4 +193,4 @@ class PhatgooseRouter(KeyedTokenRouter):
         gates = [self.artifact(self.GATES, r, ctx) for r in records]
         modules = sorted({m for g in gates for m in g})
         # LN(v) once, at load (§2.2: "LayerNorm'ed once")
-        self.keys, self.missing = stack_keys(gates, modules, transform=standardise)
+        self.keys, self.missing = on_device(*stack_keys(gates, modules, transform=standardise), device=ctx.device)

@@ -98,16 +98,26 @@ class TokenHook:
             keys = self.keys[module]
         except KeyError:
             raise KeyError(f"the router has no keys for module {module!r}") from None
+        if keys.device != x.device:  # keys are put on the model's device at load; this is the fallback
+            keys = keys.to(x.device)
         if self.score == "ln":
             logits = phatgoose_logits(x, keys)
         else:
             logits = arrow_logits(x, keys, self.temperature)
         missing = self.missing.get(module)
         if missing is not None:
+            missing = missing.to(logits.device)
             logits = logits.masked_fill(missing, float("-inf"))
         if self.bias is not None:
-            logits = logits + align_rows(self.bias.to(logits), x.shape[:-1])
+            logits = logits + align_rows(self._bias_on(logits), x.shape[:-1])
         return logits
+
+    def _bias_on(self, like: torch.Tensor) -> torch.Tensor:
+        """The per-example bias on the activations' device, copied there once per hook."""
+        bias = self.bias
+        if bias.device != like.device or bias.dtype != like.dtype:  # type: ignore[union-attr]
+            self.bias = bias = bias.to(device=like.device, dtype=like.dtype)  # type: ignore[union-attr]
+        return bias  # type: ignore[return-value]
 
     def __call__(self, layer, x: torch.Tensor) -> TopK:  # noqa: ANN001
         idx, w = topk_softmax(self.logits(layer.module_name, x), self.top_k)

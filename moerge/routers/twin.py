@@ -179,7 +179,7 @@ class TwinRouter(Router):
         out = []
         for r in self._group:
             if r.ref not in self._loras:
-                self._loras[r.ref] = load_lora(r, registry=ctx.registry)
+                self._loras[r.ref] = load_lora(r, registry=ctx.registry, device=ctx.device)
             out.append(self._loras[r.ref])
         return out
 
@@ -205,7 +205,7 @@ class TwinRouter(Router):
                 diff = [(-c, t) for c, t in terms] + ([(1.0, f)] if f is not None else [])
                 out[mod] = lowrank_from_factors(diff, r)
             else:
-                v = (f.delta() if f is not None else torch.zeros(shape)) - delta_s
+                v = (f.delta() if f is not None else torch.zeros(shape, device=delta_s.device)) - delta_s
                 out[mod] = lowrank_from_delta(v, r)
         return out
 
@@ -248,7 +248,7 @@ class TwinRouter(Router):
             for mod, (delta_s, terms) in shared.items():
                 d = delta_s if delta_s is not None else sum(c * t.delta() for c, t in terms)
                 w = model.get_submodule(mod).weight
-                w.add_((d.T if fifo else d).to(w.dtype))
+                w.add_((d.T if fifo else d).to(device=w.device, dtype=w.dtype))
         twins = []
         for r in records:
             art = self.artifact(self.TWIN, r, ctx)
@@ -328,14 +328,17 @@ class TwinRouter(Router):
             train_y += [t] * (len(texts) - n_val)
         self.model, self.tokenizer = ctx.model, ctx.tokenizer
         Xtr, Xva = self.features(train_x), self.features(val_x)
-        ytr, yva = torch.tensor(train_y), torch.tensor(val_y)
+        # trained where the model runs (features and the MLP on its device)
+        dev = ctx.device
+        Xtr, Xva = Xtr.to(dev), Xva.to(dev)
+        ytr, yva = torch.tensor(train_y, device=dev), torch.tensor(val_y, device=dev)
         torch.manual_seed(c.seed)
-        mlp = TwinMLP(Xtr.shape[1], len(records), c.dropout)
+        mlp = TwinMLP(Xtr.shape[1], len(records), c.dropout).to(dev)
         opt = torch.optim.Adam(mlp.parameters(), lr=c.lr)
         best, best_acc, history = None, -1.0, []
         for _ in range(c.epochs):
             mlp.train()
-            perm = torch.randperm(len(ytr), generator=g)
+            perm = torch.randperm(len(ytr), generator=g).to(dev)
             for i in range(0, len(perm), c.batch_size):
                 idx = perm[i : i + c.batch_size]
                 if idx.numel() < 2:  # BatchNorm needs two rows

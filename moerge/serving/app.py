@@ -54,6 +54,12 @@ class ServeSettings:
     num_cpus: float | None = None
     threads: int | None = None
     limits: Limits = Limits()
+    #: the workers' device ("auto": the GPU Ray gave each, else the CPU), dtype, GPUs each
+    #: asks Ray for (fractions share a card) and compiled decode
+    device: str = "auto"
+    dtype: str = "auto"
+    gpus_per_worker: float = 0.0
+    compile: bool = False
 
     def worker_config(self) -> WorkerConfig:
         return WorkerConfig(
@@ -64,6 +70,10 @@ class ServeSettings:
             compositions=self.compositions,
             limits=self.limits,
             threads=self.threads,
+            device=self.device,
+            dtype=self.dtype,
+            gpus=self.gpus_per_worker,
+            compile=self.compile,
         )
 
 
@@ -401,7 +411,9 @@ def build_settings(
         if cls.granularity != "token" and cls.install is Router.install:
             seq_router = router
         else:
-            compositions[router] = composition_spec(registry, router, router_config, data=data)
+            # prepared once in the driver (on the CPU unless a device is named: the GPUs are the workers')
+            prep_device = options.get("device", "auto") if options.get("device", "auto") != "auto" else "cpu"
+            compositions[router] = composition_spec(registry, router, router_config, data=data, device=prep_device)
             default = default or router
     router_data = None
     if seq_router is not None and data is not None:

@@ -16,6 +16,8 @@ import torch
 
 from moerge.adapters import Assignment, attach_slots, layers, load_expert, load_lora, use_weights
 from moerge.composer.compose import ComposedModel, decode_text, encode_prompts, load_base
+from moerge.decoding import bucket, compile_kwargs, pad_rows, tokenizer_kwargs
+from moerge.device import DeviceLike, DTypeLike, module_device, resolve_device, resolve_dtype
 from moerge.registry import ExpertRecord, Registry
 from moerge.serving.batching import Residency
 from moerge.serving.types import (
@@ -36,17 +38,22 @@ class UsageRecorder:
     """Per row, the routing weight each expert received, summed over modules and tokens (a
     token-routed composition's answer to "which experts served this request")."""
 
-    def __init__(self, rows: int, experts: int) -> None:
-        self.usage = torch.zeros(rows, experts)
+    def __init__(self, rows: int, experts: int, padded_rows: int | None = None) -> None:
+        self.rows, self.experts = rows, experts
+        self.accepted = {rows, padded_rows or rows}  # rows past ours pad a compiled bucket
+        self.usage: torch.Tensor | None = None  # on the device the hook runs on (no read-back per module)
 
     def add(self, module: str, index: torch.Tensor, weight: torch.Tensor) -> None:
-        rows = self.usage.shape[0]
-        if index.shape[0] != rows:  # expanded rows (beams): not attributed
+        if index.shape[0] not in self.accepted:  # expanded rows (beams): not attributed
             return
-        self.usage.scatter_add_(1, index.reshape(rows, -1), weight.detach().float().reshape(rows, -1))
+        index, weight = index[: self.rows], weight[: self.rows]
+        if self.usage is None:
+            self.usage = torch.zeros(self.rows, self.experts, device=index.device)
+        self.usage.scatter_add_(1, index.reshape(self.rows, -1), weight.detach().float().reshape(self.rows, -1))
 
     def shares(self) -> torch.Tensor:
-        return self.usage / self.usage.sum(1, keepdim=True).clamp_min(1e-12)
+        usage = torch.zeros(self.rows, self.experts) if self.usage is None else self.usage.cpu()
+        return usage / usage.sum(1, keepdim=True).clamp_min(1e-12)
 
 
 def top_shares(names: Sequence[str], row: torch.Tensor, min_share: float = 0.01) -> list[tuple[str, float]]:
@@ -70,9 +77,16 @@ class ExpertEngine:
         compositions: Mapping[str, Any] | None = None,
         limits: Limits = Limits(),
         threads: int | None = None,
+        device: DeviceLike = "auto",
+        dtype: DTypeLike = "auto",
+        compile: bool = False,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        #: decode with a static cache and torch.compile, batches padded to bucket sizes
+        self.compile = compile
         self.registry = registry if isinstance(registry, Registry) else Registry(registry)
         self.limits = limits
         loras = self.registry.list(kind="lora")
@@ -82,7 +96,7 @@ class ExpertEngine:
                 raise ValueError(f"the registry's LoRA experts name {len(bases)} bases ({bases}); pass base=")
             base = bases[0]
         self.base = base
-        self.model, self.tokenizer = load_base(base)
+        self.model, self.tokenizer = load_base(base, device=self.device, dtype=self.dtype)
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
         self.max_resident = max_resident
         self.residency = Residency(max_resident)
@@ -90,7 +104,7 @@ class ExpertEngine:
         attach_slots(self.model, modules, max_resident) if modules else None
         self.compositions: dict[str, ComposedModel] = {}
         for name, spec in (compositions or {}).items():
-            self.compositions[name] = ComposedModel.load(spec)
+            self.compositions[name] = ComposedModel.load(spec, device=self.device, dtype=self.dtype, compile=compile)
         self.stats: Counter[str] = Counter()
         self.distinct_hist: Counter[int] = Counter()
         if preload:
@@ -121,7 +135,7 @@ class ExpertEngine:
         by_ref = {r.ref: r for r in records}
         for ref, slot in loads:
             try:
-                lora = load_lora(by_ref[ref], registry=self.registry)
+                lora = load_lora(by_ref[ref], registry=self.registry, device=self.device)
                 missing = sorted(set(lora.modules) - set(layers(self.model)))
                 if missing:  # an expert registered after start-up adapts new modules
                     attach_slots(self.model, missing, self.max_resident)
@@ -193,6 +207,8 @@ class ExpertEngine:
         names = list(dict.fromkeys(n for r in reqs for n, _ in r.experts if n != BASE))
         slot_of = self.ensure(names) if names else {}
         rows = [[(slot_of[n], w) for n, w in r.experts if n != BASE] for r in reqs]
+        if self.compile:  # dummy rows up to the bucket size run the base alone
+            rows += [[]] * (bucket(len(rows)) - len(rows))
         assignment = Assignment.rows(rows) if layers(self.model) else None
         self.distinct_hist[len(names)] += 1
         self._generate(self.model, reqs, outs, assignment)
@@ -204,9 +220,17 @@ class ExpertEngine:
         routing = comp.route([r.prompt for r in reqs])
         recorder = None
         if routing.granularity == "token":
-            recorder = UsageRecorder(len(reqs), len(comp.experts))
+            recorder = UsageRecorder(len(reqs), len(comp.experts), bucket(len(reqs)) if self.compile else None)
             routing.hook.recorder = recorder  # type: ignore[union-attr]
-        with comp.routed(routing):
+        weights = routing.layer_weights()
+        if self.compile and bucket(len(reqs)) > len(reqs):  # dummy rows: the first row's routing
+            pad = bucket(len(reqs)) - len(reqs)
+            if routing.granularity == "token":
+                if routing.hook.bias is not None:  # type: ignore[union-attr]
+                    routing.hook.bias = torch.cat([routing.hook.bias, routing.hook.bias[:1].expand(pad, -1)])  # type: ignore[union-attr]
+            else:
+                weights = torch.cat([weights, weights[:1].expand(pad, -1)])
+        with use_weights(comp.model, weights):
             self._generate(comp.model, reqs, outs, None, tokenizer=comp.tokenizer)
         shares = recorder.shares() if recorder is not None else routing.weights.float()
         for b, o in enumerate(outs):
@@ -224,10 +248,13 @@ class ExpertEngine:
     ) -> None:
         tok = tokenizer or self.tokenizer
         params: GenerationParams = reqs[0].params
-        enc = encode_prompts(tok, [r.prompt for r in reqs], next(model.parameters()).device)
+        prompts = pad_rows([r.prompt for r in reqs], self.compile)
+        enc = encode_prompts(tok, prompts, module_device(model), **tokenizer_kwargs(self.compile))
         lengths = enc["attention_mask"].sum(1).tolist()
         longest = max(r.params.max_new_tokens for r in reqs)
         kw: dict[str, Any] = {"do_sample": params.temperature > 0}
+        if self.compile:
+            kw.update(compile_kwargs(module_device(model)))
         if params.temperature > 0:
             kw.update(temperature=params.temperature, top_p=params.top_p)
             if params.seed is not None:

@@ -46,6 +46,24 @@ class WorkerConfig:
     limits: Limits = Limits()
     #: torch threads per worker (Ray sets 1 for fractional CPUs)
     threads: int | None = None
+    #: where each worker runs ("auto": the GPU Ray gave it, else the CPU) and in what precision
+    device: str = "auto"
+    dtype: str = "auto"
+    #: GPUs each worker asks Ray for; fractions let several workers share one card
+    gpus: float = 0.0
+    #: decode with a static KV cache and torch.compile (CUDA graphs on a GPU)
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        from moerge.device import resolve_dtype
+
+        if self.gpus < 0:
+            raise ValueError(f"gpus per worker must be ≥ 0, got {self.gpus}")
+        if self.gpus > 1 and self.gpus != int(self.gpus):
+            raise ValueError(f"gpus per worker above 1 must be a whole number (Ray's rule), got {self.gpus}")
+        resolve_dtype(self.dtype)  # a bad name fails here, in the driver, not in every worker
+        if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps")):
+            raise ValueError(f"unknown device {self.device!r}; use 'auto', 'cpu', 'cuda' or 'mps'")
 
 
 class ExpertWorker:
@@ -64,6 +82,9 @@ class ExpertWorker:
             compositions=config.compositions,
             limits=config.limits,
             threads=config.threads,
+            device=config.device,
+            dtype=config.dtype,
+            compile=config.compile,
         )
         self.queue: BatchQueue | None = None
         self._loop: asyncio.Task | None = None
@@ -128,6 +149,8 @@ def spawn_workers(
     out = []
     for i in range(replicas):
         opts: dict[str, Any] = {"num_cpus": num_cpus, "max_restarts": max_restarts, "max_task_retries": 0}
+        if config.gpus:
+            opts["num_gpus"] = config.gpus
         if name_prefix:
             opts["name"] = f"{name_prefix}-{i}"
         out.append(actor.options(**opts).remote(config, i))
@@ -148,14 +171,16 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=80 * 1024**2, log_to_driver=False)
 
 
-def composition_spec(registry: str, router: str, config: Mapping[str, Any] | None = None, data: Any = None) -> dict[str, Any]:
+def composition_spec(
+    registry: str, router: str, config: Mapping[str, Any] | None = None, data: Any = None, device: str = "auto"
+) -> dict[str, Any]:
     """Compose every LoRA expert of ``registry`` under ``router`` once, in this process, so its
     per-expert artifacts are computed and stored before workers start (they then only load
     them); returns the composition's spec."""
     from moerge.composer import compose
 
     reg = Registry(registry)
-    comp = compose(experts=reg, router=router, config=dict(config or {}), data=data)
+    comp = compose(experts=reg, router=router, config=dict(config or {}), data=data, device=device)
     spec = comp.spec.model_dump(mode="json")
     del comp
     return spec

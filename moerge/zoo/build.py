@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from moerge.device import DeviceLike, DTypeLike, module_device, resolve_device, resolve_dtype
 from moerge.registry import Registry, config_fingerprint
 from moerge.registry.files import atomic_write_json
 from moerge.training import warmup_cosine
@@ -131,8 +132,9 @@ class Zoo:
         tok.padding_side = "left"
         return tok
 
-    def load_base(self) -> LlamaForCausalLM:
-        model = LlamaForCausalLM.from_pretrained(self.base_path)
+    def load_base(self, device: DeviceLike = "cpu", dtype: DTypeLike = "float32") -> LlamaForCausalLM:
+        dev = resolve_device(device)
+        model = LlamaForCausalLM.from_pretrained(self.base_path, dtype=resolve_dtype(dtype, dev)).to(dev)
         model.eval()
         return model
 
@@ -164,20 +166,30 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def load(
-    preset: str | Preset = "small", cache_dir: str | Path | None = None, progress: bool = True, rebuild: bool = False
+    preset: str | Preset = "small",
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    rebuild: bool = False,
+    device: DeviceLike = "cpu",
 ) -> Zoo:
     """The zoo for ``preset``, built on first use and cached under ``cache_dir`` (see
-    :func:`default_cache_dir`). Safe to call from several processes at once."""
+    :func:`default_cache_dir`). Safe to call from several processes at once.
+
+    ``device``: where it is trained when built. The CPU (the default) gives the reference zoo
+    every figure in the README comes from; a zoo built elsewhere is cached apart (its weights
+    differ in the last bits, so its tables may differ slightly)."""
+    dev = resolve_device(device)
     p = PRESETS[preset] if isinstance(preset, str) else preset
     if isinstance(preset, str) and preset not in PRESETS:
         raise KeyError(f"unknown zoo preset {preset!r}; choose one of {sorted(PRESETS)}")
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    root = cache / "zoo" / f"{p.name}-{p.key()}"
-    with _locked(cache / "zoo" / f".{p.name}-{p.key()}.lock"):
+    suffix = "" if dev.type == "cpu" else f"-{dev.type}"
+    root = cache / "zoo" / f"{p.name}-{p.key()}{suffix}"
+    with _locked(cache / "zoo" / f".{p.name}-{p.key()}{suffix}.lock"):
         if rebuild and root.exists():
             shutil.rmtree(root)
         if not (root / "meta.json").exists():
-            _build(p, root, progress)
+            _build(p, root, progress, dev)
     return Zoo(root=root, preset=p, meta=json.loads((root / "meta.json").read_text()))
 
 
@@ -236,7 +248,7 @@ def _train_round(model, tok, train, p: Preset, *, lr, max_steps, seed, state, st
     model.train()
     for _ in tqdm(range(steps), desc=desc, leave=False, disable=not progress):
         batch = encode_for_training(tok, state["rng"].sample(train, p.batch), prompt_loss=False)
-        loss = model(**batch).loss
+        loss = model(**{k: v.to(module_device(model)) for k, v in batch.items()}).loss
         state["opt"].zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(state["params"], 1.0)
@@ -245,7 +257,7 @@ def _train_round(model, tok, train, p: Preset, *, lr, max_steps, seed, state, st
     model.eval()
 
 
-def _build(p: Preset, root: Path, progress: bool) -> None:
+def _build(p: Preset, root: Path, progress: bool, device: torch.device = torch.device("cpu")) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers.utils import logging as hf_logging
 
@@ -259,7 +271,7 @@ def _build(p: Preset, root: Path, progress: bool) -> None:
     timings: dict[str, float] = {}
 
     # 1. base: generic pre-training (copy / first / last) so it knows the prompt format
-    base = make_base_model(tok, p.hidden, p.layers, p.heads, seed=p.seed)
+    base = make_base_model(tok, p.hidden, p.layers, p.heads, seed=p.seed).to(device)
     pretrain = [e for task in T.PRETRAIN for e in T.sample(task, p.n_train, seed=p.seed)]
     train_loop(
         base,

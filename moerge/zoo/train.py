@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from moerge.device import module_device
 from moerge.training import encode_pairs, warmup_cosine
 from moerge.zoo.tasks import Example
 
@@ -64,11 +65,12 @@ def train_loop(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, steps))
     model.train()
+    device = module_device(model)
     losses: list[float] = []
     bar = tqdm(range(steps), desc=desc, leave=False, disable=not progress)
     for _ in bar:
         batch = encode_for_training(tokenizer, rng.sample(list(examples), min(batch_size, len(examples))), prompt_loss)
-        loss = model(**batch).loss
+        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -98,7 +100,7 @@ def generate_answers(
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
         chunk = list(prompts[i : i + batch_size])
-        enc = tokenizer(chunk, return_tensors="pt", padding=True)
+        enc = tokenizer(chunk, return_tensors="pt", padding=True).to(module_device(model))
         gen = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,

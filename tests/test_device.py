@@ -1,0 +1,147 @@
+"""Device-clean hot paths: every routing path of the multi-expert layer runs with no
+data-dependent call (proved on the ``meta`` device, which raises on ``.item()``, ``.tolist()``,
+``nonzero``, ``unique``, boolean masks), and no such op runs inside any wrapped module during
+a whole routed ``generate`` on the CPU (a dispatch-mode recorder)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import LLAMA_TARGETS, detached_base, experts_of, ids, lora_config, peft_with_adapters, tiny_llama
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from moerge.adapters import Assignment, LoraExpert, LoraFactors, MultiExpertLinear, TopK, attach, layers, use_weights
+from moerge.adapters import layer as layer_mod
+from moerge.routers.token import TokenHook, standardise
+
+META = torch.device("meta")
+D_IN, D_OUT, RANK = 24, 20, 8
+
+
+def meta_layer(experts: int, dtype: torch.dtype) -> MultiExpertLinear:
+    """A layer whose base and factors live on ``meta`` (no data at all)."""
+    base = torch.nn.Linear(D_IN, D_OUT, device=META, dtype=dtype)
+    factors = [
+        LoraFactors(torch.empty(RANK, D_IN, device=META), torch.empty(D_OUT, RANK, device=META), 2.0) for _ in range(experts)
+    ]
+    return MultiExpertLinear(base, factors, [f"e{i}" for i in range(experts)], name="meta.probe")
+
+
+def cpu_routings(experts: int, batch: int, tokens: int, k: int) -> dict[str, object]:
+    """Every kind of routing weight the layer accepts, built on the CPU."""
+    g = torch.Generator().manual_seed(0)
+    one_hot = Assignment(torch.arange(batch) % experts)  # k distinct experts, one per row
+    two_per_row = Assignment.rows([[(b % experts, 0.5), ((b + 3) % experts, 0.5)] for b in range(batch)])
+    top = torch.rand(batch, tokens, experts, generator=g).topk(k, dim=-1)
+    return {
+        "assignment one-hot": one_hot,
+        "assignment uniform": Assignment(torch.full((batch,), 1)),
+        "assignment two per row": two_per_row,
+        "dense per sequence": torch.softmax(torch.randn(batch, experts, generator=g), -1),
+        "dense per token": torch.softmax(torch.randn(batch, tokens, experts, generator=g), -1),
+        "top-k": TopK(top.indices, torch.softmax(top.values, -1)),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("experts", [16, 64])
+@pytest.mark.parametrize("tokens", [1, 8, 300], ids=["decode", "short", "long"])
+def test_every_routing_path_runs_on_the_meta_device(experts, tokens, dtype):
+    """≥ 16 experts; decode steps, short and long prefills (so the stacked, gathered, grouped
+    and chunked-gathered paths all run); routing weights from the CPU, layer on meta."""
+    layer = meta_layer(experts, dtype)
+    batch, k = 4, 2
+    x = torch.empty(batch, tokens, D_IN, device=META, dtype=dtype)
+    paths = set()
+    for name, w in cpu_routings(experts, batch, tokens, k).items():
+        layer.weights = w
+        y = layer(x)
+        assert y.shape == (batch, tokens, D_OUT) and y.device == META, name
+        if isinstance(w, TopK):
+            paths.add(layer_mod.topk_path(experts, batch * tokens, k))
+    # a router hook computing top-k from the layer's own input, keys on the device
+    keys = {"meta.probe": torch.empty(experts, D_IN, device=META)}
+    layer.weights = TokenHook(keys, score="ln", top_k=k, bias=torch.zeros(batch, experts))
+    assert layer(x).shape == (batch, tokens, D_OUT)
+    assert paths == {"stacked"} if experts <= layer_mod.STACKED_MAX_EXPERTS else paths <= {"gathered", "grouped"}
+
+
+def test_the_meta_device_does_catch_a_host_sync():
+    """The proof is only as good as the detector: a sync in the layer is caught on meta."""
+    layer = meta_layer(32, torch.float32)
+    layer.weights = lambda mod, x: torch.zeros(*x.shape[:-1], 32, device=x.device).masked_fill(x[..., :1] > x.sum(), 1.0)
+    x = torch.empty(2, 300, D_IN, device=META)
+    layer(x)  # masked weights stay on the device: fine
+
+    def syncing(mod, x):  # the old sparse path's pattern: which experts are active, read on the host
+        w = torch.zeros(*x.shape[:-1], 32, device=x.device)
+        torch.nonzero(w.ne(0).any(0)).flatten().tolist()
+        return w
+
+    layer.weights = syncing
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        layer(x)
+
+
+#: ops that read device values on the host, or whose output shape depends on values
+SYNCING_OPS = ("_local_scalar_dense", "nonzero", "_unique", "unique_dim", "unique_consecutive", "masked_select", "bincount")
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the data-dependent ops that run while ``active`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = False
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        name = func.__name__
+        if self.active and (any(s in name for s in SYNCING_OPS) or (name.startswith("index.") and _has_bool(args))):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _has_bool(args) -> bool:  # noqa: ANN001
+    flat = [a for a in args if isinstance(a, list | tuple)]
+    return any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for a in flat for t in a)
+
+
+@pytest.mark.parametrize("routing", ["assignment", "topk-hook", "dense"])
+def test_no_data_dependent_op_inside_any_wrapped_module_during_generate(routing, monkeypatch):
+    """A whole routed generate on the CPU (prefill and decode steps): inside every
+    MultiExpertLinear forward, router hook included, no op reads a value back."""
+    monkeypatch.setattr(layer_mod, "STACKED_MAX_EXPERTS", 2)  # 18 experts: gathered and grouped paths
+    monkeypatch.setattr(layer_mod, "GATHER_PAIRS", 16)
+    pm = peft_with_adapters(tiny_llama(), {f"x{i}": lora_config(LLAMA_TARGETS) for i in range(3)})
+    model = detached_base(pm)
+    experts = [LoraExpert(f"{e.name}-{i}", e.modules) for i in range(6) for e in experts_of(pm, ["x0", "x1", "x2"])]
+    attach(model, experts)
+    E = len(experts)
+    rec = OpRecorder()
+    for layer in layers(model).values():
+        layer.register_forward_pre_hook(lambda *a: setattr(rec, "active", True))
+        layer.register_forward_hook(lambda *a: setattr(rec, "active", False))
+    x = ids(batch=3, length=9)
+    if routing == "assignment":
+        weights = Assignment.rows([[(0, 1.0)], [(5, 0.5), (7, 0.5)], []])
+    elif routing == "dense":
+        weights = torch.softmax(torch.randn(3, E), -1)
+    else:
+        keys = {m: standardise(torch.randn(E, layer.lora_A.shape[-1])) for m, layer in layers(model).items()}
+        weights = TokenHook(keys, score="ln", top_k=2)
+    with torch.no_grad(), use_weights(model, weights), rec:
+        model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert rec.seen == [], f"data-dependent ops inside wrapped modules: {sorted(set(rec.seen))}"
+
+
+def test_the_op_recorder_does_catch_a_read_back():
+    layer = MultiExpertLinear(
+        torch.nn.Linear(D_IN, D_OUT), [LoraFactors(torch.randn(RANK, D_IN), torch.randn(D_OUT, RANK), 1.0)], ["a"]
+    )
+    layer.weights = lambda mod, x: torch.ones(*x.shape[:-1], 1) * float(x.abs().max())  # .item() in disguise
+    rec = OpRecorder()
+    with torch.no_grad(), rec:
+        rec.active = True
+        layer(torch.randn(2, 3, D_IN))
+    assert "_local_scalar_dense.default" in rec.seen
