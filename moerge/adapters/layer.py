@@ -227,7 +227,7 @@ class MultiExpertLinear(nn.Module):
             return y
         if isinstance(w, Assignment):
             # compiled: no branch on the assignment's Python values (they would specialise the graph)
-            return y + self.assigned_mixture(x, w) if w.any or torch.compiler.is_compiling() else y
+            return y + self.assigned_mixture(x, w) if torch.compiler.is_compiling() or w.any else y
         if isinstance(w, TopK):
             return y + self.topk_mixture(x, w if w.index.device == x.device else w.to(x.device))
         return y + self.mixture(x, self._align(w if w.device == x.device else w.to(x.device), x))
@@ -249,7 +249,7 @@ class MultiExpertLinear(nn.Module):
         if not compiling and a.max_index >= self.num_experts:
             raise ValueError(f"assignment names expert {a.max_index} but module {self.module_name!r} holds {self.num_experts}")
         x3 = x if x.dim() == 3 else x.unsqueeze(1)
-        if a.uniform is not None and not compiling:
+        if not compiling and a.uniform is not None:
             e = a.uniform
             r = max(self.ranks[e], 1)
             coef = (weight[:, 0] * self.scaling[e].float()).to(x.dtype)
