@@ -60,7 +60,7 @@ THREADS_OPTION = click.option(
     "--threads",
     default=None,
     type=click.IntRange(min=1),
-    help="torch CPU threads [default: 1 for the zoo's tiny models in demo, torch's default elsewhere].",
+    help="torch CPU threads [default in demo: the cores not busy with other work; elsewhere torch's default].",
 )
 DEVICE_OPTION = click.option(
     "--device", default="auto", show_default=True, help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps."
@@ -120,13 +120,14 @@ def demo(
     The zoo is built on the CPU (the reference weights); evaluation, router preparation and
     merges run on --device in float32."""
     _quiet_hf()
-    from moerge.device import SMALL_MODEL_THREADS, resolve_device, set_threads
+    from moerge.device import auto_threads, resolve_device, set_threads
 
     try:
         dev = resolve_device(device)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--device") from None
-    set_threads(threads or SMALL_MODEL_THREADS)
+    set_threads(threads or auto_threads())
+    click.echo(f"      {torch_threads()} torch thread(s) (--threads to choose)", err=True)
     from moerge import zoo as zoo_mod
     from moerge.bench.quality import ZOO_MERGES, ZOO_ROUTERS, evaluate_merges, evaluate_routers, evaluate_zoo, write_report
 
@@ -417,18 +418,39 @@ def bench() -> None:
 @click.option("--experts", default="4,8,16", show_default=True, help="Expert counts for PHATGOOSE top-k.")
 @click.option("--top-k", default=2, show_default=True, type=int)
 @click.option("--batch", default=8, show_default=True, type=int)
+@click.option("--seq", default=64, show_default=True, type=int, help="Forward: tokens per row.")
 @click.option("--repeats", default=5, show_default=True, type=int)
+@DEVICE_OPTION
+@click.option("--dtype", default="auto", show_default=True, help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16.")
+@THREADS_OPTION
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the result as JSON.")
 @click.option("--no-progress", is_flag=True)
-def bench_routing(hidden, layers, experts, top_k, batch, repeats, json_path, no_progress) -> None:  # noqa: ANN001
-    """Forward/generate time: base, single LoRA, PHATGOOSE top-k over E experts, every expert computed."""
+def bench_routing(hidden, layers, experts, top_k, batch, seq, repeats, device, dtype, threads, json_path, no_progress) -> None:  # noqa: ANN001
+    """Forward/generate time: base, single LoRA, PHATGOOSE top-k over E experts, every expert
+    computed (random weights of the given size; --hidden 2048 --layers 16 is ~0.8 B)."""
     from moerge.bench import routing as rb
+    from moerge.device import resolve_device, resolve_dtype, set_threads
 
     try:
         counts = rb.parse_experts(experts)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--experts") from None
-    cfg = rb.BenchConfig(hidden=hidden, layers=layers, experts=tuple(counts), top_k=top_k, batch=batch, repeats=repeats)
+    try:
+        resolve_dtype(dtype, resolve_device(device))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device/--dtype") from None
+    set_threads(threads)
+    cfg = rb.BenchConfig(
+        hidden=hidden,
+        layers=layers,
+        experts=tuple(counts),
+        top_k=top_k,
+        batch=batch,
+        seq=seq,
+        repeats=repeats,
+        device=device,
+        dtype=dtype,
+    )
     result = rb.run(cfg, progress=not no_progress)
     click.echo(rb.markdown(result))
     if json_path:
@@ -451,26 +473,94 @@ def bench_routing(hidden, layers, experts, top_k, batch, repeats, json_path, no_
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the result as JSON.")
 @click.option("--png", default=None, type=click.Path(dir_okay=False), help="Plot mixed-batch throughput by distinct experts.")
 @click.option("--no-progress", is_flag=True)
+@click.option("--ks", default="1,2,4,8", show_default=True, help="Distinct experts per mixed batch (each must divide --batch).")
+@DEVICE_OPTION
+@click.option("--dtype", default="auto", show_default=True, help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16.")
+@click.option(
+    "--compile", "compiled", is_flag=True, help="Also time eager vs compiled decode steps against the weight-read floor."
+)
+@click.option("--compile-backend", default="inductor", show_default=True, help="torch.compile backend for --compile.")
+@THREADS_OPTION
 def bench_serving(
-    mixed, http, hidden, layers, batch, new_tokens, repeats, preset, n_requests, concurrency, port, json_path, png, no_progress
+    mixed,
+    http,
+    hidden,
+    layers,
+    batch,
+    new_tokens,
+    repeats,
+    preset,
+    n_requests,
+    concurrency,
+    port,
+    json_path,
+    png,
+    no_progress,
+    ks,
+    device,
+    dtype,
+    compiled,
+    compile_backend,
+    threads,
 ) -> None:  # noqa: ANN001
-    """Serving throughput: mixed-expert batches (k = 1, 2, 4, 8) against single-expert batches,
-    PEFT adapter_names and per-request set_adapter; then HTTP req/s and p50/p99 latency."""
+    """Serving throughput: mixed-expert batches (k distinct experts) against single-expert
+    batches, PEFT adapter_names and per-request set_adapter; with --compile, ms per decode step
+    eager vs compiled vs the physical floor; then HTTP req/s and p50/p99 latency."""
     _quiet_hf()
+    from moerge.bench import routing as rb
     from moerge.bench import serving as sb
+    from moerge.device import resolve_device, resolve_dtype, set_threads
 
+    try:
+        k_list = tuple(rb.parse_experts(ks))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).replace("--experts", "--ks"), param_hint="--ks") from None
+    try:
+        resolve_dtype(dtype, resolve_device(device))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device/--dtype") from None
+    set_threads(threads)
     out: dict = {}
     try:
         if mixed:
             out["mixed"] = sb.run_mixed(
-                sb.MixedConfig(hidden=hidden, layers=layers, batch=batch, new_tokens=new_tokens, repeats=repeats),
+                sb.MixedConfig(
+                    hidden=hidden,
+                    layers=layers,
+                    batch=batch,
+                    new_tokens=new_tokens,
+                    repeats=repeats,
+                    ks=k_list,
+                    experts=max(k_list),
+                    device=device,
+                    dtype=dtype,
+                    compile=compiled,
+                    compile_backend=compile_backend,
+                ),
                 progress=not no_progress,
             )
-            click.echo(f"mixed-expert batches: batch {batch}, {new_tokens} new tokens, hidden {hidden}, {layers} layers")
+            m = out["mixed"]["machine"]
+            click.echo(
+                f"mixed-expert batches: batch {batch}, {new_tokens} new tokens, hidden {hidden}, {layers} layers; "
+                f"{m['device']} ({m.get('name', '')}), {out['mixed']['dtype']}"
+            )
             click.echo(f"{'variant':<32} {'k':>2} {'tok/s':>9} {'vs single':>10} {'vs PEFT':>8}")
             for r in out["mixed"]["rows"]:
                 peft = "" if r["vs_peft_same_k"] is None else f"{r['vs_peft_same_k']:.2f}"
                 click.echo(f"{r['variant']:<32} {r['k']:>2} {r['tokens_per_s']:>9.1f} {r['vs_single']:>10.2f} {peft:>8}")
+            d = out["mixed"].get("decode")
+            if d:
+                click.echo(
+                    f"decode steps (batch {d['batch']}, k = {d['k']}): eager {d['eager_ms_per_step']} ms "
+                    f"({d['eager_x_floor']}× the {d['floor_ms']} ms floor of reading {d['weight_gb']} GB at {d['bandwidth_gb_s']} GB/s)"
+                )
+                if "compiled_ms_per_step" in d:
+                    click.echo(
+                        f"  compiled {d['compiled_ms_per_step']} ms ({d['compiled_x_floor']}× floor): {d['compiled_speedup']}× eager "
+                        f"(compile + graph capture {d['compile_s']} s)"
+                    )
+                else:
+                    click.echo(f"  compiled decode failed here: {d['compile_error']}")
             if png:
                 click.echo(f"wrote {sb.plot_mixed(out['mixed'], png)}", err=True)
         if http:

@@ -195,3 +195,31 @@ def test_bench_serving_mixed_batches_report_ratios_and_plot(tmp_path):
 def test_serve_rejects_bad_settings_before_starting_anything():
     r = CliRunner().invoke(main, ["serve", "--registry", ".", "--replicas", "0"])
     assert r.exit_code == 2 and "--replicas" in r.output
+
+
+def test_bench_serving_decode_steps_eager_vs_compiled_and_the_floor(tmp_path):
+    """--compile times decode steps both ways and against the weight-read floor (the eager
+    backend keeps this quick on CI; inductor / CUDA graphs are what a GPU run uses)."""
+    out = tmp_path / "decode.json"
+    args = ["bench", "serving", "--no-http", "--hidden", "32", "--layers", "1", "--batch", "4", "--new-tokens", "4"]
+    r = CliRunner().invoke(
+        main,
+        [*args, "--ks", "1,2", "--repeats", "1", "--compile", "--compile-backend", "eager", "--json", str(out), "--no-progress"],
+    )
+    assert r.exit_code == 0, r.output
+    d = json.loads(out.read_text())["mixed"]["decode"]
+    assert d["eager_ms_per_step"] > 0 and d["compiled_ms_per_step"] > 0 and d["floor_ms"] > 0
+    assert d["compiled_speedup"] > 0 and d["bandwidth_gb_s"] > 0
+    assert "decode steps" in r.output and "floor" in r.output
+    bad = CliRunner().invoke(main, ["bench", "serving", "--no-http", "--dtype", "fp8", "--no-progress"])
+    assert bad.exit_code == 2 and "unknown dtype" in bad.output
+
+
+def test_serve_refuses_bad_device_settings_before_starting_anything():
+    for extra, message in [
+        (["--gpus-per-worker", "1.5"], "--gpus-per-worker"),
+        (["--device", "cuda"], "--gpus-per-worker"),
+        (["--dtype", "fp8"], "unknown dtype"),
+    ]:
+        r = CliRunner().invoke(main, ["serve", "--registry", ".", *extra])
+        assert r.exit_code == 2 and message in r.output, (extra, r.output)

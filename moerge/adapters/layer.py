@@ -131,7 +131,10 @@ class Assignment:
 #: a router hook: (layer, input x [..., d_in]) -> weights [..., E] or TopK
 WeightFn = Callable[["MultiExpertLinear", torch.Tensor], "torch.Tensor | TopK"]
 
-#: top-k over at most this many experts runs ``stacked`` (two matmuls over all experts' factors)
+#: top-k over at most this many experts per kept expert always runs ``stacked`` (two matmuls
+#: over all experts' factors) ...
+STACKED_PER_K = 4
+#: ... and prefills over at most this many experts too
 STACKED_MAX_EXPERTS = 16
 #: ... or over more experts but at most this many (row, expert) pairs runs ``gathered``
 #: (decode steps, short prefills); longer inputs run ``grouped``. Measured with ``moerge bench routing``.
@@ -158,11 +161,16 @@ def grouped_mm_available(x: torch.Tensor) -> bool:
 
 
 def topk_path(num_experts: int, rows: int, k: int) -> str:
-    """Which kernel a top-k mixture over ``num_experts`` with ``rows`` × ``k`` pairs uses."""
-    if num_experts <= STACKED_MAX_EXPERTS:
+    """Which kernel a top-k mixture over ``num_experts`` with ``rows`` × ``k`` pairs uses:
+    stacked over few experts (≤ STACKED_PER_K·k), gathered for few pairs (decode steps),
+    stacked up to STACKED_MAX_EXPERTS, grouped beyond. Shapes only: the same for every batch
+    of this size, whatever the routing."""
+    if num_experts <= STACKED_PER_K * k:
         return "stacked"
     if rows * k <= GATHER_PAIRS:
         return "gathered"
+    if num_experts <= STACKED_MAX_EXPERTS:
+        return "stacked"
     return "grouped"
 
 

@@ -15,7 +15,9 @@ from typing import Any
 import torch
 
 from moerge.adapters import attach, detach, use_weights
+from moerge.adapters.layer import topk_path
 from moerge.adapters.lora import LoraExpert, LoraFactors
+from moerge.device import describe, module_device, module_dtype, resolve_device, resolve_dtype
 from moerge.routers.token import TokenHook, standardise
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -25,7 +27,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 class BenchConfig:
     hidden: int = 512
     layers: int = 4
-    heads: int = 8
+    #: attention heads (None: hidden / 64)
+    heads: int | None = None
     rank: int = 16
     experts: tuple[int, ...] = (4, 8, 16)
     top_k: int = 2
@@ -35,9 +38,19 @@ class BenchConfig:
     new_tokens: int = 32
     repeats: int = 5
     seed: int = 0
+    device: str = "cpu"
+    dtype: str = "auto"
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device before reading the clock (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def build_model(cfg: BenchConfig) -> torch.nn.Module:
+    """A Llama of the configured size with random weights (no download), on ``cfg.device`` in
+    ``cfg.dtype``; ``--hidden 2048 --layers 16`` is about 0.8 B parameters."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(cfg.seed)
@@ -46,14 +59,15 @@ def build_model(cfg: BenchConfig) -> torch.nn.Module:
         hidden_size=cfg.hidden,
         intermediate_size=2 * cfg.hidden,
         num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads,
-        num_key_value_heads=cfg.heads,
+        num_attention_heads=cfg.heads or max(1, cfg.hidden // 64),
+        num_key_value_heads=cfg.heads or max(1, cfg.hidden // 64),
         max_position_embeddings=max(256, cfg.seq + cfg.new_tokens + cfg.prompt),
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
     )
-    return LlamaForCausalLM(config).eval()
+    dev = resolve_device(cfg.device)
+    return LlamaForCausalLM(config).to(device=dev, dtype=resolve_dtype(cfg.dtype, dev)).eval()
 
 
 def random_experts(model: torch.nn.Module, n: int, rank: int, seed: int) -> list[LoraExpert]:
@@ -101,16 +115,17 @@ def run(cfg: BenchConfig | None = None, progress: bool = True) -> dict[str, Any]
     """Time every variant, interleaved round-robin over ``repeats`` (median reported)."""
     cfg = cfg or BenchConfig()
     model = build_model(cfg)
+    dev = module_device(model)
     g = torch.Generator().manual_seed(cfg.seed)
-    fwd_ids = torch.randint(3, 2000, (cfg.batch, cfg.seq), generator=g)
-    gen_ids = torch.randint(3, 2000, (cfg.batch, cfg.prompt), generator=g)
+    fwd_ids = torch.randint(3, 2000, (cfg.batch, cfg.seq), generator=g).to(dev)
+    gen_ids = torch.randint(3, 2000, (cfg.batch, cfg.prompt), generator=g).to(dev)
     max_e = max(cfg.experts)
     experts = random_experts(model, max_e, cfg.rank, cfg.seed)
 
     # each variant: (name, experts to attach or None, weights factory)
     def gates(n: int) -> dict[str, torch.Tensor]:
         gg = torch.Generator().manual_seed(cfg.seed + n)
-        return {m: standardise(torch.randn(n, f.A.shape[1], generator=gg)) for m, f in experts[0].modules.items()}
+        return {m: standardise(torch.randn(n, f.A.shape[1], generator=gg)).to(dev) for m, f in experts[0].modules.items()}
 
     variants: list[tuple[str, list[LoraExpert] | None, Callable[[], Any]]] = [
         ("base (no experts)", None, lambda: None),
@@ -145,8 +160,10 @@ def run(cfg: BenchConfig | None = None, progress: bool = True) -> dict[str, Any]
             try:
                 w = weights()
                 with use_weights(model, w) if exps is not None else nullcontext():
+                    sync(dev)
                     t = time.perf_counter()
                     model(input_ids=fwd_ids)
+                    sync(dev)
                     fwd = time.perf_counter() - t
                     rf = getattr(w, "seconds", 0.0)
                     if isinstance(w, TimedHook):
@@ -160,6 +177,7 @@ def run(cfg: BenchConfig | None = None, progress: bool = True) -> dict[str, Any]
                         do_sample=False,
                         pad_token_id=0,
                     )
+                    sync(dev)
                     gen = time.perf_counter() - t
                     rg = getattr(w, "seconds", 0.0)
             finally:
@@ -189,7 +207,18 @@ def run(cfg: BenchConfig | None = None, progress: bool = True) -> dict[str, Any]
     for r in rows:
         r.forward_ratio = r.forward_ms / ref.forward_ms
         r.generate_ratio = r.generate_ms / ref.generate_ms
-    return {"config": asdict(cfg), "threads": torch.get_num_threads(), "rows": [asdict(r) for r in rows]}
+    paths = {
+        f"E={n}": {"forward": topk_path(n, cfg.batch * cfg.seq, cfg.top_k), "decode": topk_path(n, cfg.batch, cfg.top_k)}
+        for n in cfg.experts
+    }
+    return {
+        "config": asdict(cfg),
+        "threads": torch.get_num_threads(),
+        "machine": describe(dev),
+        "dtype": str(module_dtype(model)).removeprefix("torch."),
+        "paths": paths,
+        "rows": [asdict(r) for r in rows],
+    }
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -197,7 +226,10 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Tiny Llama hidden {c['hidden']}, {c['layers']} layers, LoRA r={c['rank']} on all 7 projections; "
         f"forward: batch {c['batch']} × {c['seq']} tokens; generate: batch {c['batch']}, prompt {c['prompt']}, "
-        f"{c['new_tokens']} new tokens; median of {c['repeats']} interleaved runs, {result['threads']} threads.",
+        f"{c['new_tokens']} new tokens; median of {c['repeats']} interleaved runs; {result['machine']['device']} "
+        f"({result['machine'].get('name', '')}), {result['dtype']}, {result['threads']} threads. Top-k kernels: "
+        + ", ".join(f"{e}: {p['forward']} (forward) / {p['decode']} (decode)" for e, p in result["paths"].items())
+        + ".",
         "",
         "| variant | forward ms | × single LoRA | generate ms | × single LoRA | router share (fwd / gen) |",
         "|---|---:|---:|---:|---:|---:|",

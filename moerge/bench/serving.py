@@ -25,7 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from moerge.adapters import Assignment, attach_slots, load_expert, lora_from_state, use_weights
-from moerge.bench.routing import TARGETS, BenchConfig, build_model
+from moerge.bench.routing import TARGETS, BenchConfig, build_model, sync
+from moerge.device import describe, module_device, module_dtype
 
 
 @dataclass
@@ -41,6 +42,11 @@ class MixedConfig:
     repeats: int = 3
     threads: int | None = None
     seed: int = 0
+    device: str = "cpu"
+    dtype: str = "auto"
+    #: also time eager against compiled decode steps (static cache + torch.compile)
+    compile: bool = False
+    compile_backend: str = "inductor"
 
 
 def _peft_model(cfg: MixedConfig) -> tuple[Any, torch.nn.Module]:
@@ -48,7 +54,15 @@ def _peft_model(cfg: MixedConfig) -> tuple[Any, torch.nn.Module]:
     from peft import LoraConfig, get_peft_model
 
     base = build_model(
-        BenchConfig(hidden=cfg.hidden, layers=cfg.layers, seq=cfg.prompt, new_tokens=cfg.new_tokens, seed=cfg.seed)
+        BenchConfig(
+            hidden=cfg.hidden,
+            layers=cfg.layers,
+            seq=cfg.prompt,
+            new_tokens=cfg.new_tokens,
+            seed=cfg.seed,
+            device=cfg.device,
+            dtype=cfg.dtype,
+        )
     )
     clean = copy.deepcopy(base)
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, target_modules=TARGETS, init_lora_weights=False, lora_dropout=0.0)
@@ -77,8 +91,9 @@ def run_mixed(cfg: MixedConfig | None = None, progress: bool = True) -> dict[str
     attach_slots(ours, sorted({n for n, m in ours.named_modules() if n.split(".")[-1] in TARGETS}), cfg.experts)
     for e, n in enumerate(names):
         load_expert(ours, e, lora_from_state(n, pm.peft_config[n].to_dict(), get_peft_model_state_dict(pm, adapter_name=n)))
+    dev = module_device(ours)
     g = torch.Generator().manual_seed(cfg.seed)
-    ids = torch.randint(3, 2000, (cfg.batch, cfg.prompt), generator=g)
+    ids = torch.randint(3, 2000, (cfg.batch, cfg.prompt), generator=g).to(dev)
     mask = torch.ones_like(ids)
     gen_kw = {"max_new_tokens": cfg.new_tokens, "min_new_tokens": cfg.new_tokens, "do_sample": False, "pad_token_id": 0}
 
@@ -113,8 +128,10 @@ def run_mixed(cfg: MixedConfig | None = None, progress: bool = True) -> dict[str
     bar = tqdm(total=cfg.repeats * len(variants), desc="bench serving (mixed batches)", disable=not progress)
     for _ in range(cfg.repeats):
         for n, k, fn in variants:
+            sync(dev)
             t = time.perf_counter()
             fn(k)
+            sync(dev)
             times[(n, k)].append(time.perf_counter() - t)
             bar.update()
     bar.close()
@@ -135,7 +152,87 @@ def run_mixed(cfg: MixedConfig | None = None, progress: bool = True) -> dict[str
                 else None,
             }
         )
-    return {"config": asdict(cfg), "rows": rows_out, "threads": torch.get_num_threads()}
+    out = {
+        "config": asdict(cfg),
+        "rows": rows_out,
+        "threads": torch.get_num_threads(),
+        "machine": describe(dev),
+        "dtype": str(module_dtype(ours)).removeprefix("torch."),
+    }
+    if cfg.compile:
+        out["decode"] = run_decode(ours, ids, mask, cfg, progress)
+    return out
+
+
+def memory_bandwidth(device: torch.device, megabytes: int = 512) -> float:
+    """Bytes per second one device-to-device copy moves (read + write), best of 5."""
+    n = megabytes * 2**20 // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    del src, dst
+    return 2 * n * 4 / best
+
+
+def run_decode(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cfg: MixedConfig, progress: bool = True
+) -> dict[str, Any]:
+    """Milliseconds per decode step, eager against compiled (static KV cache + torch.compile,
+    CUDA graphs on a GPU), on a mixed batch over min(4, experts) experts; a step's time is
+    (generate N tokens − generate 1 token) / (N − 1), so prefill is left out. The physical
+    floor is reading every weight once at the memory bandwidth measured in the same run."""
+    from moerge import decoding
+
+    dev = module_device(model)
+    k = min(4, cfg.experts)
+    assign = Assignment(torch.tensor([b % k for b in range(ids.shape[0])]))
+    kw = {"do_sample": False, "pad_token_id": 0, "attention_mask": mask}
+    n = cfg.new_tokens
+
+    @torch.inference_mode()
+    def gen(tokens: int, extra: dict[str, Any]) -> float:
+        with use_weights(model, assign):
+            sync(dev)
+            t = time.perf_counter()
+            model.generate(input_ids=ids, max_new_tokens=tokens, min_new_tokens=tokens, **kw, **extra)
+            sync(dev)
+            return time.perf_counter() - t
+
+    variants = {"eager": {}, "compiled": decoding.compile_kwargs(dev, backend=cfg.compile_backend)}
+    result: dict[str, Any] = {"k": k, "batch": ids.shape[0], "new_tokens": n}
+    t = time.perf_counter()
+    try:
+        for _ in range(2):  # compile, record the graphs
+            gen(n, variants["compiled"])
+            gen(1, variants["compiled"])
+    except Exception as exc:  # a missing compiler, an unsupported backend: say so, time eager alone
+        result["compile_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        variants.pop("compiled")
+    result["compile_s"] = round(time.perf_counter() - t, 1)
+    gen(n, {})
+    steps: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in tqdm(range(cfg.repeats), desc="bench serving (decode)", disable=not progress):
+        for name, extra in variants.items():
+            steps[name].append((gen(n, extra) - gen(1, extra)) / (n - 1))
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers()
+    )
+    bw = memory_bandwidth(dev)
+    floor_ms = 1000 * weight_bytes / bw
+    result.update(weight_gb=round(weight_bytes / 1e9, 3), bandwidth_gb_s=round(bw / 1e9, 1), floor_ms=round(floor_ms, 3))
+    for name, ts in steps.items():
+        ms = 1000 * statistics.median(ts)
+        result[f"{name}_ms_per_step"] = round(ms, 3)
+        result[f"{name}_x_floor"] = round(ms / floor_ms, 1)
+    if "compiled" in steps:
+        result["compiled_speedup"] = round(result["eager_ms_per_step"] / result["compiled_ms_per_step"], 2)
+    return result
 
 
 # ------------------------------------------------------------------------------------ HTTP

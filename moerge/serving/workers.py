@@ -17,6 +17,7 @@ one, restarted), and answered with a 503-style error if that fails too — none 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -146,6 +147,8 @@ def spawn_workers(
     import ray
 
     actor = ray.remote(ExpertWorker)
+    if config.threads is None:  # torch threads from the worker's CPU share (a fraction gets one)
+        config = dataclasses.replace(config, threads=max(1, int(num_cpus)))
     out = []
     for i in range(replicas):
         opts: dict[str, Any] = {"num_cpus": num_cpus, "max_restarts": max_restarts, "max_task_retries": 0}
