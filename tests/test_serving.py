@@ -217,6 +217,31 @@ def test_engine_weighted_experts_and_compositions_report_who_served(engine, smal
 
 
 @pytest.mark.slow
+def test_engine_compiled_decode_pads_to_a_bucket_and_answers_as_eager(engine, small_zoo, monkeypatch):
+    """compile=True: 3 mixed requests and 3 composition requests run as a bucket of 4 (a dummy
+    row) through the static-cache compiled decode, and answer exactly as eager does (the eager
+    backend stands in for inductor/CUDA graphs on CI)."""
+    from moerge import decoding
+    from moerge.serving import engine as engine_mod
+
+    real = decoding.compile_kwargs
+    monkeypatch.setattr(engine_mod, "compile_kwargs", lambda device: real(device, backend="eager", fullgraph=True))
+    rows = _prompts(small_zoo, small_zoo.held_in[:3], 1)
+    mixed = [ServeRequest(p, ((t, 1.0),), params=GREEDY) for t, p, _ in rows]
+    comp = [ServeRequest(p, composition="arrow", params=GREEDY) for _, p, _ in rows]
+    eager = engine.run(mixed), engine.run(comp)
+    engine.compile = True
+    try:
+        compiled = engine.run(mixed), engine.run(comp)
+    finally:
+        engine.compile = False
+    for want, got in zip(eager, compiled, strict=True):
+        assert [r.text for r in got] == [r.text for r in want]
+        assert [r.experts for r in got] == [r.experts for r in want]
+        assert all(r.error is None and r.batch_size == 3 for r in got)
+
+
+@pytest.mark.slow
 def test_worker_batches_concurrent_requests_into_one_generate(small_zoo):
     from moerge.serving.workers import ExpertWorker, WorkerConfig
 

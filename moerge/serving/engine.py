@@ -42,11 +42,15 @@ class UsageRecorder:
         self.rows, self.experts = rows, experts
         self.accepted = {rows, padded_rows or rows}  # rows past ours pad a compiled bucket
         self.usage: torch.Tensor | None = None  # on the device the hook runs on (no read-back per module)
+        #: the prompts' attention mask: left padding does not count in the prefill
+        self.mask: torch.Tensor | None = None
 
     def add(self, module: str, index: torch.Tensor, weight: torch.Tensor) -> None:
         if index.shape[0] not in self.accepted:  # expanded rows (beams): not attributed
             return
         index, weight = index[: self.rows], weight[: self.rows]
+        if self.mask is not None and index.dim() == 3 and index.shape[1] == self.mask.shape[1]:
+            weight = weight * self.mask[: self.rows, :, None].to(weight.device, weight.dtype)
         if self.usage is None:
             self.usage = torch.zeros(self.rows, self.experts, device=index.device)
         self.usage.scatter_add_(1, index.reshape(self.rows, -1), weight.detach().float().reshape(self.rows, -1))
@@ -231,7 +235,7 @@ class ExpertEngine:
             else:
                 weights = torch.cat([weights, weights[:1].expand(pad, -1)])
         with use_weights(comp.model, weights):
-            self._generate(comp.model, reqs, outs, None, tokenizer=comp.tokenizer)
+            self._generate(comp.model, reqs, outs, None, tokenizer=comp.tokenizer, recorder=recorder)
         shares = recorder.shares() if recorder is not None else routing.weights.float()
         for b, o in enumerate(outs):
             o.experts = top_shares(comp.experts, shares[b])
@@ -245,12 +249,15 @@ class ExpertEngine:
         outs: list[ServeResult],
         assignment: Assignment | None,
         tokenizer: Any = None,
+        recorder: UsageRecorder | None = None,
     ) -> None:
         tok = tokenizer or self.tokenizer
         params: GenerationParams = reqs[0].params
         prompts = pad_rows([r.prompt for r in reqs], self.compile)
         enc = encode_prompts(tok, prompts, module_device(model), **tokenizer_kwargs(self.compile))
         lengths = enc["attention_mask"].sum(1).tolist()
+        if recorder is not None:
+            recorder.mask = enc["attention_mask"]
         longest = max(r.params.max_new_tokens for r in reqs)
         kw: dict[str, Any] = {"do_sample": params.temperature > 0}
         if self.compile:
@@ -288,8 +295,10 @@ class ExpertEngine:
             return [top_shares(comp.experts, row) for row in routing.weights.float()]
         recorder = UsageRecorder(len(prompts), len(comp.experts))
         routing.hook.recorder = recorder  # type: ignore[union-attr]
+        enc = encode_prompts(comp.tokenizer, prompts, module_device(comp.model))
+        recorder.mask = enc["attention_mask"]
         with comp.routed(routing):
-            comp.model(**encode_prompts(comp.tokenizer, prompts, next(comp.model.parameters()).device))
+            comp.model(**enc)
         return [top_shares(comp.experts, row) for row in recorder.shares()]
 
     def info(self) -> dict[str, Any]:
