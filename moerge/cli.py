@@ -407,6 +407,17 @@ def serve(
         ray_serve.shutdown()
 
 
+def _device_settings(device: str, dtype: str, threads: int | None) -> None:
+    """Check --device/--dtype before any work (a bad one is a usage error) and set --threads."""
+    from moerge.device import resolve_device, resolve_dtype, set_threads
+
+    try:
+        resolve_dtype(dtype, resolve_device(device))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device/--dtype") from None
+    set_threads(threads)
+
+
 @main.group()
 def bench() -> None:
     """Performance benchmarks (ratios against a baseline measured in the same run)."""
@@ -429,17 +440,12 @@ def bench_routing(hidden, layers, experts, top_k, batch, seq, repeats, device, d
     """Forward/generate time: base, single LoRA, PHATGOOSE top-k over E experts, every expert
     computed (random weights of the given size; --hidden 2048 --layers 16 is ~0.8 B)."""
     from moerge.bench import routing as rb
-    from moerge.device import resolve_device, resolve_dtype, set_threads
 
     try:
         counts = rb.parse_experts(experts)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--experts") from None
-    try:
-        resolve_dtype(dtype, resolve_device(device))
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--device/--dtype") from None
-    set_threads(threads)
+    _device_settings(device, dtype, threads)
     cfg = rb.BenchConfig(
         hidden=hidden,
         layers=layers,
@@ -509,17 +515,12 @@ def bench_serving(
     _quiet_hf()
     from moerge.bench import routing as rb
     from moerge.bench import serving as sb
-    from moerge.device import resolve_device, resolve_dtype, set_threads
 
     try:
         k_list = tuple(rb.parse_experts(ks))
     except ValueError as exc:
         raise click.BadParameter(str(exc).replace("--experts", "--ks"), param_hint="--ks") from None
-    try:
-        resolve_dtype(dtype, resolve_device(device))
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--device/--dtype") from None
-    set_threads(threads)
+    _device_settings(device, dtype, threads)
     out: dict = {}
     try:
         if mixed:

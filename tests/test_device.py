@@ -281,3 +281,18 @@ def test_bf16_composition_matches_fp32_on_the_zoo(small_zoo):
     assert same >= 0.9
     ref = out["float32"][1]
     assert (ref - out["bfloat16"][1]).abs().max() <= 0.03 * ref.abs().max()
+
+
+def test_compose_names_an_unavailable_device_and_takes_device_settings_by_name(small_zoo):
+    from moerge import compose
+
+    experts = small_zoo.registry.select(names=small_zoo.held_in[:2])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            compose(small_zoo.base_path, experts, "arrow", device="cuda")
+    with pytest.raises(TypeError, match="device="):
+        compose(small_zoo.base_path, experts, "arrow", devices="cpu")
+    m = compose(small_zoo.base_path, experts, "arrow", device="cpu", dtype="bfloat16")
+    assert m.device.type == "cpu" and m.dtype == torch.bfloat16
+    assert all(layer.lora_A.dtype == torch.bfloat16 for layer in layers(m.model).values())
+    assert "device" not in m.spec.model_dump()  # a saved composition does not pin a device

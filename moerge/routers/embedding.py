@@ -28,14 +28,16 @@ def default_embedder_path() -> str:
 class Embedder:
     """Unit-norm sentence embeddings; ``id`` names it in artifact keys."""
 
-    def __init__(self, name_or_path: str | None = None, device: str = "cpu") -> None:
+    def __init__(self, name_or_path: str | None = None, device: str = "auto") -> None:
         from sentence_transformers import SentenceTransformer
+
+        from moerge.device import resolve_device
 
         self.id = name_or_path or DEFAULT_EMBEDDER
         path = default_embedder_path() if self.id == DEFAULT_EMBEDDER else self.id
         if os.path.isdir(path):
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        self.model = SentenceTransformer(path, device=device)
+        self.model = SentenceTransformer(path, device=str(resolve_device(device)))  # a GPU when there is one
 
     @property
     def dim(self) -> int:
