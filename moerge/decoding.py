@@ -7,8 +7,9 @@ replay the whole step with one launch.
 Graphs are specialised on shapes, so batches are padded to a few bucket sizes (dummy rows run
 the base model alone and are dropped) and prompt lengths to a multiple of ``LENGTH_MULTIPLE``;
 the multi-expert layer reads its routing as tensors (no per-batch Python values), so a new
-assignment reuses the captured graph. Eager stays the default: on a CPU compile costs far more
-than it saves for these models (``moerge bench serving --compile``)."""
+assignment reuses the captured graph. Eager stays the default: on a CPU compiled decode steps
+were 1.23× faster for a hidden-512 model after 23 s of compilation per bucket, which a short
+run never wins back (``moerge bench serving --compile``)."""
 
 from __future__ import annotations
 

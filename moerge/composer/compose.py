@@ -299,7 +299,7 @@ def compose(
     bfloat16 on CUDA, float32 on CPU). A loaded ``base`` stays where it is unless they are given
     explicitly. Preparation (gate training, SVDs, router training) runs there too. ``compile``:
     decode with a static KV cache and ``torch.compile`` (CUDA graphs on a GPU; see
-    :meth:`ComposedModel.generate`) — worth it on a GPU, not on a CPU."""
+    :meth:`ComposedModel.generate`) — for long runs on a GPU; on a CPU it rarely pays back its compile time."""
     reg, records = resolve_experts(experts, registry)
     not_lora = [f"{r.ref} ({r.kind})" for r in records if r.kind != "lora"]
     if not_lora:
