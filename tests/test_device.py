@@ -296,3 +296,28 @@ def test_compose_names_an_unavailable_device_and_takes_device_settings_by_name(s
     assert m.device.type == "cpu" and m.dtype == torch.bfloat16
     assert all(layer.lora_A.dtype == torch.bfloat16 for layer in layers(m.model).values())
     assert "device" not in m.spec.model_dump()  # a saved composition does not pin a device
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("router", ["arrow", "glider"])
+def test_compiled_token_routed_composition_answers_as_eager(small_zoo, router, monkeypatch):
+    """compose(..., compile=True) with a token router: three prompts run as a bucket of four
+    (GLIDER's per-example bias padded for the dummy row), captured without a graph break, and
+    answer exactly as eager (eager backend standing in for inductor / CUDA graphs)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from moerge import compose, decoding
+
+    real = decoding.compile_kwargs
+    monkeypatch.setattr(decoding, "compile_kwargs", lambda device: real(device, backend="eager", fullgraph=True))
+    torch._dynamo.reset()
+    counters.clear()
+    z = small_zoo
+    prompts = [e.prompt for t in z.held_in[:3] for e in z.test_split(t)[:1]]
+    kw = {"data": z.expert_data} if router == "glider" else {}
+    m = compose(z.base_path, z.registry.select(names=z.held_in), router, device="cpu", **kw)
+    want = m.generate(prompts, max_new_tokens=6)
+    m.compile = True
+    assert m.generate(prompts, max_new_tokens=6) == want
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] >= 1

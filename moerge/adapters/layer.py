@@ -149,15 +149,18 @@ def grouped_mm_available(x: torch.Tensor) -> bool:
     device to wait for), and on CUDA in bfloat16 on compute capability ≥ 9 (elsewhere CUDA
     falls back to a loop that reads the offsets on the host). The ``meta`` device stands in
     for CUDA in tests (its kernel has CUDA's dtype rules)."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if x.device.type == "cpu":
-        return True
-    if x.dtype != torch.bfloat16:
-        return False
-    if x.device.type == "meta":
-        return True
-    return x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 9
+    key = (x.device, x.dtype)
+    if key not in _GROUPED_OK:  # decided once per device and dtype (a dict read while compiled)
+        ok = hasattr(torch, "_grouped_mm") and (
+            x.device.type == "cpu"
+            or (x.dtype == torch.bfloat16 and x.device.type == "meta")
+            or (x.dtype == torch.bfloat16 and x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 9)
+        )
+        _GROUPED_OK[key] = ok
+    return _GROUPED_OK[key]
+
+
+_GROUPED_OK: dict[tuple[torch.device, torch.dtype], bool] = {}
 
 
 def topk_path(num_experts: int, rows: int, k: int) -> str:
