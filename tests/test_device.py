@@ -232,10 +232,11 @@ def test_worker_config_checks_gpus_and_dtype():
 # ------------------------------------------------------------------------------ bf16 numerics
 
 
-def test_bf16_mixed_batch_matches_peft_adapter_names_in_bf16():
-    """Mixed batch in bfloat16: the LoRA term is added in the model's dtype like PEFT, so the
-    logits agree with PEFT's adapter_names batch in bf16 to bf16 rounding, and both stay close
-    to fp32."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_mixed_batch_matches_peft_adapter_names(dtype):
+    """Mixed batch in bfloat16 / float16: the LoRA term is added in the model's dtype like PEFT,
+    so the logits agree with PEFT's adapter_names batch in that dtype to its rounding, and both
+    stay close to fp32."""
     from moerge.adapters import attach_slots, load_expert
 
     pm = peft_with_adapters(tiny_llama(), {"x": lora_config(LLAMA_TARGETS), "y": lora_config(LLAMA_TARGETS, r=2)})
@@ -249,12 +250,12 @@ def test_bf16_mixed_batch_matches_peft_adapter_names_in_bf16():
         attach_slots(model, sorted(ex[0].modules), 2)
         load_expert(model, 0, ex[0])
         load_expert(model, 1, ex[1])
-        model.to(torch.bfloat16)
-        pm.to(torch.bfloat16)
+        model.to(dtype)
+        pm.to(dtype)
         want = pm(input_ids=x, adapter_names=assign).logits
         with use_weights(model, rows):
             got = model(input_ids=x).logits
-    assert got.dtype == torch.bfloat16
+    assert got.dtype == dtype
     scale = want32.abs().max()
     assert (got.float() - want.float()).abs().max() <= 0.02 * scale
     assert (got.float() - want32).abs().max() <= 0.03 * scale
