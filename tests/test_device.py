@@ -15,6 +15,17 @@ from moerge.adapters import layer as layer_mod
 from moerge.routers.token import TokenHook, standardise
 
 META = torch.device("meta")
+
+
+@pytest.fixture
+def own_registry(tmp_path, small_zoo):
+    """A copy of the small zoo's registry, so artifacts prepared here do not leak into other tests."""
+    import shutil
+
+    from moerge import Registry
+
+    shutil.copytree(small_zoo.registry_path, tmp_path / "reg")
+    return Registry(tmp_path / "reg")
 D_IN, D_OUT, RANK = 24, 20, 8
 
 
@@ -263,7 +274,7 @@ def test_half_precision_mixed_batch_matches_peft_adapter_names(dtype):
 
 
 @pytest.mark.slow
-def test_bf16_composition_matches_fp32_on_the_zoo(small_zoo):
+def test_bf16_composition_matches_fp32_on_the_zoo(small_zoo, own_registry):
     """A bf16 composition (retrieval → per-row Assignment) against the fp32 one on 96 zoo test
     prompts: the same greedy answers on ≥ 90 % of them (measured: 97.9 %) and last-position
     logits within 3 % of their largest magnitude (measured: 0.9 %). Token-level routers are
@@ -275,7 +286,7 @@ def test_bf16_composition_matches_fp32_on_the_zoo(small_zoo):
     prompts = [e.prompt for t in z.held_in for e in z.test_split(t)[:12]]
     out = {}
     for dt in ("float32", "bfloat16"):
-        m = compose(z.base_path, z.registry.select(names=z.held_in), "retrieval", dtype=dt, device="cpu")
+        m = compose(z.base_path, own_registry.select(names=z.held_in), "retrieval", dtype=dt, device="cpu")
         assert m.dtype == getattr(torch, dt) and m.device.type == "cpu"
         out[dt] = (m.generate(prompts, max_new_tokens=8), m.forward(prompts).logits[:, -1].float())
     same = sum(a == b for a, b in zip(out["float32"][0], out["bfloat16"][0], strict=True)) / len(prompts)
@@ -284,10 +295,10 @@ def test_bf16_composition_matches_fp32_on_the_zoo(small_zoo):
     assert (ref - out["bfloat16"][1]).abs().max() <= 0.03 * ref.abs().max()
 
 
-def test_compose_names_an_unavailable_device_and_takes_device_settings_by_name(small_zoo):
+def test_compose_names_an_unavailable_device_and_takes_device_settings_by_name(small_zoo, own_registry):
     from moerge import compose
 
-    experts = small_zoo.registry.select(names=small_zoo.held_in[:2])
+    experts = own_registry.select(names=small_zoo.held_in[:2])
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             compose(small_zoo.base_path, experts, "arrow", device="cuda")
@@ -301,7 +312,7 @@ def test_compose_names_an_unavailable_device_and_takes_device_settings_by_name(s
 
 @pytest.mark.slow
 @pytest.mark.parametrize("router", ["arrow", "glider"])
-def test_compiled_token_routed_composition_answers_as_eager(small_zoo, router, monkeypatch):
+def test_compiled_token_routed_composition_answers_as_eager(small_zoo, own_registry, router, monkeypatch):
     """compose(..., compile=True) with a token router: three prompts run as a bucket of four
     (GLIDER's per-example bias padded for the dummy row), captured without a graph break, and
     answer exactly as eager (eager backend standing in for inductor / CUDA graphs)."""
@@ -316,8 +327,8 @@ def test_compiled_token_routed_composition_answers_as_eager(small_zoo, router, m
     counters.clear()
     z = small_zoo
     prompts = [e.prompt for t in z.held_in[:3] for e in z.test_split(t)[:1]]
-    kw = {"data": z.expert_data} if router == "glider" else {}
-    m = compose(z.base_path, z.registry.select(names=z.held_in), router, device="cpu", **kw)
+    kw = {"data": z.expert_data, "steps": 15, "batch_size": 16} if router == "glider" else {}
+    m = compose(z.base_path, own_registry.select(names=z.held_in), router, device="cpu", **kw)
     want = m.generate(prompts, max_new_tokens=6)
     m.compile = True
     assert m.generate(prompts, max_new_tokens=6) == want
