@@ -71,7 +71,8 @@ def load_base(
     except OSError as exc:
         raise OSError(f"cannot load base model {base!r}: {exc}") from None
     tok = tokenizer or AutoTokenizer.from_pretrained(base)
-    return model.to(dev).eval(), tok
+    # .to() casts too: transformers before 4.56 names the keyword torch_dtype and ignores dtype=
+    return model.to(device=dev, dtype=dt).eval(), tok
 
 
 def encode_prompts(

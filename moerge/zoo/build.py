@@ -134,7 +134,8 @@ class Zoo:
 
     def load_base(self, device: DeviceLike = "cpu", dtype: DTypeLike = "float32") -> LlamaForCausalLM:
         dev = resolve_device(device)
-        model = LlamaForCausalLM.from_pretrained(self.base_path, dtype=resolve_dtype(dtype, dev)).to(dev)
+        dt = resolve_dtype(dtype, dev)
+        model = LlamaForCausalLM.from_pretrained(self.base_path, dtype=dt).to(device=dev, dtype=dt)
         model.eval()
         return model
 
