@@ -23,15 +23,22 @@ REGISTRY_OPTION = click.option(
 
 
 ZOO_REGISTRY_OPTION = click.option(
-    "--registry", "registry_path", default=None, type=click.Path(file_okay=False), help="Registry folder (default: the zoo's)."
+    "--registry",
+    "registry_path",
+    envvar="MOERGE_REGISTRY",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Registry folder (env MOERGE_REGISTRY).",
 )
 ZOO_OPTION = click.option(
     "--zoo",
     "zoo_preset",
-    default="small",
-    show_default=True,
+    default=None,
     type=click.Choice(["small", "default"]),
-    help="Zoo used when no --registry/--composition (its data trains gates if a router needs them).",
+    help="Use the embedded zoo instead of a registry (built on first use; its data trains gates if a router needs them).",
+)
+NO_SOURCE = (
+    "no registry given: pass --registry DIR (or set MOERGE_REGISTRY), --composition SPEC, or --zoo small to use the embedded zoo"
 )
 COMPOSITION_OPTION = click.option(
     "--composition", default=None, type=click.Path(dir_okay=False, exists=True), help="A saved composition (JSON spec)."
@@ -238,7 +245,7 @@ def _read_data(path: str) -> dict[str, list[tuple[str, str]]]:
 
 @main.command()
 @click.argument("prompt")
-@click.option("--router", default="phatgoose", show_default=True, help="phatgoose, glider, arrow or retrieval.")
+@click.option("--router", default="phatgoose", show_default=True, help="phatgoose, glider, arrow, retrieval or twin.")
 @ZOO_REGISTRY_OPTION
 @ZOO_OPTION
 @COMPOSITION_OPTION
@@ -279,13 +286,15 @@ def route(
     try:
         train_data = _read_data(data) if data else None
         if composition:
-            model = moerge.load_composition(composition, data=train_data)
+            model = moerge.load_composition(composition, data=train_data, **({"base": base} if base else {}))
         else:
-            if registry_path:
-                reg = moerge.Registry(registry_path)
-            else:
+            if zoo_preset:
                 reg, zoo_base, zoo_data, config = _zoo_source(zoo_preset, router, config)
                 base, train_data = base or zoo_base, train_data or zoo_data
+            elif registry_path:
+                reg = _open(registry_path)
+            else:
+                raise ValueError(NO_SOURCE)
             sel = reg.select(names=list(experts) or None, kind="lora")
             model = moerge.compose(base, sel, router, data=train_data, **config)
         if max_new_tokens < 1:
@@ -328,6 +337,13 @@ def route(
 )
 @click.option("--compile", "compiled", is_flag=True, help="Static KV cache + torch.compile decode (pays on a GPU).")
 @THREADS_OPTION
+@click.option("--base", default=None, help="Base model folder or hub id (default: the experts' registered base).")
+@click.option(
+    "--data",
+    default=None,
+    type=click.Path(dir_okay=False, exists=True),
+    help="JSONL {expert, prompt, target}: PHATGOOSE/GLIDER gate training, retrieval's example bank.",
+)
 def serve(
     registry_path,
     zoo_preset,
@@ -346,16 +362,17 @@ def serve(
     gpus_per_worker,
     compiled,
     threads,
+    base,
+    data,
 ) -> None:  # noqa: ANN001
     """Serve experts over HTTP on Ray Serve until interrupted (POST /v1/generate, /v1/route,
     /v1/completions; GET /v1/experts, /healthz)."""
     _quiet_hf()
     import time
 
-    from moerge.serving.app import deploy
+    from moerge.serving.app import build_settings, deploy
 
     config = _parse_config(settings)
-    data = None
     try:
         if replicas < 1 or max_resident < 1 or max_batch < 1 or max_wait_ms < 0:
             raise ValueError("--replicas, --max-resident and --max-batch must be ≥ 1 and --max-wait-ms ≥ 0")
@@ -366,18 +383,22 @@ def serve(
         from moerge.device import resolve_dtype
 
         resolve_dtype(dtype)
-        if not registry_path and not composition:
-            reg, _, data, config = _zoo_source(zoo_preset, router, config, progress=True)
-            registry_path = str(reg.root)
-        click.echo("starting Ray Serve and loading workers …", err=True)
-        dep = deploy(
+        data = _read_data(data) if data else None
+        if zoo_preset:
+            reg, zoo_base, zoo_data, config = _zoo_source(zoo_preset, router, config, progress=True)
+            registry_path, base, data = str(reg.root), base or zoo_base, data or zoo_data
+        elif registry_path:
+            registry_path = str(_open(registry_path).root)
+        elif not composition:
+            raise ValueError(NO_SOURCE)
+        # everything that can fail (router settings, gate training without data, the base) fails here, before Ray starts
+        serve_settings = build_settings(
             composition,
             registry=registry_path,
             router=router,
             router_config=config,
             data=data,
-            host=host,
-            port=port,
+            base=base,
             replicas=replicas,
             max_resident=max_resident,
             max_batch=max_batch,
@@ -389,6 +410,8 @@ def serve(
             gpus_per_worker=gpus_per_worker,
             compile=compiled,
         )
+        click.echo("starting Ray Serve and loading workers …", err=True)
+        dep = deploy(serve_settings, host=host, port=port)
     except (KeyError, ValueError, OSError, RuntimeError) as exc:
         _fail(exc)
     click.echo(f"serving {dep.settings.registry} at {dep.url}  (router: {router or 'none'}; replicas: {replicas})")
@@ -706,15 +729,35 @@ def registry() -> None:
     """Add, list, show, remove and export experts."""
 
 
-def _open(path: str):  # noqa: ANN202
+def _open(path: str, create: bool = False):  # noqa: ANN202
+    """The registry at ``path``; only ``registry add``/``init`` create one (a typo must not)."""
     from moerge.registry import Registry
+    from moerge.registry.importers import absolute_path
 
+    if not create and not (Path(path).expanduser() / "index.sqlite").exists():
+        _fail(
+            FileNotFoundError(
+                f"no registry at {absolute_path(path)}; create one with `moerge registry init {path}` "
+                f"(or `moerge registry add SOURCE --name NAME --registry {path}`)"
+            )
+        )
     return Registry(path)
 
 
 def _fail(exc: Exception) -> None:
     click.echo(f"error: {exc}", err=True)
     sys.exit(2)
+
+
+@registry.command("init")
+@click.argument("path", type=click.Path(file_okay=False))
+def registry_init(path: str) -> None:
+    """Create an empty registry at PATH (an existing one is left as it is)."""
+    try:
+        reg = _open(path, create=True)
+    except (OSError, ValueError) as exc:
+        _fail(exc)
+    click.echo(f"registry at {reg.root} ({len(reg.list(all_versions=True))} expert versions)")
 
 
 @registry.command("add")
@@ -743,7 +786,7 @@ def registry_add(registry_path, source, name, description, skills, tags, example
             if not sep:
                 raise ValueError(f"--metric {m!r} must be KEY=VALUE")
             parsed[key] = float(value)
-        rec = _open(registry_path).register(
+        rec = _open(registry_path, create=True).register(
             source,
             name,
             description=description,

@@ -131,7 +131,7 @@ def test_route_prints_a_summary_and_writes_heatmap_json_and_spec(tmp_path, small
     run = CliRunner().invoke
     png, spec = tmp_path / "route.png", tmp_path / "comp.json"
     prompt = small_zoo.test_split("sort")[0].prompt
-    args = ["route", prompt, "--router", "glider", "--expert", "sort", "--expert", "max", "--set", "steps=10"]
+    args = ["route", prompt, "--zoo", "small", "--router", "glider", "--expert", "sort", "--expert", "max", "--set", "steps=10"]
     r = run(main, [*args, "--png", str(png), "--save", str(spec)])
     assert r.exit_code == 0, r.output
     assert "top expert per token" in r.output and "α=100" in r.output
@@ -140,7 +140,7 @@ def test_route_prints_a_summary_and_writes_heatmap_json_and_spec(tmp_path, small
     assert r.exit_code == 0, r.output
     data = json.loads(r.output[r.output.index("{") :])
     assert data["experts"] == ["sort", "max"] and data["tokens"]
-    bad = run(main, ["route", prompt, "--router", "nope"])
+    bad = run(main, ["route", prompt, "--zoo", "small", "--router", "nope"])
     assert bad.exit_code == 2 and "known routers" in bad.output
     bad = run(main, ["route", prompt, "--set", "top_k"])
     assert bad.exit_code != 0 and "KEY=VALUE" in bad.output

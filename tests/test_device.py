@@ -26,6 +26,8 @@ def own_registry(tmp_path, small_zoo):
 
     shutil.copytree(small_zoo.registry_path, tmp_path / "reg")
     return Registry(tmp_path / "reg")
+
+
 D_IN, D_OUT, RANK = 24, 20, 8
 
 

@@ -16,6 +16,7 @@ from moerge.composer.explain import Explanation, dense_from_calls
 from moerge.device import DeviceLike, DTypeLike, module_device, module_dtype, place, resolve_device, resolve_dtype
 from moerge.registry import ExpertRecord, Registry, Selection
 from moerge.registry.files import atomic_write_json
+from moerge.registry.importers import absolute_path
 from moerge.routers import PrepareContext, PrepareReport, Recorder, Router, Routing, make_router
 from moerge.routers.base import ExpertData
 
@@ -66,10 +67,16 @@ def load_base(
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    path = Path(base).expanduser()
+    hint = "pass base= (Python) or --base (CLI) to load another"
+    if not path.is_dir() and (path.is_absolute() or base.startswith((".", "~")) or path.exists()):
+        raise FileNotFoundError(f"base model folder {absolute_path(path)} does not exist; {hint}")
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dt)
     except OSError as exc:
-        raise OSError(f"cannot load base model {base!r}: {exc}") from None
+        raise OSError(
+            f"cannot load base model {base!r}: no folder {absolute_path(path)}, and as a hub id: {exc}; {hint}"
+        ) from None
     tok = tokenizer or AutoTokenizer.from_pretrained(base)
     # .to() casts too: transformers before 4.56 names the keyword torch_dtype and ignores dtype=
     return model.to(device=dev, dtype=dt).eval(), tok
@@ -268,7 +275,8 @@ class ComposedModel:
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot read composition spec {path}: {exc}") from None
         reg = Registry(spec.registry)
-        return compose(spec.base, reg.select(names=spec.experts), spec.router, config=spec.config, **kwargs)
+        base = kwargs.pop("base", None) or spec.base  # base= overrides the saved one (a moved model)
+        return compose(base, reg.select(names=spec.experts), spec.router, config=spec.config, **kwargs)
 
 
 def compose(
@@ -313,6 +321,12 @@ def compose(
     prints = {r.base_fingerprint for r in records if r.base_fingerprint}
     if len(prints) > 1:
         raise ValueError(f"the experts were trained on different base models (fingerprints {sorted(prints)})")
+    unknown = sorted(k for k in router_config if k in SETTINGS_NOT_ROUTER)
+    if unknown:
+        raise TypeError(
+            f"compose() got {unknown} as router settings; pass them by their names ({SETTINGS_NOT_ROUTER[unknown[0]]})"
+        )
+    rtr = make_router(router, config, **router_config)  # a bad router or setting fails before any model loads
     if isinstance(base, torch.nn.Module):
         if tokenizer is None:
             raise ValueError("a loaded base model needs tokenizer=")
@@ -327,12 +341,6 @@ def compose(
         model, tokenizer = load_base(str(base), tokenizer, device=device, dtype=dtype)
         base_id = str(base)
     dev = module_device(model)
-    unknown = sorted(k for k in router_config if k in SETTINGS_NOT_ROUTER)
-    if unknown:
-        raise TypeError(
-            f"compose() got {unknown} as router settings; pass them by their names ({SETTINGS_NOT_ROUTER[unknown[0]]})"
-        )
-    rtr = make_router(router, config, **router_config)
     ctx = PrepareContext(registry=reg, model=model, tokenizer=tokenizer, data=data, describer=describer, progress=progress)
     reports = rtr.prepare(ctx, records)
     loras = rtr.install(model, records, [load_lora(r, registry=reg, device=dev) for r in records], ctx)
@@ -344,7 +352,7 @@ def compose(
         raise
     reports = [*reports, *rtr.load_reports]
     spec = CompositionSpec(
-        base=base_id, registry=str(reg.root), experts=[r.ref for r in records], router=router, config=rtr.config.to_json()
+        base=base_id, registry=str(reg.root), experts=[r.ref for r in records], router=rtr.name, config=rtr.config.to_json()
     )
     composed = ComposedModel(model, tokenizer, rtr, records, reg, spec, reports)
     composed.compile = compile

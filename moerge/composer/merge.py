@@ -16,6 +16,7 @@ import json
 import logging
 import shutil
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from moerge.adapters.merge import get_merge, kernel_kwargs, merge_lora_deltas, m
 from moerge.device import DeviceLike, resolve_device
 from moerge.registry import ExpertRecord, Registry, Selection
 from moerge.registry.files import TensorFolder, atomic_save_tensors, atomic_write_json, staging_dir
-from moerge.registry.importers import detect_kind
+from moerge.registry.importers import MoergeWarning, absolute_path, detect_kind
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,8 @@ def _dense_source(item: Any, registry: Registry | None, name: str) -> DenseSourc
 
 
 def _base_of(items: Sequence[tuple[str, Any, str]], base: Any) -> str:
-    if base is not None:
-        return str(base)
+    if base is not None:  # a folder is written absolute into the merged adapter_config.json
+        return absolute_path(base) if Path(str(base)).expanduser().is_dir() else str(base)
     found = set()
     for _, it, _ in items:
         if isinstance(it, ExpertRecord):
@@ -136,10 +137,15 @@ def _base_of(items: Sequence[tuple[str, Any, str]], base: Any) -> str:
             found.add(None)
     if len(found) != 1 or None in found:
         raise ValueError(f"the experts do not name one common base model ({sorted(map(str, found))}); pass base=")
-    return str(next(iter(found)))
+    chosen = str(next(iter(found)))
+    return absolute_path(chosen) if Path(chosen).expanduser().is_dir() else chosen
 
 
 # ------------------------------------------------------------------------------ merge
+
+
+#: a LoRA output whose re-factoring loses more than this (relative error) warns
+REFACTOR_WARN = 0.1
 
 
 def merge(
@@ -218,6 +224,15 @@ def merge(
         sources = [_dense_source(it, reg, n) for _, it, n in resolved]
         result = _merge_dense(base_id, sources, m.name, params, w, out, report, progress, shard_bytes, dev)
     report.seconds = time.perf_counter() - t0
+    if report.max_refactor_error > REFACTOR_WARN:
+        worst = max(report.refactor_error, key=report.refactor_error.get)
+        warnings.warn(
+            f"the merged LoRA was cut back to rank {report.rank}: its ΔW differs from the exact merge by up to "
+            f"{report.max_refactor_error:.0%} (relative Frobenius norm, at {worst}); pass a larger rank= or "
+            "output='model' to keep the exact merge (every module's error: merge_report.refactor_error)",
+            MoergeWarning,
+            stacklevel=2,
+        )
     if out is not None:
         atomic_write_json(Path(result) / REPORT_FILE, report.to_json())
     else:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,17 @@ from moerge.registry.files import PICKLE_SUFFIXES, TensorFolder, atomic_save_ten
 from moerge.registry.schema import LoraSpec
 
 log = logging.getLogger(__name__)
+
+
+class MoergeWarning(UserWarning):
+    """Something the user should act on (shown once per place by Python's warnings filter)."""
+
+
+def absolute_path(path: str | Path) -> str:
+    """An absolute path without resolving symlinks (a registry moved with its symlinked cache
+    keeps the path the user gave)."""
+    return os.path.abspath(os.path.expanduser(str(path)))
+
 
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "use_cache"}
 PEFT_PREFIX = "base_model.model."
@@ -91,12 +104,24 @@ def resolve_base(base: Any, *, allow_pickle: bool = False, required: bool = Fals
         )
     base_id = str(base)
     folder = Path(base_id).expanduser()
-    if not folder.is_dir():
+    if folder.is_dir():
+        # stored absolute: a relative path means the folder as seen from here, and nowhere else
+        base_id = absolute_path(folder)
+    else:
         folder = _local_hub_snapshot(base_id)
     if folder is None or not (folder / "config.json").exists():
         if required:
-            raise FileNotFoundError(f"base model {base_id!r} is neither a local model folder nor in the local Hugging Face cache")
-        log.warning("base model %r is not available locally; its shapes are not checked", base_id)
+            raise FileNotFoundError(
+                f"base model {base_id!r} is neither a local model folder (tried {absolute_path(Path(base_id).expanduser())}) "
+                "nor in the local Hugging Face cache"
+            )
+        warnings.warn(
+            f"base model {base_id!r} is not available locally (no folder {absolute_path(Path(base_id).expanduser())}, "
+            "not in the Hugging Face cache): its shapes are not checked against the expert; pass base= a local "
+            "folder or a cached hub id to check them",
+            MoergeWarning,
+            stacklevel=3,
+        )
         return BaseInfo(id=base_id, fingerprint=None)
     cfg = json.loads((folder / "config.json").read_text())
     weights = TensorFolder(folder, allow_pickle=allow_pickle)

@@ -53,11 +53,23 @@ def register_router(name: str) -> Callable[[type[Router]], type[Router]]:
     return deco
 
 
+def did_you_mean(name: str, known: Sequence[str]) -> str:
+    """' (did you mean 'x'?)' for the closest of ``known``, or ''."""
+    import difflib
+
+    close = difflib.get_close_matches(name.lower(), [k.lower() for k in known], n=1, cutoff=0.6)
+    if not close:
+        return ""
+    match = next(k for k in known if k.lower() == close[0])
+    return f" (did you mean {match!r}?)"
+
+
 def get_router(name: str) -> type[Router]:
-    try:
-        return ROUTERS[name]
-    except KeyError:
-        raise KeyError(f"unknown router {name!r}; known routers: {sorted(ROUTERS)}") from None
+    """A router class by name, case-insensitively (``Arrow`` is ``arrow``)."""
+    found = ROUTERS.get(name) or ROUTERS.get(str(name).lower())
+    if found is None:
+        raise KeyError(f"unknown router {name!r}{did_you_mean(str(name), sorted(ROUTERS))}; known routers: {sorted(ROUTERS)}")
+    return found
 
 
 def make_router(name: str, config: RouterConfig | Mapping[str, Any] | None = None, **overrides: Any) -> Router:
@@ -65,10 +77,16 @@ def make_router(name: str, config: RouterConfig | Mapping[str, Any] | None = Non
     cls = get_router(name)
     data = config.to_json() if isinstance(config, RouterConfig) else dict(config or {})
     data.update(overrides)
+    known = sorted(cls.config_cls.model_fields)
+    unknown = [k for k in data if k not in cls.config_cls.model_fields]
+    if unknown:
+        k = unknown[0]
+        raise ValueError(f"unknown setting {k!r} for router {cls.name!r}{did_you_mean(k, known)}; its settings: {known}")
     try:
         cfg = cls.config_cls(**data)
     except ValidationError as exc:
-        raise ValueError(f"invalid config for router {name!r}: {exc}") from None
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors())
+        raise ValueError(f"invalid setting for router {cls.name!r}: {problems}") from None
     return cls(cfg)
 
 

@@ -60,10 +60,13 @@ class ServeSettings:
     dtype: str = "auto"
     gpus_per_worker: float = 0.0
     compile: bool = False
+    #: the base model (default: the one the registry's LoRA experts name)
+    base: str | None = None
 
     def worker_config(self) -> WorkerConfig:
         return WorkerConfig(
             registry=self.registry,
+            base=self.base,
             max_resident=self.max_resident,
             max_batch=self.max_batch,
             max_wait_s=self.max_wait_s,
@@ -400,6 +403,8 @@ def build_settings(
             except (OSError, ValueError) as exc:
                 raise ValueError(f"cannot read composition spec {path}: {exc}") from None
             name = path.stem
+        if options.get("base"):  # --base overrides the saved composition's base too
+            spec["base"] = options["base"]
         compositions[name] = spec
         default = name
         registry = registry or spec["registry"]
@@ -413,7 +418,9 @@ def build_settings(
         else:
             # prepared once in the driver (on the CPU unless a device is named: the GPUs are the workers')
             prep_device = options.get("device", "auto") if options.get("device", "auto") != "auto" else "cpu"
-            compositions[router] = composition_spec(registry, router, router_config, data=data, device=prep_device)
+            compositions[router] = composition_spec(
+                registry, router, router_config, data=data, device=prep_device, base=options.get("base")
+            )
             default = default or router
     router_data = None
     if seq_router is not None and data is not None:

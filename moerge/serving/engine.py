@@ -95,16 +95,21 @@ class ExpertEngine:
         self.limits = limits
         loras = self.registry.list(kind="lora")
         bases = sorted({r.base_model for r in loras if r.base_model})
+        #: the bases this server's experts may name: the registry's one base, and ``base=`` when it
+        #: overrides that (the model moved; the experts' shapes are still checked when they load)
         if base is None:
             if len(bases) != 1:
                 raise ValueError(f"the registry's LoRA experts name {len(bases)} bases ({bases}); pass base=")
             base = bases[0]
+            self.accepted_bases = {base}
+        else:
+            self.accepted_bases = {base} | (set(bases) if len(bases) == 1 else set())
         self.base = base
         self.model, self.tokenizer = load_base(base, device=self.device, dtype=self.dtype)
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
         self.max_resident = max_resident
         self.residency = Residency(max_resident)
-        modules = sorted({m for r in loras if r.base_model == base and r.lora for m in r.lora.modules})
+        modules = sorted({m for r in loras if r.base_model in self.accepted_bases and r.lora for m in r.lora.modules})
         attach_slots(self.model, modules, max_resident) if modules else None
         self.compositions: dict[str, ComposedModel] = {}
         for name, spec in (compositions or {}).items():
@@ -127,7 +132,7 @@ class ExpertEngine:
             raise BadRequest(f"expert {name!r}: the version after '@' must be a number") from None
         if rec.kind != "lora":
             raise BadRequest(f"expert {name!r} is a {rec.kind} expert; serving batches LoRA experts over one base")
-        if rec.base_model != self.base:
+        if rec.base_model not in self.accepted_bases:
             raise BadRequest(f"expert {name!r} was trained on {rec.base_model!r}, not this server's base {self.base!r}")
         return rec
 

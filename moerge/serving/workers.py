@@ -175,7 +175,12 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
 
 def composition_spec(
-    registry: str, router: str, config: Mapping[str, Any] | None = None, data: Any = None, device: str = "auto"
+    registry: str,
+    router: str,
+    config: Mapping[str, Any] | None = None,
+    data: Any = None,
+    device: str = "auto",
+    base: str | None = None,
 ) -> dict[str, Any]:
     """Compose every LoRA expert of ``registry`` under ``router`` once, in this process, so its
     per-expert artifacts are computed and stored before workers start (they then only load
@@ -183,7 +188,7 @@ def composition_spec(
     from moerge.composer import compose
 
     reg = Registry(registry)
-    comp = compose(experts=reg, router=router, config=dict(config or {}), data=data, device=device)
+    comp = compose(base, experts=reg, router=router, config=dict(config or {}), data=data, device=device)
     spec = comp.spec.model_dump(mode="json")
     del comp
     return spec

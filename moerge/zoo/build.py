@@ -25,6 +25,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFas
 from moerge.device import DeviceLike, DTypeLike, module_device, resolve_device, resolve_dtype
 from moerge.registry import Registry, config_fingerprint
 from moerge.registry.files import atomic_write_json
+from moerge.registry.importers import absolute_path
 from moerge.training import warmup_cosine
 from moerge.zoo import tasks as T
 from moerge.zoo.tokenizer import build_tokenizer
@@ -344,7 +345,7 @@ def _build(p: Preset, root: Path, progress: bool, device: torch.device = torch.d
             metrics={"val_exact_match": training[task.name]["dense"]["val_accuracy"]},
             **common,
         )
-    _rewrite_base_ids(reg, str(tmp / "base"), str(root / "base"))
+    _rewrite_base_ids(reg, absolute_path(tmp / "base"), absolute_path(root / "base"))
     timings["total_s"] = time.perf_counter() - t0
     meta = {
         "preset": asdict(p),
@@ -365,7 +366,7 @@ def _build(p: Preset, root: Path, progress: bool, device: torch.device = torch.d
 def _fix_base_path(folder: Path, base: Path) -> None:
     cfg_path = folder / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["base_model_name_or_path"] = str(base)
+    cfg["base_model_name_or_path"] = absolute_path(base)
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 

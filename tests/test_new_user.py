@@ -1,0 +1,128 @@
+"""A new user's trips (issue 12), each reproduced: relative base paths, warnings nobody saw,
+the CLI's silent zoo fallback and registry creation, errors without a way out."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import lora_config, peft_with_adapters
+
+import moerge
+from moerge.cli import main
+from moerge.registry.importers import MoergeWarning
+
+
+@pytest.fixture
+def relative_adapter(tmp_path, small_zoo, monkeypatch):
+    """A copy of a zoo base and of one zoo LoRA whose adapter_config names the base by a
+    relative path — what PEFT writes when the base was loaded with from_pretrained("base-llama");
+    the shell is in tmp_path."""
+    base = tmp_path / "base-llama"
+    shutil.copytree(small_zoo.base_path, base)
+    adapter = tmp_path / "adapter"
+    shutil.copytree(small_zoo.root / "lora" / "sort", adapter)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = base.name
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    monkeypatch.chdir(tmp_path)
+    return adapter
+
+
+def test_a_relative_base_path_is_stored_absolute_and_works_from_anywhere(tmp_path, relative_adapter, monkeypatch):
+    llama_folder = tmp_path / "base-llama"
+    reg = moerge.Registry(tmp_path / "reg")
+    rec = reg.register(relative_adapter, "x")
+    assert rec.base_model == str(llama_folder)  # absolute, as seen from where it was registered
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    model = moerge.compose(None, reg, "arrow", device="cpu")
+    assert model.spec.base == str(llama_folder)
+    merged = moerge.merge(None, reg, "task_arithmetic", out=tmp_path / "merged")
+    assert json.loads((merged / "adapter_config.json").read_text())["base_model_name_or_path"] == str(llama_folder)
+
+
+def test_a_moved_base_says_which_path_was_tried_and_base_overrides_it(tmp_path, relative_adapter):
+    llama_folder = tmp_path / "base-llama"
+    reg = moerge.Registry(tmp_path / "reg")
+    reg.register(relative_adapter, "x")
+    spec = moerge.compose(None, reg, "arrow", device="cpu").save(tmp_path / "comp.json")
+    moved = shutil.move(str(llama_folder), str(tmp_path / "moved-base"))
+    with pytest.raises(FileNotFoundError, match=rf"{llama_folder}.*does not exist; pass base= \(Python\) or --base \(CLI\)"):
+        moerge.compose(None, reg, "arrow", device="cpu")
+    assert moerge.compose(moved, reg, "arrow", device="cpu").spec.base == moved
+    assert moerge.load_composition(spec, base=moved).spec.base == moved
+    r = CliRunner().invoke(main, ["route", "hello", "--registry", str(reg.root), "--router", "arrow"])
+    assert r.exit_code == 2 and "--base (CLI)" in r.output
+    r = CliRunner().invoke(main, ["route", "hello", "--registry", str(reg.root), "--router", "arrow", "--base", moved])
+    assert r.exit_code == 0, r.output
+
+
+def test_registering_against_an_unavailable_base_warns_the_user(tmp_path, lora_folder, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    reg = moerge.Registry(tmp_path / "reg")
+    with pytest.warns(MoergeWarning, match="not available locally.*shapes are not checked"):
+        reg.register(lora_folder, "x", base="someorg/not-cached-model")
+
+
+def test_a_merged_lora_cut_back_hard_warns_with_the_error(tmp_path, llama_folder):
+    from transformers import LlamaForCausalLM
+
+    reg = moerge.Registry(tmp_path / "reg")
+    for i, name in enumerate(["a", "b"]):
+        pm = peft_with_adapters(LlamaForCausalLM.from_pretrained(llama_folder), {"default": lora_config(["q_proj"])}, seed=i)
+        pm.save_pretrained(tmp_path / name)
+        reg.register(tmp_path / name, name)
+    with pytest.warns(MoergeWarning, match=r"cut back to rank 1.*differs from the exact merge by up to \d+%"):
+        merged = moerge.merge(None, reg, "task_arithmetic", rank=1)
+    assert merged.merge_report.max_refactor_error > 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MoergeWarning)
+        moerge.merge(None, reg, "task_arithmetic", output="model")  # exact: nothing to warn about
+
+
+def test_the_cli_never_creates_a_registry_by_reading_and_never_falls_back_to_the_zoo(tmp_path, monkeypatch):
+    run = CliRunner().invoke
+    typo = tmp_path / "typo"
+    r = run(main, ["registry", "list", "--registry", str(typo)])
+    assert r.exit_code == 2 and "no registry at" in r.output and "moerge registry init" in r.output
+    assert not typo.exists()
+    monkeypatch.setenv("MOERGE_REGISTRY", str(typo))
+    for cmd in (["route", "hello"], ["serve"]):
+        r = run(main, cmd)
+        assert r.exit_code == 2 and "no registry at" in r.output and "starting Ray" not in r.output, (cmd, r.output)
+    assert not typo.exists()
+    monkeypatch.delenv("MOERGE_REGISTRY")
+    for cmd in (["route", "hello"], ["serve"]):
+        r = run(main, cmd)
+        assert r.exit_code == 2 and "--zoo small" in r.output and "MOERGE_REGISTRY" in r.output, (cmd, r.output)
+    r = run(main, ["registry", "init", str(typo)])
+    assert r.exit_code == 0 and (typo / "index.sqlite").exists()
+    assert run(main, ["registry", "list", "--registry", str(typo)]).exit_code == 0
+
+
+def test_serve_fails_on_missing_gate_data_before_starting_ray(tmp_path, relative_adapter):
+    reg = moerge.Registry(tmp_path / "reg")
+    reg.register(relative_adapter, "x")
+    r = CliRunner().invoke(main, ["serve", "--registry", str(reg.root), "--router", "phatgoose"])
+    assert r.exit_code == 2 and "data=" in r.output and "starting Ray" not in r.output
+    assert "--data" in CliRunner().invoke(main, ["serve", "--help"]).output
+
+
+def test_errors_offer_a_way_out(tmp_path, relative_adapter):
+    reg = moerge.Registry(tmp_path / "reg")
+    reg.register(relative_adapter, "x")
+    with pytest.raises(ValueError, match=r"unknown setting 'topk' for router 'phatgoose' \(did you mean 'top_k'\?\)"):
+        moerge.compose(None, reg, "phatgoose", topk=1)
+    with pytest.raises(KeyError, match=r"did you mean 'phatgoose'"):
+        moerge.compose(None, reg, "phatgose")
+    with pytest.raises(ValueError, match=r"top_k: .*greater than or equal to 1.*got 0"):
+        moerge.compose(None, reg, "arrow", top_k=0)
+    model = moerge.compose(None, reg, "Arrow", device="cpu")  # router names are case-insensitive
+    assert model.spec.router == "arrow" and model.device == torch.device("cpu")
+    assert "twin" in CliRunner().invoke(main, ["route", "--help"]).output
