@@ -706,16 +706,21 @@ def merge_cmd(
 ) -> None:  # noqa: ANN001
     """Merge experts into one LoRA or one model with a static merge method, written to --out."""
     _quiet_hf()
+    import warnings
+
     import moerge
+    from moerge.registry.importers import MoergeWarning
 
     names = [e.strip() for e in experts.split(",") if e.strip()]
     params = {"density": density, "lambda": lambda_, "majority_sign_method": majority_sign_method, "seed": seed, "flavor": flavor}
     try:
-        reg = moerge.Registry(registry_path) if registry_path else None
+        reg = _open(registry_path) if registry_path else None
         w = [float(x) for x in weights.split(",")] if weights else None
-        path = moerge.merge(
-            base, names, method, out, registry=reg, weights=w, output=output, rank=rank, progress=not no_progress, **params
-        )
+        with warnings.catch_warnings():  # the re-factoring error is printed below
+            warnings.simplefilter("ignore", MoergeWarning)
+            path = moerge.merge(
+                base, names, method, out, registry=reg, weights=w, output=output, rank=rank, progress=not no_progress, **params
+            )
     except (KeyError, ValueError, OSError, RuntimeError) as exc:
         _fail(exc)
     report = json.loads((path / "moerge_merge.json").read_text())
