@@ -58,3 +58,19 @@ def pad_rows(prompts: Sequence[str], compiled: bool) -> list[str]:
 
 def tokenizer_kwargs(compiled: bool) -> dict[str, Any]:
     return {"pad_to_multiple_of": LENGTH_MULTIPLE} if compiled else {}
+
+
+def padded_weights(routing: Any, rows: int) -> Any:
+    """What the layers read for ``routing`` over ``rows`` rows (≥ its own; dummy rows of a
+    compiled bucket copy the first row's routing, and their output is dropped): sequence
+    weights are extended; a token router's per-example bias (GLIDER's) is extended in its hook."""
+    weights = routing.layer_weights()
+    n = len(routing.hook.bias) if routing.granularity == "token" and routing.hook.bias is not None else None
+    if routing.granularity != "token":
+        n = weights.shape[0]
+    if n is None or rows == n:
+        return weights
+    if routing.granularity == "token":
+        routing.hook.bias = torch.cat([routing.hook.bias, routing.hook.bias[:1].expand(rows - n, -1)])
+        return weights
+    return torch.cat([weights, weights[:1].expand(rows - n, -1)])

@@ -135,10 +135,8 @@ def set_weights(model: nn.Module, weights: torch.Tensor | Assignment | TopK | We
     if isinstance(weights, torch.Tensor):
         if weights.dim() not in (2, 3) or weights.shape[-1] != E:
             raise ValueError(f"routing weights must be [batch, {E}] or [batch, tokens, {E}], got {tuple(weights.shape)}")
-        if weights.dim() == 2 and weights.device.type == "cpu" and 2 * int(weights.ne(0).sum(1).max()) <= E:
-            weights = Assignment.from_dense(weights)
-        else:
-            weights = weights.to(device)
+        sparse = Assignment.from_dense(weights) if weights.dim() == 2 and weights.device.type == "cpu" else None
+        weights = sparse if sparse is not None and 2 * sparse.index.shape[1] <= E else weights.to(device)
     if isinstance(weights, Assignment):
         if weights.max_index >= E:
             raise ValueError(f"the assignment names expert {weights.max_index} but the model holds {E}")

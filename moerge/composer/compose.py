@@ -188,14 +188,7 @@ class ComposedModel:
         n = len(prompts)
         rows = decoding.pad_rows(prompts, compiled)
         enc = encode_prompts(tok, rows, self.device, **decoding.tokenizer_kwargs(compiled))
-        weights = routing.layer_weights()
-        if len(rows) > n:  # dummy rows (compiled bucket): the first row's routing, output dropped
-            if routing.granularity == "token":
-                bias = routing.hook.bias  # type: ignore[union-attr]
-                if bias is not None:
-                    routing.hook.bias = torch.cat([bias, bias[:1].expand(len(rows) - n, -1)])  # type: ignore[union-attr]
-            else:
-                weights = torch.cat([weights, weights[:1].expand(len(rows) - n, -1)])
+        weights = decoding.padded_weights(routing, len(rows))
         if compiled:
             kw.update(decoding.compile_kwargs(self.device))
         with use_weights(self.model, weights):
@@ -321,11 +314,7 @@ def compose(
     prints = {r.base_fingerprint for r in records if r.base_fingerprint}
     if len(prints) > 1:
         raise ValueError(f"the experts were trained on different base models (fingerprints {sorted(prints)})")
-    unknown = sorted(k for k in router_config if k in SETTINGS_NOT_ROUTER)
-    if unknown:
-        raise TypeError(
-            f"compose() got {unknown} as router settings; pass them by their names ({SETTINGS_NOT_ROUTER[unknown[0]]})"
-        )
+    _check_own_options(router, router_config)
     rtr = make_router(router, config, **router_config)  # a bad router or setting fails before any model loads
     if isinstance(base, torch.nn.Module):
         if tokenizer is None:
@@ -359,8 +348,21 @@ def compose(
     return composed
 
 
-#: keywords of compose() that are not router settings, for a clear error when misspelt
-SETTINGS_NOT_ROUTER = {"devices": "device=", "torch_dtype": "dtype=", "compiled": "compile="}
+def _check_own_options(router: str, router_config: dict[str, Any]) -> None:
+    """A keyword that is no setting of the router but close to one of compose()'s own options
+    (``devices``, ``torch_dtype``…) is a misspelt option, not a router setting: say so."""
+    import inspect
+
+    from moerge.routers import get_router
+    from moerge.routers.base import did_you_mean
+
+    own = [p for p in inspect.signature(compose).parameters if p not in ("router_config", "experts", "base", "router")]
+    settings = get_router(router).config_cls.model_fields
+    for key in router_config:
+        hint = "" if key in settings else did_you_mean(key.removeprefix("torch_"), own)
+        if hint:
+            match = hint.split("'")[1]
+            raise TypeError(f"compose() got {key!r}, which is not a setting of router {router!r}{hint}; pass {match}=")
 
 
 def load_composition(path: str | Path, **kwargs: Any) -> ComposedModel:

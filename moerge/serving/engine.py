@@ -16,8 +16,8 @@ import torch
 
 from moerge.adapters import Assignment, attach_slots, layers, load_expert, load_lora, use_weights
 from moerge.composer.compose import ComposedModel, decode_text, encode_prompts, load_base
-from moerge.decoding import bucket, compile_kwargs, pad_rows, tokenizer_kwargs
-from moerge.device import DeviceLike, DTypeLike, module_device, resolve_device, resolve_dtype
+from moerge.decoding import bucket, compile_kwargs, pad_rows, padded_weights, tokenizer_kwargs
+from moerge.device import DeviceLike, DTypeLike, module_device, resolve_device, resolve_dtype, set_threads
 from moerge.registry import ExpertRecord, Registry
 from moerge.serving.batching import Residency
 from moerge.serving.types import (
@@ -85,8 +85,7 @@ class ExpertEngine:
         dtype: DTypeLike = "auto",
         compile: bool = False,
     ) -> None:
-        if threads:
-            torch.set_num_threads(threads)
+        set_threads(threads)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         #: decode with a static cache and torch.compile, batches padded to bucket sizes
@@ -231,14 +230,7 @@ class ExpertEngine:
         if routing.granularity == "token":
             recorder = UsageRecorder(len(reqs), len(comp.experts), bucket(len(reqs)) if self.compile else None)
             routing.hook.recorder = recorder  # type: ignore[union-attr]
-        weights = routing.layer_weights()
-        if self.compile and bucket(len(reqs)) > len(reqs):  # dummy rows: the first row's routing
-            pad = bucket(len(reqs)) - len(reqs)
-            if routing.granularity == "token":
-                if routing.hook.bias is not None:  # type: ignore[union-attr]
-                    routing.hook.bias = torch.cat([routing.hook.bias, routing.hook.bias[:1].expand(pad, -1)])  # type: ignore[union-attr]
-            else:
-                weights = torch.cat([weights, weights[:1].expand(pad, -1)])
+        weights = padded_weights(routing, bucket(len(reqs)) if self.compile else len(reqs))
         with use_weights(comp.model, weights):
             self._generate(comp.model, reqs, outs, None, tokenizer=comp.tokenizer, recorder=recorder)
         shares = recorder.shares() if recorder is not None else routing.weights.float()
