@@ -45,7 +45,7 @@ COMPOSITION_OPTION = click.option(
 )
 
 
-def _zoo_source(preset: str, router: str | None, config: dict, progress: bool = False) -> tuple:
+def _zoo_source(preset: str, router: str | None, config: dict, progress: bool | None = None) -> tuple:
     """The zoo's registry, base path and training data, with ``config`` laid over the demo's
     settings for ``router`` (e.g. GLIDER's α)."""
     from moerge import zoo as zoo_mod
@@ -142,19 +142,19 @@ def demo(
     chosen_merges = _rows(merges, ZOO_MERGES, "--merges")
     t0 = time.perf_counter()
     click.echo(f"[1/4] zoo preset {preset!r} (built once, then cached) ...", err=True)
-    zoo = zoo_mod.load(preset, cache_dir=cache_dir, progress=not no_progress)
+    zoo = zoo_mod.load(preset, cache_dir=cache_dir, progress=None if not no_progress else False)
     click.echo(f"      {zoo.root}", err=True)
     click.echo(
         f"[2/4] evaluating base, {len(zoo.held_in)} experts × {len(zoo.held_in) + len(zoo.held_out)} tasks, oracle ...", err=True
     )
-    report = evaluate_zoo(zoo, progress=not no_progress, device=dev)
+    report = evaluate_zoo(zoo, progress=None if not no_progress else False, device=dev)
     report.meta["device"], report.meta["threads"] = str(dev), torch_threads()
     click.echo(f"[3/4] routers: {', '.join(chosen) or 'none'} (per-expert artifacts prepared once, cached) ...", err=True)
-    evaluate_routers(zoo, report, chosen, progress=not no_progress, device=dev)
+    evaluate_routers(zoo, report, chosen, progress=None if not no_progress else False, device=dev)
     click.echo(
         f"      merges: {', '.join(chosen_merges) or 'none'} (hyper-parameters chosen on the validation split) ...", err=True
     )
-    evaluate_merges(zoo, report, chosen_merges, progress=not no_progress, device=dev)
+    evaluate_merges(zoo, report, chosen_merges, progress=None if not no_progress else False, device=dev)
     report.meta["demo_seconds"] = time.perf_counter() - t0
     paths = write_report(report, out, json_path)
     click.echo("[4/4] done\n", err=True)
@@ -385,7 +385,7 @@ def serve(
         resolve_dtype(dtype)
         data = _read_data(data) if data else None
         if zoo_preset:
-            reg, zoo_base, zoo_data, config = _zoo_source(zoo_preset, router, config, progress=True)
+            reg, zoo_base, zoo_data, config = _zoo_source(zoo_preset, router, config, progress=None)
             registry_path, base, data = str(reg.root), base or zoo_base, data or zoo_data
         elif registry_path:
             registry_path = str(_open(registry_path).root)
@@ -480,7 +480,7 @@ def bench_routing(hidden, layers, experts, top_k, batch, seq, repeats, device, d
         device=device,
         dtype=dtype,
     )
-    result = rb.run(cfg, progress=not no_progress)
+    result = rb.run(cfg, progress=None if not no_progress else False)
     click.echo(rb.markdown(result))
     if json_path:
         with open(json_path, "w") as fh:
@@ -561,7 +561,7 @@ def bench_serving(
                     compile=compiled,
                     compile_backend=compile_backend,
                 ),
-                progress=not no_progress,
+                progress=None if not no_progress else False,
             )
             m = out["mixed"]["machine"]
             click.echo(
@@ -589,7 +589,8 @@ def bench_serving(
                 click.echo(f"wrote {sb.plot_mixed(out['mixed'], png)}", err=True)
         if http:
             out["http"] = sb.run_http(
-                sb.HttpConfig(preset=preset, requests=n_requests, concurrency=concurrency, port=port), progress=not no_progress
+                sb.HttpConfig(preset=preset, requests=n_requests, concurrency=concurrency, port=port),
+                progress=None if not no_progress else False,
             )
             click.echo(f"HTTP on loopback ({preset} zoo, app start {out['http']['startup_s']} s)")
             click.echo(
@@ -636,10 +637,10 @@ def bench_merging(twin, dense, batches, hidden, tasks, repeats, models, params_m
     dcfg = mb.DenseBenchConfig(models=models, params_m=params_m, workdir=workdir)
     result.config = {"twin": tcfg.__dict__ if twin else None, "dense": dcfg.__dict__ if dense else None, "threads": _threads()}
     if twin:
-        result.twin = mb.bench_twin(tcfg, progress=not no_progress)
+        result.twin = mb.bench_twin(tcfg, progress=None if not no_progress else False)
     if dense:
         try:
-            result.dense = mb.bench_dense(dcfg, progress=not no_progress)
+            result.dense = mb.bench_dense(dcfg, progress=None if not no_progress else False)
         except RuntimeError as exc:
             _fail(exc)
     click.echo(mb.markdown(result))
@@ -719,7 +720,16 @@ def merge_cmd(
         with warnings.catch_warnings():  # the re-factoring error is printed below
             warnings.simplefilter("ignore", MoergeWarning)
             path = moerge.merge(
-                base, names, method, out, registry=reg, weights=w, output=output, rank=rank, progress=not no_progress, **params
+                base,
+                names,
+                method,
+                out,
+                registry=reg,
+                weights=w,
+                output=output,
+                rank=rank,
+                progress=None if not no_progress else False,
+                **params,
             )
     except (KeyError, ValueError, OSError, RuntimeError) as exc:
         _fail(exc)

@@ -126,3 +126,46 @@ def test_errors_offer_a_way_out(tmp_path, relative_adapter):
     model = moerge.compose(None, reg, "Arrow", device="cpu")  # router names are case-insensitive
     assert model.spec.router == "arrow" and model.device == torch.device("cpu")
     assert "twin" in CliRunner().invoke(main, ["route", "--help"]).output
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def test_long_preparation_reports_progress_by_default_as_plain_lines_in_a_log(
+    tmp_path, relative_adapter, small_zoo, monkeypatch, capsys
+):
+    """compose(progress=None) is the default: off a terminal (pytest's capture is one) gate
+    training writes plain, rate-limited lines — no carriage-returned bars."""
+    monkeypatch.setattr("moerge.progress.LINE_INTERVAL_S", 0.0)
+    reg = moerge.Registry(tmp_path / "reg")
+    reg.register(relative_adapter, "sort")
+    moerge.compose(None, reg, "phatgoose", data=small_zoo.expert_data, steps=3, batch_size=4, device="cpu")
+    err = capsys.readouterr().err
+    assert "gates sort: 1/3 (33%)" in err and "gates sort: 3/3 (100%)" in err and "— done" in err
+    assert "\r" not in err
+
+
+def test_line_progress_is_silent_for_short_work_and_a_terminal_gets_a_bar():
+    import io
+
+    from tqdm.auto import tqdm
+
+    from moerge.progress import LineProgress, progress_bar
+
+    buf = io.StringIO()
+    bar = LineProgress(total=3, desc="x", file=buf, interval=60)
+    for _ in range(3):
+        bar.update()
+    bar.set_postfix(loss="0.1")
+    bar.close()
+    assert buf.getvalue() == ""  # nothing for work that ends within the interval
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert isinstance(progress_bar(range(2), file=Terminal()), tqdm)
+    assert type(progress_bar(range(2), file=io.StringIO())) is LineProgress
+    assert isinstance(progress_bar(range(2), progress=True, file=io.StringIO()), tqdm)
+    silent = progress_bar(range(2), progress=False, file=buf, interval=0)
+    assert list(silent) == [0, 1] and buf.getvalue() == ""

@@ -74,7 +74,7 @@ def _median_time(fn: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_twin(cfg: TwinBenchConfig, progress: bool = False) -> list[dict[str, Any]]:
+def bench_twin(cfg: TwinBenchConfig, progress: bool | None = None) -> list[dict[str, Any]]:
     """Per batch size, forward (prefill of ``seq`` tokens) and generate (``new_tokens`` greedy
     tokens after ``seq``-token prompts): batched per-row weights vs per input materialise-then-run."""
     from moerge.adapters import layers
@@ -161,7 +161,7 @@ def bench_twin(cfg: TwinBenchConfig, progress: bool = False) -> list[dict[str, A
                     "same_generated_tokens": same_tokens,
                 }
             )
-            if progress:
+            if progress is not False:
                 print(
                     f"twin {mode} ({reference}) batch {batch}: batched {b:.3f}s, per-sample {p:.3f}s, {p / b:.1f}×",
                     file=sys.stderr,
@@ -191,7 +191,7 @@ def _llama_config(params_m: float) -> Any:
     )
 
 
-def build_dense_family(root: Path, cfg: DenseBenchConfig, progress: bool = False) -> tuple[Path, list[Path], int]:
+def build_dense_family(root: Path, cfg: DenseBenchConfig, progress: bool | None = None) -> tuple[Path, list[Path], int]:
     """Save a random base and ``cfg.models`` perturbed copies (θ_0 + 0.01·noise) under ``root``."""
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
@@ -209,7 +209,7 @@ def build_dense_family(root: Path, cfg: DenseBenchConfig, progress: bool = False
         shutil.copy2(root / "base" / "config.json", folder / "config.json")
         save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in state.items()}, folder / "model.safetensors")
         experts.append(folder)
-        if progress:
+        if progress is not False:
             print(f"built expert {i + 1}/{cfg.models}", file=sys.stderr)
     return root / "base", experts, n_params
 
@@ -257,7 +257,7 @@ def _max_diff(a: Path, b: Path) -> float:
     return max(float((x.get(k).float() - y.get(k).float()).abs().max()) for k in x.keys())
 
 
-def bench_dense(cfg: DenseBenchConfig, progress: bool = False) -> dict[str, Any]:
+def bench_dense(cfg: DenseBenchConfig, progress: bool | None = None) -> dict[str, Any]:
     try:
         import mergekit  # noqa: F401
     except ImportError:

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from moerge.adapters import attach, detach, load_lora, one_hot, use_weights
 from moerge.device import DeviceLike, module_device, resolve_device
 from moerge.plotting import pyplot, save_figure
+from moerge.progress import progress_bar
 from moerge.zoo import Zoo, exact_match
 from moerge.zoo.train import generate_answers
 
@@ -97,7 +97,7 @@ def method_row(
     )
 
 
-def evaluate_zoo(zoo: Zoo, progress: bool = True, max_new_tokens: int = 8, device: DeviceLike = "cpu") -> QualityReport:
+def evaluate_zoo(zoo: Zoo, progress: bool | None = None, max_new_tokens: int = 8, device: DeviceLike = "cpu") -> QualityReport:
     """Base, every LoRA expert on every task (one mixed-expert batch per task through the
     multi-expert layer), the oracle and the best single expert."""
     t0 = time.perf_counter()
@@ -110,7 +110,7 @@ def evaluate_zoo(zoo: Zoo, progress: bool = True, max_new_tokens: int = 8, devic
     matrix: dict[str, dict[str, float]] = {e: {} for e in experts}
     base_scores: dict[str, float] = {}
     try:
-        for task in tqdm(tasks, desc="evaluate", disable=not progress):
+        for task in progress_bar(tasks, desc="evaluate", progress=progress):
             test = zoo.test_split(task)
             prompts = [e.prompt for e in test]
             n = len(prompts)
@@ -180,7 +180,7 @@ def evaluate_routers(
     zoo: Zoo,
     report: QualityReport,
     routers: Sequence[str] = tuple(ZOO_ROUTERS),
-    progress: bool = True,
+    progress: bool | None = None,
     max_new_tokens: int = 8,
     device: DeviceLike = "cpu",
 ) -> list[MethodRow]:
@@ -209,7 +209,7 @@ def evaluate_routers(
         prep = time.perf_counter() - t0
         per_task: dict[str, float] = {}
         hits = []
-        for task in tqdm(zoo.held_in + zoo.held_out, desc=label, disable=not progress):
+        for task in progress_bar(zoo.held_in + zoo.held_out, desc=label, progress=progress):
             if name == "glider":
                 preset = "known" if task in zoo.held_in else "unseen"
                 model.router.config = model.router.config.model_copy(update={"alpha_preset": preset})
@@ -273,7 +273,7 @@ def evaluate_merges(
     zoo: Zoo,
     report: QualityReport,
     merges: Sequence[str] = tuple(ZOO_MERGES),
-    progress: bool = True,
+    progress: bool | None = None,
     max_new_tokens: int = 8,
     device: DeviceLike = "cpu",
 ) -> list[MethodRow]:
@@ -292,7 +292,7 @@ def evaluate_merges(
         t0 = time.perf_counter()
         best: tuple[float, dict[str, Any], Any] | None = None
         tried = []
-        for params in tqdm(grid, desc=label, disable=not progress):
+        for params in progress_bar(grid, desc=label, progress=progress):
             if method == "twin":
                 built = compose(
                     zoo.base_path,

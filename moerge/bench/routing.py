@@ -111,7 +111,7 @@ class Row:
     router_share_generate: float | None = None
 
 
-def run(cfg: BenchConfig | None = None, progress: bool = True) -> dict[str, Any]:
+def run(cfg: BenchConfig | None = None, progress: bool | None = None) -> dict[str, Any]:
     """Time every variant, interleaved round-robin over ``repeats`` (median reported)."""
     cfg = cfg or BenchConfig()
     model = build_model(cfg)
@@ -150,10 +150,10 @@ def run(cfg: BenchConfig | None = None, progress: bool = True) -> dict[str, Any]
     variants.append((f"every expert computed, E={max_e}", experts[:max_e], every_expert))
 
     times: dict[str, dict[str, list[float]]] = {v[0]: {"forward": [], "generate": [], "rf": [], "rg": []} for v in variants}
-    from tqdm.auto import tqdm
+    from moerge.progress import progress_bar
 
     torch.set_grad_enabled(False)
-    for rep in tqdm(range(cfg.repeats + 1), desc="bench routing", disable=not progress):
+    for rep in progress_bar(range(cfg.repeats + 1), desc="bench routing", progress=progress):
         for name, exps, weights in variants:
             if exps is not None:
                 attach(model, exps)

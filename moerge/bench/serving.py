@@ -22,11 +22,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from moerge.adapters import Assignment, attach_slots, load_expert, lora_from_state, use_weights
 from moerge.bench.routing import TARGETS, BenchConfig, build_model, sync
 from moerge.device import describe, module_device, module_dtype
+from moerge.progress import progress_bar
 
 
 @dataclass
@@ -77,7 +77,7 @@ def _peft_model(cfg: MixedConfig) -> tuple[Any, torch.nn.Module]:
     return pm.eval(), clean.eval()
 
 
-def run_mixed(cfg: MixedConfig | None = None, progress: bool = True) -> dict[str, Any]:
+def run_mixed(cfg: MixedConfig | None = None, progress: bool | None = None) -> dict[str, Any]:
     """Throughput (generated tokens/s) per variant, medians over ``repeats`` interleaved rounds."""
     from peft import get_peft_model_state_dict
 
@@ -125,7 +125,7 @@ def run_mixed(cfg: MixedConfig | None = None, progress: bool = True) -> dict[str
     times: dict[tuple[str, int], list[float]] = {(n, k): [] for n, k, _ in variants}
     for _, k, fn in variants[:2]:  # warm-up
         fn(k)
-    bar = tqdm(total=cfg.repeats * len(variants), desc="bench serving (mixed batches)", disable=not progress)
+    bar = progress_bar(total=cfg.repeats * len(variants), desc="bench serving (mixed batches)", progress=progress)
     for _ in range(cfg.repeats):
         for n, k, fn in variants:
             sync(dev)
@@ -181,7 +181,7 @@ def memory_bandwidth(device: torch.device, megabytes: int = 512) -> float:
 
 
 def run_decode(
-    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cfg: MixedConfig, progress: bool = True
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cfg: MixedConfig, progress: bool | None = None
 ) -> dict[str, Any]:
     """Milliseconds per decode step, eager against compiled (static KV cache + torch.compile,
     CUDA graphs on a GPU), on a mixed batch over min(4, experts) experts; a step's time is
@@ -217,7 +217,7 @@ def run_decode(
     result["compile_s"] = round(time.perf_counter() - t, 1)
     gen(n, {})
     steps: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in tqdm(range(cfg.repeats), desc="bench serving (decode)", disable=not progress):
+    for _ in progress_bar(range(cfg.repeats), desc="bench serving (decode)", progress=progress):
         for name, extra in variants.items():
             steps[name].append((gen(n, extra) - gen(1, extra)) / (n - 1))
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
@@ -275,7 +275,7 @@ async def _load(url: str, bodies: list[dict[str, Any]], concurrency: int) -> tup
         return lat, results, time.perf_counter() - t0
 
 
-def run_http(cfg: HttpConfig | None = None, progress: bool = True) -> dict[str, Any]:
+def run_http(cfg: HttpConfig | None = None, progress: bool | None = None) -> dict[str, Any]:
     """Start the app on the zoo, drive each workload over loopback HTTP, stop it."""
     from ray import serve
 
@@ -323,7 +323,7 @@ def run_http(cfg: HttpConfig | None = None, progress: bool = True) -> dict[str, 
     }
     out = []
     try:
-        for name in tqdm(cfg.workloads, desc="bench serving (HTTP)", disable=not progress):
+        for name in progress_bar(cfg.workloads, desc="bench serving (HTTP)", progress=progress):
             body, conc = bodies[name]
             asyncio.run(_load(dep.url, body[: min(8, len(body))], conc))  # warm-up: experts loaded
             lat, results, wall = asyncio.run(_load(dep.url, body, conc))

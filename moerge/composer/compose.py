@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 from moerge.adapters import attach, detach, load_lora, use_weights
 from moerge.composer.explain import Explanation, dense_from_calls
 from moerge.device import DeviceLike, DTypeLike, module_device, module_dtype, place, resolve_device, resolve_dtype
+from moerge.progress import hf_bars
 from moerge.registry import ExpertRecord, Registry, Selection
 from moerge.registry.files import atomic_write_json
 from moerge.registry.importers import absolute_path
@@ -72,7 +73,8 @@ def load_base(
     if not path.is_dir() and (path.is_absolute() or base.startswith((".", "~")) or path.exists()):
         raise FileNotFoundError(f"base model folder {absolute_path(path)} does not exist; {hint}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dt)
+        with hf_bars():
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=dt)
     except OSError as exc:
         raise OSError(
             f"cannot load base model {base!r}: no folder {absolute_path(path)}, and as a hub id: {exc}; {hint}"
@@ -282,7 +284,7 @@ def compose(
     data: ExpertData | None = None,
     describer: Callable[[Any], str] | None = None,
     config: dict[str, Any] | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     device: DeviceLike = "auto",
     dtype: DTypeLike = "auto",
     compile: bool = False,
@@ -301,7 +303,10 @@ def compose(
     bfloat16 on CUDA, float32 on CPU). A loaded ``base`` stays where it is unless they are given
     explicitly. Preparation (gate training, SVDs, router training) runs there too. ``compile``:
     decode with a static KV cache and ``torch.compile`` (CUDA graphs on a GPU; see
-    :meth:`ComposedModel.generate`) — for long runs on a GPU; on a CPU it rarely pays back its compile time."""
+    :meth:`ComposedModel.generate`) — for long runs on a GPU; on a CPU it rarely pays back its compile time.
+
+    ``progress``: ``None`` (default) draws bars for preparation on a terminal and writes a plain
+    line every few seconds elsewhere (:mod:`moerge.progress`); ``True`` always bars, ``False`` never."""
     reg, records = resolve_experts(experts, registry)
     not_lora = [f"{r.ref} ({r.kind})" for r in records if r.kind != "lora"]
     if not_lora:

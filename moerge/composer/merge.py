@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from moerge.adapters.lora import LoraExpert, LoraFactors, load_lora, lowrank_from_delta, lowrank_from_factors
 from moerge.adapters.merge import get_merge, kernel_kwargs, merge_lora_deltas, merge_params
 from moerge.device import DeviceLike, resolve_device
+from moerge.progress import hf_bars, progress_bar
 from moerge.registry import ExpertRecord, Registry, Selection
 from moerge.registry.files import TensorFolder, atomic_save_tensors, atomic_write_json, staging_dir
 from moerge.registry.importers import MoergeWarning, absolute_path, detect_kind
@@ -158,7 +158,7 @@ def merge(
     weights: Sequence[float] | Mapping[str, float] | None = None,
     output: Output | None = None,
     rank: int | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     device: DeviceLike = "auto",
     **params: Any,
@@ -181,7 +181,7 @@ def merge(
 
     ``device``: where the kernels run (``"auto"``: a GPU when there is one). Dense merges still
     stream tensor by tensor: one tensor per expert is on the device at a time; the output is
-    written from the CPU in the base's dtype."""
+    written from the CPU in the base's dtype. ``progress``: as in :func:`moerge.compose`."""
     t0 = time.perf_counter()
     dev = resolve_device(device)
     m = get_merge(method)
@@ -278,8 +278,8 @@ def _merge_lora(
     target_rank = rank or max(f.rank for e in loras for f in e.modules.values())
     report.rank = target_rank if output == "lora" else None
     modules = sorted({mod for e in loras for mod in e.modules})
-    bar = tqdm(
-        merge_lora_deltas(loras, method, params, weights), total=len(modules), desc=f"merge {method}", disable=not progress
+    bar = progress_bar(
+        merge_lora_deltas(loras, method, params, weights), total=len(modules), desc=f"merge {method}", progress=progress
     )
     if output == "model":
         model, tok = _load_model(base_id)
@@ -362,17 +362,12 @@ def _finish_lora(merged: LoraExpert, base_id: str, rank: int, out: Path | None) 
 def _load_model(path: str) -> tuple[torch.nn.Module, Any]:
     """The causal LM at ``path`` (eval mode) and its tokenizer, or None if it has none."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        with hf_bars():
+            model = AutoModelForCausalLM.from_pretrained(path).eval()
     except OSError as exc:
         raise OSError(f"cannot load base model {path!r}: {exc}") from None
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError):
@@ -478,7 +473,7 @@ def _merge_dense(
 
     def write(stage: Path) -> None:
         writer = ShardWriter(stage, shard_bytes)
-        for key in tqdm(keys, desc=f"merge {method}", disable=not progress):
+        for key in progress_bar(keys, desc=f"merge {method}", progress=progress):
             b = base_w.get(key)
             if not b.is_floating_point():
                 writer.add(key, b)

@@ -139,7 +139,7 @@ class PrepareContext:
     tokenizer: Any = None
     data: ExpertData | None = None
     describer: Callable[[Any], str] | None = None
-    progress: bool = False
+    progress: bool | None = None
 
     @property
     def device(self) -> torch.device:

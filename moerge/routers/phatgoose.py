@@ -22,10 +22,10 @@ from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
-from tqdm.auto import tqdm
 
 from moerge.adapters import attach, detach, load_lora, set_weights
 from moerge.adapters.lora import LoraExpert
+from moerge.progress import progress_bar
 from moerge.routers.base import ArtifactSpec, PrepareContext, Router, RouterConfig, Routing, register_router
 from moerge.routers.token import Score, TokenHook, standardise
 from moerge.training import TextPair, encode_pairs, warmup_constant
@@ -58,7 +58,7 @@ def train_gates(
     expert: LoraExpert,
     data: Sequence[TextPair],
     config: PhatgooseConfig | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> GateTraining:
     """Train one expert's PHATGOOSE gates on ``model`` (the bare base; it is left as it was).
     Returns the gate vector per LoRA'd module and the loss at every step."""
@@ -94,7 +94,7 @@ def train_gates(
         losses: list[float] = []
         model.train()
         with torch.enable_grad():
-            for _ in tqdm(range(cfg.steps), desc=f"gates {expert.name}", leave=False, disable=not progress):
+            for _ in progress_bar(range(cfg.steps), desc=f"gates {expert.name}", leave=False, progress=progress):
                 batch = encode_pairs(tokenizer, rng.sample(examples, min(cfg.batch_size, len(examples))))
                 batch = {k: v.to(device) for k, v in batch.items()}
                 loss = model(**batch).loss

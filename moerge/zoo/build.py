@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from moerge.device import DeviceLike, DTypeLike, module_device, resolve_device, resolve_dtype
+from moerge.progress import hf_bars, progress_bar
 from moerge.registry import Registry, config_fingerprint
 from moerge.registry.files import atomic_write_json
 from moerge.registry.importers import absolute_path
@@ -136,7 +136,8 @@ class Zoo:
     def load_base(self, device: DeviceLike = "cpu", dtype: DTypeLike = "float32") -> LlamaForCausalLM:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        model = LlamaForCausalLM.from_pretrained(self.base_path, dtype=dt).to(device=dev, dtype=dt)
+        with hf_bars():
+            model = LlamaForCausalLM.from_pretrained(self.base_path, dtype=dt).to(device=dev, dtype=dt)
         model.eval()
         return model
 
@@ -170,7 +171,7 @@ def _locked(path: Path) -> Iterator[None]:
 def load(
     preset: str | Preset = "small",
     cache_dir: str | Path | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     rebuild: bool = False,
     device: DeviceLike = "cpu",
 ) -> Zoo:
@@ -248,7 +249,7 @@ def _train_round(model, tok, train, p: Preset, *, lr, max_steps, seed, state, st
         state.update(opt=opt, sched=sched, params=params, rng=random.Random(seed))
         torch.manual_seed(seed)
     model.train()
-    for _ in tqdm(range(steps), desc=desc, leave=False, disable=not progress):
+    for _ in progress_bar(range(steps), desc=desc, leave=False, progress=progress):
         batch = encode_for_training(tok, state["rng"].sample(train, p.batch), prompt_loss=False)
         loss = model(**{k: v.to(module_device(model)) for k, v in batch.items()}).loss
         state["opt"].zero_grad(set_to_none=True)
@@ -300,7 +301,7 @@ def _build(p: Preset, root: Path, progress: bool, device: torch.device = torch.d
         lora_dropout=0.0,
     )
     training: dict[str, dict[str, Any]] = {}
-    bar = tqdm(T.HELD_IN, desc="experts", disable=not progress)
+    bar = progress_bar(T.HELD_IN, desc="experts", progress=progress)
     for i, task in enumerate(bar):
         bar.set_postfix(task=task.name)
         t1 = time.perf_counter()

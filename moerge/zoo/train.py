@@ -7,10 +7,10 @@ import random
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from moerge.device import module_device
+from moerge.progress import progress_bar
 from moerge.training import encode_pairs, warmup_cosine
 from moerge.zoo.tasks import Example
 
@@ -54,7 +54,7 @@ def train_loop(
     warmup: int = 10,
     prompt_loss: bool = False,
     desc: str = "train",
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> list[float]:
     """AdamW with linear warm-up and cosine decay over the trainable parameters; returns losses."""
     rng = random.Random(seed)
@@ -67,7 +67,7 @@ def train_loop(
     model.train()
     device = module_device(model)
     losses: list[float] = []
-    bar = tqdm(range(steps), desc=desc, leave=False, disable=not progress)
+    bar = progress_bar(range(steps), desc=desc, leave=False, progress=progress)
     for _ in bar:
         batch = encode_for_training(tokenizer, rng.sample(list(examples), min(batch_size, len(examples))), prompt_loss)
         loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
