@@ -128,6 +128,21 @@ def test_errors_offer_a_way_out(tmp_path, relative_adapter):
     assert "twin" in CliRunner().invoke(main, ["route", "--help"]).output
 
 
+def test_misspelt_expert_names_and_merge_parameters_name_the_closest(tmp_path, relative_adapter):
+    reg = moerge.Registry(tmp_path / "reg")
+    reg.register(relative_adapter, "sorting")
+    with pytest.raises(moerge.registry.ExpertNotFoundError, match=r"'sortng' .*\(did you mean 'sorting'\?\)"):
+        reg.select(names=["sortng"])
+    with pytest.raises(ValueError, match=r"densty: did you mean 'density'\?"):
+        moerge.merge(None, reg, "ties", densty=0.3)
+    with pytest.raises(ValueError, match=r"rnak: did you mean 'rank'\?"):  # merge()'s own option, misspelt
+        moerge.merge(None, reg, "ties", density=0.3, rnak=4)
+    with pytest.raises(KeyError, match=r"did you mean 'task_arithmetic'"):
+        moerge.merge(None, reg, "task_arithmetc")
+    with pytest.raises(ValueError, match=r"did you mean 'sorting'"):
+        moerge.merge(None, reg, "task_arithmetic", weights={"sortin": 1.0})
+
+
 # ----------------------------------------------------------------------------- progress
 
 
@@ -169,3 +184,10 @@ def test_line_progress_is_silent_for_short_work_and_a_terminal_gets_a_bar():
     assert isinstance(progress_bar(range(2), progress=True, file=io.StringIO()), tqdm)
     silent = progress_bar(range(2), progress=False, file=buf, interval=0)
     assert list(silent) == [0, 1] and buf.getvalue() == ""
+
+
+def test_merge_weights_may_name_experts_without_their_version(tmp_path, relative_adapter):
+    reg = moerge.Registry(tmp_path / "reg")
+    reg.register(relative_adapter, "sorting")
+    path = moerge.merge(None, reg, "task_arithmetic", out=tmp_path / "m", weights={"sorting": 0.5})
+    assert json.loads((path / "moerge_merge.json").read_text())["experts"] == ["sorting@1"]

@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from moerge.hints import did_you_mean
+
 if TYPE_CHECKING:
     from moerge.adapters.lora import LoraExpert, LoraFactors
 
@@ -95,19 +97,22 @@ def get_merge(name: str) -> MergeMethod:
     try:
         return MERGE_METHODS[name]
     except KeyError:
-        raise KeyError(f"unknown merge method {name!r}; known methods: {sorted(MERGE_METHODS)}") from None
+        known = sorted(MERGE_METHODS)
+        raise KeyError(f"unknown merge method {name!r}{did_you_mean(name, known)}; known methods: {known}") from None
 
 
-def merge_params(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
+def merge_params(method: str, params: Mapping[str, Any], also: Sequence[str] = ()) -> dict[str, Any]:
     """Validate ``params`` for ``method``: unknown names and missing required ones are errors
-    naming them. ``lambda`` is accepted for ``lambda_``; ``seed`` for methods that draw masks."""
+    naming them. ``lambda`` is accepted for ``lambda_``; ``seed`` for methods that draw masks.
+    ``also``: the caller's own option names, offered too when a name looks misspelt."""
     m = get_merge(method)
     out = {("lambda_" if k == "lambda" else k): v for k, v in params.items() if v is not None}
     allowed = set(m.params) | ({"seed"} if m.random else set())
     allowed.discard("generator")
     unknown = sorted(set(out) - allowed)
     if unknown:
-        raise ValueError(f"merge method {method!r} does not take {unknown}; it takes {sorted(allowed)}")
+        hints = "".join(did_you_mean(u, [*allowed, *also]).replace(" (did you mean", f" ({u}: did you mean") for u in unknown)
+        raise ValueError(f"merge method {method!r} does not take {unknown}{hints}; it takes {sorted(allowed)}")
     missing = [p for p in m.required if p not in out and p != "generator"]
     if missing:
         raise ValueError(f"merge method {method!r} needs {missing}")

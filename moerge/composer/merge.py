@@ -27,6 +27,7 @@ import torch
 from moerge.adapters.lora import LoraExpert, LoraFactors, load_lora, lowrank_from_delta, lowrank_from_factors
 from moerge.adapters.merge import get_merge, kernel_kwargs, merge_lora_deltas, merge_params
 from moerge.device import DeviceLike, resolve_device
+from moerge.hints import did_you_mean
 from moerge.progress import hf_bars, progress_bar
 from moerge.registry import ExpertRecord, Registry, Selection
 from moerge.registry.files import TensorFolder, atomic_save_tensors, atomic_write_json, staging_dir
@@ -187,7 +188,7 @@ def merge(
     m = get_merge(method)
     if "rank" in m.params and rank is not None:  # svd: merge()'s rank is the kernel's rank
         params.setdefault("rank", rank)
-    params = merge_params(method, params)
+    params = merge_params(method, params, also=_OWN_OPTIONS)
     reg, items = _records(experts, registry)
     resolved = [_kind_of(it, reg) for it in items]
     kinds = {k for k, _, _ in resolved}
@@ -240,14 +241,21 @@ def merge(
     return result
 
 
+#: merge()'s own keywords, suggested when a misspelt one lands among the kernel's parameters
+_OWN_OPTIONS = ("registry", "weights", "output", "rank", "progress", "shard_bytes", "device")
+
+
 def _expert_weights(weights: Any, names: list[str]) -> torch.Tensor | None:
     if weights is None:
         return None
-    if isinstance(weights, Mapping):
-        unknown = sorted(set(weights) - set(names))
+    if isinstance(weights, Mapping):  # keyed by name@version or by the bare name
+        bare = {n: n.rsplit("@", 1)[0] for n in names}
+        known = set(names) | set(bare.values())
+        unknown = sorted(set(map(str, weights)) - known)
         if unknown:
-            raise ValueError(f"weights name experts that are not merged: {unknown} (merging {names})")
-        return torch.tensor([float(weights.get(n, 1.0)) for n in names])
+            hints = "".join(did_you_mean(u, sorted(known)) for u in unknown)
+            raise ValueError(f"weights name experts that are not merged: {unknown}{hints} (merging {names})")
+        return torch.tensor([float(weights.get(n, weights.get(bare[n], 1.0))) for n in names])
     w = [float(x) for x in weights]
     if len(w) != len(names):
         raise ValueError(f"{len(w)} weights for {len(names)} experts ({names})")

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from moerge.hints import did_you_mean
 from moerge.registry import importers
 from moerge.registry.files import (
     IntegrityError,
@@ -326,14 +327,17 @@ class Registry:
         if row is None:
             known = self.names()
             what = f"expert {name!r}" + (f" version {version}" if version is not None else "")
-            raise ExpertNotFoundError(f"{what} is not in the registry at {self.root} (it has: {', '.join(known) or 'none'})")
+            hint = did_you_mean(name, known) if version is None or name not in known else ""
+            raise ExpertNotFoundError(
+                f"{what} is not in the registry at {self.root}{hint} (it has: {', '.join(known) or 'none'})"
+            )
         return ExpertRecord.model_validate_json(row[0])
 
     def versions(self, name: str) -> builtins.list[ExpertRecord]:
         with self._connect() as con:
             rows = con.execute("SELECT record FROM experts WHERE name=? ORDER BY version", (name,)).fetchall()
         if not rows:
-            raise ExpertNotFoundError(f"expert {name!r} is not in the registry at {self.root}")
+            raise ExpertNotFoundError(f"expert {name!r} is not in the registry at {self.root}{did_you_mean(name, self.names())}")
         return [ExpertRecord.model_validate_json(r[0]) for r in rows]
 
     def list(

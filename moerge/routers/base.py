@@ -19,6 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from moerge.adapters.lora import LoraExpert
+from moerge.hints import did_you_mean  # noqa: F401  (re-exported)
 from moerge.training import TextPair
 
 log = logging.getLogger(__name__)
@@ -51,17 +52,6 @@ def register_router(name: str) -> Callable[[type[Router]], type[Router]]:
         return cls
 
     return deco
-
-
-def did_you_mean(name: str, known: Sequence[str]) -> str:
-    """' (did you mean 'x'?)' for the closest of ``known``, or ''."""
-    import difflib
-
-    close = difflib.get_close_matches(name.lower(), [k.lower() for k in known], n=1, cutoff=0.6)
-    if not close:
-        return ""
-    match = next(k for k in known if k.lower() == close[0])
-    return f" (did you mean {match!r}?)"
 
 
 def get_router(name: str) -> type[Router]:
