@@ -684,7 +684,14 @@ def _threads() -> int:
 @click.option(
     "--flavor", default=None, type=click.Choice(["peft", "mergekit"]), help="Whose semantics where PEFT and mergekit differ."
 )
-@click.option("--rank", default=None, type=int, help="Rank of a LoRA output (default: the largest input rank).")
+@click.option(
+    "--rank",
+    default=None,
+    help="Rank of a LoRA output (default: the largest input rank), or 'auto': per module the smallest within --rank-tolerance.",
+)
+@click.option(
+    "--rank-tolerance", default=1e-2, show_default=True, type=float, help="--rank auto: the largest relative re-factoring error."
+)
 @click.option(
     "--output", default=None, type=click.Choice(["lora", "model"]), help="LoRA experts: a LoRA (default) or a merged model."
 )
@@ -702,6 +709,7 @@ def merge_cmd(
     seed,
     flavor,
     rank,
+    rank_tolerance,
     output,
     no_progress,
 ) -> None:  # noqa: ANN001
@@ -717,6 +725,10 @@ def merge_cmd(
     try:
         reg = _open(registry_path) if registry_path else None
         w = [float(x) for x in weights.split(",")] if weights else None
+        if rank is not None and rank != "auto":
+            if not rank.isdigit():
+                raise ValueError(f"--rank must be a positive integer or 'auto', got {rank!r}")
+            rank = int(rank)
         with warnings.catch_warnings():  # the re-factoring error is printed below
             warnings.simplefilter("ignore", MoergeWarning)
             path = moerge.merge(
@@ -728,6 +740,7 @@ def merge_cmd(
                 weights=w,
                 output=output,
                 rank=rank,
+                rank_tolerance=rank_tolerance,
                 progress=None if not no_progress else False,
                 **params,
             )
@@ -736,7 +749,8 @@ def merge_cmd(
     report = json.loads((path / "moerge_merge.json").read_text())
     click.echo(f"merged {len(names)} experts with {method} into {path} ({report['output']}, {report['seconds']:.1f} s)")
     if report["refactor_error"]:
-        click.echo(f"rank-{report['rank']} re-factoring: max relative error {max(report['refactor_error'].values()):.3f}")
+        auto = f" (auto: each module's smallest rank within {report['rank_tolerance']:g})" if report.get("module_ranks") else ""
+        click.echo(f"rank-{report['rank']} re-factoring{auto}: max relative error {max(report['refactor_error'].values()):.3f}")
 
 
 @main.group()

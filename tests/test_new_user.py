@@ -86,6 +86,66 @@ def test_a_merged_lora_cut_back_hard_warns_with_the_error(tmp_path, llama_folder
         moerge.merge(None, reg, "task_arithmetic", output="model")  # exact: nothing to warn about
 
 
+@pytest.mark.parametrize("method,params", [("task_arithmetic", {}), ("ties", {"density": 0.5})])
+def test_rank_auto_picks_each_modules_smallest_rank_within_the_tolerance(tmp_path, llama_folder, method, params):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from moerge.adapters.lora import load_lora
+
+    reg = moerge.Registry(tmp_path / "reg")
+    for i, name in enumerate(["a", "b"]):
+        pm = peft_with_adapters(
+            LlamaForCausalLM.from_pretrained(llama_folder), {"default": lora_config(["q_proj", "v_proj"])}, seed=i
+        )
+        pm.save_pretrained(tmp_path / name)
+        reg.register(tmp_path / name, name)
+    exact = moerge.merge(None, reg, method, output="model", **params)
+    base = LlamaForCausalLM.from_pretrained(llama_folder)
+    for tol in (1e-2, 0.3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", MoergeWarning)  # within the user's own bound: no warning
+            path = moerge.merge(None, reg, method, out=tmp_path / f"{method}-{tol}", rank="auto", rank_tolerance=tol, **params)
+        report = json.loads((path / "moerge_merge.json").read_text())
+        assert report["rank_tolerance"] == tol and report["rank"] == max(report["module_ranks"].values())
+        assert max(report["refactor_error"].values()) <= tol + 1e-5
+        merged = load_lora(path)
+        for mod, f in merged.modules.items():
+            truth = (exact.get_submodule(mod).weight - base.get_submodule(mod).weight).detach()
+            err = float((f.delta() - truth).norm() / truth.norm())
+            assert err <= tol + 1e-4, (mod, err)
+            r = report["module_ranks"][mod]
+            if r > 1:  # and it is the smallest: one rank less misses the tolerance
+                from moerge.adapters.lora import lowrank_from_delta
+
+                worse = lowrank_from_delta(truth, r - 1).delta()
+                assert float((worse - truth).norm() / truth.norm()) > tol
+        assert PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(llama_folder), path) is not None
+    with pytest.raises(ValueError, match="svd method needs a fixed rank"):
+        moerge.merge(None, reg, "svd", rank="auto")
+    with pytest.raises(ValueError, match="positive integer or 'auto'"):
+        moerge.merge(None, reg, method, rank="8", **params)
+    r = CliRunner().invoke(
+        main,
+        [
+            "merge",
+            "--registry",
+            str(reg.root),
+            "--experts",
+            "a,b",
+            "--method",
+            method,
+            "--out",
+            str(tmp_path / "cli"),
+            "--rank",
+            "auto",
+            *(["--density", "0.5"] if params else []),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert "(auto: each module's smallest rank within 0.01)" in r.output
+
+
 def test_the_cli_never_creates_a_registry_by_reading_and_never_falls_back_to_the_zoo(tmp_path, monkeypatch):
     run = CliRunner().invoke
     typo = tmp_path / "typo"

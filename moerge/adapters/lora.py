@@ -102,17 +102,36 @@ def load_task_vector(registry: Any, expert: Any, version: int | None = None) -> 
     return registry.load_tensors(rec)
 
 
-def lowrank_from_delta(delta: torch.Tensor, rank: int) -> LoraFactors:
-    """Best rank-``rank`` factors of a dense ΔW [d_out, d_in] by truncated SVD (Eckart–Young)."""
+def rank_for_error(singular_values: torch.Tensor, tolerance: float) -> int:
+    """The smallest rank r ≥ 1 whose truncation error ‖M − M_r‖_F / ‖M‖_F (Eckart–Young:
+    √(Σ_{i≥r} s_i²) / √(Σ s_i²)) is at most ``tolerance``; runs on the host (merge time)."""
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"rank tolerance must be in [0, 1), got {tolerance}")
+    energy = singular_values.detach().double().cpu().pow(2)
+    total = float(energy.sum())
+    if total == 0.0:
+        return 1
+    tail = energy.flip(0).cumsum(0).flip(0)  # tail[r] = Σ_{i≥r} s_i²
+    errors = (tail / total).sqrt().tolist() + [0.0]
+    return max(1, next(r for r, e in enumerate(errors) if e <= tolerance))
+
+
+def lowrank_from_delta(delta: torch.Tensor, rank: int | None = None, tolerance: float | None = None) -> LoraFactors:
+    """Best rank-``rank`` factors of a dense ΔW [d_out, d_in] by truncated SVD (Eckart–Young);
+    with ``tolerance`` instead, the smallest rank within that relative error."""
     if delta.dim() != 2:
         raise ValueError(f"ΔW must be a matrix, got shape {tuple(delta.shape)}")
-    if not 0 < rank <= min(delta.shape):
-        raise ValueError(f"rank must be in 1..{min(delta.shape)} for ΔW of shape {tuple(delta.shape)}, got {rank}")
     U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    if tolerance is not None:
+        rank = rank_for_error(S, tolerance)
+    if rank is None or not 0 < rank <= min(delta.shape):
+        raise ValueError(f"rank must be in 1..{min(delta.shape)} for ΔW of shape {tuple(delta.shape)}, got {rank}")
     return LoraFactors(A=Vh[:rank].contiguous(), B=(U[:, :rank] * S[:rank]).contiguous(), scaling=1.0)
 
 
-def lowrank_from_factors(terms: Sequence[LoraFactors] | Sequence[tuple[float, LoraFactors]], rank: int) -> LoraFactors:
+def lowrank_from_factors(
+    terms: Sequence[LoraFactors] | Sequence[tuple[float, LoraFactors]], rank: int | None = None, tolerance: float | None = None
+) -> LoraFactors:
     """Best rank-``rank`` factors of Σ c_i·s_i·B_i·A_i without building the d_out×d_in matrix.
 
     Stack the terms as one product B̂·Â (B̂ = [c_1 s_1 B_1, …], Â = [A_1; …], inner size R = Σ r_i),
@@ -125,12 +144,14 @@ def lowrank_from_factors(terms: Sequence[LoraFactors] | Sequence[tuple[float, Lo
     B_hat = torch.cat([c * f.scaling * f.B.float() for c, f in weighted], dim=1)
     A_hat = torch.cat([f.A.float() for _, f in weighted], dim=0)
     inner = A_hat.shape[0]
-    if not 0 < rank:
+    if tolerance is None and (rank is None or not 0 < rank):
         raise ValueError(f"rank must be positive, got {rank}")
     Qb, Rb = torch.linalg.qr(B_hat)  # [d_out, R], [R, R]
     Qa, Ra = torch.linalg.qr(A_hat.T)  # [d_in, R], [R, R]
     U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
-    k = min(rank, inner, S.shape[0])
+    k = min(rank or inner, inner, S.shape[0])
+    if tolerance is not None:
+        k = rank_for_error(S, tolerance)
     B = (Qb @ U[:, :k]) * S[:k]
     A = (Qa @ Vh[:k].T).T
     return LoraFactors(A=A.contiguous(), B=B.contiguous(), scaling=1.0)

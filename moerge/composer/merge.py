@@ -51,6 +51,10 @@ class MergeReport:
     base: str
     output: str
     rank: int | None = None
+    #: rank="auto": the target relative error and each module's chosen rank (the PEFT folder's
+    #: r is their maximum; smaller modules are zero-padded)
+    rank_tolerance: float | None = None
+    module_ranks: dict[str, int] = field(default_factory=dict)
     tensors: int = 0
     seconds: float = 0.0
     refactor_error: dict[str, float] = field(default_factory=dict)
@@ -158,7 +162,8 @@ def merge(
     registry: Registry | None = None,
     weights: Sequence[float] | Mapping[str, float] | None = None,
     output: Output | None = None,
-    rank: int | None = None,
+    rank: int | Literal["auto"] | None = None,
+    rank_tolerance: float = 1e-2,
     progress: bool | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     device: DeviceLike = "auto",
@@ -173,7 +178,9 @@ def merge(
     expert (a list in order, or name → weight). ``base``: a folder or hub id in the local cache;
     default the experts' registered base. LoRA experts give ``output="lora"`` by default (one
     LoRA of rank ``rank``, default the largest input rank as PEFT does) or ``"model"`` (folded
-    into the base); dense experts give a model.
+    into the base); dense experts give a model. ``rank="auto"``: per module, the smallest rank
+    whose re-factoring error ‖ΔW − B·A‖_F/‖ΔW‖_F is at most ``rank_tolerance`` (default 1e-2);
+    the chosen ranks are in the report (``module_ranks``, ``rank`` their maximum).
 
     With ``out`` the result is written there (a PEFT folder or a model folder with config and
     tokenizer; the folder must not exist or be empty; written atomically) and its path is
@@ -186,6 +193,13 @@ def merge(
     t0 = time.perf_counter()
     dev = resolve_device(device)
     m = get_merge(method)
+    if rank == "auto":
+        if "rank" in m.params:
+            raise ValueError("rank='auto' chooses a LoRA output's rank; the svd method needs a fixed rank (use task_arithmetic)")
+        if not 0 <= float(rank_tolerance) < 1:
+            raise ValueError(f"rank_tolerance must be in [0, 1), got {rank_tolerance}")
+    elif rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be a positive integer or 'auto', got {rank!r}")
     if "rank" in m.params and rank is not None:  # svd: merge()'s rank is the kernel's rank
         params.setdefault("rank", rank)
     params = merge_params(method, params, also=_OWN_OPTIONS)
@@ -220,17 +234,20 @@ def merge(
             load_lora(it, name=n, registry=reg, device=dev) if isinstance(it, ExpertRecord) else load_lora(it, name=n, device=dev)
             for _, it, n in resolved
         ]
-        result = _merge_lora(base_id, loras, m.name, params, w, output, rank, out, report, progress)
+        if rank == "auto" and output != "lora":
+            raise ValueError("rank='auto' applies to a LoRA output; output='model' keeps the exact merge")
+        result = _merge_lora(base_id, loras, m.name, params, w, output, rank, out, report, progress, float(rank_tolerance))
     else:
         sources = [_dense_source(it, reg, n) for _, it, n in resolved]
         result = _merge_dense(base_id, sources, m.name, params, w, out, report, progress, shard_bytes, dev)
     report.seconds = time.perf_counter() - t0
-    if report.max_refactor_error > REFACTOR_WARN:
+    if report.max_refactor_error > REFACTOR_WARN and report.rank_tolerance is None:  # rank="auto": the user's bound
         worst = max(report.refactor_error, key=report.refactor_error.get)
         warnings.warn(
             f"the merged LoRA was cut back to rank {report.rank}: its ΔW differs from the exact merge by up to "
-            f"{report.max_refactor_error:.0%} (relative Frobenius norm, at {worst}); pass a larger rank= or "
-            "output='model' to keep the exact merge (every module's error: merge_report.refactor_error)",
+            f"{report.max_refactor_error:.0%} (relative Frobenius norm, at {worst}); pass rank='auto' (each module's "
+            "smallest rank within rank_tolerance, default 1%), a larger rank= or output='model' to keep the exact merge "
+            "(every module's error: merge_report.refactor_error)",
             MoergeWarning,
             stacklevel=2,
         )
@@ -275,7 +292,8 @@ def _merge_lora(
     rank: int | None,
     out: Path | None,
     report: MergeReport,
-    progress: bool,
+    progress: bool | None,
+    tolerance: float = 1e-2,
 ) -> Any:
     fifo = {e.fan_in_fan_out for e in loras}
     if len(fifo) > 1:
@@ -283,8 +301,10 @@ def _merge_lora(
     if method == "svd":  # its rank is the output rank; the factor-form terms are the exact sum
         rank = int(params["rank"])
         params = {k: v for k, v in params.items() if k != "rank"}
-    target_rank = rank or max(f.rank for e in loras for f in e.modules.values())
+    auto = rank == "auto"
+    target_rank = None if auto else (rank or max(f.rank for e in loras for f in e.modules.values()))
     report.rank = target_rank if output == "lora" else None
+    report.rank_tolerance = tolerance if auto else None
     modules = sorted({mod for e in loras for mod in e.modules})
     bar = progress_bar(
         merge_lora_deltas(loras, method, params, weights), total=len(modules), desc=f"merge {method}", progress=progress
@@ -304,17 +324,22 @@ def _merge_lora(
         return _finish_model(model, tok, out)
     factors: dict[str, LoraFactors] = {}
     for mod, delta, terms in bar:
+        tol = tolerance if auto else None
         if delta is None:
-            f = lowrank_from_factors(terms, target_rank)
+            f = lowrank_from_factors(terms, target_rank, tolerance=tol)
             full = sum(c * t.delta() for c, t in terms) if _small(terms) else None
         else:
-            f = lowrank_from_delta(delta, min(target_rank, min(delta.shape)))
+            f = lowrank_from_delta(delta, None if auto else min(target_rank, min(delta.shape)), tolerance=tol)
             full = delta
+        if auto:
+            report.module_ranks[mod] = f.rank
         if full is not None:
             norm = full.norm()
             report.refactor_error[mod] = float((full - f.delta()).norm() / norm) if norm > 0 else 0.0
         factors[mod] = f
         report.tensors += 1
+    if auto:
+        target_rank = report.rank = max(report.module_ranks.values(), default=1)
     merged = LoraExpert(f"{method}-merge", factors, fan_in_fan_out=fifo.pop())
     return _finish_lora(merged, base_id, target_rank, out)
 
