@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import logging
 
-from moerge.composer import ComposedModel, compose, load_composition, merge
+from moerge.composer import ComposedModel, compose, load_composition, merge, merge_from_config
 from moerge.registry import Registry
 
 __version__ = "0.1.0"
-__all__ = ["ComposedModel", "Registry", "__version__", "compose", "load_composition", "merge"]
+__all__ = ["ComposedModel", "Registry", "__version__", "compose", "load_composition", "merge", "merge_from_config"]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -665,7 +665,14 @@ def _threads() -> int:
     show_default=True,
     help="average, task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune, svd.",
 )
-@click.option("--experts", required=True, help="Comma-separated registry names or PEFT-adapter / model folders.")
+@click.option("--experts", default=None, help="Comma-separated registry names or PEFT-adapter / model folders.")
+@click.option(
+    "--config",
+    "config_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="A mergekit YAML (merge_method, base_model, models, parameters, dtype) instead of --method/--experts/--weights.",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write (must not exist or be empty).")
 @click.option(
     "--registry",
@@ -699,6 +706,7 @@ def _threads() -> int:
 def merge_cmd(
     method,
     experts,
+    config_path,
     out,
     registry_path,
     base,
@@ -720,11 +728,27 @@ def merge_cmd(
     import moerge
     from moerge.registry.importers import MoergeWarning
 
-    names = [e.strip() for e in experts.split(",") if e.strip()]
     params = {"density": density, "lambda": lambda_, "majority_sign_method": majority_sign_method, "seed": seed, "flavor": flavor}
+    if config_path is not None:
+        given = [
+            f"--{k.replace('_', '-')}" for k, v in {**params, "experts": experts, "weights": weights, "base": base}.items() if v
+        ]
+        if given:
+            _fail(ValueError(f"--config gives the method, models and parameters; drop {', '.join(given)}"))
+    elif not experts:
+        _fail(ValueError("give --experts (with --method) or --config merge.yml"))
     try:
         reg = _open(registry_path) if registry_path else None
-        w = [float(x) for x in weights.split(",")] if weights else None
+        if config_path is not None:
+            from moerge.composer.mergekit import load_merge_config, plan_merge
+
+            plan = plan_merge(load_merge_config(Path(config_path)))
+            base, names, method, w = plan["base"], plan["experts"], plan["method"], plan["weights"]
+            params, dtype = plan["params"], plan["dtype"]
+        else:
+            names = [e.strip() for e in experts.split(",") if e.strip()]
+            dtype = None
+            w = [float(x) for x in weights.split(",")] if weights else None
         if rank is not None and rank != "auto":
             if not rank.isdigit():
                 raise ValueError(f"--rank must be a positive integer or 'auto', got {rank!r}")
@@ -741,6 +765,7 @@ def merge_cmd(
                 output=output,
                 rank=rank,
                 rank_tolerance=rank_tolerance,
+                dtype=dtype,
                 progress=None if not no_progress else False,
                 **params,
             )

@@ -140,6 +140,100 @@ def test_dense_merge_equals_mergekit(dense_family, method, params, mk_global):
     assert report["method"] == method and report["tensors"] == len(theirs)
 
 
+# ---------------------------------------------------------- mergekit YAML, same file
+
+
+def _yaml(root: Path, method: str, weights, densities=None, base=True, list_base=False, **top) -> str:
+    import yaml
+
+    models = [{"model": str(root / "base")}] if list_base else []
+    for i, w in enumerate(weights):
+        params = {"weight": w}
+        if densities is not None:
+            params["density"] = densities[i]
+        models.append({"model": str(root / f"ft{i}"), "parameters": params})
+    cfg = {"merge_method": method, "models": models, "dtype": "float32", **top}
+    if base:
+        cfg["base_model"] = str(root / "base")
+    return yaml.safe_dump(cfg)
+
+
+MERGEKIT_CONFIGS = {
+    "linear": dict(method="linear", weights=[0.5, 1.0, 0.7], base=False),
+    "linear-unnormalised": dict(method="linear", weights=[0.2, 0.5, 0.3], base=False, parameters={"normalize": False}),
+    "task_arithmetic": dict(method="task_arithmetic", weights=[0.5, 1.0, 0.7], list_base=True, parameters={"lambda": 0.7}),
+    "task_arithmetic-normalised": dict(method="task_arithmetic", weights=[0.5, 1.0, 0.7], parameters={"normalize": True}),
+    "ties-per-model-density": dict(method="ties", weights=[0.5, 1.0, 0.7], densities=[0.3, 0.5, 0.8], list_base=True),
+    "ties-global-params-bf16-out": dict(
+        method="ties", weights=[0.5, 1.0, 0.7], parameters={"density": 0.4, "lambda": 1.3}, out_dtype="bfloat16"
+    ),
+    "dare_ties": dict(method="dare_ties", weights=[0.5, 1.0, 0.7], densities=[1.0, 1.0, 1.0]),
+    "dare_linear": dict(method="dare_linear", weights=[0.5, 1.0, 0.7], densities=[1.0, 1.0, 1.0], parameters={"normalize": True}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MERGEKIT_CONFIGS))
+def test_a_mergekit_yaml_gives_the_same_tensors_as_mergekit_on_the_same_file(dense_family, name):
+    """The same YAML file run by mergekit (as mergekit-yaml does: safe_load, validate,
+    run_merge) and by moerge.merge_from_config. DARE is compared at density 1: mergekit draws
+    its masks unseeded."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    root = dense_family
+    file = root / f"{name}.yml"
+    file.write_text(_yaml(root, **MERGEKIT_CONFIGS[name]))
+    run_merge(
+        MergeConfiguration.model_validate(yaml.safe_load(file.read_text())),
+        str(root / "mk"),
+        MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False),
+    )
+    theirs = load_file(root / "mk" / "model.safetensors")
+    ours = load_file(moerge.merge_from_config(file, root / "ours") / "model.safetensors")
+    assert set(ours) == set(theirs)
+    for k in theirs:
+        assert ours[k].dtype == theirs[k].dtype, k
+        torch.testing.assert_close(ours[k], theirs[k], atol=2e-6, rtol=0)
+
+
+def test_merge_config_cli_and_its_errors(dense_family, tmp_path):
+    from click.testing import CliRunner
+
+    from moerge.cli import main
+
+    root = dense_family
+    (root / "ties.yml").write_text(_yaml(root, "ties", [0.5, 1.0, 0.7], densities=[0.3, 0.5, 0.8]))
+    r = CliRunner().invoke(main, ["merge", "--config", str(root / "ties.yml"), "--out", str(root / "cli")])
+    assert r.exit_code == 0, r.output
+    api = load_file(moerge.merge_from_config(root / "ties.yml", root / "api") / "model.safetensors")
+    cli = load_file(root / "cli" / "model.safetensors")
+    assert all(torch.equal(api[k], cli[k]) for k in api)
+    r = CliRunner().invoke(main, ["merge", "--config", str(root / "ties.yml"), "--out", str(root / "x"), "--density", "0.5"])
+    assert r.exit_code == 2 and "drop --density" in r.output
+
+    def refused(text: str, match: str) -> None:
+        with pytest.raises((moerge.composer.MergeConfigError, FileNotFoundError), match=match):
+            moerge.merge_from_config(text)
+
+    base = str(root / "base")
+    refused(f"merge_method: ties\nbase_model: {base}\nslices: []\nmodels: [{{model: {base}}}]", "'slices' .*not supported")
+    refused(f"merge_metod: ties\nbase_model: {base}", "did you mean 'merge_method'")
+    refused(f"merge_method: tie\nbase_model: {base}\nmodels: [{{model: {base}}}]", "did you mean 'ties'")
+    refused(f"merge_method: slerp\nmodels: [{{model: {base}}}]", "moerge runs mergekit configs for")
+    refused(f"merge_method: ties\nmodels: [{{model: {root / 'ft0'}}}]", "needs base_model")
+    refused(
+        f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {root / 'ft0'}, parameters: {{density: [0.1, 0.9]}}}}]",
+        "per-layer gradient",
+    )
+    refused(
+        f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {root / 'ft0'}, parameters: {{densty: 0.5}}}}]",
+        "did you mean 'density'",
+    )
+    refused(f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: org/model+org/lora}}]", "model\\+LoRA reference")
+    refused(str(tmp_path / "missing.yml"), "does not exist")
+
+
 def test_dense_merge_streams_into_shards_and_loads(dense_family):
     from transformers import AutoModelForCausalLM
 

@@ -116,8 +116,10 @@ def merge_params(method: str, params: Mapping[str, Any], also: Sequence[str] = (
     missing = [p for p in m.required if p not in out and p != "generator"]
     if missing:
         raise ValueError(f"merge method {method!r} needs {missing}")
-    if "density" in out and not 0.0 <= float(out["density"]) <= 1.0:
-        raise ValueError(f"density must be in [0, 1], got {out['density']}")
+    if "density" in out:
+        ds = [out["density"]] if isinstance(out["density"], int | float) else list(out["density"])
+        if not all(isinstance(d, int | float) and 0.0 <= float(d) <= 1.0 for d in ds):
+            raise ValueError(f"density must be in [0, 1] (one number, or one per expert), got {out['density']}")
     if "majority_sign_method" in out and out["majority_sign_method"] not in _SIGN_ALIASES:
         raise ValueError(f"majority_sign_method must be one of {sorted(_SIGN_ALIASES)}, got {out['majority_sign_method']!r}")
     if "flavor" in out and out["flavor"] not in ("peft", "mergekit"):
@@ -175,25 +177,51 @@ def magnitude_mask(tensor: torch.Tensor, density: float, flavor: Flavor = "peft"
     return mask.view_as(tensor)
 
 
-def trim(stacked: torch.Tensor, density: float, flavor: Flavor = "peft") -> torch.Tensor:
-    """Keep each expert's top-``density`` entries by magnitude (row by row)."""
-    if density >= 1:
+Density = float | Sequence[float]
+
+
+def _densities(density: Density, n: int) -> list[float]:
+    """One density per expert: a number for all, or a sequence in expert order (mergekit's
+    per-model ``density``)."""
+    if isinstance(density, int | float):
+        return [float(density)] * n
+    out = [float(d) for d in density]
+    if len(out) != n:
+        raise ValueError(f"{len(out)} densities for {n} experts")
+    return out
+
+
+def trim(stacked: torch.Tensor, density: Density, flavor: Flavor = "peft") -> torch.Tensor:
+    """Keep each expert's top-``density`` entries by magnitude (row by row; ``density`` may
+    be one per expert)."""
+    ds = _densities(density, stacked.shape[0])
+    if min(ds) >= 1:
         return stacked
-    if density <= 0 and flavor == "mergekit":
-        return torch.zeros_like(stacked)
-    return torch.stack([t * magnitude_mask(t, density, flavor) for t in stacked])
+    out = []
+    for t, d in zip(stacked, ds, strict=True):
+        if d >= 1:
+            out.append(t)
+        elif d <= 0 and flavor == "mergekit":
+            out.append(torch.zeros_like(t))
+        else:
+            out.append(t * magnitude_mask(t, d, flavor))
+    return torch.stack(out)
 
 
 def drop_and_rescale(
-    stacked: torch.Tensor, density: float, generator: torch.Generator | None, flavor: Flavor = "peft"
+    stacked: torch.Tensor, density: Density, generator: torch.Generator | None, flavor: Flavor = "peft"
 ) -> torch.Tensor:
     """DARE: keep each entry with probability ``density`` (one Bernoulli mask per expert, drawn
     in order from ``generator``), then rescale — by 1/density (PEFT, the DARE paper) or back to
-    the tensor's L1 norm (mergekit)."""
-    if density >= 1:
+    the tensor's L1 norm (mergekit). ``density`` may be one per expert."""
+    ds = _densities(density, stacked.shape[0])
+    if min(ds) >= 1:
         return stacked
     out = []
-    for t in stacked:
+    for t, density in zip(stacked, ds, strict=True):
+        if density >= 1:
+            out.append(t)
+            continue
         if generator is not None and generator.device != t.device:
             # drawn where the generator lives, so a seed gives the same mask on every device
             mask = torch.bernoulli(torch.full(t.shape, density, dtype=t.dtype), generator=generator).to(t.device)
@@ -266,7 +294,7 @@ def task_arithmetic(task_tensors: TaskTensors, weights: Any = None, *, lambda_: 
 
 @register_merge("magnitude_prune")
 def magnitude_prune(
-    task_tensors: TaskTensors, weights: Any = None, *, density: float, flavor: Flavor = "peft", lambda_: float = 1.0
+    task_tensors: TaskTensors, weights: Any = None, *, density: Density, flavor: Flavor = "peft", lambda_: float = 1.0
 ) -> torch.Tensor:
     """λ · Σ w_i · trim(τ_i, density)."""
     x = trim(_stack(task_tensors), density, flavor)
@@ -278,7 +306,7 @@ def ties(
     task_tensors: TaskTensors,
     weights: Any = None,
     *,
-    density: float,
+    density: Density,
     majority_sign_method: SignMethod = "total",
     flavor: Flavor = "peft",
     normalize: bool = True,
@@ -295,7 +323,7 @@ def dare_linear(
     task_tensors: TaskTensors,
     weights: Any = None,
     *,
-    density: float,
+    density: Density,
     flavor: Flavor = "peft",
     lambda_: float = 1.0,
     generator: torch.Generator | None = None,
@@ -310,7 +338,7 @@ def dare_ties(
     task_tensors: TaskTensors,
     weights: Any = None,
     *,
-    density: float,
+    density: Density,
     majority_sign_method: SignMethod = "total",
     flavor: Flavor = "peft",
     normalize: bool = False,

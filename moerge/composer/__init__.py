@@ -4,5 +4,17 @@
 from moerge.composer.compose import ComposedModel, CompositionSpec, compose, load_base, load_composition
 from moerge.composer.explain import Explanation
 from moerge.composer.merge import MergeReport, merge
+from moerge.composer.mergekit import MergeConfigError, merge_from_config
 
-__all__ = ["ComposedModel", "CompositionSpec", "Explanation", "MergeReport", "compose", "load_base", "load_composition", "merge"]
+__all__ = [
+    "ComposedModel",
+    "CompositionSpec",
+    "Explanation",
+    "MergeConfigError",
+    "MergeReport",
+    "compose",
+    "load_base",
+    "load_composition",
+    "merge",
+    "merge_from_config",
+]

@@ -26,7 +26,7 @@ import torch
 
 from moerge.adapters.lora import LoraExpert, LoraFactors, load_lora, lowrank_from_delta, lowrank_from_factors
 from moerge.adapters.merge import get_merge, kernel_kwargs, merge_lora_deltas, merge_params
-from moerge.device import DeviceLike, resolve_device
+from moerge.device import DeviceLike, resolve_device, resolve_dtype
 from moerge.hints import did_you_mean
 from moerge.progress import hf_bars, progress_bar
 from moerge.registry import ExpertRecord, Registry, Selection
@@ -164,6 +164,7 @@ def merge(
     output: Output | None = None,
     rank: int | Literal["auto"] | None = None,
     rank_tolerance: float = 1e-2,
+    dtype: str | torch.dtype | None = None,
     progress: bool | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     device: DeviceLike = "auto",
@@ -189,9 +190,11 @@ def merge(
 
     ``device``: where the kernels run (``"auto"``: a GPU when there is one). Dense merges still
     stream tensor by tensor: one tensor per expert is on the device at a time; the output is
-    written from the CPU in the base's dtype. ``progress``: as in :func:`moerge.compose`."""
+    written from the CPU in the base's dtype, or ``dtype`` (a model output's weights).
+    ``progress``: as in :func:`moerge.compose`."""
     t0 = time.perf_counter()
     dev = resolve_device(device)
+    out_dtype = None if dtype is None else resolve_dtype(dtype, torch.device("cpu"))
     m = get_merge(method)
     if rank == "auto":
         if "rank" in m.params:
@@ -236,10 +239,12 @@ def merge(
         ]
         if rank == "auto" and output != "lora":
             raise ValueError("rank='auto' applies to a LoRA output; output='model' keeps the exact merge")
-        result = _merge_lora(base_id, loras, m.name, params, w, output, rank, out, report, progress, float(rank_tolerance))
+        result = _merge_lora(
+            base_id, loras, m.name, params, w, output, rank, out, report, progress, float(rank_tolerance), out_dtype
+        )
     else:
         sources = [_dense_source(it, reg, n) for _, it, n in resolved]
-        result = _merge_dense(base_id, sources, m.name, params, w, out, report, progress, shard_bytes, dev)
+        result = _merge_dense(base_id, sources, m.name, params, w, out, report, progress, shard_bytes, dev, out_dtype)
     report.seconds = time.perf_counter() - t0
     if report.max_refactor_error > REFACTOR_WARN and report.rank_tolerance is None:  # rank="auto": the user's bound
         worst = max(report.refactor_error, key=report.refactor_error.get)
@@ -259,7 +264,7 @@ def merge(
 
 
 #: merge()'s own keywords, suggested when a misspelt one lands among the kernel's parameters
-_OWN_OPTIONS = ("registry", "weights", "output", "rank", "progress", "shard_bytes", "device")
+_OWN_OPTIONS = ("registry", "weights", "output", "rank", "rank_tolerance", "dtype", "progress", "shard_bytes", "device")
 
 
 def _expert_weights(weights: Any, names: list[str]) -> torch.Tensor | None:
@@ -294,6 +299,7 @@ def _merge_lora(
     report: MergeReport,
     progress: bool | None,
     tolerance: float = 1e-2,
+    out_dtype: torch.dtype | None = None,
 ) -> Any:
     fifo = {e.fan_in_fan_out for e in loras}
     if len(fifo) > 1:
@@ -321,6 +327,8 @@ def _merge_lora(
             with torch.no_grad():
                 layer.weight.add_(d.to(device=layer.weight.device, dtype=layer.weight.dtype))
             report.tensors += 1
+        if out_dtype is not None:
+            model.to(out_dtype)
         return _finish_model(model, tok, out)
     factors: dict[str, LoraFactors] = {}
     for mod, delta, terms in bar:
@@ -495,6 +503,7 @@ def _merge_dense(
     progress: bool,
     shard_bytes: int,
     device: torch.device = torch.device("cpu"),
+    out_dtype: torch.dtype | None = None,
 ) -> Any:
     from moerge.registry.importers import resolve_base
 
@@ -514,7 +523,7 @@ def _merge_dense(
             b_dev = b.to(device)
             taus = [s.task_tensor(key, b_dev) for s in sources]
             merged = kernel(taus, weights, **kernel_kwargs(method, params, key))
-            writer.add(key, (b_dev.float() + merged).to(b.dtype).cpu())
+            writer.add(key, (b_dev.float() + merged).to(out_dtype or b.dtype).cpu())
             report.tensors += 1
             del taus, merged
         writer.close()
@@ -525,6 +534,11 @@ def _merge_dense(
                 and f.name != "model.safetensors.index.json"
             ):
                 shutil.copy2(f, stage / f.name)
+        if out_dtype is not None and (stage / "config.json").exists():  # the config names the written dtype
+            cfg = json.loads((stage / "config.json").read_text())
+            name = str(out_dtype).removeprefix("torch.")
+            cfg.update({k: name for k in ("dtype", "torch_dtype") if k in cfg} or {"dtype": name})
+            atomic_write_json(stage / "config.json", cfg)
 
     if out is not None:
         return _atomic_folder(out, write)

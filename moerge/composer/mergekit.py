@@ -1,0 +1,203 @@
+"""mergekit's YAML merge configs, run by moerge's kernels: ``moerge.merge_from_config`` and
+``moerge merge --config merge.yml``.
+
+The subset we share with mergekit is accepted with mergekit's meaning, so a file written for
+``mergekit-yaml`` gives the same tensors here (tested against mergekit on the same file)::
+
+    merge_method: ties            # linear, task_arithmetic, ties, dare_ties, dare_linear
+    base_model: ./base            # a folder, a hub id in the local cache, or a registry name
+    models:
+      - model: ./ft-a
+        parameters: {weight: 0.7, density: 0.5}
+      - model: ./ft-b
+        parameters: {weight: 0.3, density: 0.3}
+    parameters: {normalize: true, lambda: 1.0}   # global; per-model values override them
+    dtype: float32                # the written weights' dtype (out_dtype wins)
+
+moerge additions: ``seed`` (DARE masks are seeded here; mergekit draws them unseeded), and
+models may be experts of a moerge registry (LoRA experts then merge in ΔW space into a LoRA).
+What mergekit has and moerge does not — slices, per-module configs, per-layer gradients and
+filters, ``model+lora`` references, tokenizer merging, other methods — is refused by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from moerge.hints import did_you_mean
+
+#: mergekit method → (moerge kernel, mergekit's defaults for normalize and rescale)
+METHODS: dict[str, tuple[str, bool, bool]] = {
+    "linear": ("average", True, False),
+    "task_arithmetic": ("task_arithmetic", False, False),
+    "ties": ("ties", True, False),
+    "dare_ties": ("dare_ties", False, True),
+    "dare_linear": ("dare_linear", False, True),
+}
+TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "seed"}
+UNSUPPORTED_TOP = {"slices", "modules", "tokenizer", "chat_template"}
+GLOBAL_PARAMS = {"normalize", "lambda", "rescale", "int8_mask", "weight", "density", "seed"}
+MODEL_PARAMS = {"weight", "density"}
+DTYPES = {"float32", "float16", "bfloat16", "fp32", "fp16", "bf16"}
+
+
+class MergeConfigError(ValueError):
+    """A merge config that moerge cannot run as written; the message names the key."""
+
+
+def load_merge_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """A mergekit-style config from a YAML file, a YAML string or a mapping."""
+    if isinstance(config, Mapping):
+        return dict(config)
+    import yaml
+
+    text = str(config)
+    path = Path(text).expanduser()
+    if isinstance(config, Path) or ("\n" not in text and (path.is_file() or path.suffix in (".yml", ".yaml", ".json"))):
+        if not path.is_file():
+            raise FileNotFoundError(f"merge config {path} does not exist")
+        text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise MergeConfigError(f"merge config is not valid YAML: {exc}") from None
+    if not isinstance(data, Mapping):
+        raise MergeConfigError(f"merge config must be a mapping of keys, got {type(data).__name__}")
+    return dict(data)
+
+
+def _scalar(value: Any, where: str) -> Any:
+    if isinstance(value, bool | int | float | str):
+        return value
+    raise MergeConfigError(
+        f"{where}: {value!r} is a per-layer gradient or filter; moerge merges every tensor with one value (give a number)"
+    )
+
+
+def _model_ref(entry: Any, where: str) -> str:
+    ref = entry.get("model") if isinstance(entry, Mapping) else entry
+    if not isinstance(ref, str) or not ref:
+        raise MergeConfigError(f"{where}: 'model' must be a folder, hub id or registry name, got {ref!r}")
+    if "+" in ref and not Path(ref).expanduser().exists():
+        raise MergeConfigError(f"{where}: {ref!r} is a mergekit model+LoRA reference; register the LoRA and name it instead")
+    return ref
+
+
+def _same(a: str, b: str) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a == b
+
+
+def plan_merge(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Check ``config`` and translate it into :func:`moerge.merge` arguments (``base``,
+    ``experts``, ``method``, ``weights``, ``dtype`` and kernel ``params``)."""
+    cfg = dict(config)
+    for key in cfg:
+        if key in UNSUPPORTED_TOP:
+            raise MergeConfigError(f"merge config key {key!r} (mergekit) is not supported by moerge")
+        if key not in TOP_KEYS:
+            raise MergeConfigError(f"unknown merge config key {key!r}{did_you_mean(key, sorted(TOP_KEYS))}")
+    method = cfg.get("merge_method")
+    if method not in METHODS:
+        hint = did_you_mean(str(method), sorted(METHODS)) if method else ""
+        raise MergeConfigError(f"merge_method {method!r}{hint}: moerge runs mergekit configs for {sorted(METHODS)}")
+    kernel, normalize_default, rescale_default = METHODS[method]
+    if cfg.get("tokenizer_source") not in (None, "base"):
+        raise MergeConfigError(
+            "tokenizer_source: moerge copies the base model's tokenizer ('base'); merging tokenizers is not supported"
+        )
+    glob = dict(cfg.get("parameters") or {})
+    for key, value in glob.items():
+        if key not in GLOBAL_PARAMS:
+            raise MergeConfigError(f"unknown parameter {key!r} in parameters{did_you_mean(key, sorted(GLOBAL_PARAMS))}")
+        glob[key] = _scalar(value, f"parameters.{key}")
+    models = cfg.get("models")
+    if not isinstance(models, list) or not models:
+        raise MergeConfigError("merge config needs 'models': a list of {model: ..., parameters: {...}}")
+    base = cfg.get("base_model")
+    if base is not None:
+        base = _model_ref(base, "base_model")
+    elif method != "linear":
+        raise MergeConfigError(f"merge_method {method!r} needs base_model (the task vectors are taken against it)")
+    experts: list[str] = []
+    weights: list[float] = []
+    densities: list[float] = []
+    for i, entry in enumerate(models):
+        where = f"models[{i}]"
+        ref = _model_ref(entry, where)
+        own = dict(entry.get("parameters") or {}) if isinstance(entry, Mapping) else {}
+        extra = set(entry) - {"model", "parameters"} if isinstance(entry, Mapping) else set()
+        if extra:
+            raise MergeConfigError(f"{where}: unknown keys {sorted(extra)} (a model entry has 'model' and 'parameters')")
+        for key in own:
+            if key not in MODEL_PARAMS:
+                raise MergeConfigError(f"{where}.parameters: unknown parameter {key!r}{did_you_mean(key, sorted(MODEL_PARAMS))}")
+        if base is not None and _same(ref, base) and method != "linear":
+            continue  # mergekit lists the base among the models; its task vector is zero
+        params = {**{k: glob[k] for k in MODEL_PARAMS if k in glob}, **own}
+        experts.append(ref)
+        weights.append(float(_scalar(params.get("weight", 1.0), f"{where}.parameters.weight")))
+        densities.append(float(_scalar(params.get("density", 1.0), f"{where}.parameters.density")))
+    if not experts:
+        raise MergeConfigError("merge config lists no model besides base_model")
+    normalize = bool(glob.get("normalize", normalize_default))
+    rescale = bool(glob.get("rescale", rescale_default))
+    lam = float(glob.get("lambda", 1.0))
+    params: dict[str, Any] = {}
+    if method == "linear":
+        if not normalize and abs(sum(weights) - 1.0) > 1e-6:
+            raise MergeConfigError(
+                "linear with normalize: false and weights that do not sum to 1 scales the whole model; moerge merges task "
+                "vectors, so give weights summing to 1 or normalize: true"
+            )
+        if base is None:  # Σ w_i θ_i / Σ w_i is the first model plus the weighted mean of the others' differences
+            base = experts[0]
+        if lam != 1.0:
+            raise MergeConfigError("linear takes no lambda in mergekit")
+    else:
+        if method in ("task_arithmetic", "dare_linear") and normalize:
+            total = sum(weights)
+            weights = [w / (total if abs(total) >= 1e-8 else 1.0) for w in weights]
+        if method in ("ties", "dare_ties", "dare_linear"):
+            params["density"] = densities if len(set(densities)) > 1 else densities[0]
+            params["flavor"] = "mergekit"
+        elif any(d != 1.0 for d in densities):
+            raise MergeConfigError(f"{method} takes no density (mergekit ignores it; remove it or use ties/dare_*)")
+        if method in ("ties", "dare_ties"):
+            params["normalize"] = normalize
+        if method.startswith("dare") and not rescale:
+            raise MergeConfigError("rescale: false (DARE without rescaling) is not supported; moerge rescales to the L1 norm")
+        if lam != 1.0:
+            params["lambda"] = lam
+        if method.startswith("dare"):
+            params["seed"] = int(cfg.get("seed", glob.get("seed", 0)))
+    dtype = cfg.get("out_dtype") or cfg.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise MergeConfigError(f"dtype {dtype!r}: moerge writes one of {sorted(DTYPES)}")
+    return {"base": base, "experts": experts, "method": kernel, "weights": weights, "dtype": dtype, "params": params}
+
+
+def merge_from_config(
+    config: str | Path | Mapping[str, Any], out: str | Path | None = None, *, registry: Any = None, **options: Any
+) -> Any:
+    """Run a mergekit-style merge config (a YAML file, YAML text or a mapping; see the module)
+    with :func:`moerge.merge`. ``registry``: resolves model names that are not folders.
+    ``options``: :func:`moerge.merge`'s own (``device``, ``progress``, ``rank`` …)."""
+    from moerge.composer.merge import merge
+
+    plan = plan_merge(load_merge_config(config))
+    return merge(
+        plan["base"],
+        plan["experts"],
+        plan["method"],
+        out,
+        registry=registry,
+        weights=plan["weights"],
+        dtype=plan["dtype"],
+        **options,
+        **plan["params"],
+    )
