@@ -17,6 +17,7 @@ from moerge.serving import (
     Placement,
     Residency,
     ServeRequest,
+    ServeResult,
     group_requests,
     select_batch,
 )
@@ -258,6 +259,60 @@ def test_worker_batches_concurrent_requests_into_one_generate(small_zoo):
     assert {r.distinct_experts for r in results} == {4}
     assert worker.engine.stats["batches"] == 1
     assert sorted(answers[-1][1]) == sorted(small_zoo.held_in[:4])  # resident experts reported back
+
+
+@pytest.mark.slow
+def test_a_streamed_request_gets_its_text_step_by_step_inside_a_shared_batch(small_zoo):
+    """Streamed and plain requests share one generate; the streamed one's pieces arrive while
+    the batch decodes (one per token for the zoo's word-level tokenizer) and join to its text."""
+    from moerge.serving.workers import ExpertWorker, WorkerConfig
+
+    worker = ExpertWorker(WorkerConfig(str(small_zoo.registry_path), max_resident=4, max_batch=8, max_wait_s=0.2))
+    rows = _prompts(small_zoo, small_zoo.held_in[:2], 2)
+    params = GenerationParams(max_new_tokens=6)
+
+    async def traffic():
+        plain = [worker.submit([ServeRequest(p, ((t, 1.0),), params=params)]) for t, p, _ in rows[1:]]
+        t, p, _ = rows[0]
+        items = []
+
+        async def consume():
+            async for item in worker.stream(ServeRequest(p, ((t, 1.0),), params=params)):
+                items.append((item, worker.engine.stats["batches"]))
+
+        await asyncio.gather(consume(), *plain)
+        return items, [
+            r[0][0]
+            for r in await asyncio.gather(*[worker.submit([ServeRequest(p, ((t, 1.0),), params=params)]) for t, p, _ in rows[:1]])
+        ]
+
+    items, [alone] = asyncio.run(traffic())
+    pieces = [i for i, _ in items if isinstance(i, str)]
+    final = items[-1][0]
+    assert isinstance(final, ServeResult) and final.error is None and final.batch_size == len(rows)
+    assert len(pieces) == final.completion_tokens >= 2
+    assert all(batches == 0 for (i, batches) in items[:-1])  # every piece came before the batch finished
+    assert " ".join("".join(pieces).split()) == final.text == alone.text
+
+
+def test_stop_sequences_cut_a_stream_where_they_cut_the_whole_text():
+    from moerge.serving.app import stop_cut
+
+    def streamed(pieces, stops):
+        sent, held = "", ""
+        for k, piece in enumerate(pieces):
+            held += piece
+            cut, safe = stop_cut(held, stops, final=k == len(pieces) - 1)
+            if cut >= 0:
+                return sent + held[:cut]
+            sent, held = sent + held[:safe], held[safe:]
+        return sent + held
+
+    for text, stops in [("abcxyzdef", ["xyz"]), ("abcxyzdef", ["yz", "cxy"]), ("xyz", ["xyz", "y"]), ("hello", ["lo w"])]:
+        whole_cut, _ = stop_cut(text, stops, final=True)
+        expect = text[:whole_cut] if whole_cut >= 0 else text
+        for size in (1, 2, 3):
+            assert streamed([text[i : i + size] for i in range(0, len(text), size)], stops) == expect, (text, stops, size)
 
 
 @pytest.mark.slow

@@ -195,9 +195,51 @@ def test_http_bad_input_gets_4xx_with_a_message(server, body, status, needle):
         r = c.post("/v1/generate", content=body, headers={"content-type": "application/json"})
         assert r.status_code == status, r.text
         assert needle in r.json()["error"]["message"]
-        r = c.post("/v1/completions", json={"model": "sort", "prompt": "sort : b a =>", "stream": True})
-        assert r.status_code == 400 and "stream" in r.json()["error"]["message"]
+        r = c.post("/v1/completions", json={"model": "sort", "prompt": "sort : b a =>", "n": 2})
+        assert r.status_code == 400 and "n=2" in r.json()["error"]["message"]
+        r = c.post("/v1/completions", json={"model": "nope", "prompt": "sort : b a =>", "stream": True})
+        assert r.status_code == 404 and "nope" in r.json()["error"]["message"]  # before any stream starts
         assert c.get("/healthz").status_code == 200  # still serving
+
+
+def test_streaming_with_the_openai_client_matches_the_whole_answer(server, small_zoo):
+    """stream=true as OpenAI's clients send it: text_completion chunks over server-sent
+    events, several per answer (tokens flow as the batch decodes), joining to the text a
+    non-streamed request gets; stop sequences and include_usage honoured; /v1/generate too."""
+    import httpx
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    task, prompt, target = _rows(small_zoo, 1)[1]
+    whole = client.completions.create(model=task, prompt=prompt, max_tokens=12, temperature=0)
+    chunks = list(
+        client.completions.create(
+            model=task, prompt=prompt, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert sum(1 for t in texts if t) >= 2  # pieces, not one block at the end
+    assert " ".join("".join(texts).split()) == whole.choices[0].text == target
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    words = target.split()
+    if len(words) >= 2:  # a stop sequence inside the answer cuts the stream where it cuts the whole text
+        stop = " " + words[1]
+        cut = client.completions.create(model=task, prompt=prompt, max_tokens=12, temperature=0, stop=[stop])
+        streamed = client.completions.create(model=task, prompt=prompt, max_tokens=12, temperature=0, stop=[stop], stream=True)
+        pieces = list(streamed)
+        assert "".join(c.choices[0].text for c in pieces) == cut.choices[0].text == target.split(stop)[0]
+        assert pieces[-1].choices[0].finish_reason == "stop"
+    two = list(client.completions.create(model=task, prompt=[prompt, prompt], max_tokens=12, temperature=0, stream=True))
+    for i in (0, 1):
+        assert " ".join("".join(c.choices[0].text for c in two if c.choices[0].index == i).split()) == target
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        with c.stream("POST", "/v1/generate", json={"prompt": prompt, "expert": task, "stream": True}) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    parsed = [json.loads(e) for e in events[:-1]]
+    assert parsed[-1]["result"]["text"] == target and sum("text" in e for e in parsed) >= 2
 
 
 def test_http_bounded_load_batches_across_requests(server, small_zoo):

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
@@ -105,6 +105,7 @@ class GenerateBody(_Body):
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    stream: bool = Field(False, description="server-sent events: text pieces as the batch decodes, then each result")
 
 
 class RouteBody(_Body):
@@ -125,6 +126,33 @@ class CompletionBody(BaseModel):
     stream: bool = False
     stop: str | list[str] | None = None
     seed: int | None = None
+    stream_options: dict[str, Any] | None = None
+
+
+def stop_cut(text: str, stops: list[str], final: bool) -> tuple[int, int]:
+    """(where a stop sequence cuts ``text``, or -1; how much of ``text`` is safe to send).
+    The cut is the earliest stop, as in a non-streamed answer; while the text's tail could
+    still grow into a stop that starts earlier, that tail is held back."""
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    cut = min(found, default=-1)
+    pending = None
+    if not final:
+        longest = max((len(s) for s in stops if s), default=0)
+        for q in range(max(0, len(text) - longest + 1), len(text)):
+            tail = text[q:]
+            if any(len(s) > len(tail) and s.startswith(tail) for s in stops if s):
+                pending = q
+                break
+    if cut >= 0 and (pending is None or cut <= pending):
+        return cut, cut
+    return -1, len(text) if pending is None else pending
+
+
+def sse(data: Any) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", **extra: Any) -> JSONResponse:
@@ -146,12 +174,13 @@ def _parse(cls: type[BaseModel], data: Any) -> Any:
         raise BadRequest(f"invalid request: {where}") from None
 
 
-async def respond(handler: Any, errors: dict[int, int]) -> JSONResponse:
+async def respond(handler: Any, errors: dict[int, int]) -> Response:
     """Run an endpoint's handler: its result as JSON, a :class:`ServingError` as its 4xx/503
     with the message, anything else as a 500 carrying an id that is also in the log (the
     exception itself is not shown to the client). ``errors`` counts statuses."""
     try:
-        return JSONResponse(await handler())
+        out = await handler()
+        return out if isinstance(out, Response) else JSONResponse(out)
     except ServingError as exc:
         errors[exc.status] = errors.get(exc.status, 0) + 1
         kind = "not_found_error" if exc.status == 404 else "invalid_request_error" if exc.status < 500 else "unavailable"
@@ -204,7 +233,8 @@ class MoergeServer:
             return ((BASE, 1.0),), None, False
         return ((name, 1.0),), None, False
 
-    async def _serve(self, requests: list[ServeRequest], route: list[bool]) -> list[ServeResult]:
+    async def _prepare(self, requests: list[ServeRequest], route: list[bool]) -> None:
+        """Route the requests that need it (batched across concurrent requests) and check all."""
         todo = [i for i, r in enumerate(route) if r]
         if todo:
             decided = await asyncio.gather(*(self._decide(requests[i].prompt) for i in todo))
@@ -212,6 +242,47 @@ class MoergeServer:
                 requests[i].experts, requests[i].composition = experts, comp
         for r in requests:
             r.check(self.limits)
+        self.pool.resolve(requests)  # an unknown expert is a 404 before any stream starts
+
+    async def _streams(self, requests: list[ServeRequest]) -> Any:
+        """Fan in the requests' streams: yields (index, text piece or ServeResult), each
+        request's pieces in order, as they come from the workers."""
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(i: int, req: ServeRequest) -> None:
+            try:
+                async for item in self.pool.astream(req):
+                    await queue.put((i, item))
+            except Exception as exc:  # noqa: BLE001 - reported in the stream, logged with an id
+                eid = uuid.uuid4().hex[:12]
+                log.exception("internal error %s (stream)", eid)
+                await queue.put(
+                    (i, ServeResult(id=req.id, error=f"internal error ({type(exc).__name__}); quote id {eid}", status=500))
+                )
+            finally:
+                await queue.put((i, done))
+
+        tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(requests)]
+        try:
+            left = len(tasks)
+            while left:
+                i, item = await queue.get()
+                if item is done:
+                    left -= 1
+                    continue
+                yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    def _stream_error(self, result: ServeResult, index: int) -> dict[str, Any]:
+        self.errors[result.status] = self.errors.get(result.status, 0) + 1
+        kind = "invalid_request_error" if result.status < 500 else "server_error"
+        return {"error": {"message": f"prompt {index}: {result.error}", "type": kind, "code": result.status}}
+
+    async def _serve(self, requests: list[ServeRequest], route: list[bool]) -> list[ServeResult]:
+        await self._prepare(requests, route)
         results = await self.pool.agenerate(requests)
         bad = [(i, r) for i, r in enumerate(results) if r.error]
         if bad:
@@ -224,7 +295,7 @@ class MoergeServer:
             raise err
         return results
 
-    async def _guard(self, handler: Any) -> JSONResponse:
+    async def _guard(self, handler: Any) -> Response:
         self.requests += 1
         return await respond(handler, self.errors)
 
@@ -274,8 +345,12 @@ class MoergeServer:
             else:
                 experts, comp, route = self._target(body.expert or body.model)
             reqs = [ServeRequest(t, experts, comp, params) for t in texts]
+            gid = f"gen-{uuid.uuid4().hex[:12]}"
+            if body.stream:
+                await self._prepare(reqs, [route] * len(reqs))
+                return StreamingResponse(self._sse_generate(gid, reqs), media_type="text/event-stream", headers=SSE_HEADERS)
             results = await self._serve(reqs, [route] * len(reqs))
-            return {"id": f"gen-{uuid.uuid4().hex[:12]}", "results": [r.to_json() for r in results]}
+            return {"id": gid, "results": [r.to_json() for r in results]}
 
         return await self._guard(handler)
 
@@ -300,8 +375,6 @@ class MoergeServer:
     async def completions(self, request: Request) -> JSONResponse:
         async def handler() -> dict[str, Any]:
             body = _parse(CompletionBody, await _json(request))
-            if body.stream:
-                raise BadRequest("stream=true is not supported; send stream=false")
             if body.n != 1:
                 raise BadRequest(f"n={body.n} is not supported; send n=1")
             texts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
@@ -310,12 +383,16 @@ class MoergeServer:
             experts, comp, route = self._target(body.model)
             params = GenerationParams(body.max_tokens, body.temperature, body.top_p, body.seed)
             reqs = [ServeRequest(t, experts, comp, params) for t in texts]
-            results = await self._serve(reqs, [route] * len(reqs))
             stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+            if body.stream:
+                await self._prepare(reqs, [route] * len(reqs))
+                events = self._sse_completions(body, reqs, stops)
+                return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+            results = await self._serve(reqs, [route] * len(reqs))
             choices = []
             for i, r in enumerate(results):
                 text, reason = r.text, r.finish_reason
-                cut = min((text.find(s) for s in stops if s and s in text), default=-1)
+                cut, _ = stop_cut(text, stops, final=True)
                 if cut >= 0:
                     text, reason = text[:cut], "stop"
                 choices.append(
@@ -337,6 +414,72 @@ class MoergeServer:
             }
 
         return await self._guard(handler)
+
+    # ----------------------------------------------------------------------------- streaming
+
+    async def _sse_generate(self, gid: str, reqs: list[ServeRequest]) -> Any:
+        """``/v1/generate`` with ``stream``: ``{"id", "index", "text"}`` pieces, then
+        ``{"id", "index", "result"}`` per prompt, then ``[DONE]``."""
+        async for i, item in self._streams(reqs):
+            if isinstance(item, str):
+                yield sse({"id": gid, "index": i, "text": item})
+            elif item.error:
+                yield sse({"id": gid, "index": i, **self._stream_error(item, i)})
+            else:
+                yield sse({"id": gid, "index": i, "result": item.to_json()})
+        yield sse("[DONE]")
+
+    async def _sse_completions(self, body: CompletionBody, reqs: list[ServeRequest], stops: list[str]) -> Any:
+        """``/v1/completions`` with ``stream``: OpenAI's ``text_completion`` chunks as the batch
+        decodes (stop sequences honoured across pieces), a last chunk per choice with its
+        ``finish_reason``, a usage chunk if ``stream_options.include_usage``, then ``[DONE]``."""
+        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        held = [""] * len(reqs)
+        finished = [False] * len(reqs)
+        usage = {"prompt_tokens": 0, "completion_tokens": 0}
+
+        def chunk(i: int, text: str, reason: str | None = None, **extra: Any) -> str:
+            choice = {"index": i, "text": text, "logprobs": None, "finish_reason": reason, **extra}
+            return sse({"id": cid, "object": "text_completion", "created": created, "model": body.model, "choices": [choice]})
+
+        async for i, item in self._streams(reqs):
+            if finished[i]:  # cut by a stop sequence: the rest of its decode is dropped, its usage counted
+                if isinstance(item, ServeResult) and not item.error:
+                    usage["prompt_tokens"] += item.prompt_tokens
+                    usage["completion_tokens"] += item.completion_tokens
+                continue
+            if isinstance(item, str):
+                held[i] += item
+                cut, safe = stop_cut(held[i], stops, final=False)
+                if cut >= 0:
+                    finished[i] = True
+                    yield chunk(i, held[i][:cut], "stop")
+                elif safe:
+                    yield chunk(i, held[i][:safe])
+                    held[i] = held[i][safe:]
+                continue
+            finished[i] = True
+            if item.error:
+                yield sse(self._stream_error(item, i))
+                continue
+            cut, _ = stop_cut(held[i], stops, final=True)
+            text, reason = (held[i][:cut], "stop") if cut >= 0 else (held[i], item.finish_reason)
+            usage["prompt_tokens"] += item.prompt_tokens
+            usage["completion_tokens"] += item.completion_tokens
+            yield chunk(i, text, reason, experts=item.to_json()["experts"])
+        if (body.stream_options or {}).get("include_usage"):
+            total = usage["prompt_tokens"] + usage["completion_tokens"]
+            yield sse(
+                {
+                    "id": cid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": body.model,
+                    "choices": [],
+                    "usage": {**usage, "total_tokens": total},
+                }
+            )
+        yield sse("[DONE]")
 
 
 @dataclass

@@ -53,6 +53,8 @@ def select_batch(queue: Sequence[ServeRequest], max_batch: int, capacity: int | 
 class _Item:
     request: ServeRequest
     future: asyncio.Future
+    #: a streamed request's text pieces, in order (None: not streamed)
+    chunks: asyncio.Queue | None = None
 
 
 class BatchQueue:
@@ -73,9 +75,9 @@ class BatchQueue:
     def __len__(self) -> int:
         return len(self._items)
 
-    def put(self, request: ServeRequest) -> asyncio.Future:
+    def put(self, request: ServeRequest, chunks: asyncio.Queue | None = None) -> asyncio.Future:
         fut = asyncio.get_running_loop().create_future()
-        self._items.append(_Item(request, fut))
+        self._items.append(_Item(request, fut, chunks))
         self._arrived.set()
         return fut
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -32,6 +32,50 @@ from moerge.serving.types import (
 )
 
 log = logging.getLogger(__name__)
+
+#: a streamed row's sink: called from the generating thread with each new piece of text
+Emit = Callable[[str], None]
+
+
+class RowStreamer:
+    """A transformers streamer over a whole batch: after each decode step, every streamed row's
+    new text goes to its ``emit``. Rows stop at EOS or their own ``max_new_tokens``. Text is
+    emitted only while it extends what was sent (a detokeniser may revise a partial word), so
+    the pieces always join to the row's final text. Reading each step's tokens is a host sync:
+    streamed batches pay it, others never build a streamer."""
+
+    def __init__(self, tokenizer: Any, rows: Mapping[int, tuple[int, Emit]]) -> None:
+        self.tokenizer, self.rows = tokenizer, dict(rows)
+        self.eos = tokenizer.eos_token_id
+        self.ids: dict[int, list[int]] = {b: [] for b in self.rows}
+        self.sent: dict[int, str] = dict.fromkeys(self.rows, "")
+        self.done: set[int] = set()
+        self.prompt_seen = False
+
+    def _flush(self, b: int) -> None:
+        text = decode_text(self.tokenizer, self.ids[b])
+        if len(text) > len(self.sent[b]) and text.startswith(self.sent[b]) and not text.endswith("\ufffd"):
+            self.rows[b][1](text[len(self.sent[b]) :])
+            self.sent[b] = text
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() hands over the prompt first
+            self.prompt_seen = True
+            return
+        step = value.reshape(-1).tolist()
+        for b, (limit, _) in self.rows.items():
+            if b in self.done:
+                continue
+            if step[b] == self.eos:
+                self.done.add(b)
+                continue
+            self.ids[b].append(step[b])
+            self._flush(b)
+            if len(self.ids[b]) >= limit:
+                self.done.add(b)
+
+    def end(self) -> None:
+        return None
 
 
 class UsageRecorder:
@@ -185,33 +229,36 @@ class ExpertEngine:
                 f"prompt ({n} tokens) + max_new_tokens ({r.params.max_new_tokens}) exceeds the model's {self.max_positions} positions"
             )
 
-    def run(self, requests: Sequence[ServeRequest]) -> list[ServeResult]:
+    def run(self, requests: Sequence[ServeRequest], streams: Mapping[int, Emit] | None = None) -> list[ServeResult]:
         """Serve a batch of requests sharing one batch key with one ``generate``. A request
-        that fails its checks gets its own error (and status); the others still run."""
+        that fails its checks gets its own error (and status); the others still run.
+        ``streams``: request index → a sink for its text as it decodes (see :class:`RowStreamer`)."""
         if not requests:
             return []
         keys = {r.batch_key() for r in requests}
         if len(keys) != 1:
             raise ValueError(f"a batch must share one batch key, got {keys}")
         results = [ServeResult(id=r.id, composition=r.composition, batch_size=len(requests)) for r in requests]
-        live = []
-        for r, o in zip(requests, results, strict=True):
+        live, sinks = [], {}
+        for i, (r, o) in enumerate(zip(requests, results, strict=True)):
             try:
                 self.check(r)
+                if streams and i in streams:
+                    sinks[len(live)] = streams[i]
                 live.append((r, o))
             except ServingError as exc:
                 o.error, o.status = exc.message, exc.status
         if live:
             reqs, outs = [r for r, _ in live], [o for _, o in live]
             if reqs[0].composition is None:
-                self._run_experts(reqs, outs)
+                self._run_experts(reqs, outs, sinks)
             else:
-                self._run_composition(self.compositions[reqs[0].composition], reqs, outs)
+                self._run_composition(self.compositions[reqs[0].composition], reqs, outs, sinks)
             self.stats["batches"] += 1
             self.stats["rows"] += len(live)
         return results
 
-    def _run_experts(self, reqs: list[ServeRequest], outs: list[ServeResult]) -> None:
+    def _run_experts(self, reqs: list[ServeRequest], outs: list[ServeResult], sinks: Mapping[int, Emit] | None = None) -> None:
         names = list(dict.fromkeys(n for r in reqs for n, _ in r.experts if n != BASE))
         slot_of = self.ensure(names) if names else {}
         rows = [[(slot_of[n], w) for n, w in r.experts if n != BASE] for r in reqs]
@@ -219,12 +266,14 @@ class ExpertEngine:
             rows += [[]] * (bucket(len(rows)) - len(rows))
         assignment = Assignment.rows(rows) if layers(self.model) else None
         self.distinct_hist[len(names)] += 1
-        self._generate(self.model, reqs, outs, assignment)
+        self._generate(self.model, reqs, outs, assignment, sinks=sinks)
         for r, o in zip(reqs, outs, strict=True):
             o.experts = [(n, float(w)) for n, w in r.experts] or [(BASE, 1.0)]
             o.distinct_experts = len(names)
 
-    def _run_composition(self, comp: ComposedModel, reqs: list[ServeRequest], outs: list[ServeResult]) -> None:
+    def _run_composition(
+        self, comp: ComposedModel, reqs: list[ServeRequest], outs: list[ServeResult], sinks: Mapping[int, Emit] | None = None
+    ) -> None:
         routing = comp.route([r.prompt for r in reqs])
         recorder = None
         if routing.granularity == "token":
@@ -232,7 +281,7 @@ class ExpertEngine:
             routing.hook.recorder = recorder  # type: ignore[union-attr]
         weights = padded_weights(routing, bucket(len(reqs)) if self.compile else len(reqs))
         with use_weights(comp.model, weights):
-            self._generate(comp.model, reqs, outs, None, tokenizer=comp.tokenizer, recorder=recorder)
+            self._generate(comp.model, reqs, outs, None, tokenizer=comp.tokenizer, recorder=recorder, sinks=sinks)
         shares = recorder.shares() if recorder is not None else routing.weights.float()
         for b, o in enumerate(outs):
             o.experts = top_shares(comp.experts, shares[b])
@@ -247,6 +296,7 @@ class ExpertEngine:
         assignment: Assignment | None,
         tokenizer: Any = None,
         recorder: UsageRecorder | None = None,
+        sinks: Mapping[int, Emit] | None = None,
     ) -> None:
         tok = tokenizer or self.tokenizer
         params: GenerationParams = reqs[0].params
@@ -263,6 +313,8 @@ class ExpertEngine:
             kw.update(temperature=params.temperature, top_p=params.top_p)
             if params.seed is not None:
                 torch.manual_seed(params.seed)
+        if sinks:
+            kw["streamer"] = RowStreamer(tok, {b: (reqs[b].params.max_new_tokens, emit) for b, emit in sinks.items()})
         with use_weights(model, assignment) if assignment is not None else nullcontext():
             gen = model.generate(
                 **enc, max_new_tokens=longest, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw

@@ -21,10 +21,11 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from moerge.hints import did_you_mean
 from moerge.registry import Registry
 from moerge.serving.batching import BatchQueue, Placement, group_requests
 from moerge.serving.types import BASE, BadRequest, Limits, ServeRequest, ServeResult, ServingError, UnknownExpert
@@ -106,14 +107,38 @@ class ExpertWorker:
         results = await asyncio.gather(*futures)
         return list(results), [ref.partition("@")[0] for ref in self.engine.resident]
 
+    async def stream(self, request: ServeRequest) -> AsyncIterator[str | ServeResult]:
+        """Queue one request and yield its text as its batch decodes, then its
+        :class:`ServeResult`. As a Ray actor method: ``.options(num_returns="streaming")``."""
+        queue = self._ensure_loop()
+        chunks: asyncio.Queue = asyncio.Queue()
+        future = queue.put(replace(request, arrived=time.monotonic()), chunks)
+        while True:
+            getter = asyncio.ensure_future(chunks.get())
+            await asyncio.wait({getter, future}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield getter.result()
+                continue
+            getter.cancel()
+            while not chunks.empty():  # pieces queued before the result was set
+                yield chunks.get_nowait()
+            yield future.result()
+            return
+
     async def _drain(self) -> None:
         assert self.queue is not None
+        loop = asyncio.get_running_loop()
         while True:
             batch = await self.queue.next_batch()
             start = time.monotonic()
             reqs = [item.request for item in batch]
+            sinks = {
+                i: (lambda text, q=item.chunks: loop.call_soon_threadsafe(q.put_nowait, text))
+                for i, item in enumerate(batch)
+                if item.chunks is not None
+            }
             try:
-                results = await asyncio.to_thread(self.engine.run, reqs)
+                results = await asyncio.to_thread(self.engine.run, reqs, sinks or None)
             except Exception as exc:  # keep serving: this batch fails, the next runs
                 log.exception("worker %d: batch of %d failed", self.index, len(reqs))
                 results = [ServeResult(id=r.id, error=f"internal error: {type(exc).__name__}: {exc}", status=500) for r in reqs]
@@ -287,7 +312,8 @@ class ExpertPool:
                 r = replace(r, experts=experts, composition=comp)
             for n, _ in r.experts:
                 if n != BASE and n.partition("@")[0] not in self.registry:
-                    raise UnknownExpert(f"unknown expert {n!r}; the registry has {self.registry.names()[:20]}")
+                    known = self.registry.names()
+                    raise UnknownExpert(f"unknown expert {n!r}{did_you_mean(n, known)}; the registry has {known[:20]}")
             if r.composition is not None and r.composition not in self.config.compositions:
                 raise UnknownExpert(
                     f"unknown model {r.composition!r}: neither an expert nor one of the compositions {sorted(self.config.compositions)}"
@@ -338,6 +364,34 @@ class ExpertPool:
 
         await asyncio.gather(*(run(key, idx) for key, idx in groups))
         return [r for r in results if r is not None]
+
+    async def astream(self, request: ServeRequest) -> AsyncIterator[str | ServeResult]:
+        """Serve one request, yielding its text as it decodes and then its :class:`ServeResult`
+        (which carries any error). Streams are not retried on a worker's death: the client
+        already holds part of the answer; it gets a 503 result instead."""
+        from ray.exceptions import RayActorError
+
+        try:
+            [req] = self.resolve([request])
+        except ServingError as exc:
+            yield ServeResult(id=request.id, error=exc.message, status=exc.status)
+            return
+        experts = req.expert_names - {BASE}
+        w = self.placement.choose(experts)
+        self.placement.assign(w, experts, 1)
+        died = False
+        try:
+            async for ref in self.workers[w].stream.options(num_returns="streaming").remote(req):
+                yield await ref
+        except RayActorError as exc:
+            died = True
+            self.placement.failed(w, 1)
+            self.failures += 1
+            log.warning("worker %d died while streaming a request: %s", w, exc)
+            yield ServeResult(id=req.id, error=f"worker {w} died while streaming this request", status=503)
+        finally:  # also when the client stops reading (a stop sequence, a disconnect)
+            if not died:
+                self.placement.done(w, 1)
 
     def generate(self, requests: Sequence[ServeRequest]) -> list[ServeResult]:
         """Blocking :meth:`agenerate` (from a driver script, not from inside an event loop)."""
