@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -344,6 +347,13 @@ def route(
     type=click.Path(dir_okay=False, exists=True),
     help="JSONL {expert, prompt, target}: PHATGOOSE/GLIDER gate training, retrieval's example bank.",
 )
+@click.option(
+    "--drain-timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="On SIGTERM/Ctrl-C: seconds to let in-flight requests finish before stopping.",
+)
 def serve(
     registry_path,
     zoo_preset,
@@ -364,11 +374,11 @@ def serve(
     threads,
     base,
     data,
+    drain_timeout,
 ) -> None:  # noqa: ANN001
     """Serve experts over HTTP on Ray Serve until interrupted (POST /v1/generate, /v1/route,
     /v1/completions; GET /v1/experts, /healthz)."""
     _quiet_hf()
-    import time
 
     from moerge.serving.app import build_settings, deploy
 
@@ -419,15 +429,46 @@ def serve(
     click.echo(
         f'  curl -s {dep.url}/v1/generate -H \'content-type: application/json\' -d \'{{"prompt": "...", "expert": "NAME"}}\''
     )
-    click.echo("Ctrl-C stops the server.")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        from ray import serve as ray_serve
+    click.echo("Ctrl-C or SIGTERM stops the server (in-flight requests are answered first).")
+    signum = _wait_for_signal()
+    _stop_serving(dep, signal.Signals(signum).name, drain_timeout)
 
-        click.echo("stopping …", err=True)
-        ray_serve.shutdown()
+
+def _wait_for_signal() -> int:
+    """Block until SIGTERM or SIGINT (what systemd, Kubernetes and Ctrl-C send); replaces
+    Ray's driver handler, which exits with a stack trace. A second signal exits at once."""
+    got: list[int] = []
+    event = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        if got:  # a second signal while draining: stop now
+            click.echo(f"{signal.Signals(signum).name} again: exiting without draining", err=True)
+            os._exit(1)
+        got.append(signum)
+        event.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+    while not event.wait(0.5):
+        pass
+    return got[0]
+
+
+def _stop_serving(dep: Any, why: str, drain_timeout: float) -> None:
+    import ray
+    from ray import serve as ray_serve
+
+    click.echo(f"{why}: no new requests; draining those in flight (up to {drain_timeout:g} s) …", err=True)
+    try:
+        left = dep.drain(timeout_s=drain_timeout)
+    except Exception as exc:  # noqa: BLE001 - the app is already gone: nothing left to drain
+        left = 0
+        click.echo(f"could not drain ({type(exc).__name__}: {exc})", err=True)
+    if left:
+        click.echo(f"{left} request(s) still unanswered after {drain_timeout:g} s; stopping anyway", err=True)
+    ray_serve.shutdown()
+    ray.shutdown()
+    click.echo("stopped", err=True)
 
 
 def _device_settings(device: str, dtype: str, threads: int | None) -> None:

@@ -251,3 +251,84 @@ def test_merge_weights_may_name_experts_without_their_version(tmp_path, relative
     reg.register(relative_adapter, "sorting")
     path = moerge.merge(None, reg, "task_arithmetic", out=tmp_path / "m", weights={"sorting": 0.5})
     assert json.loads((path / "moerge_merge.json").read_text())["experts"] == ["sorting@1"]
+
+
+# ------------------------------------------------------------------------ serving lifecycle
+
+
+@pytest.mark.slow
+def test_serve_stops_cleanly_on_sigterm_after_answering_in_flight_streams_and_worker_errors_reach_its_log(tmp_path, small_zoo):
+    """`moerge serve` as systemd/Kubernetes run it: a worker's failed batch (an expert whose
+    weights vanished from the registry) is logged on the server's console; SIGTERM stops new
+    requests, lets the in-flight stream finish, shuts Ray down and exits 0 with no traceback."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    reg_path = tmp_path / "reg"
+    shutil.copytree(small_zoo.registry_path, reg_path)
+    reg = moerge.Registry(reg_path)
+    broken = small_zoo.held_in[0]
+    for f in reg.path(reg.get(broken)).glob("*.safetensors"):
+        f.unlink()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    err_path = tmp_path / "server.err"
+    cmd = [sys.executable, "-c", "from moerge.cli import main; main()", "serve", "--registry", str(reg_path)]
+    cmd += ["--port", str(port), "--num-cpus", "0.5", "--threads", "1", "--drain-timeout", "20"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, err_path.read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up: " + err_path.read_text()[-3000:]
+            time.sleep(1)
+        task, prompt = small_zoo.held_in[1], small_zoo.test_split(small_zoo.held_in[1])[0].prompt
+        r = httpx.post(f"{url}/v1/generate", json={"prompt": prompt, "expert": broken}, timeout=60)
+        assert r.status_code == 500 and "quote id" in r.json()["error"]["message"]
+        deadline = time.monotonic() + 20
+        while "batch of 1 failed" not in err_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        log = err_path.read_text()
+        assert "batch of 1 failed" in log and "IntegrityError" in log  # the worker's error, on the server's console
+        events = []
+        with (
+            httpx.Client(timeout=60) as c,
+            c.stream(
+                "POST",
+                f"{url}/v1/completions",
+                json={"model": task, "prompt": prompt, "max_tokens": 12, "temperature": 0, "stream": True},
+            ) as stream,
+        ):
+            lines = stream.iter_lines()
+            for line in lines:
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    break
+            proc.send_signal(signal.SIGTERM)  # mid-stream
+            events += [line[6:] for line in lines if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and len(events) >= 3
+        assert proc.wait(timeout=90) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = err_path.read_text()
+    assert "SIGTERM: no new requests" in log and "stopped" in log
+    # no stack from the server process itself (Ray forwards, and de-duplicates late, the workers' lines: "(ExpertWorker pid=…)")
+    own = [line for line in log.split("SIGTERM: no new requests")[1].splitlines() if "pid=" not in line]
+    assert not any("Traceback" in line or "Error" in line for line in own), own

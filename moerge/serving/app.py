@@ -203,6 +203,9 @@ class MoergeServer:
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
         self.limits = settings.limits
+        from moerge.serving.workers import actor_logging
+
+        actor_logging()
         self.pool = ExpertPool(
             settings.worker_config(),
             replicas=settings.replicas,
@@ -216,6 +219,9 @@ class MoergeServer:
         self.started = time.time()
         self.requests = 0
         self.errors: dict[int, int] = {}
+        #: requests being answered (a stream counts until its last event); refused while draining
+        self.in_flight = 0
+        self.draining = False
 
     # ------------------------------------------------------------------------------ helpers
 
@@ -296,14 +302,48 @@ class MoergeServer:
         return results
 
     async def _guard(self, handler: Any) -> Response:
+        if self.draining:
+            self.errors[503] = self.errors.get(503, 0) + 1
+            return _error(503, "the server is shutting down; retry on another replica", "unavailable")
         self.requests += 1
-        return await respond(handler, self.errors)
+        self.in_flight += 1
+        streaming = False
+        try:
+            out = await respond(handler, self.errors)
+            if isinstance(out, StreamingResponse):
+                streaming = True
+                out.body_iterator = self._counted(out.body_iterator)
+            return out
+        finally:
+            if not streaming:
+                self.in_flight -= 1
+
+    async def _counted(self, events: Any) -> Any:
+        try:
+            async for event in events:
+                yield event
+        finally:
+            self.in_flight -= 1
+
+    # ------------------------------------------------------------------------------ control
+
+    def drain(self) -> int:
+        """Stop taking requests (new ones get 503, ``/healthz`` says ``draining``); returns
+        how many are still being answered."""
+        self.draining = True
+        return self.in_flight
+
+    def pending(self) -> int:
+        return self.in_flight
 
     # ---------------------------------------------------------------------------- endpoints
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        return JSONResponse({"status": "ok", "workers": len(self.pool.workers), "uptime_s": round(time.time() - self.started, 1)})
+        body = {"workers": len(self.pool.workers), "uptime_s": round(time.time() - self.started, 1), "in_flight": self.in_flight}
+        if self.draining:  # a load balancer stops sending here
+            return JSONResponse({"status": "draining", **body}, status_code=503)
+        return JSONResponse({"status": "ok", **body})
 
     @api.get("/v1/experts")
     async def experts(self) -> JSONResponse:
@@ -494,6 +534,16 @@ class Deployment:
     def shutdown(self) -> None:
         serve.delete(self.name)
 
+    def drain(self, timeout_s: float = 30.0, poll_s: float = 0.1) -> int:
+        """Stop accepting requests and wait up to ``timeout_s`` for those in flight to be
+        answered (streams to their last event); returns how many were still unanswered."""
+        left = self.handle.drain.remote().result()
+        deadline = time.monotonic() + timeout_s
+        while left and time.monotonic() < deadline:
+            time.sleep(poll_s)
+            left = self.handle.pending.remote().result()
+        return left
+
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "url": self.url, "settings": asdict(self.settings)}
 
@@ -620,7 +670,9 @@ def deploy(
 
         total = float(ray.cluster_resources().get("CPU", 1.0))
         settings.num_cpus = round(min(1.0, max(0.05, (total - ingress_cpus) / settings.replicas)), 2)
-    serve.start(http_options={"host": host, "port": port})
+    # Serve's access log would print a line per request on the console (log_to_driver); errors still do
+    quiet = {"enable_access_log": False, "log_level": "WARNING"}
+    serve.start(http_options={"host": host, "port": port}, logging_config=quiet)
     app = MoergeServer.options(ray_actor_options={"num_cpus": ingress_cpus}).bind(settings)
-    handle = serve.run(app, name=name, route_prefix="/")
+    handle = serve.run(app, name=name, route_prefix="/", logging_config=quiet)
     return Deployment(name=name, url=f"http://{host}:{port}", handle=handle, settings=settings)

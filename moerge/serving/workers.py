@@ -68,12 +68,41 @@ class WorkerConfig:
             raise ValueError(f"unknown device {self.device!r}; use 'auto', 'cpu', 'cuda' or 'mps'")
 
 
+def in_ray_actor() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:  # noqa: BLE001 - no Ray, or not inside a task
+        return False
+
+
+def actor_logging() -> None:
+    """Inside a Ray actor: moerge's warnings and errors go to the actor's stderr, which Ray
+    forwards to the console of the process that started Ray (``log_to_driver``), so a failed
+    batch is seen where the server runs. Info stays quiet; in-process use is untouched."""
+    if not in_ray_actor():
+        return
+    logger = logging.getLogger("moerge")
+    if any(getattr(h, "moerge_actor", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.moerge_actor = True  # type: ignore[attr-defined]
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.WARNING:
+        logger.setLevel(logging.WARNING)
+
+
 class ExpertWorker:
     """One worker: an engine plus its batching queue. Wrapped as a Ray actor by
     :func:`spawn_workers`; usable in-process too (``await worker.submit([...])``)."""
 
     def __init__(self, config: WorkerConfig, index: int = 0) -> None:
         from moerge.serving.engine import ExpertEngine
+
+        actor_logging()
 
         self.config, self.index = config, index
         self.engine = ExpertEngine(
@@ -185,18 +214,19 @@ def spawn_workers(
     return out
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
+def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     """Start a local Ray (no dashboard, small object store) unless one is running or
-    ``RAY_ADDRESS`` points at a cluster."""
+    ``RAY_ADDRESS`` points at a cluster. ``log_to_driver``: the workers' stderr (their
+    warnings and errors, see :func:`actor_logging`) is printed here."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
+        ray.init(log_to_driver=log_to_driver)
         return
-    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=80 * 1024**2, log_to_driver=False)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=80 * 1024**2, log_to_driver=log_to_driver)
 
 
 def composition_spec(
