@@ -217,6 +217,66 @@ def zoo_tasks() -> None:
 # ---------------------------------------------------------------------------- routing
 
 
+#: options whose values are paths: relative ones in a --config file are taken from the file's folder
+_PATH_OPTIONS = ("registry_path", "composition", "data", "base")
+
+
+def _config_defaults(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--config FILE`` (eager): a YAML mapping whose keys are the command's own options
+    (``max-batch`` or ``max_batch``; ``set`` may be a mapping), laid under the command line —
+    flags given there win. Unknown keys are refused with the closest option named."""
+    if value is None:
+        return None
+    import yaml
+
+    from moerge.hints import did_you_mean
+
+    path = Path(value)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="--config") from None
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{path} must hold a mapping of option names to values", param_hint="--config")
+    by_flag = {}
+    for p in ctx.command.params:
+        if p.name == param.name:
+            continue
+        for opt in getattr(p, "opts", []):
+            by_flag[opt.lstrip("-").replace("-", "_")] = p.name
+    defaults: dict[str, Any] = {}
+    for key, v in data.items():
+        k = str(key).replace("-", "_")
+        if k not in by_flag:
+            known = sorted(f.replace("_", "-") for f in by_flag)
+            raise click.BadParameter(
+                f"{path}: unknown key {key!r}{did_you_mean(str(key).replace('_', '-'), known)}; the keys are the options of "
+                f"`moerge {ctx.command.name}`: {', '.join(known)}",
+                param_hint="--config",
+            )
+        name = by_flag[k]
+        if name == "settings" and isinstance(v, dict):
+            v = [f"{a}={json.dumps(b)}" for a, b in v.items()]
+        if name in _PATH_OPTIONS and isinstance(v, str) and not Path(v).expanduser().is_absolute():
+            beside = path.parent / v
+            v = str(beside) if beside.exists() else v
+        defaults[name] = v
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+CONFIG_FILE_OPTION = click.option(
+    "--config",
+    "config_file",
+    default=None,
+    is_eager=True,
+    expose_value=False,
+    callback=_config_defaults,
+    type=click.Path(dir_okay=False, exists=True),
+    help="A YAML file of this command's options (max-batch: 8, router: retrieval, set: {top_k: 2} …); flags override it.",
+)
+
+
 def _parse_config(items: tuple[str, ...]) -> dict:
     out = {}
     for item in items:
@@ -313,6 +373,7 @@ def route(
 
 
 @main.command()
+@CONFIG_FILE_OPTION
 @ZOO_REGISTRY_OPTION
 @ZOO_OPTION
 @click.option(

@@ -203,6 +203,17 @@ def test_misspelt_expert_names_and_merge_parameters_name_the_closest(tmp_path, r
         moerge.merge(None, reg, "task_arithmetic", weights={"sortin": 1.0})
 
 
+def test_serve_config_file_keys_are_the_cli_options_and_flags_override_them(tmp_path):
+    (tmp_path / "serve.yml").write_text("registry: missing-reg\nmax-batch: 4\nset: {top_k: 2}\n")
+    r = CliRunner().invoke(main, ["serve", "--config", str(tmp_path / "serve.yml")])
+    assert r.exit_code == 2 and "no registry at" in r.output and "missing-reg" in r.output
+    r = CliRunner().invoke(main, ["serve", "--config", str(tmp_path / "serve.yml"), "--registry", str(tmp_path / "other")])
+    assert r.exit_code == 2 and str(tmp_path / "other") in r.output  # the flag wins
+    (tmp_path / "bad.yml").write_text("registry: x\nmax-batchh: 4\n")
+    r = CliRunner().invoke(main, ["serve", "--config", str(tmp_path / "bad.yml")])
+    assert r.exit_code == 2 and "unknown key 'max-batchh' (did you mean 'max-batch'?)" in r.output
+
+
 # ----------------------------------------------------------------------------- progress
 
 
@@ -280,8 +291,11 @@ def test_serve_stops_cleanly_on_sigterm_after_answering_in_flight_streams_and_wo
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     err_path = tmp_path / "server.err"
-    cmd = [sys.executable, "-c", "from moerge.cli import main; main()", "serve", "--registry", str(reg_path)]
-    cmd += ["--port", str(port), "--num-cpus", "0.5", "--threads", "1", "--drain-timeout", "20"]
+    (tmp_path / "serve.yml").write_text(  # the options as a config file (a relative registry is read beside it)
+        f"registry: reg\nport: {port}\nnum-cpus: 0.5\nthreads: 4\ndrain_timeout: 20\nmax-batch: 8\n"
+    )
+    cmd = [sys.executable, "-c", "from moerge.cli import main; main()", "serve", "--config", str(tmp_path / "serve.yml")]
+    cmd += ["--threads", "1"]  # a flag overrides the file
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     with open(err_path, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
