@@ -346,3 +346,58 @@ def test_serve_stops_cleanly_on_sigterm_after_answering_in_flight_streams_and_wo
     # no stack from the server process itself (Ray forwards, and de-duplicates late, the workers' lines: "(ExpertWorker pid=…)")
     own = [line for line in log.split("SIGTERM: no new requests")[1].splitlines() if "pid=" not in line]
     assert not any("Traceback" in line or "Error" in line for line in own), own
+
+
+# ------------------------------------------------------------------------------- hub ids
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """A local Hugging Face hub cache (the layout huggingface_hub writes: models--org--name/
+    refs/main → snapshots/<commit>/files), offline: ``put(repo_id, folder)`` adds a repo."""
+    import huggingface_hub.constants as hf_constants
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def put(repo_id: str, folder, commit: str = "0123456789abcdef0123456789abcdef01234567"):
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        shutil.copytree(folder, repo / "snapshots" / commit)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        return commit
+
+    return put
+
+
+def test_experts_and_bases_by_hub_id_through_the_local_cache(tmp_path, small_zoo, hub_cache):
+    hub_cache("acme/tiny-llama", small_zoo.base_path)
+    lora = tmp_path / "lora"
+    shutil.copytree(small_zoo.root / "lora" / "sort", lora)
+    cfg = json.loads((lora / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "acme/tiny-llama"
+    (lora / "adapter_config.json").write_text(json.dumps(cfg))
+    commit = hub_cache("acme/sort-lora", lora)
+
+    reg = moerge.Registry(tmp_path / "reg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MoergeWarning)  # the base is found in the cache: its shapes are checked
+        rec = reg.register("acme/sort-lora", "sort")
+    assert rec.base_model == "acme/tiny-llama" and rec.base_fingerprint is not None
+    assert rec.source == f"hf://acme/sort-lora@{commit}"
+    assert reg.register(f"acme/sort-lora@{commit}", "sort").version == 2  # a pinned revision
+
+    model = moerge.compose(None, reg.select(names=["sort@1"]), "arrow", device="cpu")  # the base by hub id
+    prompt = small_zoo.test_split("sort")[0]
+    assert model.generate([prompt.prompt], max_new_tokens=12)[0] == prompt.target
+    merged = moerge.merge("acme/tiny-llama", ["acme/sort-lora"], "task_arithmetic", out=tmp_path / "merged")
+    assert json.loads((merged / "adapter_config.json").read_text())["base_model_name_or_path"] == "acme/tiny-llama"
+
+    with pytest.raises(
+        FileNotFoundError, match=r"'acme/nothing' is not a folder .* not in the local Hugging Face cache \(HF_HUB_OFFLINE=1\)"
+    ):
+        reg.register("acme/nothing", "x")
+    with pytest.raises(FileNotFoundError, match=r"not a folder .*nor a hub id"):
+        reg.register("./no-such-folder", "x")

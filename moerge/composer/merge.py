@@ -31,7 +31,7 @@ from moerge.hints import did_you_mean
 from moerge.progress import hf_bars, progress_bar
 from moerge.registry import ExpertRecord, Registry, Selection
 from moerge.registry.files import TensorFolder, atomic_save_tensors, atomic_write_json, staging_dir
-from moerge.registry.importers import MoergeWarning, absolute_path, detect_kind
+from moerge.registry.importers import MoergeWarning, absolute_path, detect_kind, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +111,18 @@ def _kind_of(item: Any, registry: Registry | None) -> tuple[str, Any, str]:
     if path.is_dir():
         kind = detect_kind(path)
         return ("lora" if kind == "lora" else "dense"), path, path.name
-    if registry is None:
-        raise FileNotFoundError(f"expert {item!r} is not a folder; to name registry experts pass registry= (or a Selection)")
-    rec = registry._resolve(item)
-    return rec.kind, rec, rec.ref
+    if registry is not None and str(item).partition("@")[0] in registry:
+        rec = registry._resolve(item)
+        return rec.kind, rec, rec.ref
+    try:  # a hub id through the HF cache
+        path, _ = resolve_source(str(item), "expert")
+    except FileNotFoundError as exc:
+        if registry is None:
+            raise FileNotFoundError(f"{exc}; to name registry experts pass registry= (or a Selection)") from None
+        registry._resolve(item)  # not in the registry either: its error names the closest expert
+        raise
+    kind = detect_kind(path)
+    return ("lora" if kind == "lora" else "dense"), path, str(item)
 
 
 def _dense_source(item: Any, registry: Registry | None, name: str) -> DenseSource:

@@ -74,6 +74,42 @@ class BaseInfo:
         return TensorFolder(self.folder, allow_pickle=allow_pickle)
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_source(source: str | Path, what: str = "expert source") -> tuple[Path, str]:
+    """A local folder for ``source``: the folder itself, or the snapshot of a hub id
+    (``org/name``, optionally ``org/name@revision``) through ``huggingface_hub``'s cache —
+    downloaded if missing, unless ``HF_HUB_OFFLINE=1`` (then the cache alone). Returns the
+    folder and a description for the record (the absolute path, or ``hf://org/name@commit``)."""
+    text = str(source)
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        return folder, str(folder.resolve())
+    if not HUB_ID.match(text) or folder.is_absolute() or text.startswith((".", "~")):
+        raise FileNotFoundError(f"{what} {text!r} is not a folder (tried {absolute_path(folder)}) nor a hub id (org/name)")
+    repo_id, _, revision = text.partition("@")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    offline = hub_offline()
+    try:
+        snap = Path(snapshot_download(repo_id, revision=revision or None, local_files_only=offline))
+    except LocalEntryNotFoundError:
+        where = "the local Hugging Face cache (HF_HUB_OFFLINE=1)" if offline else "the Hugging Face cache, and it could not be downloaded"
+        raise FileNotFoundError(
+            f"{what} {text!r} is not a folder (tried {absolute_path(folder)}) and not in {where}; "
+            f"download it first (huggingface-cli download {repo_id}) or give a local folder"
+        ) from None
+    except (RepositoryNotFoundError, HfHubHTTPError) as exc:
+        raise FileNotFoundError(f"{what} {text!r}: the hub has no such repository or refused it ({exc})") from None
+    return snap, f"hf://{repo_id}@{snap.name}"
+
+
 def _local_hub_snapshot(model_id: str) -> Path | None:
     """The local snapshot folder of a hub id, if it is in the HF cache (never downloads)."""
     try:

@@ -210,7 +210,8 @@ class Registry:
     ) -> ExpertRecord:
         """Register ``source`` under ``name`` (a new version if the name exists) and return its record.
 
-        ``source`` is a PEFT adapter folder, a live ``PeftModel`` (``adapter_name`` picks one
+        ``source`` is a PEFT adapter folder (or the hub id of one, ``org/name[@revision]``,
+        fetched through the Hugging Face cache; ``HF_HUB_OFFLINE=1`` uses the cache alone), a live ``PeftModel`` (``adapter_name`` picks one
         adapter), a dense fine-tuned Hugging Face model folder (stored as a task vector against
         ``base`` when given, whole otherwise) or a sentence-transformers folder (kind
         ``embedding``). ``base`` is a local folder, a hub id in the local cache, or a live model;
@@ -233,10 +234,7 @@ class Registry:
                     base = source.get_base_model()
                 source_desc = f"PeftModel adapter {adapter_name or 'default'}"
             else:
-                folder = Path(source).expanduser()
-                if not folder.is_dir():
-                    raise FileNotFoundError(f"expert source {source!r} is not a folder")
-                source_desc = str(folder.resolve())
+                folder, source_desc = importers.resolve_source(source)  # a folder, or a hub id via the HF cache
             detected = importers.detect_kind(folder)
             kind = kind or detected
             if kind == "lora":
