@@ -190,12 +190,18 @@ def zoo() -> None:
 @click.option("--preset", default="small", show_default=True, type=click.Choice(["small", "default"]))
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Zoo cache folder (env MOERGE_CACHE).")
 @click.option("--rebuild", is_flag=True, help="Rebuild even if cached.")
-def zoo_build(preset: str, cache_dir: str | None, rebuild: bool) -> None:
+@click.option(
+    "--path", "path_only", is_flag=True, help='Print only the zoo\'s folder (for the shell: "$(moerge zoo build --path)").'
+)
+def zoo_build(preset: str, cache_dir: str | None, rebuild: bool, path_only: bool) -> None:
     """Build (or find in the cache) a zoo and print where it is."""
     _quiet_hf()
     from moerge import zoo as zoo_mod
 
     z = zoo_mod.load(preset, cache_dir=cache_dir, rebuild=rebuild)
+    if path_only:
+        click.echo(str(z.root))
+        return
     click.echo(
         json.dumps(
             {"root": str(z.root), "registry": str(z.registry_path), "base": str(z.base_path), "timings": z.meta["timings"]},

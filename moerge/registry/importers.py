@@ -100,7 +100,11 @@ def resolve_source(source: str | Path, what: str = "expert source") -> tuple[Pat
     try:
         snap = Path(snapshot_download(repo_id, revision=revision or None, local_files_only=offline))
     except LocalEntryNotFoundError:
-        where = "the local Hugging Face cache (HF_HUB_OFFLINE=1)" if offline else "the Hugging Face cache, and it could not be downloaded"
+        where = (
+            "the local Hugging Face cache (HF_HUB_OFFLINE=1)"
+            if offline
+            else "the Hugging Face cache, and it could not be downloaded"
+        )
         raise FileNotFoundError(
             f"{what} {text!r} is not a folder (tried {absolute_path(folder)}) and not in {where}; "
             f"download it first (huggingface-cli download {repo_id}) or give a local folder"
