@@ -1,5 +1,18 @@
-"""A new user's trips (issue 12), each reproduced: relative base paths, warnings nobody saw,
-the CLI's silent zoo fallback and registry creation, errors without a way out."""
+"""A new user's trips (issue 12), each reproduced here, most harmful first:
+
+1. a relative base path stored as given; no base= / --base way out;
+2. warnings nobody saw (an unavailable base; a lossy merged LoRA);
+3. the CLI's silent zoo fallback, $MOERGE_REGISTRY ignored, serve without --data failing late;
+4. silence on long or lossy work (progress by default, plain lines in logs; rank="auto"),
+   a typo'd registry path created;
+5. errors without a way out (did-you-mean for routers, settings, experts, merge methods and
+   parameters; compose's own options; --router Arrow; route --help);
+6. conventions: hub ids through a local HF cache, serve --config, SIGTERM with a drain and
+   worker errors on the server's console.
+
+Elsewhere: the README's snippets run as written (tests/test_readme.py), mergekit YAML against
+mergekit on the same file (tests/test_merge.py), streaming with the OpenAI client
+(tests/test_serving_ray.py, tests/test_serving.py)."""
 
 from __future__ import annotations
 

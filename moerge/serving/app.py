@@ -239,8 +239,9 @@ class MoergeServer:
             return ((BASE, 1.0),), None, False
         return ((name, 1.0),), None, False
 
-    async def _prepare(self, requests: list[ServeRequest], route: list[bool]) -> None:
-        """Route the requests that need it (batched across concurrent requests) and check all."""
+    async def _prepare(self, requests: list[ServeRequest], route: list[bool], resolve: bool = False) -> None:
+        """Route the requests that need it (batched across concurrent requests) and check all;
+        ``resolve``: also look their experts up now (a stream must fail before it starts)."""
         todo = [i for i, r in enumerate(route) if r]
         if todo:
             decided = await asyncio.gather(*(self._decide(requests[i].prompt) for i in todo))
@@ -248,7 +249,8 @@ class MoergeServer:
                 requests[i].experts, requests[i].composition = experts, comp
         for r in requests:
             r.check(self.limits)
-        self.pool.resolve(requests)  # an unknown expert is a 404 before any stream starts
+        if resolve:
+            self.pool.resolve(requests)
 
     async def _streams(self, requests: list[ServeRequest]) -> Any:
         """Fan in the requests' streams: yields (index, text piece or ServeResult), each
@@ -387,7 +389,7 @@ class MoergeServer:
             reqs = [ServeRequest(t, experts, comp, params) for t in texts]
             gid = f"gen-{uuid.uuid4().hex[:12]}"
             if body.stream:
-                await self._prepare(reqs, [route] * len(reqs))
+                await self._prepare(reqs, [route] * len(reqs), resolve=True)
                 return StreamingResponse(self._sse_generate(gid, reqs), media_type="text/event-stream", headers=SSE_HEADERS)
             results = await self._serve(reqs, [route] * len(reqs))
             return {"id": gid, "results": [r.to_json() for r in results]}
@@ -425,7 +427,7 @@ class MoergeServer:
             reqs = [ServeRequest(t, experts, comp, params) for t in texts]
             stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
             if body.stream:
-                await self._prepare(reqs, [route] * len(reqs))
+                await self._prepare(reqs, [route] * len(reqs), resolve=True)
                 events = self._sse_completions(body, reqs, stops)
                 return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
             results = await self._serve(reqs, [route] * len(reqs))
