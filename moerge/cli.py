@@ -903,7 +903,12 @@ def _open(path: str, create: bool = False):  # noqa: ANN202
                 f"(or `moerge registry add SOURCE --name NAME --registry {path}`)"
             )
         )
-    return Registry(path)
+    from moerge.registry.store import RegistryIndexError
+
+    try:
+        return Registry(path)
+    except (RegistryIndexError, NotADirectoryError) as exc:
+        _fail(exc)
 
 
 def _fail(exc: Exception) -> None:
@@ -924,7 +929,7 @@ def registry_init(path: str) -> None:
 
 @registry.command("add")
 @REGISTRY_OPTION
-@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@click.argument("source")
 @click.option("--name", required=True, help="Expert name (a new version if it exists).")
 @click.option("--description", default="", help="What the expert does.")
 @click.option("--skill", "skills", multiple=True, help="A skill (repeatable).")
@@ -939,7 +944,7 @@ def registry_init(path: str) -> None:
 )
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle .bin weights (read with weights_only=True).")
 def registry_add(registry_path, source, name, description, skills, tags, examples, metrics, base, kind, allow_pickle) -> None:  # noqa: ANN001
-    """Register SOURCE (a PEFT adapter, HF model or sentence-transformers folder)."""
+    """Register SOURCE (a PEFT adapter, HF model or sentence-transformers folder, or a hub id org/name)."""
     _quiet_hf()
     try:
         parsed = {}
@@ -960,9 +965,49 @@ def registry_add(registry_path, source, name, description, skills, tags, example
             kind=kind,
             allow_pickle=allow_pickle,
         )
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError, TimeoutError) as exc:
         _fail(exc)
     click.echo(f"registered {rec.ref} ({rec.kind}, {rec.storage})")
+
+
+@registry.command("verify")
+@REGISTRY_OPTION
+@click.option("--repair", is_flag=True, help="Remove unlisted version folders and dead processes' staging folders.")
+@click.option("--json", "as_json", is_flag=True)
+def registry_verify(registry_path, repair, as_json) -> None:  # noqa: ANN001
+    """Check every record, file hash and artifact against the disk; exit 1 if anything is wrong."""
+    report = _open(registry_path).verify(repair=repair)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for line in report["repaired"]:
+            click.echo(f"repaired: {line}")
+        for p in report["problems"]:
+            click.echo(f"{p['kind']}: {p['ref']} {p['detail']}".replace("  ", " "))
+        click.echo(
+            f"{report['checked']} version(s) checked: " + ("ok" if report["ok"] else f"{len(report['problems'])} problem(s)")
+        )
+    if not report["ok"]:
+        sys.exit(1)
+
+
+@registry.command("rebuild-index")
+@REGISTRY_OPTION
+def registry_rebuild_index(registry_path) -> None:  # noqa: ANN001
+    """Recreate the index from the record files on disk (the old one is kept beside it)."""
+    from moerge.registry import Registry
+
+    try:
+        report = Registry.rebuild_index(registry_path)
+    except (FileNotFoundError, OSError) as exc:
+        _fail(exc)
+    click.echo(
+        f"indexed {report['experts']} version(s), {report['artifacts']} artifact(s), "
+        f"{report['group_artifacts']} group artifact(s)"
+        + (f"; the old index is at {report['old_index']}" if report["old_index"] else "")
+    )
+    for line in report["skipped"]:
+        click.echo(f"skipped {line}", err=True)
 
 
 @registry.command("list")

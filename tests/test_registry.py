@@ -155,9 +155,11 @@ def test_remove_one_version_or_all(tmp_path, lora_folder):
     assert [r.version for r in removed] == [3] and reg.get("e").version == 2
     assert not (tmp_path / "reg" / "experts" / "e" / "3").exists()
     reg.remove("e")
-    assert "e" not in reg and not (tmp_path / "reg" / "experts" / "e").exists()
+    # only the tombstone is left: the numbers 1-3 are never given again
+    assert "e" not in reg and [p.name for p in (tmp_path / "reg" / "experts" / "e").iterdir()] == [".last-version"]
     with pytest.raises(ExpertNotFoundError, match="'e' is not in the registry"):
         reg.get("e")
+    assert reg.register(lora_folder, "e").version == 4
 
 
 def test_artifacts_are_keyed_by_producer_and_config_hash(tmp_path, lora_folder):
@@ -261,14 +263,18 @@ def test_registration_is_atomic_when_the_index_write_fails(tmp_path, lora_folder
         reg.register(lora_folder, "e")
     monkeypatch.undo()
     assert [r.version for r in reg.versions("e")] == [1]
-    assert sorted(p.name for p in (tmp_path / "reg" / "experts" / "e").iterdir()) == ["1"]
+    assert sorted(p.name for p in (tmp_path / "reg" / "experts" / "e").iterdir()) == [".last-version", "1"]
     assert not any((tmp_path / "reg" / ".staging").iterdir())
-    # a folder orphaned by a crash between rename and commit is replaced by the next registration
-    orphan = tmp_path / "reg" / "experts" / "e" / "2"
+    # a folder orphaned by a crash between rename and commit is never overwritten (nothing stored
+    # is deleted by a registration): the next one takes a higher number; verify --repair removes it
+    orphan = tmp_path / "reg" / "experts" / "e" / "5"
     orphan.mkdir()
     (orphan / "junk").write_text("half written")
     rec = reg.register(lora_folder, "e")
-    assert rec.version == 2 and not (orphan / "junk").exists()
+    assert rec.version == 6 and (orphan / "junk").exists()
+    report = reg.verify()
+    assert not report["ok"] and [p["kind"] for p in report["problems"]] == ["orphan"]
+    assert reg.verify(repair=True)["repaired"] and not orphan.exists() and reg.verify()["ok"]
 
 
 def test_bad_sources_fail_clearly(tmp_path):

@@ -26,6 +26,52 @@ class MoergeWarning(UserWarning):
     """Something the user should act on (shown once per place by Python's warnings filter)."""
 
 
+class UnsafeSourceError(ValueError):
+    """A source folder that would bring files from outside it into the registry."""
+
+
+def finite(value: Any, what: str) -> float:
+    """``value`` as a finite float, or a ValueError naming ``what`` (NaN and ±inf are refused:
+    JSON has no way to write them, and one would make the record unreadable)."""
+    import math
+
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(out):
+        raise ValueError(f"{what} must be finite, got {value!r}")
+    return out
+
+
+def whole(value: Any, what: str, minimum: int = 1) -> int:
+    """``value`` as an int ≥ ``minimum`` — a float only if it is whole (4.0, not 4.9)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"{what} must be a whole number, got {value!r}")
+    if int(value) < minimum:
+        raise ValueError(f"{what} must be at least {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_symlinks(folder: Path, boundary: Path | None = None) -> None:
+    """Refuse ``folder`` if a symlink in it (file or folder) leads outside ``boundary``
+    (default the folder itself): importing would copy that outside file into the registry."""
+    limit = (boundary or folder).resolve()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        for entry in [*dirnames, *filenames]:
+            path = Path(dirpath) / entry
+            if not path.is_symlink():
+                continue
+            target = path.resolve()
+            if not target.is_relative_to(limit):
+                raise UnsafeSourceError(
+                    f"{path} is a symlink to {target}, outside {limit}; moerge does not import files from outside the "
+                    "source folder (copy what you mean into it)"
+                )
+
+
 def absolute_path(path: str | Path) -> str:
     """An absolute path without resolving symlinks (a registry moved with its symlinked cache
     keeps the path the user gave)."""
@@ -214,6 +260,23 @@ def stage_lora(folder: Path, stage: Path, base: BaseInfo | None, allow_pickle: b
         raise ValueError(f"{folder}/adapter_config.json has peft_type {cfg.get('peft_type')!r}; only LORA adapters are supported")
     if cfg.get("use_dora"):
         raise ValueError(f"{folder} is a DoRA adapter (use_dora=true), which moerge does not support yet")
+    where = f"{folder}/adapter_config.json"
+    r = whole(cfg.get("r", 8), f"{where}: r")
+    alpha = finite(cfg.get("lora_alpha", 8), f"{where}: lora_alpha")
+    targets = cfg.get("target_modules")
+    if not (isinstance(targets, str) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))):
+        raise ValueError(f"{where}: target_modules must be a module name or a list of them, got {targets!r}")
+    declared = cfg.get("base_model_name_or_path")
+    if declared is not None and not isinstance(declared, str):
+        raise ValueError(f"{where}: base_model_name_or_path must be a string, got {declared!r}")
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
+        raise ValueError(f"{where}: rank_pattern and alpha_pattern must be mappings")
+    rank_pattern = {str(k): whole(v, f"{where}: rank_pattern[{k!r}]") for k, v in rank_pattern.items()}
+    alpha_pattern = {str(k): finite(v, f"{where}: alpha_pattern[{k!r}]") for k, v in alpha_pattern.items()}
+    for flag in ("use_rslora", "fan_in_fan_out"):
+        if not isinstance(cfg.get(flag, False), bool):
+            raise ValueError(f"{where}: {flag} must be true or false, got {cfg.get(flag)!r}")
     state = _lora_state(folder, allow_pickle)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
@@ -227,8 +290,6 @@ def stage_lora(folder: Path, stage: Path, base: BaseInfo | None, allow_pickle: b
         modules.setdefault(module, {})[m["which"]] = tensor
     if not modules:
         raise ValueError(f"{folder}: the adapter has no LoRA weights")
-    r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
-    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
     for module, ab in sorted(modules.items()):
         if set(ab) != {"A", "B"}:
@@ -260,18 +321,15 @@ def stage_lora(folder: Path, stage: Path, base: BaseInfo | None, allow_pickle: b
     spec = LoraSpec(
         r=r,
         lora_alpha=alpha,
-        target_modules=sorted(cfg["target_modules"])
-        if isinstance(cfg.get("target_modules"), list)
-        else [str(cfg.get("target_modules"))],
-        rank_pattern={k: int(v) for k, v in rank_pattern.items()},
-        alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
+        target_modules=sorted(targets) if isinstance(targets, list) else [targets],
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
         use_rslora=bool(cfg.get("use_rslora", False)),
         fan_in_fan_out=fan_in_fan_out,
         modules=sorted(modules),
     )
     atomic_save_tensors(stage / "adapter_model.safetensors", {k: v.contiguous() for k, v in state.items()}, {"format": "pt"})
     (stage / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    declared = cfg.get("base_model_name_or_path")
     return spec, declared
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ExpertKind = Literal["lora", "dense", "embedding", "model"]
 KINDS: tuple[str, ...] = ("lora", "dense", "embedding", "model")
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: a finite float (NaN and ±inf have no JSON form: one would make the record unreadable)
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 MAX_NAME_LEN = 100
 
 
@@ -30,7 +32,7 @@ def validate_name(name: object) -> str:
         raise InvalidNameError(f"expert name {name!r} contains a path separator")
     if ".." in name:
         raise InvalidNameError(f"expert name {name!r} contains '..'")
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):  # match() with $ would let a trailing newline through
         raise InvalidNameError(
             f"expert name {name!r} may only use letters, digits, '.', '_' and '-', and must start with a letter or digit"
         )
@@ -42,11 +44,11 @@ class LoraSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    r: int
-    lora_alpha: float
+    r: Annotated[int, Field(strict=True, ge=1)]
+    lora_alpha: Finite
     target_modules: list[str]
-    rank_pattern: dict[str, int] = Field(default_factory=dict)
-    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+    rank_pattern: dict[str, Annotated[int, Field(strict=True, ge=1)]] = Field(default_factory=dict)
+    alpha_pattern: dict[str, Finite] = Field(default_factory=dict)
     use_rslora: bool = False
     fan_in_fan_out: bool = False
     #: module paths (relative to the base model) that carry factors, as found in the weights
@@ -68,7 +70,7 @@ class ExpertRecord(BaseModel):
     skills: list[str] = Field(default_factory=list)
     tags: list[str] = Field(default_factory=list)
     examples: list[str] = Field(default_factory=list)
-    metrics: dict[str, float] = Field(default_factory=dict)
+    metrics: dict[str, Finite] = Field(default_factory=dict)
     created: str
     files: dict[str, str]
     lora: LoraSpec | None = None

@@ -1,0 +1,283 @@
+"""Issue 13, the registry: each defect found by trying to break it, reproduced and fixed.
+
+Crashes are put exactly between two steps of a write with ``MOERGE_FAILPOINT`` (the process
+dies there with ``os._exit``, as under kill -9), not by timing luck."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from moerge.cli import main
+from moerge.registry import Registry
+from moerge.registry.importers import MoergeWarning, UnsafeSourceError
+from moerge.registry.schema import InvalidNameError
+from moerge.registry.store import RegistryIndexError, RegistryLockedError
+
+
+def _in_subprocess(code: str, failpoint: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MOERGE_FAILPOINT": failpoint or ""}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _edited_adapter(tmp_path: Path, lora_folder: Path, **changes) -> Path:
+    folder = tmp_path / f"adapter-{len(list(tmp_path.glob('adapter-*')))}"
+    shutil.copytree(lora_folder, folder)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+# ------------------------------------------------------------- 1, 6: values and names
+
+
+def test_non_finite_numbers_are_refused_and_an_old_bad_record_cannot_brick_the_registry(tmp_path, lora_folder):
+    reg = Registry(tmp_path / "reg")
+    with pytest.raises(ValueError, match="metric 'acc' must be finite"):
+        reg.register(lora_folder, "x", metrics={"acc": float("nan")})
+    r = CliRunner().invoke(
+        main, ["registry", "add", str(lora_folder), "--name", "x", "--metric", "acc=inf", "--registry", str(reg.root)]
+    )
+    assert r.exit_code == 2 and "must be finite" in r.output
+    bad = _edited_adapter(tmp_path, lora_folder, lora_alpha=float("nan"))
+    assert '"lora_alpha": NaN' in (bad / "adapter_config.json").read_text()
+    with pytest.raises(ValueError, match="lora_alpha must be finite"):
+        reg.register(bad, "x")
+    assert reg.list() == [] and reg.verify()["ok"]
+    # a record written by an older version with a NaN (stored as null) is skipped with a warning and removable
+    good = reg.register(lora_folder, "good")
+    reg.register(lora_folder, "old")
+    with sqlite3.connect(reg.root / "index.sqlite") as con:
+        raw = json.loads(con.execute("SELECT record FROM experts WHERE name='old'").fetchone()[0])
+        raw["metrics"] = {"acc": None}
+        con.execute("UPDATE experts SET record=? WHERE name='old'", (json.dumps(raw),))
+    con.close()
+    with pytest.warns(MoergeWarning, match="old@1 .* unreadable"):
+        assert [r.ref for r in reg.list()] == [good.ref]
+    assert [p["kind"] for p in reg.verify()["problems"]] == ["unreadable record"]
+    assert [r.version for r in reg.remove("old")] == [1] and reg.verify()["ok"]
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        ({"r": 4.9}, "r must be a whole number, got 4.9"),
+        ({"target_modules": 5}, "target_modules must be a module name or a list"),
+        ({"base_model_name_or_path": 123}, "base_model_name_or_path must be a string"),
+        ({"rank_pattern": {"q_proj": 2.5}}, "rank_pattern.*whole number"),
+        ({"use_rslora": "yes"}, "use_rslora must be true or false"),
+    ],
+)
+def test_adapter_configs_are_validated_strictly(tmp_path, lora_folder, changes, match):
+    reg = Registry(tmp_path / "reg")
+    with pytest.raises(ValueError, match=match):
+        reg.register(_edited_adapter(tmp_path, lora_folder, **changes), "x")
+    assert reg.list() == []
+
+
+@pytest.mark.parametrize("name", ["ok\n", "ok\r", "a b", "\nok"])
+def test_names_with_control_characters_are_refused(tmp_path, lora_folder, name):
+    with pytest.raises(InvalidNameError):
+        Registry(tmp_path / "reg").register(lora_folder, name)
+
+
+# ------------------------------------------------------------- 2, 3: removal and versions
+
+
+def test_a_removal_that_crashes_before_its_commit_loses_nothing(tmp_path, lora_folder):
+    reg = Registry(tmp_path / "reg")
+    rec = reg.register(lora_folder, "x")
+    reg.put_group_artifact(["x"], "router", {"k": 1}, {"w": torch.ones(3)})
+    code = f"from moerge.registry import Registry; Registry({str(reg.root)!r}).remove('x')"
+    assert _in_subprocess(code, "remove:before-commit").returncode == 86  # died with the folder moved aside
+    assert any((reg.root / ".staging").iterdir())
+    again = Registry(reg.root)  # opening puts the folder back: the index still lists it
+    assert again.get("x").ref == rec.ref and again.load_tensors("x")
+    assert again.get_group_artifact(["x"], "router", {"k": 1}) is not None
+    assert again.verify()["ok"] and not any((reg.root / ".staging").iterdir())
+    assert _in_subprocess(code, "remove:after-commit").returncode == 86
+    after = Registry(reg.root)
+    assert "x" not in after and not (reg.root / "experts" / "x" / "1").exists() and after.verify()["ok"]
+
+
+def test_a_failed_commit_of_a_removal_puts_the_files_back(tmp_path, lora_folder, monkeypatch):
+    reg = Registry(tmp_path / "reg")
+    reg.register(lora_folder, "x")
+
+    def fail(point: str) -> None:
+        if point == "remove:before-commit":
+            raise sqlite3.OperationalError("disk I/O error (simulated)")
+
+    monkeypatch.setattr("moerge.registry.store._failpoint", fail)
+    with pytest.raises(sqlite3.OperationalError, match="simulated"):
+        reg.remove("x")
+    assert reg.get("x").version == 1 and reg.load_tensors("x") and reg.verify()["ok"]
+
+
+def test_version_numbers_are_never_given_again_not_even_after_losing_the_index(tmp_path, lora_folder):
+    reg = Registry(tmp_path / "reg")
+    assert [reg.register(lora_folder, "x").version for _ in range(3)] == [1, 2, 3]
+    reg.remove("x", version=3)
+    assert reg.register(lora_folder, "x").version == 4  # 3 meant other weights: never again
+    reg.remove("x")
+    assert reg.register(lora_folder, "x").version == 5
+    reg.remove("x")
+    (reg.root / "index.sqlite").unlink()
+    for extra in ("index.sqlite-wal", "index.sqlite-shm"):
+        (reg.root / extra).unlink(missing_ok=True)
+    assert Registry(reg.root).register(lora_folder, "x").version == 6  # the on-disk tombstone remembers
+
+
+# ------------------------------------------------------------------ 4, 5: sources, staging
+
+
+@pytest.mark.parametrize("kind", ["lora", "model"])
+def test_symlinks_leading_outside_the_source_are_refused(tmp_path, lora_folder, llama_folder, kind):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password")
+    src = tmp_path / "with-link"
+    shutil.copytree(lora_folder if kind == "lora" else llama_folder, src)
+    (src / "notes.txt").symlink_to(secret)
+    reg = Registry(tmp_path / "reg")
+    with pytest.raises(UnsafeSourceError, match=r"notes.txt is a symlink to .*secret.txt, outside"):
+        reg.register(src, "x", kind=kind)
+    assert not any(p.read_bytes() == b"password" for p in reg.root.rglob("*") if p.is_file())
+    (src / "notes.txt").unlink()
+    (src / "README.md").write_text("inside")
+    (src / "notes.txt").symlink_to(src / "README.md")  # inside the folder: fine
+    rec = reg.register(src, "x", kind=kind)
+    if kind == "model":  # stored whole: the link is stored as the file it points to
+        assert (reg.path(rec) / "notes.txt").read_text() == "inside"
+    assert not any(p.is_symlink() for p in reg.path(rec).rglob("*"))
+
+
+def test_a_crashed_registration_leaves_no_staging_and_its_orphan_is_reported(tmp_path, lora_folder):
+    reg = Registry(tmp_path / "reg")
+    code = f"from moerge.registry import Registry; Registry({str(reg.root)!r}).register({str(lora_folder)!r}, 'x')"
+    assert _in_subprocess(code, "register:before-commit").returncode == 86
+    assert any((reg.root / ".staging").glob("stage-*"))  # the dead process's scratch
+    again = Registry(reg.root)
+    assert not any((reg.root / ".staging").iterdir())  # cleaned at open
+    assert "x" not in again
+    report = again.verify()
+    assert [(p["kind"], p["ref"]) for p in report["problems"]] == [("orphan", "x@1")]
+    assert again.register(lora_folder, "x").version == 2
+    r = CliRunner().invoke(main, ["registry", "verify", "--registry", str(reg.root)])
+    assert r.exit_code == 1 and "orphan: x@1" in r.output
+    r = CliRunner().invoke(main, ["registry", "verify", "--repair", "--registry", str(reg.root)])
+    assert r.exit_code == 0 and "repaired" in r.output and again.verify()["ok"]
+
+
+def test_a_live_registration_keeps_its_staging_folder(tmp_path, lora_folder):
+    reg = Registry(tmp_path / "reg")
+    with reg._stage() as stage:
+        Registry(reg.root)  # another open while this one stages
+        assert stage.exists()
+
+
+# ------------------------------------------------------------------- 7: the index
+
+
+def test_an_emptied_or_damaged_index_is_named_at_open_and_rebuilt_without_losing_a_version(tmp_path, lora_folder):
+    reg = Registry(tmp_path / "reg")
+    for _ in range(2):
+        reg.register(lora_folder, "a")
+    reg.register(lora_folder, "b")
+    reg.remove("a", version=1)
+    reg.put_artifact("b", "probe", {"k": 1}, {"v": torch.arange(3.0)})
+    reg.put_group_artifact(["a", "b"], "router", {"k": 2}, {"w": torch.ones(2)})
+    before = {r.ref: r for r in reg.list(all_versions=True)}
+    (reg.root / "index.sqlite").write_bytes(b"")  # truncated to 0 bytes
+    for extra in ("index.sqlite-wal", "index.sqlite-shm"):
+        (reg.root / extra).unlink(missing_ok=True)
+    with pytest.raises(RegistryIndexError, match=r"not the one this registry's files belong to .* lists 0 expert version\(s\), 2 are on disk.*rebuild-index"):
+        Registry(reg.root)
+    (reg.root / "index.sqlite").write_bytes(b"SQLite format 3\x00" + os.urandom(3000))
+    with pytest.raises(RegistryIndexError, match="is damaged"):
+        Registry(reg.root)
+    r = CliRunner().invoke(main, ["registry", "list", "--registry", str(reg.root)])
+    assert r.exit_code == 2 and "rebuild-index" in r.output
+    r = CliRunner().invoke(main, ["registry", "rebuild-index", "--registry", str(reg.root)])
+    assert r.exit_code == 0 and "indexed 2 version(s), 1 artifact(s), 1 group artifact(s)" in r.output, r.output
+    rebuilt = Registry(reg.root)
+    assert {r.ref: r for r in rebuilt.list(all_versions=True)} == before
+    assert torch.equal(rebuilt.get_artifact("b", "probe", {"k": 1})["v"], torch.arange(3.0))
+    assert rebuilt.get_group_artifact(["a", "b"], "router", {"k": 2}) is not None
+    assert rebuilt.verify()["ok"] and rebuilt.register(lora_folder, "a").version == 3
+    assert list(reg.root.glob("index.sqlite.damaged-*"))  # the old index is kept
+
+
+# --------------------------------------------------------------- 8, 9: locks, connections
+
+
+def test_a_frozen_writer_is_named_and_the_wait_gives_up(tmp_path, lora_folder):
+    reg = Registry(tmp_path / "reg")
+    code = (
+        "import time\nfrom moerge.registry import Registry\n"
+        f"reg = Registry({str(reg.root)!r})\n"
+        "with reg._write('a frozen writer'):\n    print('locked', flush=True)\n    time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        start = time.monotonic()
+        with pytest.raises(RegistryLockedError, match=rf"locked by pid {holder.pid} .*a frozen writer.*gave up after"):
+            Registry(reg.root, lock_timeout=1.0).register(lora_folder, "x")
+        assert time.monotonic() - start < 30
+        with pytest.warns(MoergeWarning, match=rf"waiting for the registry lock .* pid {holder.pid}"):
+            with pytest.raises(RegistryLockedError):
+                Registry(reg.root, lock_timeout=2.5).register(lora_folder, "x")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert Registry(reg.root).register(lora_folder, "x").version == 1  # the lock died with its holder
+
+
+def _open_index_fds(root: Path) -> int:
+    return sum(
+        1 for fd in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{fd}").startswith(str(root / "index.sqlite"))
+    )
+
+
+def _read_many(root: str, n: int, out) -> None:  # noqa: ANN001
+    try:
+        reg = Registry(root)
+        for _ in range(n):
+            reg.list()
+            reg.get("x")
+        out.put("ok")
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        out.put(repr(exc))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="counts open files through /proc")
+def test_connections_close_with_each_operation_and_forked_readers_are_safe(tmp_path, lora_folder):
+    reg = Registry(tmp_path / "reg")
+    reg.register(lora_folder, "x")
+    reg.list()
+    reg.get("x")
+    reg.put_artifact("x", "probe", {}, {"v": torch.ones(1)})
+    assert _open_index_fds(reg.root) == 0  # nothing waits for the garbage collector
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    kids = [ctx.Process(target=_read_many, args=(str(reg.root), 40, out)) for _ in range(3)]
+    for k in kids:
+        k.start()
+    for _ in range(5):  # the parent writes while forked children read
+        reg.register(lora_folder, "x")
+    for k in kids:
+        k.join(timeout=120)
+    assert [out.get(timeout=5) for _ in kids] == ["ok"] * 3
+    assert reg.verify()["ok"] and len(reg.versions("x")) == 6
