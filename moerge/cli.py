@@ -488,6 +488,11 @@ def serve(
             compile=compiled,
         )
         click.echo("starting Ray Serve and loading workers …", err=True)
+        from moerge.serving.workers import ensure_ray
+
+        stop = _StopSignal()  # SIGTERM during start-up is honoured once the app is up
+        ensure_ray()
+        stop.install()  # again: ray.init installs its own handler, which exits with a stack trace
         dep = deploy(serve_settings, host=host, port=port)
     except (KeyError, ValueError, OSError, RuntimeError) as exc:
         _fail(exc)
@@ -497,28 +502,33 @@ def serve(
         f'  curl -s {dep.url}/v1/generate -H \'content-type: application/json\' -d \'{{"prompt": "...", "expert": "NAME"}}\''
     )
     click.echo("Ctrl-C or SIGTERM stops the server (in-flight requests are answered first).")
-    signum = _wait_for_signal()
-    _stop_serving(dep, signal.Signals(signum).name, drain_timeout)
+    _stop_serving(dep, signal.Signals(stop.wait()).name, drain_timeout)
 
 
-def _wait_for_signal() -> int:
-    """Block until SIGTERM or SIGINT (what systemd, Kubernetes and Ctrl-C send); replaces
+class _StopSignal:
+    """SIGTERM or SIGINT (what systemd, Kubernetes and Ctrl-C send) as an event, replacing
     Ray's driver handler, which exits with a stack trace. A second signal exits at once."""
-    got: list[int] = []
-    event = threading.Event()
 
-    def handler(signum: int, frame: Any) -> None:
-        if got:  # a second signal while draining: stop now
+    def __init__(self) -> None:
+        self.got: list[int] = []
+        self.event = threading.Event()
+        self.install()
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.got:  # a second signal while draining: stop now
             click.echo(f"{signal.Signals(signum).name} again: exiting without draining", err=True)
             os._exit(1)
-        got.append(signum)
-        event.set()
+        self.got.append(signum)
+        self.event.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, handler)
-    while not event.wait(0.5):
-        pass
-    return got[0]
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def wait(self) -> int:
+        while not self.event.wait(0.5):
+            pass
+        return self.got[0]
 
 
 def _stop_serving(dep: Any, why: str, drain_timeout: float) -> None:

@@ -327,11 +327,15 @@ def test_serve_stops_cleanly_on_sigterm_after_answering_in_flight_streams_and_wo
         task, prompt = small_zoo.held_in[1], small_zoo.test_split(small_zoo.held_in[1])[0].prompt
         r = httpx.post(f"{url}/v1/generate", json={"prompt": prompt, "expert": broken}, timeout=60)
         assert r.status_code == 500 and "quote id" in r.json()["error"]["message"]
+        error_id = r.json()["error"]["id"]
         deadline = time.monotonic() + 20
-        while "batch of 1 failed" not in err_path.read_text() and time.monotonic() < deadline:
+        while (
+            not ("batch of 1 failed" in err_path.read_text() and error_id in err_path.read_text()) and time.monotonic() < deadline
+        ):
             time.sleep(0.5)
         log = err_path.read_text()
         assert "batch of 1 failed" in log and "IntegrityError" in log  # the worker's error, on the server's console
+        assert f"internal error {error_id}" in log  # the id a client quotes is in the log, with its traceback
         events = []
         with (
             httpx.Client(timeout=60) as c,

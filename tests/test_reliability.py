@@ -202,7 +202,10 @@ def test_an_emptied_or_damaged_index_is_named_at_open_and_rebuilt_without_losing
     (reg.root / "index.sqlite").write_bytes(b"")  # truncated to 0 bytes
     for extra in ("index.sqlite-wal", "index.sqlite-shm"):
         (reg.root / extra).unlink(missing_ok=True)
-    with pytest.raises(RegistryIndexError, match=r"not the one this registry's files belong to .* lists 0 expert version\(s\), 2 are on disk.*rebuild-index"):
+    with pytest.raises(
+        RegistryIndexError,
+        match=r"not the one this registry's files belong to .* lists 0 expert version\(s\), 2 are on disk.*rebuild-index",
+    ):
         Registry(reg.root)
     (reg.root / "index.sqlite").write_bytes(b"SQLite format 3\x00" + os.urandom(3000))
     with pytest.raises(RegistryIndexError, match="is damaged"):
