@@ -415,6 +415,19 @@ def route(
     help="JSONL {expert, prompt, target}: PHATGOOSE/GLIDER gate training, retrieval's example bank.",
 )
 @click.option(
+    "--request-timeout",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a request may take before it is answered 504.",
+)
+@click.option(
+    "--api-key",
+    envvar="MOERGE_API_KEY",
+    default=None,
+    help="Require 'Authorization: Bearer KEY' (env MOERGE_API_KEY); needed to bind beyond loopback.",
+)
+@click.option(
     "--drain-timeout",
     default=30.0,
     show_default=True,
@@ -441,6 +454,8 @@ def serve(
     threads,
     base,
     data,
+    request_timeout,
+    api_key,
     drain_timeout,
 ) -> None:  # noqa: ANN001
     """Serve experts over HTTP on Ray Serve until interrupted (POST /v1/generate, /v1/route,
@@ -455,6 +470,11 @@ def serve(
             raise ValueError("--replicas, --max-resident and --max-batch must be ≥ 1 and --max-wait-ms ≥ 0")
         if gpus_per_worker < 0 or (gpus_per_worker > 1 and gpus_per_worker != int(gpus_per_worker)):
             raise ValueError(f"--gpus-per-worker must be a fraction ≤ 1 or a whole number, got {gpus_per_worker}")
+        if not _loopback(host) and not api_key:
+            raise ValueError(
+                f"--host {host} exposes the server beyond this machine: set --api-key (or MOERGE_API_KEY); "
+                "clients then send 'Authorization: Bearer KEY'"
+            )
         if device.startswith("cuda") and not gpus_per_worker:
             raise ValueError("--device cuda needs --gpus-per-worker (e.g. 1, or 0.5 for two workers per card)")
         from moerge.device import resolve_dtype
@@ -486,6 +506,8 @@ def serve(
             dtype=dtype,
             gpus_per_worker=gpus_per_worker,
             compile=compiled,
+            request_timeout_s=request_timeout,
+            api_key=api_key,
         )
         click.echo("starting Ray Serve and loading workers …", err=True)
         from moerge.serving.workers import ensure_ray
@@ -503,6 +525,17 @@ def serve(
     )
     click.echo("Ctrl-C or SIGTERM stops the server (in-flight requests are answered first).")
     _stop_serving(dep, signal.Signals(stop.wait()).name, drain_timeout)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class _StopSignal:

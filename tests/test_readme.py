@@ -114,7 +114,7 @@ def test_the_cli_snippets_run_as_written(sandbox):
         if b["mark"].startswith("in-repo"):
             for line in lines:  # make runs its recipe with this interpreter's environment, not a new .venv
                 if line.startswith("make "):
-                    line += f" BIN={BIN} -o {BIN}/.installed"
+                    line = line.split(" #")[0].rstrip() + f" BIN={BIN} -o {BIN}/.installed"
                 _run(["bash", "-ec", line], ROOT, env, timeout=300)
         elif b["mark"].startswith("server"):
             log = work / "server.log"

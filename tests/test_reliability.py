@@ -284,3 +284,99 @@ def test_connections_close_with_each_operation_and_forked_readers_are_safe(tmp_p
         k.join(timeout=120)
     assert [out.get(timeout=5) for _ in kids] == ["ok"] * 3
     assert reg.verify()["ok"] and len(reg.versions("x")) == 6
+
+
+# ------------------------------------------------------------------------- the server
+
+
+def test_serve_refuses_to_bind_beyond_loopback_without_an_api_key(tmp_path):
+    r = CliRunner().invoke(main, ["serve", "--zoo", "small", "--host", "0.0.0.0"])
+    assert r.exit_code == 2 and "--api-key" in r.output and "MOERGE_API_KEY" in r.output
+
+
+@pytest.mark.slow
+def test_the_server_tells_the_truth_about_its_workers_and_outlives_them(tmp_path, small_zoo):
+    """A key-protected server with one worker: probes stay open; the worker frozen (SIGSTOP)
+    makes /healthz and /readyz 503 and requests 503 (not a hang), and it serves again once
+    thawed; a request that reached it before anyone noticed gets 504 at its deadline; killed four
+    times (Ray's old limit was three restarts) it is re-created each time."""
+    import signal as sig
+    import socket
+
+    import httpx
+
+    reg_path = tmp_path / "reg"
+    shutil.copytree(small_zoo.registry_path, reg_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "server.log"
+    cmd = [sys.executable, "-c", "from moerge.cli import main; main()", "serve", "--registry", str(reg_path), "--port", str(port)]
+    cmd += ["--num-cpus", "0.5", "--threads", "1", "--request-timeout", "8", "--max-wait-ms", "1"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MOERGE_API_KEY": "s3cret"}
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=fh, env=env)
+    url, key = f"http://127.0.0.1:{port}", {"Authorization": "Bearer s3cret"}
+    task = small_zoo.held_in[1]
+    prompt = small_zoo.test_split(task)[0].prompt
+
+    def health() -> httpx.Response:
+        return httpx.get(f"{url}/healthz", timeout=10)
+
+    def wait_for(state: str, timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                body = health().json()
+                if body.get("status") == state:
+                    return body
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"server never became {state}: " + log.read_text()[-3000:])
+
+    def generate(**kw) -> httpx.Response:
+        return httpx.post(f"{url}/v1/generate", json={"prompt": prompt, "expert": task, **kw}, headers=key, timeout=30)
+
+    try:
+        body = wait_for("ok")
+        pid = body["workers"][0]["pid"]
+        assert httpx.post(f"{url}/v1/generate", json={"prompt": prompt, "expert": task}, timeout=30).status_code == 401
+        wrong = {"Authorization": "Bearer nope"}
+        assert httpx.get(f"{url}/v1/experts", headers=wrong, timeout=30).status_code == 401
+        assert generate().status_code == 200 and httpx.get(f"{url}/readyz", timeout=10).json()["ready"]
+
+        os.kill(pid, sig.SIGSTOP)  # frozen: alive to the OS, useless to clients
+        try:
+            start = time.monotonic()  # sent before the watcher notices: it reaches the frozen worker
+            r = generate()
+            assert r.status_code == 504 and "8 s deadline" in r.json()["error"]["message"]
+            assert 7 < time.monotonic() - start < 20  # answered at its deadline, not hung
+            body = wait_for("unavailable", timeout=30)
+            assert body["workers"][0]["state"] == "unresponsive" and health().status_code == 503
+            assert httpx.get(f"{url}/readyz", timeout=10).status_code == 503
+            start = time.monotonic()
+            r = generate()
+            assert r.status_code == 503 and "no worker can serve" in r.json()["error"]["message"]
+            assert time.monotonic() - start < 5
+        finally:
+            os.kill(pid, sig.SIGCONT)
+        wait_for("ok", timeout=30)
+        assert generate().status_code == 200
+
+        for _ in range(4):  # supervised: re-created however often it dies
+            pid = wait_for("ok")["workers"][0]["pid"]
+            os.kill(pid, sig.SIGKILL)
+            time.sleep(1)
+            body = wait_for("ok", timeout=120)
+            assert body["workers"][0]["pid"] != pid
+        r = generate()
+        assert r.status_code == 200 and r.json()["results"][0]["text"]
+
+        proc.send_signal(sig.SIGTERM)
+        assert proc.wait(timeout=90) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

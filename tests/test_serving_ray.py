@@ -186,6 +186,12 @@ def test_http_api_success_paths(server, small_zoo):
         (b'{"prompt": "sort : b a =>", "max_new_tokenz": 3}', 400, "max_new_tokenz"),
         (b'{"prompt": "a", "prompts": ["b"]}', 400, "exactly one"),
         (b'{"prompt": "a", "model": "no-such-composition"}', 404, "no-such-composition"),
+        # values a batch cannot survive are refused per request, before batching (issue 13 #13)
+        (b'{"prompt": "sort : b a =>", "experts": {"sort": 1e308}}', 400, "weights must be in (0, 100]"),
+        (b'{"prompt": "sort : b a =>", "experts": {"sort": Infinity}}', 400, "finite"),
+        (b'{"prompt": "sort : b a =>", "seed": 1180591620717411303424, "temperature": 1}', 400, "seed must be an integer"),
+        (b'{"prompt": "sort : b a =>", "expert": ""}', 400, "non-empty name"),
+        (b'{"prompt": "' + b"a" * 1_100_000 + b'"}', 413, "the limit is 1000000"),
     ],
 )
 def test_http_bad_input_gets_4xx_with_a_message(server, body, status, needle):

@@ -12,6 +12,7 @@ builds one mixed batch (serving-notes §4.3).
 """
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 MAX_ROUTER_EXAMPLES = 1000
 #: ``model`` values (OpenAI API) that mean "let the server's router decide"
 AUTO_MODELS = ("auto", "moerge")
+#: how often the ingress checks its workers, and how long a ping may take
+WATCH_S = 2.0
+PING_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -62,6 +66,10 @@ class ServeSettings:
     compile: bool = False
     #: the base model (default: the one the registry's LoRA experts name)
     base: str | None = None
+    #: seconds a request may take before it is answered 504 (a stream: until it starts)
+    request_timeout_s: float = 60.0
+    #: required as ``Authorization: Bearer <key>`` on every endpoint but /healthz and /readyz
+    api_key: str | None = None
 
     def worker_config(self) -> WorkerConfig:
         return WorkerConfig(
@@ -159,9 +167,23 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", **ext
     return JSONResponse({"error": {"message": message, "type": kind, "code": status, **extra}}, status_code=status)
 
 
-async def _json(request: Request) -> Any:
+class TooLarge(BadRequest):
+    status = 413
+
+
+async def _json(request: Request, limit: int = Limits.max_body_bytes) -> Any:
+    """The body as JSON, read no further than ``limit`` bytes (413 beyond: a declared length is
+    refused before reading, a chunked body as soon as it passes the limit)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"request body of {int(declared)} bytes; the limit is {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise TooLarge(f"request body over the limit of {limit} bytes")
     try:
-        return await request.json()
+        return json.loads(bytes(body))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"malformed JSON body: {exc}") from None
 
@@ -193,6 +215,17 @@ async def respond(handler: Any, errors: dict[int, int]) -> Response:
 
 
 api = FastAPI(title="moerge", description="Experts served by assigned expert, over Ray")
+#: endpoints that answer without an API key (probes)
+OPEN_PATHS = ("/healthz", "/readyz")
+
+
+def authorised(request: Request, key: str | None) -> bool:
+    """With an API key set, every endpoint but the probes needs ``Authorization: Bearer <key>``
+    (compared in constant time)."""
+    if not key or request.url.path in OPEN_PATHS:
+        return True
+    given = request.headers.get("authorization", "")
+    return hmac.compare_digest(given.encode(), f"Bearer {key}".encode())
 
 
 @serve.deployment(max_ongoing_requests=512)
@@ -222,6 +255,9 @@ class MoergeServer:
         #: requests being answered (a stream counts until its last event); refused while draining
         self.in_flight = 0
         self.draining = False
+        #: the workers as last seen by the watcher (every WATCH_S): who can serve
+        self.health: list[dict[str, Any]] = [{"worker": i, "state": "ok"} for i in range(len(self.pool.workers))]
+        self._watcher: asyncio.Task | None = None
 
     # ------------------------------------------------------------------------------ helpers
 
@@ -231,6 +267,8 @@ class MoergeServer:
 
     def _target(self, name: str | None) -> tuple[tuple[tuple[str, float], ...], str | None, bool]:
         """A ``model``/``expert`` name → (experts, composition, needs routing)."""
+        if name is not None and not name.strip():
+            raise BadRequest("'expert'/'model' must be a non-empty name (leave it out, or send 'auto', to be routed)")
         if name is None or name in AUTO_MODELS:
             return (), None, True
         if name in self.settings.compositions:
@@ -303,15 +341,50 @@ class MoergeServer:
             raise err
         return results
 
-    async def _guard(self, handler: Any) -> Response:
+    def _watch(self) -> None:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_loop())
+
+    async def _watch_loop(self) -> None:
+        while True:
+            try:
+                self.health = await self.pool.ahealth(timeout_s=PING_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - keep watching; the next round reports
+                log.exception("worker health check failed")
+            await asyncio.sleep(WATCH_S)
+
+    def _serving_workers(self) -> int:
+        return sum(w["state"] == "ok" for w in self.health)
+
+    async def _guard(self, handler: Any, request: Request, needs_workers: bool = True) -> Response:
+        self._watch()
+        if not authorised(request, self.settings.api_key):
+            self.errors[401] = self.errors.get(401, 0) + 1
+            return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error")
         if self.draining:
             self.errors[503] = self.errors.get(503, 0) + 1
             return _error(503, "the server is shutting down; retry on another replica", "unavailable")
+        if needs_workers and not self._serving_workers():
+            self.errors[503] = self.errors.get(503, 0) + 1
+            states = ", ".join(f"worker {w['worker']} {w['state']}" for w in self.health)
+            return _error(
+                503, f"no worker can serve now ({states}); they are restarted automatically — retry shortly", "unavailable"
+            )
         self.requests += 1
         self.in_flight += 1
         streaming = False
+        timeout = self.settings.request_timeout_s
         try:
-            out = await respond(handler, self.errors)
+            try:
+                out = await asyncio.wait_for(respond(handler, self.errors), timeout=timeout)
+            except asyncio.TimeoutError:
+                self.errors[504] = self.errors.get(504, 0) + 1
+                return _error(
+                    504,
+                    f"no answer within the {timeout:g} s deadline (request_timeout_s, --request-timeout); "
+                    "a worker may be overloaded, stuck or restarting",
+                    "timeout",
+                )
             if isinstance(out, StreamingResponse):
                 streaming = True
                 out.body_iterator = self._counted(out.body_iterator)
@@ -340,15 +413,39 @@ class MoergeServer:
 
     # ---------------------------------------------------------------------------- endpoints
 
+    async def _probe(self) -> tuple[int, dict[str, Any]]:
+        self._watch()
+        self.health = await self.pool.ahealth(timeout_s=PING_TIMEOUT_S)  # fresh: a probe must not lie
+        serving = self._serving_workers()
+        status = (
+            "draining" if self.draining else "ok" if serving == len(self.health) else "degraded" if serving else "unavailable"
+        )
+        body = {
+            "status": status,
+            "workers": self.health,
+            "serving_workers": serving,
+            "uptime_s": round(time.time() - self.started, 1),
+            "in_flight": self.in_flight,
+        }
+        return (200 if status in ("ok", "degraded") else 503), body
+
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        body = {"workers": len(self.pool.workers), "uptime_s": round(time.time() - self.started, 1), "in_flight": self.in_flight}
-        if self.draining:  # a load balancer stops sending here
-            return JSONResponse({"status": "draining", **body}, status_code=503)
-        return JSONResponse({"status": "ok", **body})
+        """200 while at least one worker answers (``ok``, or ``degraded`` with the others named);
+        503 when none does (``unavailable``) or while stopping (``draining``)."""
+        code, body = await self._probe()
+        return JSONResponse(body, status_code=code)
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        """Whether to send traffic here: 200 or 503, with the reason."""
+        code, body = await self._probe()
+        return JSONResponse(
+            {"ready": code == 200, "status": body["status"], "serving_workers": body["serving_workers"]}, status_code=code
+        )
 
     @api.get("/v1/experts")
-    async def experts(self) -> JSONResponse:
+    async def experts(self, request: Request) -> JSONResponse:
         async def handler() -> dict[str, Any]:
             info = await self.pool.ainfo()
             return {
@@ -362,19 +459,19 @@ class MoergeServer:
                 "resident": {w["worker"]: w.get("resident", []) for w in info["workers"]},
             }
 
-        return await self._guard(handler)
+        return await self._guard(handler, request, needs_workers=False)
 
     @api.get("/v1/stats")
-    async def stats(self) -> JSONResponse:
+    async def stats(self, request: Request) -> JSONResponse:
         async def handler() -> dict[str, Any]:
             return {"requests": self.requests, "errors": self.errors, **(await self.pool.ainfo())}
 
-        return await self._guard(handler)
+        return await self._guard(handler, request, needs_workers=False)
 
     @api.post("/v1/generate")
     async def generate(self, request: Request) -> JSONResponse:
         async def handler() -> dict[str, Any]:
-            body = _parse(GenerateBody, await _json(request))
+            body = _parse(GenerateBody, await _json(request, self.limits.max_body_bytes))
             texts = body.texts(self.limits)
             given = [x for x in (body.expert, body.experts, body.model) if x is not None]
             if len(given) > 1:
@@ -385,7 +482,7 @@ class MoergeServer:
                     raise BadRequest("'experts' is empty")
                 experts, comp, route = tuple(body.experts.items()), None, False
             else:
-                experts, comp, route = self._target(body.expert or body.model)
+                experts, comp, route = self._target(body.expert if body.expert is not None else body.model)
             reqs = [ServeRequest(t, experts, comp, params) for t in texts]
             gid = f"gen-{uuid.uuid4().hex[:12]}"
             if body.stream:
@@ -394,12 +491,12 @@ class MoergeServer:
             results = await self._serve(reqs, [route] * len(reqs))
             return {"id": gid, "results": [r.to_json() for r in results]}
 
-        return await self._guard(handler)
+        return await self._guard(handler, request)
 
     @api.post("/v1/route")
     async def route(self, request: Request) -> JSONResponse:
         async def handler() -> dict[str, Any]:
-            body = _parse(RouteBody, await _json(request))
+            body = _parse(RouteBody, await _json(request, self.limits.max_body_bytes))
             texts = body.texts(self.limits)
             for t in texts:
                 ServeRequest(t).check(self.limits)
@@ -411,12 +508,12 @@ class MoergeServer:
                 d["experts"] = [{"name": n, "weight": round(float(w), 6)} for n, w in d["experts"]]
             return {"decisions": out}
 
-        return await self._guard(handler)
+        return await self._guard(handler, request)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> JSONResponse:
         async def handler() -> dict[str, Any]:
-            body = _parse(CompletionBody, await _json(request))
+            body = _parse(CompletionBody, await _json(request, self.limits.max_body_bytes))
             if body.n != 1:
                 raise BadRequest(f"n={body.n} is not supported; send n=1")
             texts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
@@ -455,7 +552,7 @@ class MoergeServer:
                 },
             }
 
-        return await self._guard(handler)
+        return await self._guard(handler, request)
 
     # ----------------------------------------------------------------------------- streaming
 
@@ -666,6 +763,16 @@ def deploy(
         data=data,
         **options,
     )
+    import ipaddress
+
+    try:
+        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = False
+    if not local and not settings.api_key:
+        raise ValueError(
+            f"host {host!r} exposes the server beyond this machine: give api_key= (clients send 'Authorization: Bearer KEY')"
+        )
     ensure_ray(ray_cpus)
     if settings.num_cpus is None:
         import ray

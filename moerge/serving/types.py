@@ -3,6 +3,7 @@ generation parameters), its result, and the limits a server enforces on input.""
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -47,6 +48,10 @@ class Limits:
     max_prompt_chars: int = 8_000
     max_prompt_tokens: int = 1_024
     max_prompts: int = 64
+    #: an expert's weight in a request (weights scale LoRA terms: a huge one overflows the batch)
+    max_expert_weight: float = 100.0
+    #: request bodies beyond this get 413 before they are parsed
+    max_body_bytes: int = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,10 @@ class GenerationParams:
             raise BadRequest(f"temperature must be between 0 and 10, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise BadRequest(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63
+        ):
+            raise BadRequest(f"seed must be an integer in [0, 2**63), got {self.seed}")
 
 
 @dataclass
@@ -105,8 +114,12 @@ class ServeRequest:
         if len(set(names)) != len(names):
             raise BadRequest(f"experts listed twice: {names}")
         for n, w in self.experts:
-            if not w > 0:
-                raise BadRequest(f"expert {n!r} has weight {w}; weights must be positive")
+            if not isinstance(n, str) or not n.strip():
+                raise BadRequest(f"an expert name must be a non-empty string, got {n!r}")
+            if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
+                raise BadRequest(f"expert {n!r} has weight {w!r}; weights must be finite numbers")
+            if not 0 < w <= limits.max_expert_weight:
+                raise BadRequest(f"expert {n!r} has weight {w}; weights must be in (0, {limits.max_expert_weight:g}]")
         self.params.check(limits)
 
 

@@ -9,9 +9,10 @@ requests meanwhile.
 
 The pool groups requests by what must be resident to serve them, places each group with
 :class:`~moerge.serving.batching.Placement` (affinity, hot-expert replication,
-least-outstanding), and returns results in request order. A worker that dies is restarted by
-Ray (``max_restarts``); the requests it held are retried once on another worker (or the same
-one, restarted), and answered with a 503-style error if that fails too — none is lost.
+least-outstanding), and returns results in request order. A worker that dies is re-created by
+Ray however often it dies (``max_restarts=-1``); the requests it held are retried once on
+another worker (or the same one, restarted), and answered with a 503-style error if that fails
+too — none is lost. :meth:`ExpertPool.ahealth` pings every worker (ok / unresponsive / down).
 """
 
 from __future__ import annotations
@@ -194,10 +195,11 @@ class ExpertWorker:
 
 
 def spawn_workers(
-    config: WorkerConfig, replicas: int, num_cpus: float = 1.0, max_restarts: int = 3, name_prefix: str | None = None
+    config: WorkerConfig, replicas: int, num_cpus: float = 1.0, max_restarts: int = -1, name_prefix: str | None = None
 ) -> list[Any]:
-    """``replicas`` ExpertWorker actors (Ray restarts a dead one up to ``max_restarts`` times;
-    the pool, not Ray, retries the requests it held)."""
+    """``replicas`` ExpertWorker actors, supervised: Ray re-creates a dead one however often it
+    dies (``max_restarts=-1``; each restart reloads the base, which paces a crash loop); the
+    pool, not Ray, retries the requests it held."""
     import ray
 
     actor = ray.remote(ExpertWorker)
@@ -268,7 +270,7 @@ class ExpertPool:
         default_composition: str | None = None,
         num_cpus: float = 1.0,
         replicate_at: int | None = None,
-        max_restarts: int = 3,
+        max_restarts: int = -1,
         workers: Sequence[Any] | None = None,
         router_data: Mapping[str, Sequence[Any]] | None = None,
     ) -> None:
@@ -306,6 +308,23 @@ class ExpertPool:
         import ray
 
         return ray.get([w.ping.remote() for w in self.workers], timeout=timeout_s)
+
+    async def ahealth(self, timeout_s: float = 2.0) -> list[dict[str, Any]]:
+        """Each worker's state: ``ok`` (answered a ping within ``timeout_s``), ``unresponsive``
+        (no answer: frozen, or busy past it) or ``down`` (dead or restarting)."""
+        from ray.exceptions import RayActorError
+
+        async def one(i: int) -> dict[str, Any]:
+            start = time.monotonic()
+            try:
+                pid = await asyncio.wait_for(self.workers[i].ping.remote(), timeout=timeout_s)
+                return {"worker": i, "state": "ok", "pid": pid, "ping_ms": round(1000 * (time.monotonic() - start), 1)}
+            except asyncio.TimeoutError:
+                return {"worker": i, "state": "unresponsive", "detail": f"no answer within {timeout_s:g} s"}
+            except RayActorError as exc:
+                return {"worker": i, "state": "down", "detail": str(exc).splitlines()[0][:200]}
+
+        return list(await asyncio.gather(*(one(i) for i in range(len(self.workers)))))
 
     async def await_alive(self, worker: int, timeout_s: float = 120.0) -> int:
         """Wait until ``worker`` answers (a restarting actor refuses calls until it is back)."""
