@@ -638,6 +638,37 @@ def bench_routing(hidden, layers, experts, top_k, batch, seq, repeats, device, d
             json.dump(result, fh, indent=2)
 
 
+@bench.command("soak")
+@click.option("--requests", "n_requests", default=2000, show_default=True, type=int)
+@click.option("--concurrency", default=32, show_default=True, type=int)
+@click.option("--kills", default=3, show_default=True, type=int, help="Workers SIGKILLed during the run.")
+@click.option("--freezes", default=1, show_default=True, type=int, help="Workers SIGSTOPped (then thawed) during the run.")
+@click.option("--freeze-s", default=4.0, show_default=True, type=float)
+@click.option("--replicas", default=2, show_default=True, type=int)
+@click.option("--request-timeout", default=10.0, show_default=True, type=float, help="The server's per-request deadline.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the result as JSON.")
+def bench_soak(n_requests, concurrency, kills, freezes, freeze_s, replicas, request_timeout, json_path) -> None:  # noqa: ANN001
+    """Soak a real `moerge serve` (small zoo) at high concurrency while killing and freezing its
+    workers: every request must be answered or fail clearly within its deadline, none lost."""
+    from moerge.bench import soak
+
+    cfg = soak.SoakConfig(
+        requests=n_requests,
+        concurrency=concurrency,
+        kills=kills,
+        freezes=freezes,
+        freeze_s=freeze_s,
+        replicas=replicas,
+        request_timeout_s=request_timeout,
+    )
+    result = soak.run(cfg)
+    click.echo(soak.table(result))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    if result["lost"] or not result["healthy_at_end"] or result["exit_code"] != 0:
+        sys.exit(1)
+
+
 @bench.command("serving")
 @click.option("--mixed/--no-mixed", default=True, help="Mixed-expert batches vs single-expert, PEFT adapter_names, set_adapter.")
 @click.option("--http/--no-http", default=True, help="End to end over loopback HTTP on Ray Serve (the zoo).")

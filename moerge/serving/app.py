@@ -25,7 +25,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
-from moerge.serving.types import BASE, BadRequest, GenerationParams, Limits, ServeRequest, ServeResult, ServingError
+from moerge.serving.types import (
+    BASE,
+    BadRequest,
+    GenerationParams,
+    Limits,
+    ServeRequest,
+    ServeResult,
+    ServingError,
+    Unavailable,
+)
 from moerge.serving.workers import ExpertPool, WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -334,9 +343,9 @@ class MoergeServer:
         if bad:
             i, r = bad[0]
             where = f"prompt {i}: " if len(results) > 1 else ""
-            if r.status >= 500:
+            if r.status == 500:
                 raise RuntimeError(f"{where}{r.error}")
-            err = BadRequest(f"{where}{r.error}")
+            err = (Unavailable if r.status >= 500 else BadRequest)(f"{where}{r.error}")  # e.g. 503: died again on retry
             err.status = r.status
             raise err
         return results
