@@ -397,3 +397,26 @@ def test_soak_with_workers_killed_and_frozen_loses_no_request():
     assert r["healthy_at_end"] and r["exit_code"] == 0
     assert r["max_ms"] <= 1000 * (r["config"]["request_timeout_s"] + r["config"]["grace_s"])
     assert r["answered"] >= 0.95 * r["requests"]  # retries and the survivor keep almost every request served
+
+
+@pytest.mark.slow
+def test_a_worker_on_a_node_without_the_registry_gets_experts_and_base_through_ray(tmp_path, small_zoo):
+    """No shared disk needed: a two-node Ray cluster (ray.cluster_utils.Cluster on this
+    machine); the worker runs on the second node with registry and base paths that do not exist
+    there. It mirrors both through the head node's RegistryService (verified by sha256) and
+    answers as a local worker would; an expert registered after it started is fetched on first use."""
+    reg = tmp_path / "reg"
+    shutil.copytree(small_zoo.registry_path, reg)
+    example = small_zoo.test_split("sort")[0]
+    cache = tmp_path / "far-node-cache"
+    script = Path(__file__).parent / "scripts" / "two_nodes.py"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    args = [str(reg), str(small_zoo.base_path), str(small_zoo.lora_path("sort")), example.prompt, example.target, str(cache)]
+    r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["worker_node"] != out["head_node"]
+    assert out["worker_registry"].startswith(str(cache)) and out["worker_base"].startswith(str(cache))
+    assert out["text"] == example.target and out["late_error"] is None and out["late_text"] == example.target
+    mirrored = Registry(out["worker_registry"])
+    assert mirrored.verify()["ok"] and {r.name for r in mirrored.list()} >= {"sort", "late"}

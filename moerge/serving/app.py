@@ -79,6 +79,9 @@ class ServeSettings:
     request_timeout_s: float = 60.0
     #: required as ``Authorization: Bearer <key>`` on every endpoint but /healthz and /readyz
     api_key: str | None = None
+    #: serve the registry (and a base folder) to workers on nodes that cannot see it, through Ray
+    share_registry: bool = True
+    registry_service: Any = None
 
     def worker_config(self) -> WorkerConfig:
         return WorkerConfig(
@@ -94,6 +97,7 @@ class ServeSettings:
             dtype=self.dtype,
             gpus=self.gpus_per_worker,
             compile=self.compile,
+            registry_service=self.registry_service,
         )
 
 
@@ -653,7 +657,8 @@ class Deployment:
         return left
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "url": self.url, "settings": asdict(self.settings)}
+        settings = {k: v for k, v in asdict(self.settings).items() if k not in ("registry_service", "api_key")}
+        return {"name": self.name, "url": self.url, "settings": settings}
 
 
 def build_settings(
@@ -783,6 +788,12 @@ def deploy(
             f"host {host!r} exposes the server beyond this machine: give api_key= (clients send 'Authorization: Bearer KEY')"
         )
     ensure_ray(ray_cpus)
+    if settings.share_registry and settings.registry_service is None:
+        from moerge.registry import Registry
+        from moerge.serving.remote import start_service
+
+        base = settings.base or next(iter({r.base_model for r in Registry(settings.registry).list(kind="lora")} - {None}), None)
+        settings.registry_service = start_service(settings.registry, base)
     if settings.num_cpus is None:
         import ray
 

@@ -128,8 +128,11 @@ class ExpertEngine:
         device: DeviceLike = "auto",
         dtype: DTypeLike = "auto",
         compile: bool = False,
+        refresh: Callable[[], None] | None = None,
     ) -> None:
         set_threads(threads)
+        #: called when a request names an expert the registry lacks (a mirror fetches new records)
+        self.refresh = refresh
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         #: decode with a static cache and torch.compile, batches padded to bucket sizes
@@ -168,7 +171,13 @@ class ExpertEngine:
         """The registry record a request's expert name means (``name`` or ``name@version``),
         checked to be a LoRA on this engine's base."""
         try:
-            rec = self.registry.get(name)  # "name" or "name@version"
+            try:
+                rec = self.registry.get(name)  # "name" or "name@version"
+            except KeyError:
+                if self.refresh is None:
+                    raise
+                self.refresh()  # registered since this mirror was made?
+                rec = self.registry.get(name)
         except KeyError:
             raise UnknownExpert(f"unknown expert {name!r}; the registry has {self.registry.names()[:20]}") from None
         except ValueError:
@@ -353,6 +362,7 @@ class ExpertEngine:
     def info(self) -> dict[str, Any]:
         return {
             "base": self.base,
+            "registry": str(self.registry.root),
             "max_resident": self.max_resident,
             "resident": self.resident,
             "compositions": sorted(self.compositions),

@@ -56,6 +56,9 @@ class WorkerConfig:
     gpus: float = 0.0
     #: decode with a static KV cache and torch.compile (CUDA graphs on a GPU)
     compile: bool = False
+    #: a :class:`~moerge.serving.remote.RegistryService` handle: a worker on a node that does
+    #: not see ``registry`` mirrors it (and a base folder) through Ray instead
+    registry_service: Any = None
 
     def __post_init__(self) -> None:
         from moerge.device import resolve_dtype
@@ -104,11 +107,14 @@ class ExpertWorker:
         from moerge.serving.engine import ExpertEngine
 
         actor_logging()
+        from moerge.serving.remote import local_paths, refresh
 
         self.config, self.index = config, index
+        registry, base, _ = local_paths(config.registry, config.base, config.registry_service)
         self.engine = ExpertEngine(
-            config.registry,
-            base=config.base,
+            registry,
+            base=base,
+            refresh=(lambda: refresh(config.registry_service)) if registry != config.registry else None,
             max_resident=config.max_resident,
             preload=config.preload,
             compositions=config.compositions,
@@ -182,9 +188,15 @@ class ExpertWorker:
         return await asyncio.to_thread(self.engine.usage, composition, list(prompts))
 
     def info(self) -> dict[str, Any]:
+        node = None
+        if in_ray_actor():
+            import ray
+
+            node = ray.get_runtime_context().get_node_id()
         return {
             "worker": self.index,
             "pid": os.getpid(),
+            "node_id": node,
             "queued": len(self.queue) if self.queue is not None else 0,
             "uptime_s": round(time.time() - self.started, 1),
             **self.engine.info(),
@@ -274,8 +286,12 @@ class ExpertPool:
         workers: Sequence[Any] | None = None,
         router_data: Mapping[str, Sequence[Any]] | None = None,
     ) -> None:
+        from moerge.serving.remote import local_paths
+
         self.config = config
-        self.registry = Registry(config.registry)
+        if workers is None or config.registry_service is not None:
+            ensure_ray()
+        self.registry = Registry(local_paths(config.registry, config.base, config.registry_service)[0])
         self.router = self._sequence_router(router, router_config, router_data) if router else None
         self.router_name = router
         if default_composition is not None and default_composition not in config.compositions:
