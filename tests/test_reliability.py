@@ -420,3 +420,30 @@ def test_a_worker_on_a_node_without_the_registry_gets_experts_and_base_through_r
     assert out["text"] == example.target and out["late_error"] is None and out["late_text"] == example.target
     mirrored = Registry(out["worker_registry"])
     assert mirrored.verify()["ok"] and {r.name for r in mirrored.list()} >= {"sort", "late"}
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="lists listening sockets with ss")
+def test_the_local_ray_listens_on_loopback_only():
+    """`moerge serve`'s local Ray: every port it opens (GCS, raylet, workers, agents) is on
+    127.0.0.1; before, 12 listened on the machine's interfaces."""
+    code = (
+        "import json, subprocess\n"
+        "def ls():\n"
+        "    out = subprocess.run(['ss', '-ltnH'], capture_output=True, text=True).stdout\n"
+        "    return {l.split()[3] for l in out.splitlines()}\n"
+        "before = ls()\n"
+        "import ray\nfrom moerge.serving.workers import ensure_ray\nensure_ray(1)\n"
+        "ray.get(ray.remote(lambda: 1).remote())\n"
+        "print(json.dumps(sorted(ls() - before)))\nray.shutdown()\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    new = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(new) >= 5
+    assert all(a.startswith(("127.", "[::ffff:127.", "[::1]")) for a in new), new

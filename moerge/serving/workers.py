@@ -240,7 +240,19 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=log_to_driver)
         return
-    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=80 * 1024**2, log_to_driver=log_to_driver)
+    # A local Ray is a one-machine cluster: keep its GCS, raylet and worker ports on loopback.
+    # Ray binds them to the node's address, which it takes from the network unless it believes it
+    # cannot form clusters (its Windows/macOS rule, read here at call time); say so for this start.
+    from ray._private import ray_constants
+
+    clustered = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    if clustered is not None and os.environ.get("MOERGE_RAY_LOOPBACK", "1") != "0":
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=80 * 1024**2, log_to_driver=log_to_driver)
+    finally:
+        if clustered is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = clustered
 
 
 def composition_spec(
