@@ -304,12 +304,12 @@ class Registry:
                 pass
             try:
                 yield con
+                note.unlink(missing_ok=True)  # before the lock is released: the next writer's note is its own
                 con.execute("COMMIT")
             except BaseException:
+                note.unlink(missing_ok=True)
                 con.execute("ROLLBACK")
                 raise
-            finally:
-                note.unlink(missing_ok=True)
         finally:
             con.close()
 
