@@ -365,14 +365,18 @@ def test_the_server_tells_the_truth_about_its_workers_and_outlives_them(tmp_path
         wait_for("ok", timeout=30)
         assert generate().status_code == 200
 
-        for _ in range(4):  # supervised: re-created however often it dies
+        for _ in range(4):  # supervised: re-created however often it dies, with a growing back-off
             pid = wait_for("ok")["workers"][0]["pid"]
             os.kill(pid, sig.SIGKILL)
             time.sleep(1)
             body = wait_for("ok", timeout=120)
             assert body["workers"][0]["pid"] != pid
+        stats = httpx.get(f"{url}/v1/stats", headers=key, timeout=30).json()
+        assert stats["workers"][0]["restarts_in_a_row"] == 4  # waited 0.25 + 0.5 + 1 + 2 s before loading
         r = generate()
         assert r.status_code == 200 and r.json()["results"][0]["text"]
+        stats = httpx.get(f"{url}/v1/stats", headers=key, timeout=30).json()
+        assert stats["workers"][0]["restarts_in_a_row"] == 0  # serving again: the back-off starts afresh
 
         proc.send_signal(sig.SIGTERM)
         assert proc.wait(timeout=90) == 0, log.read_text()[-3000:]

@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from moerge.hints import did_you_mean
@@ -99,6 +100,37 @@ def actor_logging() -> None:
         logger.setLevel(logging.WARNING)
 
 
+#: restart back-off: a worker re-created after its n-th death waits min(CAP, BASE·2^(n-1)) s first
+RESTART_BACKOFF_BASE_S = 0.25
+RESTART_BACKOFF_CAP_S = 30.0
+
+
+def restart_backoff() -> int:
+    """In a Ray actor that Ray re-created: count the restart (a file per actor in the node's
+    temp folder), wait the back-off, and return how many restarts this actor has had. A worker
+    that serves a batch resets the count, so only a crash loop waits longer and longer."""
+    if not in_ray_actor():
+        return 0
+    import tempfile
+
+    import ray
+
+    ctx = ray.get_runtime_context()
+    counter = Path(tempfile.gettempdir()) / f"moerge-restarts-{ctx.get_actor_id()}"
+    if not ctx.was_current_actor_reconstructed:
+        counter.unlink(missing_ok=True)
+        return 0
+    try:
+        n = int(counter.read_text()) + 1
+    except (OSError, ValueError):
+        n = 1
+    counter.write_text(str(n))
+    wait = min(RESTART_BACKOFF_CAP_S, RESTART_BACKOFF_BASE_S * 2 ** (n - 1))
+    log.warning("worker re-created after a death (restart %d in a row): waiting %.2f s first", n, wait)
+    time.sleep(wait)
+    return n
+
+
 class ExpertWorker:
     """One worker: an engine plus its batching queue. Wrapped as a Ray actor by
     :func:`spawn_workers`; usable in-process too (``await worker.submit([...])``)."""
@@ -107,6 +139,8 @@ class ExpertWorker:
         from moerge.serving.engine import ExpertEngine
 
         actor_logging()
+        #: deaths in a row before this incarnation (0 for a first start)
+        self.restarts = restart_backoff()
         from moerge.serving.remote import local_paths, refresh
 
         self.config, self.index = config, index
@@ -175,6 +209,8 @@ class ExpertWorker:
             }
             try:
                 results = await asyncio.to_thread(self.engine.run, reqs, sinks or None)
+                if self.restarts:  # serving again: a later death starts the back-off afresh
+                    self._reset_restarts()
             except Exception as exc:  # keep serving: this batch fails, the next runs
                 log.exception("worker %d: batch of %d failed", self.index, len(reqs))
                 results = [ServeResult(id=r.id, error=f"internal error: {type(exc).__name__}: {exc}", status=500) for r in reqs]
@@ -187,6 +223,14 @@ class ExpertWorker:
     async def usage(self, composition: str, prompts: Sequence[str]) -> list[list[tuple[str, float]]]:
         return await asyncio.to_thread(self.engine.usage, composition, list(prompts))
 
+    def _reset_restarts(self) -> None:
+        import tempfile
+
+        import ray
+
+        (Path(tempfile.gettempdir()) / f"moerge-restarts-{ray.get_runtime_context().get_actor_id()}").unlink(missing_ok=True)
+        self.restarts = 0
+
     def info(self) -> dict[str, Any]:
         node = None
         if in_ray_actor():
@@ -197,6 +241,7 @@ class ExpertWorker:
             "worker": self.index,
             "pid": os.getpid(),
             "node_id": node,
+            "restarts_in_a_row": self.restarts,
             "queued": len(self.queue) if self.queue is not None else 0,
             "uptime_s": round(time.time() - self.started, 1),
             **self.engine.info(),
