@@ -131,3 +131,87 @@ def test_retrieval_cli_indexes_once_and_evaluates(beir):
     (beir / "qrels" / "test.tsv").write_text("q1\tnope\t1\n")
     r = CliRunner().invoke(main, ["retrieval", "eval", "--data", str(beir)])
     assert r.exit_code == 2 and "document 'nope' is not in corpus.jsonl" in r.output
+
+
+# ------------------------------------------------------------- embedding experts
+
+
+def _encoder_lora(folder, seed, layout="peft"):
+    """A LoRA on the bundled MiniLM's transformer (query/value, r=8, α=32 as RouterRetriever's),
+    saved as PEFT does, or in the layout sentence-transformers' add_adapter + save_pretrained
+    writes (the model folder's files with the adapter at its root, keys without PEFT's prefix;
+    built by hand: that path needs peft ≥ 0.22 with this transformers, and peft 0.21 is installed)."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from sentence_transformers import SentenceTransformer
+
+    from moerge.routers.embedding import default_embedder_path
+
+    st = SentenceTransformer(default_embedder_path(), device="cpu")
+    torch.manual_seed(seed)
+    pm = get_peft_model(
+        st[0].auto_model, LoraConfig(r=8, lora_alpha=32, target_modules=["query", "value"], init_lora_weights=False)
+    )
+    pm.save_pretrained(folder)
+    if layout == "sentence-transformers":
+        shutil.copytree(folder, folder.with_name(folder.name + "-peft"))  # the same weights as PEFT saves them
+        src = default_embedder_path()
+        for name in ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json", "tokenizer.json"):
+            shutil.copy2(f"{src}/{name}", folder / name)
+        shutil.copytree(f"{src}/1_Pooling", folder / "1_Pooling")
+        state = load_file(folder / "adapter_model.safetensors")
+        save_file({k.removeprefix("base_model.model."): v for k, v in state.items()}, folder / "adapter_model.safetensors")
+    return folder
+
+
+def test_embedding_experts_register_in_both_layouts_and_embed_in_one_mixed_batch(tmp_path):
+    from peft import PeftModel
+    from sentence_transformers import SentenceTransformer
+
+    from moerge.registry import Registry
+    from moerge.retrieval.encoder import ExpertEncoder
+    from moerge.routers.embedding import default_embedder_path
+
+    reg = Registry(tmp_path / "reg")
+    sci = reg.register(_encoder_lora(tmp_path / "sci", 0), "sci")
+    fin = reg.register(_encoder_lora(tmp_path / "fin", 1, layout="sentence-transformers"), "fin")
+    assert sci.kind == fin.kind == "lora" and sci.base_model == fin.base_model == default_embedder_path()
+    assert sci.lora.r == 8 and len(sci.lora.modules) == 12  # query and value of 6 layers
+    enc = ExpertEncoder(None, reg.select(kind="lora"))
+    texts = ["why do cats purr", "stock market crash", "protein folding", "bond yields"]
+    names = ["sci", "fin", None, "fin"]
+    mixed = enc.embed(texts, names, batch_size=3)  # rows of one batch use different experts
+    for text, name, row in zip(texts, names, mixed, strict=True):
+        st = SentenceTransformer(default_embedder_path(), device="cpu")
+        if name:
+            peft_folder = tmp_path / (name + "-peft") if (tmp_path / (name + "-peft")).exists() else tmp_path / name
+            st[0].auto_model = PeftModel.from_pretrained(st[0].auto_model, peft_folder)
+        ref = torch.nn.functional.normalize(st.encode([text], convert_to_tensor=True).float(), dim=-1)[0]
+        torch.testing.assert_close(row, ref, atol=1e-5, rtol=0)
+    assert not torch.allclose(mixed[1], enc.embed([texts[1]])[0])  # the expert changes the embedding
+    with pytest.raises(KeyError, match=r"unknown expert 'scii' \(did you mean 'sci'\?\)"):
+        enc.embed(["x"], ["scii"])
+
+
+def test_an_expert_for_another_encoder_is_refused_by_name(tmp_path):
+    import json
+
+    from moerge.registry import Registry
+    from moerge.registry.importers import ShapeMismatchError
+    from moerge.routers.embedding import default_embedder_path
+
+    folder = _encoder_lora(tmp_path / "x", 0)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "adapter_model.safetensors")  # as if trained on a 512-wide encoder
+    save_file(
+        {k: torch.zeros(8, 512) if "lora_A" in k else torch.zeros(512, 8) for k in state}, folder / "adapter_model.safetensors"
+    )
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == default_embedder_path()
+    reg = Registry(tmp_path / "reg")
+    with pytest.raises(ShapeMismatchError, match=r"does not fit base model .*shape \(384, 384\)"):
+        reg.register(folder, "x")
+    assert reg.list() == []
