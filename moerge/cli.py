@@ -638,6 +638,29 @@ def bench_routing(hidden, layers, experts, top_k, batch, seq, repeats, device, d
             json.dump(result, fh, indent=2)
 
 
+@bench.command("embedding")
+@click.option("--queries", default=1000, show_default=True, type=int)
+@click.option("--experts", default=6, show_default=True, type=int)
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--repeats", default=3, show_default=True, type=int)
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the result as JSON.")
+@click.option("--no-progress", is_flag=True)
+@THREADS_OPTION
+def bench_embedding(queries, experts, batch_size, repeats, json_path, no_progress, threads) -> None:  # noqa: ANN001
+    """Routed query embedding: mixed-expert batches vs PEFT set_adapter per query and per expert group."""
+    from moerge.bench import embedding
+    from moerge.device import set_threads
+
+    set_threads(threads)
+    result = embedding.run(
+        embedding.EmbedBenchConfig(queries=queries, experts=experts, batch_size=batch_size, repeats=repeats),
+        progress=None if not no_progress else False,
+    )
+    click.echo(embedding.table(result))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+
+
 @bench.command("soak")
 @click.option("--requests", "n_requests", default=2000, show_default=True, type=int)
 @click.option("--concurrency", default=32, show_default=True, type=int)

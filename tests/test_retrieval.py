@@ -215,3 +215,12 @@ def test_an_expert_for_another_encoder_is_refused_by_name(tmp_path):
     with pytest.raises(ShapeMismatchError, match=r"does not fit base model .*shape \(384, 384\)"):
         reg.register(folder, "x")
     assert reg.list() == []
+
+
+def test_embedding_bench_compares_the_same_embeddings():
+    from moerge.bench import embedding
+
+    r = embedding.run(embedding.EmbedBenchConfig(queries=24, experts=2, batch_size=8, repeats=1), progress=False)
+    assert r["max_abs_diff_vs_per_query"] < 1e-5  # the three variants compute the same embeddings
+    assert set(r["seconds"]) == {"moerge mixed batches", "PEFT grouped by expert", "PEFT set_adapter per query"}
+    assert "moerge × faster" in embedding.table(r)

@@ -89,10 +89,12 @@ class ExpertEncoder:
         index = [self._index(n) for n in names]
         out = torch.zeros(len(texts), self.dim)
         device = self.model.device
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # similar lengths batch together: less padding
         for start in range(0, len(texts), batch_size):
-            chunk = texts[start : start + batch_size]
+            picked = order[start : start + batch_size]
+            chunk = [texts[i] for i in picked]
             features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.model.tokenize(chunk).items()}
-            rows = [[(e, 1.0)] if e >= 0 else [] for e in index[start : start + batch_size]]
+            rows = [[(index[i], 1.0)] if index[i] >= 0 else [] for i in picked]
             if self.experts:
                 with use_weights(self.transformer, Assignment.rows(rows)):
                     emb = self.model(features)["sentence_embedding"]
@@ -100,5 +102,5 @@ class ExpertEncoder:
                 emb = self.model(features)["sentence_embedding"]
             if self.normalize:
                 emb = torch.nn.functional.normalize(emb.float(), dim=-1)
-            out[start : start + len(chunk)] = emb.float().cpu()
+            out[picked] = emb.float().cpu()
         return out
