@@ -92,10 +92,10 @@ def test_dot_product_favours_tight_clusters_where_cosine_does_not():
     assert cos_rr.route(["cats purr"]) == ["a"] and dot_rr.route(["cats purr"]) == ["b"]
 
 
-def test_end_to_end_on_a_beir_folder_with_real_expert_encoders(tmp_path):
-    """Algorithm 1 with real retrieval: every expert is scored by trec_eval's nDCG@10 on the
-    training queries, pilots come from the train split only, and test queries are routed and
-    embedded by their expert in mixed batches."""
+@pytest.fixture
+def toy(tmp_path):
+    """A BEIR folder, a registry with two random LoRA experts on the bundled MiniLM, their
+    ExpertEncoder and the base index."""
     from peft import LoraConfig, get_peft_model
     from sentence_transformers import SentenceTransformer
 
@@ -124,7 +124,39 @@ def test_end_to_end_on_a_beir_folder_with_real_expert_encoders(tmp_path):
         reg.register(tmp_path / name, name)
     enc = ExpertEncoder(None, reg.select(kind="lora"))
     corpus_, train_q, train_qrels = load_beir(root, "train")
-    index = Index.build(corpus_)
+    return root, reg, enc, Index.build(corpus_), train_q, train_qrels
+
+
+def test_pilots_live_in_the_registry_incrementally(toy, monkeypatch):
+    """Stored as artifacts of their experts: a second router loads them without scoring; a new
+    dataset is the only one scored (incremental mode); removing an expert removes its pilots."""
+    from moerge.retrieval.encoder import ExpertEncoder
+
+    root, reg, enc, index, train_q, train_qrels = toy
+    data = {"toy": Dataset(index, train_q, train_qrels)}
+    first = RouterRetriever(enc, ties="first")
+    assert first.build_or_load(reg, data) == ["toy"]
+    second = RouterRetriever(enc, ties="first")
+    monkeypatch.setattr(RouterRetriever, "score_experts", lambda *a, **k: pytest.fail("scored again"))
+    assert second.build_or_load(reg, data) == []
+    assert {e: p.shape for e, p in second.library.pilots.items()} == {e: p.shape for e, p in first.library.pilots.items()}
+    for e in first.library.pilots:
+        torch.testing.assert_close(second.library.pilots[e], first.library.pilots[e])
+    monkeypatch.undo()
+    more = {**data, "toy2": Dataset(index, {"t9": "cats and dogs"}, {"t9": {"d0": 1}})}
+    assert RouterRetriever(enc, ties="first").build_or_load(reg, more) == ["toy2"]  # only the new dataset
+    owner = next(iter(first.library.pilots))
+    reg.remove(owner)
+    rest = RouterRetriever(ExpertEncoder(None, reg.select(kind="lora")), ties="first")
+    rest.load(reg, more)
+    assert owner not in rest.library.pilots
+
+
+def test_end_to_end_on_a_beir_folder_with_real_expert_encoders(toy):
+    """Algorithm 1 with real retrieval: every expert is scored by trec_eval's nDCG@10 on the
+    training queries, pilots come from the train split only, and test queries are routed and
+    embedded by their expert in mixed batches."""
+    root, reg, enc, index, train_q, train_qrels = toy
     rr = RouterRetriever(enc, ties="first")  # with two random experts, ties are common; keep every query
     scores = rr.score_experts(Dataset(index, train_q, train_qrels))
     assert set(scores) == {"x", "y"} and set(scores["x"]) == set(train_q)

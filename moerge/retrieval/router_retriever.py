@@ -66,6 +66,16 @@ class PilotLibrary:
         return out
 
 
+def dataset_fingerprint(data: Dataset) -> str:
+    """What a dataset's pilots depend on: its corpus (through the index), queries and qrels."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(getattr(data.index, "fingerprint", "").encode())
+    h.update(json.dumps([data.queries, data.qrels], sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
 def best_experts(scores: Mapping[str, Mapping[str, float]], experts: Sequence[str], ties: Ties = "drop") -> dict[str, str]:
     """Per query, the expert with the highest score (``scores[expert][query]``). With
     ``ties="drop"`` a query whose best score is 0 or shared by several experts gets none."""
@@ -124,6 +134,71 @@ class RouterRetriever:
         self.library = PilotLibrary()
         for name, data in datasets.items():
             self.add_dataset(name, data, None if scores is None else scores[name])
+
+    # -------------------------------------------------------------- in the registry
+
+    PRODUCER = "router_retriever"
+
+    def _key(self, name: str, data: Dataset) -> dict[str, Any]:
+        return {
+            "encoder": getattr(self.encoder, "base_id", type(self.encoder).__name__),
+            "ties": self.ties,
+            "metric": "ndcg@10",
+            "dataset": name,
+            "fingerprint": dataset_fingerprint(data),
+        }
+
+    def save(self, registry: Any, datasets: Mapping[str, Dataset]) -> int:
+        """Store every pilot as an artifact of its expert (one per dataset it came from); removing
+        the expert from the registry removes them. Returns how many were stored."""
+        n = 0
+        for e, rows in self.library.provenance.items():
+            for row, pilot in zip(rows, self.library.pilots[e], strict=True):
+                data = datasets[row["dataset"]]
+                registry.put_artifact(
+                    e,
+                    self.PRODUCER,
+                    self._key(row["dataset"], data),
+                    {"pilot": pilot[None].contiguous(), "queries": torch.tensor([row["queries"]])},
+                )
+                n += 1
+        return n
+
+    def load(self, registry: Any, datasets: Mapping[str, Dataset]) -> list[str]:
+        """The stored pilots of this encoder's experts for these datasets; returns the datasets
+        no expert has pilots for (new ones: :meth:`build_or_load` computes just those)."""
+        self.library = PilotLibrary()
+        seen = set()
+        for name, data in datasets.items():
+            key = self._key(name, data)
+            for e in self.encoder.experts:
+                art = registry.get_artifact(e, self.PRODUCER, key)
+                if art is not None:
+                    self.library.add(e, art["pilot"][0], name, int(art["queries"][0]))
+                    seen.add(name)
+        return [n for n in datasets if n not in seen]
+
+    def build_or_load(self, registry: Any, datasets: Mapping[str, Dataset], rebuild: bool = False) -> list[str]:
+        """Stored pilots where they exist; the paper's incremental mode for the rest — only the
+        datasets without pilots are scored, against every current expert (an added expert with
+        its new dataset costs that dataset's queries × experts). ``rebuild``: Algorithm 1 over
+        every dataset again (an added expert may then win queries of old datasets). Returns the
+        datasets computed now."""
+        todo = list(datasets) if rebuild else self.load(registry, datasets)
+        if rebuild:
+            self.library = PilotLibrary()
+        for name in todo:
+            self.add_dataset(name, datasets[name])
+        if todo:
+            computed = PilotLibrary()
+            for e, rows in self.library.provenance.items():
+                for row, pilot in zip(rows, self.library.pilots[e], strict=True):
+                    if row["dataset"] in todo:
+                        computed.add(e, pilot, row["dataset"], row["queries"])
+            everything, self.library = self.library, computed
+            self.save(registry, datasets)
+            self.library = everything
+        return todo
 
     def remove_expert(self, expert: str) -> None:
         """Drop an expert's pilots (its queries are not regrouped; rebuild for that)."""
