@@ -193,10 +193,12 @@ class Registry:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _connect(self) -> sqlite3.Connection:
-        con = sqlite3.connect(self._db_path, timeout=0.1, isolation_level=None)
-        con.execute("PRAGMA busy_timeout=100")
-        con.execute("PRAGMA journal_mode=WAL")
+    def _connect(self, busy_s: float = 0.1) -> sqlite3.Connection:
+        """A connection whose statements wait up to ``busy_s`` for a lock (readers wait as long
+        as a writer may take; a writer's BEGIN waits briefly and loops, see :meth:`_write`).
+        WAL mode is set once, when the index is opened."""
+        con = sqlite3.connect(self._db_path, timeout=busy_s, isolation_level=None)
+        con.execute(f"PRAGMA busy_timeout={int(busy_s * 1000)}")
         con.execute("PRAGMA synchronous=NORMAL")
         return con
 
@@ -204,7 +206,7 @@ class Registry:
     def _read(self) -> Iterator[sqlite3.Connection]:
         """A connection for one read, closed when it ends (none outlives an operation, so a
         forked process never shares one)."""
-        con = self._connect()
+        con = self._connect(busy_s=max(self.lock_timeout, 1.0))
         try:
             yield con
         finally:
@@ -224,7 +226,11 @@ class Registry:
         on_file = id_file.read_text().strip() if id_file.exists() else None
         try:
             with self._read() as con:
-                con.executescript(_SCHEMA)
+                if con.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    con.execute("PRAGMA journal_mode=WAL")  # persistent: readers never block the writer
+                tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                if not {"experts", "artifacts", "names", "meta", "group_artifacts"} <= tables:
+                    con.executescript(_SCHEMA)  # a write: only when a table is missing
                 listed = con.execute("SELECT COUNT(*) FROM experts").fetchone()[0]
                 row = con.execute("SELECT value FROM meta WHERE key='index_id'").fetchone()
                 index_id = row[0] if row else None

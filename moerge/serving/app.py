@@ -46,6 +46,8 @@ AUTO_MODELS = ("auto", "moerge")
 #: how often the ingress checks its workers, and how long a ping may take
 WATCH_S = 2.0
 PING_TIMEOUT_S = 2.0
+#: pings missed in a row before a worker counts as unresponsive (before that: slow, still serving)
+MISSES_UNRESPONSIVE = 3
 
 
 @dataclass
@@ -270,6 +272,7 @@ class MoergeServer:
         self.draining = False
         #: the workers as last seen by the watcher (every WATCH_S): who can serve
         self.health: list[dict[str, Any]] = [{"worker": i, "state": "ok"} for i in range(len(self.pool.workers))]
+        self._misses: dict[int, int] = {}
         self._watcher: asyncio.Task | None = None
 
     # ------------------------------------------------------------------------------ helpers
@@ -358,16 +361,34 @@ class MoergeServer:
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.get_running_loop().create_task(self._watch_loop())
 
+    def _judge(self, fresh: list[dict[str, Any]], count: bool = True) -> list[dict[str, Any]]:
+        """Pings as states: a worker that missed fewer than MISSES_UNRESPONSIVE pings in a row is
+        ``slow`` (busy on a loaded machine: still serving), after that ``unresponsive``.
+        ``count``: this round counts toward the misses (the watcher's rounds do; probes do not)."""
+        out = []
+        for w in fresh:
+            i = w["worker"]
+            if w["state"] == "unresponsive":
+                misses = self._misses.get(i, 0) + (1 if count else 0)
+                if count:
+                    self._misses[i] = misses
+                if misses < MISSES_UNRESPONSIVE:
+                    w = {**w, "state": "slow", "missed_pings": misses}
+            elif count:
+                self._misses[i] = 0
+            out.append(w)
+        return out
+
     async def _watch_loop(self) -> None:
         while True:
             try:
-                self.health = await self.pool.ahealth(timeout_s=PING_TIMEOUT_S)
+                self.health = self._judge(await self.pool.ahealth(timeout_s=PING_TIMEOUT_S))
             except Exception:  # noqa: BLE001 - keep watching; the next round reports
                 log.exception("worker health check failed")
             await asyncio.sleep(WATCH_S)
 
     def _serving_workers(self) -> int:
-        return sum(w["state"] == "ok" for w in self.health)
+        return sum(w["state"] in ("ok", "slow") for w in self.health)
 
     async def _guard(self, handler: Any, request: Request, needs_workers: bool = True) -> Response:
         self._watch()
@@ -428,10 +449,11 @@ class MoergeServer:
 
     async def _probe(self) -> tuple[int, dict[str, Any]]:
         self._watch()
-        self.health = await self.pool.ahealth(timeout_s=PING_TIMEOUT_S)  # fresh: a probe must not lie
+        self.health = self._judge(await self.pool.ahealth(timeout_s=PING_TIMEOUT_S), count=False)  # pinged now
         serving = self._serving_workers()
+        healthy = sum(w["state"] == "ok" for w in self.health)
         status = (
-            "draining" if self.draining else "ok" if serving == len(self.health) else "degraded" if serving else "unavailable"
+            "draining" if self.draining else "ok" if healthy == len(self.health) else "degraded" if serving else "unavailable"
         )
         body = {
             "status": status,
