@@ -470,7 +470,9 @@ def serve(
             raise ValueError("--replicas, --max-resident and --max-batch must be ≥ 1 and --max-wait-ms ≥ 0")
         if gpus_per_worker < 0 or (gpus_per_worker > 1 and gpus_per_worker != int(gpus_per_worker)):
             raise ValueError(f"--gpus-per-worker must be a fraction ≤ 1 or a whole number, got {gpus_per_worker}")
-        if not _loopback(host) and not api_key:
+        from moerge.serving.types import is_loopback
+
+        if not is_loopback(host) and not api_key:
             raise ValueError(
                 f"--host {host} exposes the server beyond this machine: set --api-key (or MOERGE_API_KEY); "
                 "clients then send 'Authorization: Bearer KEY'"
@@ -525,17 +527,6 @@ def serve(
     )
     click.echo("Ctrl-C or SIGTERM stops the server (in-flight requests are answered first).")
     _stop_serving(dep, signal.Signals(stop.wait()).name, drain_timeout)
-
-
-def _loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _StopSignal:

@@ -23,7 +23,7 @@ import warnings
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import lora_config, peft_with_adapters
+from conftest import free_port, lora_config, peft_with_adapters
 
 import moerge
 from moerge.cli import main
@@ -287,7 +287,6 @@ def test_serve_stops_cleanly_on_sigterm_after_answering_in_flight_streams_and_wo
     requests, lets the in-flight stream finish, shuts Ray down and exits 0 with no traceback."""
     import os
     import signal
-    import socket
     import subprocess
     import sys
     import time
@@ -300,9 +299,7 @@ def test_serve_stops_cleanly_on_sigterm_after_answering_in_flight_streams_and_wo
     broken = small_zoo.held_in[0]
     for f in reg.path(reg.get(broken)).glob("*.safetensors"):
         f.unlink()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     err_path = tmp_path / "server.err"
     (tmp_path / "serve.yml").write_text(  # the options as a config file (a relative registry is read beside it)
         f"registry: reg\nport: {port}\nnum-cpus: 0.5\nthreads: 4\ndrain_timeout: 20\nmax-batch: 8\n"

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import free_port
 
 from moerge.cli import main
 from moerge.registry import Registry
@@ -301,15 +302,12 @@ def test_the_server_tells_the_truth_about_its_workers_and_outlives_them(tmp_path
     thawed; a request that reached it before anyone noticed gets 504 at its deadline; killed four
     times (Ray's old limit was three restarts) it is re-created each time."""
     import signal as sig
-    import socket
 
     import httpx
 
     reg_path = tmp_path / "reg"
     shutil.copytree(small_zoo.registry_path, reg_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = tmp_path / "server.log"
     cmd = [sys.executable, "-c", "from moerge.cli import main; main()", "serve", "--registry", str(reg_path), "--port", str(port)]
     cmd += ["--num-cpus", "0.5", "--threads", "1", "--request-timeout", "8", "--max-wait-ms", "1"]

@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import time
 
 import pytest
+from conftest import free_port
 
 from moerge.serving import BASE, GenerationParams, ServeRequest
 
@@ -107,12 +107,6 @@ def test_a_worker_killed_mid_traffic_loses_no_request(ray_cluster, small_zoo):
         pool.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(ray_cluster, small_zoo, tmp_path_factory):
     from moerge.serving import Limits
@@ -126,7 +120,7 @@ def server(ray_cluster, small_zoo, tmp_path_factory):
         router="retrieval",
         data=small_zoo.expert_data,  # retrieval's example bank: the experts' training inputs
         composition=spec_path,
-        port=_free_port(),
+        port=free_port(),
         name="moerge-test",
         replicas=1,
         num_cpus=0.5,

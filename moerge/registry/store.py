@@ -52,6 +52,7 @@ from moerge.registry import importers
 from moerge.registry.files import (
     IntegrityError,
     atomic_save_tensors,
+    atomic_write_bytes,
     atomic_write_json,
     config_hash,
     sha256_file,
@@ -244,8 +245,6 @@ class Registry:
         if check and on_file is not None and index_id != on_file and self._on_disk():
             self._refuse_index(listed)  # (with no version on disk there is nothing it could hide)
         if on_file != index_id:
-            from moerge.registry.files import atomic_write_bytes
-
             atomic_write_bytes(id_file, index_id.encode())
 
     def _refuse_index(self, listed: int) -> None:
@@ -528,8 +527,6 @@ class Registry:
             atomic_write_json(files_dir / "record.json", record.model_dump(mode="json"))
             final = self.root / "experts" / name / str(version)
             final.parent.mkdir(parents=True, exist_ok=True)
-            from moerge.registry.files import atomic_write_bytes
-
             atomic_write_bytes(final.parent / LAST_VERSION_FILE, str(version).encode())
             con.execute(
                 "INSERT INTO names VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET last_version=excluded.last_version",
@@ -905,8 +902,6 @@ class Registry:
                     old.rename(Path(str(keep) + suffix))
             report["old_index"] = str(keep)
         os.replace(fresh, db)
-        from moerge.registry.files import atomic_write_bytes
-
         atomic_write_bytes(root / INDEX_ID_FILE, index_id.encode())
         return report
 
@@ -1032,8 +1027,6 @@ def _write_artifact(stem: Path, producer: str, data: Any) -> Path:
         payload = json.dumps(data)
     except TypeError as exc:
         raise TypeError(f"artifact data for {producer!r} must be a dict of tensors or JSON-serialisable: {exc}") from None
-    from moerge.registry.files import atomic_write_bytes
-
     path = stem.with_suffix(".json")
     atomic_write_bytes(path, payload.encode())
     return path

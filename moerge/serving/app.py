@@ -34,6 +34,7 @@ from moerge.serving.types import (
     ServeResult,
     ServingError,
     Unavailable,
+    is_loopback,
 )
 from moerge.serving.workers import ExpertPool, WorkerConfig
 
@@ -799,13 +800,7 @@ def deploy(
         data=data,
         **options,
     )
-    import ipaddress
-
-    try:
-        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        local = False
-    if not local and not settings.api_key:
+    if not is_loopback(host) and not settings.api_key:
         raise ValueError(
             f"host {host!r} exposes the server beyond this machine: give api_key= (clients send 'Authorization: Bearer KEY')"
         )

@@ -88,12 +88,11 @@ def _fetch(service: Any, ref: str, rel: str, dest: Path, sha: str) -> None:
 
 
 def _locked(path: Path) -> Any:
-    import fcntl
+    """An exclusive flock on ``path`` (the registry's own, :func:`moerge.registry.store._lock`)."""
+    from moerge.registry.store import _lock
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a")  # noqa: SIM115 - held as the lock
-    fcntl.flock(fh, fcntl.LOCK_EX)
-    return fh
+    return _lock(path)
 
 
 def mirror(service: Any, cache: Path | None = None) -> Path:

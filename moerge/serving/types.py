@@ -9,6 +9,19 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps a server on this machine (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 #: the expert name that means "the base model alone" (PEFT's convention)
 BASE = "__base__"
 

@@ -105,19 +105,25 @@ RESTART_BACKOFF_BASE_S = 0.25
 RESTART_BACKOFF_CAP_S = 30.0
 
 
+def _restart_counter() -> Path:
+    """This actor's count of deaths in a row, kept on its node (a restart is a new process)."""
+    import tempfile
+
+    import ray
+
+    return Path(tempfile.gettempdir()) / f"moerge-restarts-{ray.get_runtime_context().get_actor_id()}"
+
+
 def restart_backoff() -> int:
     """In a Ray actor that Ray re-created: count the restart (a file per actor in the node's
     temp folder), wait the back-off, and return how many restarts this actor has had. A worker
     that serves a batch resets the count, so only a crash loop waits longer and longer."""
     if not in_ray_actor():
         return 0
-    import tempfile
-
     import ray
 
-    ctx = ray.get_runtime_context()
-    counter = Path(tempfile.gettempdir()) / f"moerge-restarts-{ctx.get_actor_id()}"
-    if not ctx.was_current_actor_reconstructed:
+    counter = _restart_counter()
+    if not ray.get_runtime_context().was_current_actor_reconstructed:
         counter.unlink(missing_ok=True)
         return 0
     try:
@@ -224,11 +230,7 @@ class ExpertWorker:
         return await asyncio.to_thread(self.engine.usage, composition, list(prompts))
 
     def _reset_restarts(self) -> None:
-        import tempfile
-
-        import ray
-
-        (Path(tempfile.gettempdir()) / f"moerge-restarts-{ray.get_runtime_context().get_actor_id()}").unlink(missing_ok=True)
+        _restart_counter().unlink(missing_ok=True)
         self.restarts = 0
 
     def info(self) -> dict[str, Any]:
@@ -347,7 +349,7 @@ class ExpertPool:
 
         self.config = config
         if workers is None or config.registry_service is not None:
-            ensure_ray()
+            ensure_ray()  # before the registry: a mirror is fetched through Ray
         self.registry = Registry(local_paths(config.registry, config.base, config.registry_service)[0])
         self.router = self._sequence_router(router, router_config, router_data) if router else None
         self.router_name = router
@@ -355,7 +357,6 @@ class ExpertPool:
             raise ValueError(f"default composition {default_composition!r} is not among {sorted(config.compositions)}")
         self.default_composition = default_composition
         if workers is None:
-            ensure_ray()
             workers = spawn_workers(config, replicas, num_cpus=num_cpus, max_restarts=max_restarts)
         self.workers = list(workers)
         self.placement = Placement(len(self.workers), config.max_resident, replicate_at or config.max_batch)
