@@ -10,8 +10,9 @@
 * :func:`evaluate` scores a run with trec_eval's measures through ``pytrec_eval`` (not by hand).
 """
 
-from moerge.retrieval.beir import BeirFormatError, load_beir, write_beir
+from moerge.retrieval.beir import BeirFormatError, load_beir, load_corpus, write_beir
 from moerge.retrieval.evaluate import evaluate
-from moerge.retrieval.index import Index
+from moerge.retrieval.index import Index, index_folder
 
-__all__ = ["BeirFormatError", "Index", "evaluate", "load_beir", "write_beir"]
+__all__ = ["BeirFormatError", "Index", "evaluate",
+    "index_folder", "load_beir", "load_corpus", "write_beir"]

@@ -93,6 +93,15 @@ def load_beir(folder: str | Path, split: str = "test") -> tuple[Corpus, Queries,
     return corpus, queries, qrels
 
 
+def load_corpus(folder: str | Path) -> Corpus:
+    """The corpus of a BEIR folder alone (what a search index needs; no queries or qrels)."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise BeirFormatError(f"{root} is not a folder")
+    raw = _jsonl(root / "corpus.jsonl", "document", ("title", "text"))
+    return {k: {"title": str(v.get("title") or ""), "text": str(v.get("text") or "")} for k, v in raw.items()}
+
+
 def write_beir(folder: str | Path, corpus: Corpus, queries: Queries, qrels: Mapping[str, Qrels]) -> Path:
     """Write ``corpus``, ``queries`` and ``qrels`` (split name → judgments) in the BEIR layout."""
     root = Path(folder).expanduser()

@@ -60,6 +60,12 @@ def _encoder(encoder: Any) -> tuple[Encode, str]:
     raise TypeError(f"an encoder must be an Embedder, a SentenceTransformer, a name or a callable, got {type(encoder).__name__}")
 
 
+def index_folder(data: str | Path, encoder: str | None = None) -> Path:
+    """Where a BEIR folder keeps its saved index for ``encoder`` (``DATA/.moerge-index/NAME``),
+    shared by ``moerge retrieval``, compositions and the embedded suite."""
+    return Path(data).expanduser() / ".moerge-index" / str(encoder or DEFAULT_EMBEDDER).replace("/", "--")
+
+
 class Index:
     """Exact inner-product search (faiss ``IndexFlatIP``) over unit-norm document embeddings."""
 
