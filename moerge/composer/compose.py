@@ -18,7 +18,7 @@ from moerge.progress import hf_bars
 from moerge.registry import ExpertRecord, Registry, Selection
 from moerge.registry.files import atomic_write_json
 from moerge.registry.importers import absolute_path
-from moerge.routers import PrepareContext, PrepareReport, Recorder, Router, Routing, make_router
+from moerge.routers import PrepareContext, PrepareReport, Recorder, Router, Routing, get_router, make_router
 from moerge.routers.base import ExpertData
 
 SPEC_FORMAT = 1
@@ -307,6 +307,16 @@ def compose(
 
     ``progress``: ``None`` (default) draws bars for preparation on a terminal and writes a plain
     line every few seconds elsewhere (:mod:`moerge.progress`); ``True`` always bars, ``False`` never."""
+    if getattr(get_router(router), "modality", "generation") == "embedding":  # router_retriever: an encoder
+        from moerge.composer.encoder import compose_encoder
+
+        _check_own_options(router, router_config)
+        rtr = make_router(router, config, **router_config)
+        reg, records = resolve_experts(experts, registry)
+        dev = "cpu" if device in (None, "auto") else str(resolve_device(device))
+        if not isinstance(base, (str, type(None))):
+            raise TypeError("router_retriever's base is a sentence-transformers folder or hub id (None: the bundled MiniLM)")
+        return compose_encoder(base, records, reg, rtr.config, data=data, progress=progress, device=dev)
     reg, records = resolve_experts(experts, registry)
     not_lora = [f"{r.ref} ({r.kind})" for r in records if r.kind != "lora"]
     if not_lora:

@@ -16,8 +16,22 @@ from typing import Any
 import torch
 
 from moerge.adapters import Assignment, attach, load_lora, use_weights
+from moerge.progress import hf_bars
 from moerge.registry import ExpertRecord, Registry
 from moerge.routers.embedding import DEFAULT_EMBEDDER, default_embedder_path
+
+
+def encoder_fingerprint(encoder: str | None) -> str | None:
+    """The registry's config fingerprint of a sentence-transformers folder's transformer (what a
+    LoRA registered on it records as ``base_fingerprint``); None when it cannot be read."""
+    import json
+    from pathlib import Path
+
+    from moerge.registry.importers import config_fingerprint
+
+    path = default_embedder_path() if encoder in (None, DEFAULT_EMBEDDER) else str(encoder)
+    cfg = Path(path) / "config.json"
+    return config_fingerprint(json.loads(cfg.read_text())) if cfg.is_file() else None
 
 
 class ExpertEncoder:
@@ -41,7 +55,8 @@ class ExpertEncoder:
         path = default_embedder_path() if self.base_id == DEFAULT_EMBEDDER else self.base_id
         if os.path.isdir(path):
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        self.model = SentenceTransformer(path, device=device).eval()
+        with hf_bars():
+            self.model = SentenceTransformer(path, device=device).eval()
         self.normalize = normalize
         records = list(getattr(experts, "records", experts))
         reg = registry if registry is not None else getattr(experts, "registry", None)
@@ -49,8 +64,23 @@ class ExpertEncoder:
         if records:
             if reg is None:
                 raise ValueError("registry experts need registry= (or pass a registry.select(...))")
+            self._check_base(records, path)
             loras = [load_lora(r, registry=reg) for r in records]
             attach(self.transformer, loras)
+
+    def _check_base(self, records: Sequence[ExpertRecord], path: str) -> None:
+        """Refuse experts trained for another encoder (their registered base's config differs)."""
+        mine = encoder_fingerprint(path)
+        for r in records:
+            if r.kind != "lora":
+                raise ValueError(
+                    f"expert {r.ref} is a {r.kind!r} expert; an ExpertEncoder routes among LoRA adapters of one encoder"
+                )
+            if mine and r.base_fingerprint and r.base_fingerprint != mine:
+                raise ValueError(
+                    f"expert {r.ref} was trained for encoder {r.base_model!r} (config {r.base_fingerprint}), not for "
+                    f"{self.base_id!r} (config {mine}): compose it with its own encoder, or leave it out"
+                )
 
     @property
     def transformer(self) -> torch.nn.Module:

@@ -180,6 +180,22 @@ class RouterRetriever:
                     seen.add(name)
         return [n for n in datasets if n not in seen]
 
+    def load_stored(self, registry: Any) -> list[str]:
+        """Every stored pilot of this encoder's experts (any dataset, this encoder and tie
+        policy): what a composition without ``data`` routes by. Returns the datasets found."""
+        self.library = PilotLibrary()
+        enc = getattr(self.encoder, "base_id", type(self.encoder).__name__)
+        found = set()
+        for e in self.encoder.experts:
+            for art in sorted(registry.list_artifacts(e), key=lambda a: a["config"].get("dataset", "")):
+                key = art["config"]
+                if art["producer"] != self.PRODUCER or key.get("encoder") != enc or key.get("ties") != self.ties:
+                    continue
+                data = registry.get_artifact(e, self.PRODUCER, key)
+                self.library.add(e, data["pilot"][0], key["dataset"], int(data["queries"][0]))
+                found.add(key["dataset"])
+        return sorted(found)
+
     def build_or_load(self, registry: Any, datasets: Mapping[str, Dataset], rebuild: bool = False) -> list[str]:
         """Stored pilots where they exist; the paper's incremental mode for the rest — only the
         datasets without pilots are scored, against every current expert (an added expert with

@@ -18,6 +18,7 @@ from moerge.routers.base import (
 from moerge.routers.glider import ALPHA_PRESETS, GliderConfig, GliderRouter
 from moerge.routers.phatgoose import GateTraining, PhatgooseConfig, PhatgooseRouter, train_gates
 from moerge.routers.retrieval import RetrievalConfig, RetrievalRouter
+from moerge.routers.router_retriever import RouterRetrieverConfig, RouterRetrieverRouter
 from moerge.routers.twin import TwinConfig, TwinRouter
 
 __all__ = [
@@ -35,6 +36,8 @@ __all__ = [
     "Recorder",
     "RetrievalConfig",
     "RetrievalRouter",
+    "RouterRetrieverConfig",
+    "RouterRetrieverRouter",
     "Router",
     "RouterConfig",
     "Routing",
