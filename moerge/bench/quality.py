@@ -46,19 +46,26 @@ class QualityReport:
     matrix: dict[str, dict[str, float]]
     rows: list[MethodRow]
     meta: dict[str, Any] = field(default_factory=dict)
+    #: RouterRetriever's Table 1 on the retrieval suite (:func:`moerge.bench.retrieval.run`), when run
+    retrieval: dict[str, Any] | None = None
 
     def own_scores(self) -> dict[str, float]:
         """Each held-in task's own expert on it: the 100 of the normalised score."""
         return {t: self.matrix[t][t] for t in self.held_in}
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "methods": {r.name: asdict(r) for r in self.rows},
             "cross_task_matrix": self.matrix,
             "held_in": self.held_in,
             "held_out": self.held_out,
             "meta": self.meta,
         }
+        if self.retrieval is not None:
+            from moerge.bench.retrieval import to_json as retrieval_json
+
+            out["retrieval"] = retrieval_json(self.retrieval)
+        return out
 
     def markdown(self) -> str:
         lines = [
@@ -397,6 +404,11 @@ def write_report(report: QualityReport, out_dir: str | Path, json_path: str | Pa
         f"{report.matrix_markdown()}\n\n![cross-task matrix](cross_task.png)\n\n"
         f"Zoo build: {build.get('total_s', float('nan')):.0f} s (when built); evaluation: {report.meta['eval_seconds']:.0f} s.\n"
     )
+    if report.retrieval is not None:
+        from moerge.bench.retrieval import markdown as retrieval_markdown
+
+        with open(md, "a", encoding="utf-8") as fh:
+            fh.write(f"\n## Retrieval (RouterRetriever's Table 1, nDCG@10 on each domain's test queries)\n\n{retrieval_markdown(report.retrieval)}\n")
     js = Path(json_path) if json_path else out / "results.json"
     js.parent.mkdir(parents=True, exist_ok=True)
     js.write_text(json.dumps(report.to_json(), indent=2))
