@@ -279,3 +279,46 @@ def test_internal_errors_answer_500_with_an_id():
     assert resp.status_code == 500 and body["error"]["id"] in body["error"]["message"]
     assert "boom" not in body["error"]["message"]  # internals stay in the log
     assert errors == {500: 1}
+
+
+def test_embeddings_endpoint_in_openais_shape(server, tmp_path):
+    """/v1/embeddings on Ray Serve with the real OpenAI client (which asks for base64): an
+    expert, the base and ``auto``; an unknown model is a 404 naming it; /v1/search returns hits."""
+    import shutil
+
+    import httpx
+    import openai
+    import torch
+
+    from moerge import compose
+    from moerge.registry import Registry
+    from moerge.serving.embeddings import deploy_embeddings
+    from moerge.zoo.retrieval import load_suite
+
+    suite = load_suite("retrieval-small", progress=False)
+    shutil.copytree(suite.root / "registry", tmp_path / "registry")
+    reg = Registry(tmp_path / "registry")
+    enc = compose(None, reg.select(names=suite.domains), router="router_retriever",
+                  data={d: suite.data_path(d) for d in suite.domains})  # fmt: skip
+    port = int(server.url.rsplit(":", 1)[1])  # one Serve HTTP proxy per cluster: mount beside the other app
+    dep = deploy_embeddings(reg.root, port=port, route_prefix="/emb", name="moerge-emb-test", num_cpus=0.5,
+                            experts=list(suite.domains), search={"jargon": str(suite.data_path("jargon"))})  # fmt: skip
+    try:
+        texts = ["a program that runs in the background", "hacker slang for a bug"]
+        client = openai.OpenAI(base_url=f"{dep.url}/v1", api_key="unused", max_retries=0)
+        got = client.embeddings.create(model="jargon", input=texts)
+        torch.testing.assert_close(torch.tensor([d.embedding for d in got.data]), enc.embed(texts, "jargon"), atol=1e-5, rtol=0)
+        auto = client.embeddings.create(model="auto", input=texts[0])
+        assert len(auto.data) == 1 and len(auto.data[0].embedding) == enc.dim
+        with httpx.Client(base_url=dep.url, timeout=60) as c:
+            assert c.get("/healthz").json()["status"] == "ok"
+            r = c.post("/v1/embeddings", json={"model": "auto", "input": texts})
+            assert r.status_code == 200 and [d["expert"] for d in r.json()["data"]] == [x["expert"] for x in enc.route(texts)]
+            r = c.post("/v1/embeddings", json={"model": "jargn", "input": "x"})
+            assert r.status_code == 404 and "unknown model 'jargn'" in r.json()["error"]["message"] and "jargon" in r.json()["error"]["message"]
+            assert c.post("/v1/embeddings", json={"model": "auto", "input": []}).status_code == 400
+            r = c.post("/v1/search", json={"query": "slang for a bug", "k": 3})
+            assert r.status_code == 200 and len(r.json()["results"][0]["hits"]) == 3
+            assert {m["id"] for m in c.get("/v1/models").json()["data"]} == {*suite.domains, "__base__", "auto"}
+    finally:
+        dep.shutdown()
