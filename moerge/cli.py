@@ -412,7 +412,9 @@ def route(
 @click.option("--set", "settings", multiple=True, help="Router setting KEY=VALUE (repeatable).")
 @click.option("--replicas", default=1, show_default=True, type=int, help="Expert workers (each holds the base model once).")
 @click.option("--max-resident", default=8, show_default=True, type=int, help="Experts resident per worker (LRU).")
-@click.option("--max-batch", default=16, show_default=True, type=int, help="Requests per batch (--embeddings: texts per forward).")
+@click.option(
+    "--max-batch", default=16, show_default=True, type=int, help="Requests per batch (--embeddings: texts per forward)."
+)
 @click.option("--max-wait-ms", default=10.0, show_default=True, type=float, help="How long a batch waits for company.")
 @click.option("--num-cpus", default=None, type=float, help="Ray CPUs per worker [default: the machine's CPUs shared, ≤ 1 each].")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
@@ -462,7 +464,9 @@ def route(
 )
 @click.option("--encoder", default=None, help="With --embeddings: the sentence-transformers encoder [default: bundled MiniLM].")
 @click.option("--expert", "experts", multiple=True, help="With --embeddings: serve only these experts (repeatable).")
-@click.option("--search", "search", multiple=True, help="With --embeddings: NAME=BEIR_FOLDER to serve /v1/search over (repeatable).")
+@click.option(
+    "--search", "search", multiple=True, help="With --embeddings: NAME=BEIR_FOLDER to serve /v1/search over (repeatable)."
+)
 def serve(
     registry_path,
     zoo_preset,
@@ -600,7 +604,9 @@ def _serve_embeddings(registry_path, encoder, experts, search, replicas, max_bat
         _fail(exc)
     click.echo(f"serving embeddings of {registry_path} at {dep.url}")
     click.echo(f"  curl -s {dep.url}/v1/models")
-    click.echo(f'  curl -s {dep.url}/v1/embeddings -H \'content-type: application/json\' -d \'{{"model": "auto", "input": ["..."]}}\'')
+    click.echo(
+        f'  curl -s {dep.url}/v1/embeddings -H \'content-type: application/json\' -d \'{{"model": "auto", "input": ["..."]}}\''
+    )
     click.echo("Ctrl-C or SIGTERM stops the server (in-flight requests are answered first).")
     _stop_serving(dep, signal.Signals(stop.wait()).name, drain_timeout)
 
@@ -1091,8 +1097,12 @@ def retrieval_index(data, encoder, split, rebuild) -> None:  # noqa: ANN001
 @click.option("--split", default="test", show_default=True)
 @click.option("--k", default=100, show_default=True, type=click.IntRange(min=1), help="Documents retrieved per query.")
 @click.option("--router", default=None, help="router_retriever: route each query to one of the registry's encoder experts.")
-@click.option("--registry", "registry_path", default=None, type=click.Path(file_okay=False), help="The experts' registry (with --router).")
-@click.option("--expert", "experts", multiple=True, help="Experts to route among (repeatable; default: every LoRA of this encoder).")
+@click.option(
+    "--registry", "registry_path", default=None, type=click.Path(file_okay=False), help="The experts' registry (with --router)."
+)
+@click.option(
+    "--expert", "experts", multiple=True, help="Experts to route among (repeatable; default: every LoRA of this encoder)."
+)
 @click.option(
     "--pilots",
     multiple=True,

@@ -59,6 +59,10 @@ def sandbox(small_zoo, tmp_path_factory):
     root = tmp_path_factory.mktemp("readme")
     cache = root / "cache"
     shutil.copytree(small_zoo.root, cache / "zoo" / small_zoo.root.name)
+    from moerge.zoo.retrieval import load_suite
+
+    suite = load_suite("retrieval-small", progress=False)  # the retrieval snippets' suite, copied like the zoo
+    shutil.copytree(suite.root, cache / "retrieval" / suite.root.name, ignore=shutil.ignore_patterns("bench"))
     work = root / "work"
     work.mkdir()
     env = {

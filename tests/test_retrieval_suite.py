@@ -202,3 +202,22 @@ def test_embedding_service_batches_concurrent_requests_by_expert_in_one_forward(
     torch.testing.assert_close(torch.tensor(e3), svc.encoder.embed(texts[4:], x3), atol=1e-5, rtol=0)
     hits = asyncio.run(svc.search(texts[:1], "auto", "python", 5))
     assert len(hits[0]["hits"]) == 5 and hits[0]["hits"][0]["score"] >= hits[0]["hits"][-1]["score"]
+
+
+def test_cli_retrieval_eval_with_the_router_prints_every_expert_and_the_routed_row(suite, reg_copy):
+    from click.testing import CliRunner
+
+    from moerge.cli import main
+
+    data = str(suite.data_path("foldoc"))
+    r = CliRunner().invoke(main, ["retrieval", "eval", "--data", data, "--router", "router_retriever"])
+    assert r.exit_code == 2 and "--router needs --registry" in r.output
+    r = CliRunner().invoke(main, ["retrieval", "eval", "--data", data, "--expert", "python"])
+    assert r.exit_code == 2 and "go with --router" in r.output
+    r = CliRunner().invoke(main, ["retrieval", "eval", "--data", data, "--router", "router_retriever",
+                                  "--registry", str(reg_copy.root), "--pilots", str(suite.root / "data"), "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output[r.output.index("{") :])
+    experts = [*suite.domains, MULTITASK]  # default: every LoRA of this encoder in the registry
+    assert set(out["results"]) == {"base", "router_retriever", *(f"expert {e}" for e in experts)}
+    assert sum(out["routed"].values()) == suite.preset.n_test

@@ -315,7 +315,11 @@ def test_embeddings_endpoint_in_openais_shape(server, tmp_path):
             r = c.post("/v1/embeddings", json={"model": "auto", "input": texts})
             assert r.status_code == 200 and [d["expert"] for d in r.json()["data"]] == [x["expert"] for x in enc.route(texts)]
             r = c.post("/v1/embeddings", json={"model": "jargn", "input": "x"})
-            assert r.status_code == 404 and "unknown model 'jargn'" in r.json()["error"]["message"] and "jargon" in r.json()["error"]["message"]
+            assert (
+                r.status_code == 404
+                and "unknown model 'jargn'" in r.json()["error"]["message"]
+                and "jargon" in r.json()["error"]["message"]
+            )
             assert c.post("/v1/embeddings", json={"model": "auto", "input": []}).status_code == 400
             r = c.post("/v1/search", json={"query": "slang for a bug", "k": 3})
             assert r.status_code == 200 and len(r.json()["results"][0]["hits"]) == 3

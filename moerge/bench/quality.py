@@ -408,7 +408,9 @@ def write_report(report: QualityReport, out_dir: str | Path, json_path: str | Pa
         from moerge.bench.retrieval import markdown as retrieval_markdown
 
         with open(md, "a", encoding="utf-8") as fh:
-            fh.write(f"\n## Retrieval (RouterRetriever's Table 1, nDCG@10 on each domain's test queries)\n\n{retrieval_markdown(report.retrieval)}\n")
+            fh.write(
+                f"\n## Retrieval (RouterRetriever's Table 1, nDCG@10 on each domain's test queries)\n\n{retrieval_markdown(report.retrieval)}\n"
+            )
     js = Path(json_path) if json_path else out / "results.json"
     js.parent.mkdir(parents=True, exist_ok=True)
     js.write_text(json.dumps(report.to_json(), indent=2))

@@ -187,9 +187,9 @@ def run(
         for d in stored:
             rr.add_dataset(d, train_sets[d], precomputed[d])
         rr.save(reg, {d: train_sets[d] for d in stored})
-    routed = rr.route(list(test_texts.values()))
+    routed = rr.route(list(test_texts.values()), base=z_test)
     picks = dict(zip(test_texts, routed, strict=True))
-    emb = rr.embed(list(test_texts.values()))  # the real path: mixed-expert batches
+    emb = rr.embed(list(test_texts.values()), base=z_test)  # the real path: routed, then mixed-expert batches
     ndcg = {}
     offset = 0
     for d in domains:
@@ -205,7 +205,7 @@ def run(
     rows.append(row)
     code = RouterRetriever(pool, agg="max", sim="dot")
     code.library = rr.library
-    rows.append(_row("RouterRetriever (code: max, dot)", dict(zip(test_texts, code.route(list(test_texts.values())), strict=True)),
+    rows.append(_row("RouterRetriever (code: max, dot)", dict(zip(test_texts, code.route(list(test_texts.values()), base=z_test), strict=True)),
                      test, dom_test, domains))  # fmt: skip
 
     rows.append(_row("DatasetOracle", dict(dom_test), test, dom_test, domains, kind="oracle"))
@@ -234,7 +234,10 @@ def format_table(result: dict[str, Any]) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     domains = result["domains"]
-    lines = ["| method | " + " | ".join(domains) + " | mean nDCG@10 | routing accuracy (%) |", "|---|" + "---:|" * (len(domains) + 2)]
+    lines = [
+        "| method | " + " | ".join(domains) + " | mean nDCG@10 | routing accuracy (%) |",
+        "|---|" + "---:|" * (len(domains) + 2),
+    ]
     for r in result["rows"]:
         acc = "" if r["routing_accuracy"] is None else f"{r['routing_accuracy']:.1f}"
         cells = " | ".join(f"{r['per_domain'][d]:.1f}" for d in domains)

@@ -14,5 +14,4 @@ from moerge.retrieval.beir import BeirFormatError, load_beir, load_corpus, write
 from moerge.retrieval.evaluate import evaluate
 from moerge.retrieval.index import Index, index_folder
 
-__all__ = ["BeirFormatError", "Index", "evaluate",
-    "index_folder", "load_beir", "load_corpus", "write_beir"]
+__all__ = ["BeirFormatError", "Index", "evaluate", "index_folder", "load_beir", "load_corpus", "write_beir"]

@@ -218,12 +218,13 @@ class RouterRetriever:
 
     # ------------------------------------------------------------------------ routing
 
-    def similarities(self, texts: Sequence[str]) -> tuple[list[str], torch.Tensor]:
-        """(experts with pilots, [n, experts] aggregated similarity of each query's base embedding)."""
+    def similarities(self, texts: Sequence[str], base: torch.Tensor | None = None) -> tuple[list[str], torch.Tensor]:
+        """(experts with pilots, [n, experts] aggregated similarity of each query's base embedding);
+        ``base``: those embeddings when the caller has them already."""
         experts = [e for e in self.encoder.experts if e in self.library.pilots]
         if not experts:
             raise RuntimeError("the pilot library is empty: build it from training datasets first")
-        z = self.encoder.embed(list(texts), None)
+        z = self.encoder.embed(list(texts), None) if base is None else base
         cols = []
         for e in experts:
             p = self.library.pilots[e]
@@ -236,10 +237,10 @@ class RouterRetriever:
             cols.append(s.mean(1) if self.agg == "mean" else s.max(1).values)
         return experts, torch.stack(cols, dim=1)
 
-    def route(self, texts: Sequence[str]) -> list[str]:
-        experts, sims = self.similarities(texts)
+    def route(self, texts: Sequence[str], base: torch.Tensor | None = None) -> list[str]:
+        experts, sims = self.similarities(texts, base)
         return [experts[int(i)] for i in sims.argmax(1)]
 
-    def embed(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    def embed(self, texts: Sequence[str], batch_size: int = 64, base: torch.Tensor | None = None) -> torch.Tensor:
         """Each query embedded by its routed expert (mixed-expert batches)."""
-        return self.encoder.embed(list(texts), self.route(texts), batch_size=batch_size)
+        return self.encoder.embed(list(texts), self.route(texts, base), batch_size=batch_size)

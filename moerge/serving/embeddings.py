@@ -102,9 +102,12 @@ class EmbeddingService:
             from moerge.retrieval import Index, index_folder, load_corpus
 
             corpus = load_corpus(folder)
-            self.indexes[name] = Index.build_or_load(index_folder(folder, self.encoder.base_id), corpus, self.encoder.base_id, progress=False)
+            self.indexes[name] = Index.build_or_load(
+                index_folder(folder, self.encoder.base_id), corpus, self.encoder.base_id, progress=False
+            )
             self.corpora[name] = corpus
         self.queue: asyncio.Queue | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.batches = 0
         self.texts = 0
 
@@ -130,9 +133,11 @@ class EmbeddingService:
     # --------------------------------------------------------------------------- batching
 
     def _ensure_loop(self) -> asyncio.Queue:
-        if self.queue is None:
-            self.queue = asyncio.Queue()
-            asyncio.get_running_loop().create_task(self._drain())
+        """The queue of the running event loop (a new loop — another ``asyncio.run`` — gets its own)."""
+        loop = asyncio.get_running_loop()
+        if self.queue is None or self._loop is not loop:
+            self.queue, self._loop = asyncio.Queue(), loop
+            self._drainer = loop.create_task(self._drain(self.queue))
         return self.queue
 
     async def embed(self, texts: Sequence[str], model: str) -> tuple[list[list[float]], list[str]]:
@@ -144,10 +149,9 @@ class EmbeddingService:
         emb, experts = await job.future
         return emb, experts
 
-    async def _drain(self) -> None:
-        assert self.queue is not None
+    async def _drain(self, queue: asyncio.Queue) -> None:
         while True:
-            jobs = [await self.queue.get()]
+            jobs = [await queue.get()]
             deadline = time.monotonic() + self.settings.max_wait_s
             size = len(jobs[0].texts)
             while size < self.settings.max_batch:
@@ -155,7 +159,7 @@ class EmbeddingService:
                 if left <= 0:
                     break
                 try:
-                    job = await asyncio.wait_for(self.queue.get(), timeout=left)
+                    job = await asyncio.wait_for(queue.get(), timeout=left)
                 except asyncio.TimeoutError:
                     break
                 jobs.append(job)
@@ -355,7 +359,11 @@ class EmbeddingServer:
         workers = await asyncio.gather(*(one(i) for i in range(len(self.workers))))
         ok = sum(w["state"] == "ok" for w in workers)
         status = "draining" if self.draining else "ok" if ok == len(workers) else "degraded" if ok else "unavailable"
-        return (200 if ok and not self.draining else 503), {"status": status, "workers": workers, "uptime_s": round(time.time() - self.started, 1)}
+        return (200 if ok and not self.draining else 503), {
+            "status": status,
+            "workers": workers,
+            "uptime_s": round(time.time() - self.started, 1),
+        }
 
     @emb_api.get("/healthz")
     async def healthz(self) -> JSONResponse:
