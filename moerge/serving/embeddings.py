@@ -13,9 +13,11 @@ shape and ``POST /v1/search`` over served indexes, on Ray.
 
 ``model`` is an expert's name, ``__base__`` (the encoder alone) or ``auto`` (routed per text).
 An unknown model is a 404 naming it, with the models there are.
+
+(No ``from __future__ import annotations`` here: FastAPI reads the endpoints' ``Request``
+annotations at runtime, as in :mod:`moerge.serving.app`.)
 """
 
-from __future__ import annotations
 
 import asyncio
 import base64
