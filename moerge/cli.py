@@ -858,8 +858,13 @@ def bench_serving(
                 )
                 if "compiled_ms_per_step" in d:
                     click.echo(
-                        f"  compiled {d['compiled_ms_per_step']} ms ({d['compiled_x_floor']}× floor): {d['compiled_speedup']}× eager "
-                        f"(compile + graph capture {d['compile_s']} s)"
+                        f"  compiled {d['compiled_ms_per_step']} ms ({d['compiled_x_floor']}× floor): "
+                        + (
+                            f"{d['compiled_speedup']}× eager "
+                            if d["compiled_speedup"]
+                            else "no ratio (a step time ≤ 0: timing noise) "
+                        )
+                        + f"(compile + graph capture {d['compile_s']} s)"
                     )
                 else:
                     click.echo(f"  compiled decode failed here: {d['compile_error']}")

@@ -231,7 +231,10 @@ def run_decode(
         result[f"{name}_ms_per_step"] = round(ms, 3)
         result[f"{name}_x_floor"] = round(ms / floor_ms, 1)
     if "compiled" in steps:
-        result["compiled_speedup"] = round(result["eager_ms_per_step"] / result["compiled_ms_per_step"], 2)
+        # a step's time is a difference of two timings: on a tiny model and a busy machine noise can
+        # make it ≤ 0, and then there is no ratio to report
+        eager, compiled = result["eager_ms_per_step"], result["compiled_ms_per_step"]
+        result["compiled_speedup"] = round(eager / compiled, 2) if eager > 0 and compiled > 0 else None
     return result
 
 

@@ -244,6 +244,17 @@ def authorised(request: Request, key: str | None) -> bool:
     return hmac.compare_digest(given.encode(), f"Bearer {key}".encode())
 
 
+def refusal(request: Request, api_key: str | None, draining: bool, errors: dict[int, int]) -> JSONResponse | None:
+    """The 401 (no or wrong API key) or 503 (shutting down) a request gets before any work, counted."""
+    if not authorised(request, api_key):
+        errors[401] = errors.get(401, 0) + 1
+        return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error")
+    if draining:
+        errors[503] = errors.get(503, 0) + 1
+        return _error(503, "the server is shutting down; retry on another replica", "unavailable")
+    return None
+
+
 @serve.deployment(max_ongoing_requests=512)
 @serve.ingress(api)
 class MoergeServer:
@@ -393,12 +404,9 @@ class MoergeServer:
 
     async def _guard(self, handler: Any, request: Request, needs_workers: bool = True) -> Response:
         self._watch()
-        if not authorised(request, self.settings.api_key):
-            self.errors[401] = self.errors.get(401, 0) + 1
-            return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error")
-        if self.draining:
-            self.errors[503] = self.errors.get(503, 0) + 1
-            return _error(503, "the server is shutting down; retry on another replica", "unavailable")
+        refused = refusal(request, self.settings.api_key, self.draining, self.errors)
+        if refused is not None:
+            return refused
         if needs_workers and not self._serving_workers():
             self.errors[503] = self.errors.get(503, 0) + 1
             states = ", ".join(f"worker {w['worker']} {w['state']}" for w in self.health)
@@ -811,6 +819,15 @@ def deploy(
 
         base = settings.base or next(iter({r.base_model for r in Registry(settings.registry).list(kind="lora")} - {None}), None)
         settings.registry_service = start_service(settings.registry, base)
+    handle = start_app(MoergeServer, settings, host=host, port=port, name=name, ingress_cpus=ingress_cpus)
+    return Deployment(name=name, url=f"http://{host}:{port}", handle=handle, settings=settings)
+
+
+def start_app(
+    ingress: Any, settings: Any, *, host: str, port: int, name: str, ingress_cpus: float, route_prefix: str = "/"
+) -> Any:
+    """Run ``ingress`` (a Serve deployment taking ``settings``) on Ray Serve: workers' CPUs
+    default to the cluster's, less the ingress, shared by ``settings.replicas`` (≤ 1 each)."""
     if settings.num_cpus is None:
         import ray
 
@@ -819,6 +836,5 @@ def deploy(
     # Serve's access log would print a line per request on the console (log_to_driver); errors still do
     quiet = {"enable_access_log": False, "log_level": "WARNING"}
     serve.start(http_options={"host": host, "port": port}, logging_config=quiet)
-    app = MoergeServer.options(ray_actor_options={"num_cpus": ingress_cpus}).bind(settings)
-    handle = serve.run(app, name=name, route_prefix="/", logging_config=quiet)
-    return Deployment(name=name, url=f"http://{host}:{port}", handle=handle, settings=settings)
+    app = ingress.options(ray_actor_options={"num_cpus": ingress_cpus}).bind(settings)
+    return serve.run(app, name=name, route_prefix=route_prefix, logging_config=quiet)

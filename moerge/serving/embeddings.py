@@ -18,12 +18,11 @@ An unknown model is a 404 naming it, with the models there are.
 annotations at runtime, as in :mod:`moerge.serving.app`.)
 """
 
-
 import asyncio
 import base64
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from moerge.serving.app import Deployment, _error, _json, _parse, refusal, respond, start_app
 from moerge.serving.types import BASE, BadRequest, Limits, ServingError, Unavailable, UnknownExpert
 
 AUTO = ("auto", "moerge")
@@ -333,14 +333,9 @@ class EmbeddingServer:
             self.outstanding[i] -= 1
 
     async def _guard(self, handler: Any, request: Request) -> Response:
-        from moerge.serving.app import _error, authorised, respond
-
-        if not authorised(request, self.settings.api_key):
-            self.errors[401] = self.errors.get(401, 0) + 1
-            return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error")
-        if self.draining:
-            self.errors[503] = self.errors.get(503, 0) + 1
-            return _error(503, "the server is shutting down; retry on another replica", "unavailable")
+        refused = refusal(request, self.settings.api_key, self.draining, self.errors)
+        if refused is not None:
+            return refused
         self.in_flight += 1
         try:
             return await asyncio.wait_for(respond(handler, self.errors), timeout=self.settings.request_timeout_s)
@@ -386,8 +381,6 @@ class EmbeddingServer:
 
     @emb_api.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> Response:
-        from moerge.serving.app import _json, _parse
-
         async def handler() -> dict[str, Any]:
             body = _parse(EmbeddingsBody, await _json(request, self.settings.limits.max_body_bytes))
             if body.encoding_format not in ("float", "base64"):
@@ -412,8 +405,6 @@ class EmbeddingServer:
 
     @emb_api.post("/v1/search")
     async def search(self, request: Request) -> Response:
-        from moerge.serving.app import _json, _parse
-
         async def handler() -> dict[str, Any]:
             body = _parse(SearchBody, await _json(request, self.settings.limits.max_body_bytes))
             names = list(self.info["indexes"])
@@ -441,24 +432,6 @@ class EmbeddingServer:
         return await self._guard(handler, request)
 
 
-@dataclass
-class EmbeddingDeployment:
-    name: str
-    url: str
-    handle: Any
-    settings: EmbeddingSettings
-
-    def shutdown(self) -> None:
-        serve.delete(self.name)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "url": self.url,
-            "settings": {k: v for k, v in asdict(self.settings).items() if k != "api_key"},
-        }
-
-
 def deploy_embeddings(
     registry: str | Path,
     *,
@@ -470,7 +443,7 @@ def deploy_embeddings(
     ingress_cpus: float = 0.1,
     search: Mapping[str, str | Path] | None = None,
     **options: Any,
-) -> EmbeddingDeployment:
+) -> Any:
     """Start the embeddings app (a local Ray and Serve if none runs; loopback unless ``api_key``)."""
     from moerge.serving.types import is_loopback
     from moerge.serving.workers import ensure_ray
@@ -485,21 +458,14 @@ def deploy_embeddings(
     for n in names:
         reg._resolve(n)  # an unknown name fails here, before Ray starts
     ensure_ray(ray_cpus)
-    if settings.num_cpus is None:
-        import ray
-
-        total = float(ray.cluster_resources().get("CPU", 1.0))
-        settings.num_cpus = round(min(1.0, max(0.05, (total - ingress_cpus) / settings.replicas)), 2)
-    quiet = {"enable_access_log": False, "log_level": "WARNING"}
-    serve.start(http_options={"host": host, "port": port}, logging_config=quiet)
-    app = EmbeddingServer.options(ray_actor_options={"num_cpus": ingress_cpus}).bind(settings)
-    handle = serve.run(app, name=name, route_prefix=route_prefix, logging_config=quiet)
+    handle = start_app(
+        EmbeddingServer, settings, host=host, port=port, name=name, ingress_cpus=ingress_cpus, route_prefix=route_prefix
+    )
     url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
-    return EmbeddingDeployment(name=name, url=url, handle=handle, settings=settings)
+    return Deployment(name=name, url=url, handle=handle, settings=settings)
 
 
 __all__ = [
-    "EmbeddingDeployment",
     "EmbeddingServer",
     "EmbeddingService",
     "EmbeddingSettings",
