@@ -64,6 +64,10 @@ def _quiet_hf() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    import warnings
+
+    # PEFT calls a transformers helper that transformers 5 deprecated: nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 THREADS_OPTION = click.option(

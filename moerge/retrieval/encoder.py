@@ -21,6 +21,13 @@ from moerge.registry import ExpertRecord, Registry
 from moerge.routers.embedding import DEFAULT_EMBEDDER, default_embedder_path
 
 
+def st_features(model: Any, texts: Sequence[str]) -> dict[str, Any]:
+    """A sentence-transformers model's input features for ``texts`` (``preprocess`` in
+    sentence-transformers ≥ 6, where ``tokenize`` is deprecated; ``tokenize`` before)."""
+    fn = getattr(model, "preprocess", None) or model.tokenize
+    return fn(list(texts))
+
+
 def encoder_fingerprint(encoder: str | None) -> str | None:
     """The registry's config fingerprint of a sentence-transformers folder's transformer (what a
     LoRA registered on it records as ``base_fingerprint``); None when it cannot be read."""
@@ -123,7 +130,7 @@ class ExpertEncoder:
         for start in range(0, len(texts), batch_size):
             picked = order[start : start + batch_size]
             chunk = [texts[i] for i in picked]
-            features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.model.tokenize(chunk).items()}
+            features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in st_features(self.model, chunk).items()}
             rows = [[(index[i], 1.0)] if index[i] >= 0 else [] for i in picked]
             if self.experts:
                 with use_weights(self.transformer, Assignment.rows(rows)):

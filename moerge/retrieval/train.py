@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from moerge.progress import progress_bar
+from moerge.retrieval.encoder import st_features
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def train_query_lora(
             docs = sorted({int(positives[i]) for i in rows})
             where = {d: j for j, d in enumerate(docs)}
             target = torch.tensor([where[int(positives[i])] for i in rows])
-            features = st.tokenize([queries[i] for i in rows])
+            features = st_features(st, [queries[i] for i in rows])
             q = st(features)["sentence_embedding"]
             q = torch.nn.functional.normalize(q, dim=-1)
             loss = in_batch_loss(q, doc_embeddings[docs], target, config.tau)
