@@ -313,7 +313,7 @@ def compose(
         _check_own_options(router, router_config)
         rtr = make_router(router, config, **router_config)
         reg, records = resolve_experts(experts, registry)
-        dev = "cpu" if device in (None, "auto") else str(resolve_device(device))
+        dev = str(resolve_device(device))  # "auto": CUDA, else MPS, else CPU (the encoder runs in float32)
         if not isinstance(base, (str, type(None))):
             raise TypeError("router_retriever's base is a sentence-transformers folder or hub id (None: the bundled MiniLM)")
         return compose_encoder(base, records, reg, rtr.config, data=data, progress=progress, device=dev)
