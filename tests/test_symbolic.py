@@ -1,0 +1,112 @@
+"""Symbolic-MoE's recruiting maths against the spec (``shared/docs/methods/symbolic-moe.md``
+§3.2–3.4, §3.6), on hand-computed cases (issue 15, first increment)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from moerge.symbolic import (
+    build_profiles,
+    consensus_keywords,
+    global_competency,
+    local_suitability,
+    majority_vote,
+    map_keywords,
+    parse_keywords,
+    plan_by_model,
+    recruit,
+    recruit_distribution,
+    sample_experts,
+)
+
+KEYWORDS = {"q1": ["algebra", "geometry"], "q2": ["algebra"], "q3": ["biology"]}
+CORRECT = {"A": {"q1": True, "q2": True, "q3": False}, "B": {"q1": False, "q2": True, "q3": True}}
+
+
+def test_keywords_are_parsed_lowercased_without_periods_and_at_most_20_characters():
+    text = "Let me think.\nKeywords: Virology, Cell Biology., a keyword far too long to keep, virology, "
+    assert parse_keywords(text) == ["virology", "cell biology"]
+    samples = ["Keywords: virology, immunology", "Keywords: Virology", "Keywords: genetics, immunology.", "nothing", "Keywords: "]
+    assert consensus_keywords(samples) == ["virology", "immunology"]  # genetics: 1 of 5 samples
+    assert consensus_keywords(["Keywords: a", "Keywords: b"]) == []  # empty lists are possible
+
+
+def test_profiles_add_one_per_keyword_for_a_right_answer_and_take_one_for_a_wrong_one():
+    assert build_profiles(KEYWORDS, CORRECT) == {
+        "A": {"algebra": 2, "geometry": 1, "biology": -1},
+        "B": {"algebra": 0, "geometry": -1, "biology": 1},
+    }
+    with pytest.raises(ValueError, match="model 'C' has no judgement .* 'q3'"):
+        build_profiles(KEYWORDS, {"C": {"q1": True, "q2": True}})
+
+
+def test_global_competency_shifts_negative_sums_and_squares_at_tau_one_half():
+    # g = (2, 0): nothing negative, squared and normalised
+    assert global_competency(build_profiles(KEYWORDS, CORRECT)) == {"A": 1.0, "B": 0.0}
+    # g = (2, -1): shifted by -min + 1 -> (4, 1), squared (16, 1)
+    gamma = global_competency({"A": {"x": 2}, "B": {"x": -1}})
+    assert gamma == pytest.approx({"A": 16 / 17, "B": 1 / 17})
+    assert global_competency({"A": {"x": 2}, "B": {"x": -1}}, tau=1.0) == pytest.approx({"A": 0.8, "B": 0.2})
+
+
+def test_recruiting_distribution_follows_the_spec_cases():
+    prof = {"A": {"algebra": 2, "geometry": 1, "biology": -1}, "B": {"algebra": 0, "geometry": -1, "biology": 1},
+            "C": {"chemistry": 3}}  # fmt: skip
+    gamma = {"A": 0.5, "B": 0.3, "C": 0.2}
+    assert local_suitability(prof, ["algebra", "algebra"]) == {"A": 4.0, "B": 0.0}  # twice counts twice; C absent
+    # candidates are the models with s > 0, weighted by gamma
+    assert recruit_distribution(prof, gamma, ["algebra", "biology"]) == pytest.approx({"A": 0.5 / 0.8, "B": 0.3 / 0.8})
+    assert recruit_distribution(prof, gamma, ["geometry"]) == {"A": 1.0}
+    # nobody positive: every present model shifted by -min + 1 (A: -1 -> 1, B: -1 -> 1), times gamma
+    assert recruit_distribution(prof, gamma, ["biology", "geometry"]) == pytest.approx({"A": 0.5 / 0.8, "B": 0.3 / 0.8})
+    assert recruit_distribution({"C": {"x": -2}, "D": {"x": -1}}, {"C": 0.5, "D": 0.5}, ["x"]) == pytest.approx(
+        {"C": 1 / 3, "D": 2 / 3}
+    )
+    assert recruit_distribution(prof, gamma, ["poetry"]) is None  # no model knows it: the caller's fallback
+
+
+def test_three_experts_are_drawn_with_replacement_seeded_and_the_fallback_is_labelled():
+    rng = random.Random(0)
+    assert sample_experts({"A": 1.0}, ["A", "B"], rng).experts == ["A", "A", "A"]
+    draws = Counter()
+    rng = random.Random(1)
+    for _ in range(20_000):
+        draws.update(sample_experts({"A": 0.7, "B": 0.3}, ["A", "B"], rng).experts)
+    assert draws["A"] / sum(draws.values()) == pytest.approx(0.7, abs=0.01)
+    fallback = sample_experts(None, ["A", "B", "C"], random.Random(2), keywords=["poetry"])
+    assert fallback.how == "uniform" and len(fallback.experts) == 3 and fallback.keywords == ["poetry"]
+    prof = build_profiles(KEYWORDS, CORRECT)
+    queries = {"t1": ["algebra"], "t2": ["biology"], "t3": ["poetry"]}
+    first, again = recruit(queries, prof, seed=7), recruit(queries, prof, seed=7)
+    assert {q: r.experts for q, r in first.items()} == {q: r.experts for q, r in again.items()}
+    assert first["t1"].experts == ["A", "A", "A"]  # gamma_B = 0: B is never drawn where A is a candidate
+    assert first["t3"].how == "uniform"
+
+
+def test_the_batch_plan_groups_by_model_in_order_of_first_appearance_keeping_repeats():
+    from moerge.symbolic import Recruitment
+
+    recruited = {"q1": Recruitment(["B", "A", "B"], None), "q2": Recruitment(["C", "A", "A"], None)}
+    plan = plan_by_model(recruited)
+    assert list(plan) == ["B", "A", "C"]
+    assert plan == {"B": [("q1", 0), ("q1", 2)], "A": [("q1", 1), ("q2", 1), ("q2", 2)], "C": [("q2", 0)]}
+    assert len(plan) + 1 == 4  # model loads of a batch run: distinct recruited models + the aggregator
+
+
+def test_majority_vote_breaks_ties_by_first_answer():
+    assert majority_vote(["b", "a", "a", "b", "c"]) == "b"
+    assert majority_vote(["x", "y", "y"]) == "y"
+    with pytest.raises(ValueError):
+        majority_vote([])
+
+
+def test_query_keywords_map_to_the_nearest_validation_keyword_by_minilm():
+    vocabulary = ["virology", "finance", "poetry"]
+    mapped, sims = map_keywords({"t1": ["vaccines", "finance"], "t2": ["stock market"], "t3": ["sonnets"]}, vocabulary)
+    assert mapped == {"t1": ["virology", "finance"], "t2": ["finance"], "t3": ["poetry"]}
+    assert sims["finance"] == 1.0 and 0 < sims["vaccines"] < 1
+    with pytest.raises(ValueError, match="vocabulary is empty"):
+        map_keywords({"t": ["x"]}, [])
