@@ -1280,7 +1280,10 @@ def registry_init(path: str) -> None:
     "--kind", default=None, type=click.Choice(["lora", "dense", "embedding", "model"]), help="Override the detected kind."
 )
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle .bin weights (read with weights_only=True).")
-def registry_add(registry_path, source, name, description, skills, tags, examples, metrics, base, kind, allow_pickle) -> None:  # noqa: ANN001
+@click.option("--reference", is_flag=True, help="--kind model: keep the model where it is (folder or hub id), do not copy it.")
+def registry_add(
+    registry_path, source, name, description, skills, tags, examples, metrics, base, kind, allow_pickle, reference
+) -> None:  # noqa: ANN001
     """Register SOURCE (a PEFT adapter, HF model or sentence-transformers folder, or a hub id org/name)."""
     _quiet_hf()
     try:
@@ -1301,6 +1304,7 @@ def registry_add(registry_path, source, name, description, skills, tags, example
             base=base,
             kind=kind,
             allow_pickle=allow_pickle,
+            reference=reference,
         )
     except (ValueError, FileNotFoundError, KeyError, RuntimeError, TimeoutError) as exc:
         _fail(exc)

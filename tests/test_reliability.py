@@ -150,6 +150,10 @@ def test_symlinks_leading_outside_the_source_are_refused(tmp_path, lora_folder, 
     secret.write_text("password")
     src = tmp_path / "with-link"
     shutil.copytree(lora_folder if kind == "lora" else llama_folder, src)
+    if kind == "model":  # a whole-model expert needs its tokenizer
+        from moerge.zoo.tokenizer import build_tokenizer
+
+        build_tokenizer().save_pretrained(src)
     (src / "notes.txt").symlink_to(secret)
     reg = Registry(tmp_path / "reg")
     with pytest.raises(UnsafeSourceError, match=r"notes.txt is a symlink to .*secret.txt, outside"):

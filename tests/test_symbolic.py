@@ -110,3 +110,85 @@ def test_query_keywords_map_to_the_nearest_validation_keyword_by_minilm():
     assert sims["finance"] == 1.0 and 0 < sims["vaccines"] < 1
     with pytest.raises(ValueError, match="vocabulary is empty"):
         map_keywords({"t": ["x"]}, [])
+
+
+# ----------------------------------------------------------------- whole-model experts (kind "model")
+
+
+def _causal_lm(path, arch="llama"):
+    """A tiny causal LM of ``arch`` with a tokenizer (the zoo's word-level one) and a chat template."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from moerge.zoo.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=2))  # fmt: skip
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2))
+    model.save_pretrained(path)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(path)
+    return path
+
+
+def test_whole_models_of_different_architectures_register_copied_or_by_reference(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moerge.registry import Registry
+
+    reg = Registry(tmp_path / "reg")
+    llama = reg.register(_causal_lm(tmp_path / "llama"), "llama-math", kind="model", skills=["algebra"], description="a")
+    gpt2 = reg.register(_causal_lm(tmp_path / "gpt2", "gpt2"), "gpt2-bio", kind="model", reference=True)
+    assert llama.storage == "folder" and llama.extra["model"] == {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                                                  "chat_template": True}  # fmt: skip
+    assert gpt2.storage == "reference" and gpt2.files == {} and gpt2.extra["model"]["architectures"] == ["GPT2LMHeadModel"]
+    assert reg.model_folder("gpt2-bio") == (tmp_path / "gpt2").resolve()  # nothing copied
+    for name in ("llama-math", "gpt2-bio"):
+        folder = reg.model_folder(name)
+        AutoModelForCausalLM.from_pretrained(folder)
+        assert AutoTokenizer.from_pretrained(folder).chat_template
+    out = reg.export("gpt2-bio", tmp_path / "exported")
+    assert (out / "config.json").is_file() and AutoTokenizer.from_pretrained(out)
+    assert reg.verify()["ok"]
+    with pytest.raises(ValueError, match="is a 'lora' expert|not a whole model"):
+        reg.model_folder(reg.register(_lora(tmp_path), "adapter"))
+
+
+def _lora(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "llama")
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def test_a_model_expert_without_a_tokenizer_or_not_a_causal_lm_is_refused_and_nothing_is_stored(tmp_path):
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    from moerge.registry import Registry
+
+    reg = Registry(tmp_path / "reg")
+    folder = _causal_lm(tmp_path / "llama")
+    bare = tmp_path / "bare"
+    shutil.copytree(folder, bare)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (bare / f).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="has no tokenizer .*tokenizer.save_pretrained"):
+        reg.register(bare, "bare", kind="model")
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(
+        tmp_path / "bert"
+    )
+    with pytest.raises(ValueError, match="not a causal language model"):
+        reg.register(tmp_path / "bert", "bert", kind="model")
+    with pytest.raises(ValueError, match="reference=True keeps whole models"):
+        reg.register(_lora(tmp_path), "adapter", reference=True)
+    assert reg.list() == []
+    ref = reg.register(folder, "moved", kind="model", reference=True)
+    shutil.rmtree(folder)  # a reference can go stale: the error says where it looked
+    with pytest.raises(FileNotFoundError, match="model expert moved@1"):
+        reg.model_folder(ref)

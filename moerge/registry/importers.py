@@ -393,6 +393,36 @@ def stage_dense(folder: Path, stage: Path, base: BaseInfo | None, allow_pickle: 
     return "task_vector"
 
 
+#: files any one of which makes a folder's tokenizer loadable by ``AutoTokenizer``
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tokenizer.tiktoken")
+
+
+def check_model_folder(folder: Path) -> dict[str, Any]:
+    """A whole-model expert (kind ``model``): a Hugging Face causal-LM folder with its tokenizer.
+    Returns what the record keeps of it (architectures, model type, whether it has a chat template);
+    refuses, naming what is missing, a folder without ``config.json``, a model that is not a
+    causal LM, or one without a tokenizer."""
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json); a 'model' expert is a whole causal LM")
+    cfg = json.loads(cfg_path.read_text())
+    archs = cfg.get("architectures") or []
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
+        raise ValueError(
+            f"{folder}: architectures {archs} are not a causal language model (…ForCausalLM); a 'model' expert generates text"
+        )
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(
+            f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): a 'model' expert answers in its own "
+            "vocabulary — save it beside the weights with tokenizer.save_pretrained(folder)"
+        )
+    tok_cfg = folder / "tokenizer_config.json"
+    chat = any((folder / f).is_file() for f in ("chat_template.jinja", "chat_template.json")) or (
+        tok_cfg.is_file() and bool(json.loads(tok_cfg.read_text()).get("chat_template"))
+    )
+    return {"architectures": list(archs), "model_type": cfg.get("model_type"), "chat_template": chat}
+
+
 def stage_folder(folder: Path, stage: Path, allow_pickle: bool) -> None:
     """Copy a whole model folder (e.g. sentence-transformers), converting any pickle weights."""
     for p in sorted(folder.rglob("*")):

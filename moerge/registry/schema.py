@@ -75,7 +75,8 @@ class ExpertRecord(BaseModel):
     files: dict[str, str]
     lora: LoraSpec | None = None
     #: for dense experts: "task_vector" (θ_ft − θ_base) or "whole" (no base given)
-    storage: Literal["peft", "task_vector", "whole", "folder"]
+    #: "reference": a whole model kept where it is (a folder or hub id, in ``source``), not copied
+    storage: Literal["peft", "task_vector", "whole", "folder", "reference"]
     source: str = ""
     extra: dict[str, Any] = Field(default_factory=dict)
 

@@ -416,6 +416,22 @@ class Registry:
         rec = self._resolve(expert, version)
         return self.root / "experts" / rec.name / str(rec.version)
 
+    def model_folder(self, expert: Any, version: int | None = None) -> Path:
+        """Where a whole-model expert loads from (``from_pretrained``): its stored copy, or — kept
+        by reference — the folder it was registered from or its hub snapshot (``hf://org/name@commit``,
+        that exact commit, from the Hugging Face cache)."""
+        rec = self._resolve(expert, version)
+        if rec.kind != "model":
+            raise ValueError(f"{rec.ref} is a {rec.kind!r} expert, not a whole model")
+        if rec.storage != "reference":
+            return self.path(rec)
+        src = str(rec.source)
+        folder, _ = importers.resolve_source(
+            src.removeprefix("hf://") if src.startswith("hf://") else src, f"model expert {rec.ref}"
+        )
+        importers.check_model_folder(folder)  # a reference can go stale: say what is missing now
+        return folder
+
     # ------------------------------------------------------------------ register
 
     def register(
@@ -433,6 +449,7 @@ class Registry:
         adapter_name: str | None = None,
         allow_pickle: bool = False,
         extra: dict[str, Any] | None = None,
+        reference: bool = False,
     ) -> ExpertRecord:
         """Register ``source`` under ``name`` (a new version if the name exists) and return its record.
 
@@ -444,6 +461,10 @@ class Registry:
         for a LoRA it defaults to the adapter's ``base_model_name_or_path`` and is used to check
         every module's shape. Pickle weights are refused unless ``allow_pickle=True``, and so is
         a symlink that leads outside the source folder (its target would be copied in).
+
+        ``kind="model"``: a whole causal LM with its tokenizer (Symbolic-MoE's experts; the record
+        notes its architecture and whether it has a chat template). ``reference=True`` keeps such a
+        model where it is — a local folder or a hub id — instead of copying gigabytes.
         """
         validate_name(name)
         if kind is not None and kind not in KINDS:
@@ -477,10 +498,20 @@ class Registry:
             elif kind == "dense":
                 base_info = importers.resolve_base(base, allow_pickle=allow_pickle, required=base is not None)
                 storage = importers.stage_dense(folder, files_dir, base_info, allow_pickle)
-            else:  # embedding / model: stored whole, as a folder
+            elif kind == "model":
+                extra = {**(extra or {}), "model": importers.check_model_folder(folder)}
+                base_info = None
+                if reference:
+                    storage = "reference"  # nothing copied: ``source`` says where it lives
+                else:
+                    importers.stage_folder(folder, files_dir, allow_pickle)
+                    storage = "folder"
+            else:  # embedding: stored whole, as a folder
                 base_info = importers.resolve_base(base, allow_pickle=allow_pickle) if base is not None else None
                 importers.stage_folder(folder, files_dir, allow_pickle)
                 storage = "folder"
+            if reference and kind != "model":
+                raise ValueError(f"reference=True keeps whole models where they are; a {kind!r} expert is always copied in")
             files = {str(p.relative_to(files_dir)): sha256_file(p) for p in sorted(files_dir.rglob("*")) if p.is_file()}
             draft = dict(
                 name=name,
@@ -761,6 +792,8 @@ class Registry:
                         (stage / rel).parent.mkdir(parents=True, exist_ok=True)
                         shutil.copy2(src / rel, stage / rel)
                 atomic_save_tensors(stage / "model.safetensors", out, {"format": "pt"})
+            elif rec.storage == "reference":  # the model where it lives, copied out whole
+                shutil.copytree(self.model_folder(rec), stage, dirs_exist_ok=True)
             else:
                 for rel in rec.files:
                     if rel == "record.json":
