@@ -192,3 +192,91 @@ def test_a_model_expert_without_a_tokenizer_or_not_a_causal_lm_is_refused_and_no
     shutil.rmtree(folder)  # a reference can go stale: the error says where it looked
     with pytest.raises(FileNotFoundError, match="model expert moved@1"):
         reg.model_folder(ref)
+
+
+def test_batch_by_model_loads_each_recruited_model_once_and_answers_as_the_per_query_loop(tmp_path):
+    """Spec §3.6: loads = distinct recruited models (+ 1 aggregator), whatever the number of
+    queries; the answers are the per-query loop's (greedy, prompts of one length: no padding)."""
+    from moerge.registry import Registry
+    from moerge.symbolic import Recruitment
+    from moerge.symbolic.execute import aggregate, aggregate_prompt, load_model_expert, run_batched, run_per_query
+
+    reg = Registry(tmp_path / "reg")
+    reg.register(_causal_lm(tmp_path / "llama"), "llama", kind="model")
+    reg.register(_causal_lm(tmp_path / "gpt2", "gpt2"), "gpt2", kind="model", reference=True)
+    loads = []
+
+    def loader(name):
+        loads.append(name)
+        return load_model_expert(reg, name)
+
+    prompts = {f"q{i}": f"sort : {' '.join('abcde'[i:] + 'abcde'[:i])} =>" for i in range(5)}
+    recruited = {
+        q: Recruitment(["llama", "gpt2", "llama"] if i % 2 else ["gpt2", "gpt2", "gpt2"], None) for i, q in enumerate(prompts)
+    }
+    batched, stats = run_batched(recruited, prompts, loader, max_new_tokens=3, progress=False)
+    assert stats.model_loads == stats.distinct_models == 2 and loads == ["gpt2", "llama"]  # order of first appearance
+    assert stats.prompts == {"gpt2": 5 + 3 * 2 + 0, "llama": 4}
+    loads.clear()
+    naive, nstats = run_per_query(recruited, prompts, loader, max_new_tokens=3, progress=False)
+    assert nstats.model_loads == 15 and naive == batched
+    final, astats = aggregate({q: p for q, p in prompts.items()}, batched, loader, "llama", max_new_tokens=2)
+    assert astats.model_loads == 1 and set(final) == set(prompts)
+    text = aggregate_prompt("2+2?", ["<think>hmm</think> 4", "5"], "Answer with a number.")
+    assert "### Model 1's response:\n4" in text and "hmm" not in text and text.index("### Model 2") < text.index("Question: 2+2?")
+
+
+def test_profiles_are_registry_artifacts_per_validation_set_and_a_new_model_is_the_only_one_profiled(tmp_path):
+    from moerge.registry import Registry
+    from moerge.symbolic.execute import load_model_expert
+    from moerge.symbolic.profile import EmbeddingAnnotator, profile_models
+
+    reg = Registry(tmp_path / "reg")
+    reg.register(_causal_lm(tmp_path / "llama"), "llama", kind="model")
+    loads = []
+
+    def loader(name):
+        loads.append(name)
+        return load_model_expert(reg, name)
+
+    annotate = EmbeddingAnnotator(["sorting", "arithmetic", "spelling"], top_k=1)
+    questions = {"v1": "sort : c b a =>", "v2": "max of : 3 9 4 =>", "v3": "reverse the letters : a b c =>"}
+    kws = annotate(list(questions.values()))
+    assert all(len(k) == 1 for k in kws)
+    validation = {q: {"question": t, "answer": "a b c", "keywords": k} for (q, t), k in zip(questions.items(), kws, strict=True)}
+    check = lambda response, answer: response == answer  # noqa: E731
+    first, report = profile_models(reg, ["llama"], validation, check, loader, max_new_tokens=3)
+    assert report["profiled_now"] == ["llama"] and report["model_loads"] == 1
+    assert sum(abs(v) for v in first["llama"].values()) == 3  # one keyword per question, +-1 each
+    again, report = profile_models(reg, ["llama"], validation, check, loader, max_new_tokens=3)
+    assert again == first and report["profiled_now"] == [] and loads == ["llama"]  # loaded from the registry
+    reg.register(_causal_lm(tmp_path / "gpt2", "gpt2"), "gpt2", kind="model")
+    _, report = profile_models(reg, ["llama", "gpt2"], validation, check, loader, max_new_tokens=3)
+    assert report["profiled_now"] == ["gpt2"] and loads == ["llama", "gpt2"]  # adding a model profiles it alone
+    other = {**validation, "v4": {"question": "sort : b a =>", "answer": "a b", "keywords": ["sorting"]}}
+    _, report = profile_models(reg, ["llama"], other, check, loader, max_new_tokens=3)
+    assert report["profiled_now"] == ["llama"]  # a profile of another validation set is not reused
+    with pytest.raises(ValueError, match="needs 'question', 'answer' and 'keywords'"):
+        profile_models(reg, ["llama"], {"x": {"question": "q"}}, check, loader)
+
+
+def test_the_llm_annotator_samples_five_times_seeded_and_keeps_the_consensus(tmp_path, monkeypatch):
+    from moerge.registry import Registry
+    from moerge.symbolic import execute
+    from moerge.symbolic.profile import LLMAnnotator
+
+    reg = Registry(tmp_path / "reg")
+    reg.register(_causal_lm(tmp_path / "llama"), "llama", kind="model")
+    loaded = execute.load_model_expert(reg, "llama")
+    ann = LLMAnnotator(loaded, max_new_tokens=4)
+    assert ann(["sort : c b a =>"]) == ann(["sort : c b a =>"])  # seeded sampling
+    calls = []
+    canned = iter(["Keywords: algebra, logic", "Keywords: algebra", "Keywords: logic, geometry", "Keywords: x", "none"])
+
+    def fake_generate(loaded, prompts, **kw):
+        calls.append(kw)
+        return [next(canned)]
+
+    monkeypatch.setattr(execute, "generate", fake_generate)
+    assert ann(["q"]) == [["algebra", "logic"]]
+    assert len(calls) == 5 and {c["temperature"] for c in calls} == {0.7} and len({c["seed"] for c in calls}) == 5

@@ -1,12 +1,15 @@
 """Symbolic-MoE (issue 15; in progress): skill-based recruiting of whole-model experts.
 
-This first increment is the method's model-agnostic core — keyword parsing and consensus,
-validation profiles, global competency γ, local suitability, the recruiting distribution,
-seeded k = 3 sampling with replacement, keyword mapping by MiniLM, and the batch-by-model plan.
-Whole-model experts in the registry, the annotator and aggregator runs, Ray execution, the zoo's
-pool and the demo rows are not built yet (README).
+Built so far: the recruiting maths (keyword parsing and consensus, validation profiles, global
+competency γ, local suitability, the recruiting distribution, seeded k = 3 sampling with
+replacement, keyword mapping by MiniLM, the batch-by-model plan) in :mod:`.recruit`; the LLM and
+the offline embedding annotators and profiling stored as registry artifacts in :mod:`.profile`;
+in-process batch-by-model execution (one load per recruited model), the naive per-query loop and
+the aggregation pass in :mod:`.execute`. Not yet: aggregator selection, Ray model actors, the
+zoo's pool, the demo rows, serving and the CLI (README).
 """
 
+from moerge.symbolic.profile import EmbeddingAnnotator, LLMAnnotator, profile_models
 from moerge.symbolic.recruit import (
     ANNOTATOR_PROMPT,
     Recruitment,
@@ -25,6 +28,8 @@ from moerge.symbolic.skills import map_keywords
 
 __all__ = [
     "ANNOTATOR_PROMPT",
+    "EmbeddingAnnotator",
+    "LLMAnnotator",
     "Recruitment",
     "build_profiles",
     "consensus_keywords",
@@ -34,6 +39,7 @@ __all__ = [
     "map_keywords",
     "parse_keywords",
     "plan_by_model",
+    "profile_models",
     "recruit",
     "recruit_distribution",
     "sample_experts",
