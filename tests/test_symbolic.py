@@ -280,3 +280,34 @@ def test_the_llm_annotator_samples_five_times_seeded_and_keeps_the_consensus(tmp
     monkeypatch.setattr(execute, "generate", fake_generate)
     assert ann(["q"]) == [["algebra", "logic"]]
     assert len(calls) == 5 and {c["temperature"] for c in calls} == {0.7} and len({c["seed"] for c in calls}) == 5
+
+
+def test_the_aggregator_benchmark_has_one_right_and_two_wrong_answers_and_picks_the_best_candidate(tmp_path, monkeypatch):
+    from moerge.registry import Registry
+    from moerge.symbolic import execute
+    from moerge.symbolic.profile import aggregator_benchmark, select_aggregator, validation_fingerprint
+
+    reg = Registry(tmp_path / "reg")
+    for name in ("a", "b", "c"):
+        reg.register(_causal_lm(tmp_path / name), name, kind="model")
+    validation = {"v1": {"question": "sort : b a =>", "answer": "a b", "keywords": ["sorting"]},
+                  "v2": {"question": "sort : c a =>", "answer": "a c", "keywords": ["sorting"]}}  # fmt: skip
+    key = {"validation": validation_fingerprint(validation), "questions": 2}
+    runs = {"a": {"v1": "a b", "v2": "c a"}, "b": {"v1": "b a", "v2": "a c"}, "c": {"v1": "x", "v2": "y"}}
+    for m, ans in runs.items():  # as profile_models stores them
+        correct = {q: ans[q] == validation[q]["answer"] for q in validation}
+        reg.put_artifact(m, "symbolic_profile", key, {"profile": {}, "accuracy": 0.0, "correct": correct, "answers": ans})
+    bench = aggregator_benchmark(reg, ["a", "b", "c"], validation, seed=0)
+    assert sorted(bench["v1"]) == sorted(["a b", "b a", "x"]) and sorted(bench["v2"]) == sorted(["a c", "c a", "y"])
+    assert aggregator_benchmark(reg, ["a", "b", "c"], validation, seed=0) == bench  # seeded
+
+    def fake_generate(loaded, prompts, **kw):  # candidate "b" copies the right answer, the others echo a wrong one
+        return [validation["v1" if "b a =>" in p else "v2"]["answer"] if loaded.name == "b" else "zz" for p in prompts]
+
+    monkeypatch.setattr(execute, "generate", fake_generate)
+    best, scores = select_aggregator(reg, ["a", "b"], ["a", "b", "c"], validation, lambda r, a: r == a,
+                                     lambda n: execute.load_model_expert(reg, n))  # fmt: skip
+    assert best == "b" and scores == {"a": 0.0, "b": 1.0}
+    reg.register(_causal_lm(tmp_path / "d"), "d", kind="model")
+    with pytest.raises(ValueError, match="model 'd' has no profile for this validation set"):
+        aggregator_benchmark(reg, ["d"], validation)

@@ -119,5 +119,79 @@ def profile_models(
             correct = {q: bool(check(answers[q][j], validation[q]["answer"])) for q in validation}
             profiles[m] = build_profiles(keywords, {m: correct})[m]
             accuracy[m] = sum(correct.values()) / len(correct)
-            registry.put_artifact(m, PRODUCER, key, {"profile": profiles[m], "accuracy": accuracy[m], "correct": correct})
+            registry.put_artifact(
+                m,
+                PRODUCER,
+                key,
+                {
+                    "profile": profiles[m],
+                    "accuracy": accuracy[m],
+                    "correct": correct,
+                    "answers": {q: answers[q][j] for q in validation},
+                },
+            )
     return {m: profiles[m] for m in models}, {"profiled_now": todo, "accuracy": accuracy, "model_loads": loads}
+
+
+def stored_answers(
+    registry: Any, models: Sequence[str], validation: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """model → its stored validation run (``answers``, ``correct``) for this validation set."""
+    key = {"validation": validation_fingerprint(validation), "questions": len(validation)}
+    out = {}
+    for m in models:
+        art = registry.get_artifact(m, PRODUCER, key)
+        if art is None:
+            raise ValueError(f"model {m!r} has no profile for this validation set: run profile_models first")
+        out[m] = art
+    return out
+
+
+def aggregator_benchmark(
+    registry: Any, models: Sequence[str], validation: Mapping[str, Mapping[str, Any]], seed: int = 0
+) -> dict[str, list[str]]:
+    """The synthetic aggregation task (spec §3.5): per validation question, one random correct
+    and two random incorrect answers of the pool's models (an empty string where there are none),
+    shuffled. Seeded."""
+    import random
+
+    rng = random.Random(seed)
+    runs = stored_answers(registry, models, validation)
+    out = {}
+    for q in validation:
+        right = [runs[m]["answers"][q] for m in models if runs[m]["correct"][q]]
+        wrong = [runs[m]["answers"][q] for m in models if not runs[m]["correct"][q]]
+        picked = [
+            rng.choice(right) if right else "",
+            *(rng.sample(wrong, 2) if len(wrong) >= 2 else wrong + [""] * (2 - len(wrong))),
+        ]
+        rng.shuffle(picked)
+        out[q] = picked
+    return out
+
+
+def select_aggregator(
+    registry: Any,
+    candidates: Sequence[str],
+    pool: Sequence[str],
+    validation: Mapping[str, Mapping[str, Any]],
+    check: Callable[[str, str], bool],
+    loader: Callable[[str], Any],
+    answer_format: str = "",
+    seed: int = 0,
+    **gen: Any,
+) -> tuple[str, dict[str, float]]:
+    """Each candidate aggregates the synthetic benchmark once (one load each); the most accurate
+    is the aggregator (ties: the first candidate). The prompt is the one deployment uses
+    (:func:`~moerge.symbolic.execute.aggregate_prompt`) — the released code's benchmark put the
+    question first (spec pitfall 4)."""
+    from moerge.symbolic.execute import aggregate
+
+    bench = aggregator_benchmark(registry, pool, validation, seed)
+    questions = {q: v["question"] for q, v in validation.items()}
+    scores = {}
+    for c in candidates:
+        final, _ = aggregate(questions, bench, loader, c, answer_format, **gen)
+        scores[c] = sum(bool(check(final[q], validation[q]["answer"])) for q in validation) / len(validation)
+    best = max(candidates, key=lambda c: scores[c])
+    return best, scores
