@@ -311,3 +311,31 @@ def test_the_aggregator_benchmark_has_one_right_and_two_wrong_answers_and_picks_
     reg.register(_causal_lm(tmp_path / "d"), "d", kind="model")
     with pytest.raises(ValueError, match="model 'd' has no profile for this validation set"):
         aggregator_benchmark(reg, ["d"], validation)
+
+
+@pytest.mark.slow
+def test_batch_by_model_on_ray_runs_one_task_per_model_and_answers_as_in_process(tmp_path):
+    import ray
+
+    from moerge.registry import Registry
+    from moerge.serving.workers import ensure_ray
+    from moerge.symbolic import Recruitment
+    from moerge.symbolic.execute import load_model_expert, run_batched, run_batched_ray
+
+    reg = Registry(tmp_path / "reg")
+    reg.register(_causal_lm(tmp_path / "llama"), "llama", kind="model")
+    reg.register(_causal_lm(tmp_path / "gpt2", "gpt2"), "gpt2", kind="model")
+    prompts = {f"q{i}": f"sort : {' '.join('abcd'[i:] + 'abcd'[:i])} =>" for i in range(4)}
+    recruited = {q: Recruitment(["llama", "gpt2", "gpt2"], None) for q in prompts}
+    local, _ = run_batched(recruited, prompts, lambda n: load_model_expert(reg, n), max_new_tokens=3, progress=False)
+    started = not ray.is_initialized()
+    ensure_ray(num_cpus=2, log_to_driver=False)
+    try:
+        remote, stats = run_batched_ray(recruited, prompts, str(reg.root), max_resident=2, num_cpus=0.5, threads=1,
+                                        max_new_tokens=3, progress=False)  # fmt: skip
+    finally:
+        if started:
+            ray.shutdown()
+    assert remote == local and stats.model_loads == stats.distinct_models == 2
+    with pytest.raises(ValueError, match="max_resident must be"):
+        run_batched_ray(recruited, prompts, str(reg.root), max_resident=0)

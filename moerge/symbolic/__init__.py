@@ -5,8 +5,9 @@ competency γ, local suitability, the recruiting distribution, seeded k = 3 samp
 replacement, keyword mapping by MiniLM, the batch-by-model plan) in :mod:`.recruit`; the LLM and
 the offline embedding annotators and profiling stored as registry artifacts in :mod:`.profile`;
 in-process batch-by-model execution (one load per recruited model), the naive per-query loop and
-the aggregation pass in :mod:`.execute`. Not yet: aggregator selection, Ray model actors, the
-zoo's pool, the demo rows, serving and the CLI (README).
+the aggregation pass and one Ray task per model (``run_batched_ray``) in :mod:`.execute`;
+aggregator selection by the synthetic benchmark in :mod:`.profile`. Not yet: the zoo's pool, the
+demo rows, serving and the CLI (README).
 """
 
 from moerge.symbolic.profile import EmbeddingAnnotator, LLMAnnotator, profile_models

@@ -190,3 +190,63 @@ def aggregate(
     stats.prompts[aggregator] = len(qs)
     free(loaded)
     return dict(zip(qs, outs, strict=True)), stats
+
+
+def _answer_remote(
+    registry_path: str, name: str, prompts: list[str], gen: dict[str, Any], threads: int | None, device: str
+) -> list[str]:
+    """In a Ray worker process: load one model expert, answer all its prompts, return. The
+    process exits after the call (``max_calls=1``), which frees the model's memory for sure."""
+    from moerge.registry import Registry
+
+    if threads:
+        torch.set_num_threads(threads)
+    loaded = load_model_expert(Registry(registry_path), name, device=device)
+    return generate(loaded, prompts, **gen)
+
+
+def run_batched_ray(
+    recruited: Mapping[str, Recruitment],
+    prompts: Mapping[str, str],
+    registry_path: str,
+    max_resident: int = 1,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    threads: int | None = None,
+    progress: bool | None = None,
+    **gen: Any,
+) -> tuple[dict[str, list[str]], RunStats]:
+    """:func:`run_batched` on Ray: one task per recruited model (its own process, asking for
+    ``num_cpus``/``num_gpus``), at most ``max_resident`` models loaded at once across the cluster
+    — so a cluster answers with different models on different nodes at once. The registry path
+    must be visible where the tasks run (a shared disk, or a node-local copy at the same path)."""
+    import ray
+
+    from moerge.serving.workers import ensure_ray
+
+    if max_resident < 1:
+        raise ValueError(f"max_resident must be ≥ 1, got {max_resident}")
+    ensure_ray()
+    plan = plan_by_model(recruited)
+    task = ray.remote(max_calls=1)(_answer_remote).options(num_cpus=num_cpus, num_gpus=num_gpus)
+    device = "cuda" if num_gpus else "cpu"
+    answers: dict[str, list[str]] = {q: [""] * len(r.experts) for q, r in recruited.items()}
+    stats = RunStats(distinct_models=len(plan))
+    todo = list(plan.items())
+    running: dict[Any, str] = {}
+    bar = progress_bar(total=len(todo), desc="experts on Ray (one task each)", progress=progress)
+    t = time.perf_counter()
+    while todo or running:
+        while todo and len(running) < max_resident:
+            name, pairs = todo.pop(0)
+            running[task.remote(registry_path, name, [prompts[q] for q, _ in pairs], gen, threads, device)] = name
+            stats.model_loads += 1
+        done, _ = ray.wait(list(running), num_returns=1)
+        name = running.pop(done[0])
+        for (q, i), text in zip(plan[name], ray.get(done[0]), strict=True):
+            answers[q][i] = text
+        stats.prompts[name] = len(plan[name])
+        bar.update(1)
+    bar.close()
+    stats.generate_s = time.perf_counter() - t  # loads included: they happen inside the tasks
+    return answers, stats
