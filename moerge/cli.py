@@ -738,6 +738,37 @@ def bench_embedding(queries, experts, batch_size, repeats, json_path, no_progres
         Path(json_path).write_text(json.dumps(result, indent=2))
 
 
+@bench.command("symbolic")
+@click.option(
+    "--preset",
+    default="small",
+    show_default=True,
+    type=click.Choice(["small", "default"]),
+    help="Zoo preset (its dense fine-tunes are the pool).",
+)
+@click.option("--queries", default=48, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--k", default=3, show_default=True, type=click.IntRange(min=1), help="Experts recruited per query (with replacement)."
+)
+@click.option("--max-new-tokens", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Zoo cache folder (env MOERGE_CACHE).")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the result as JSON.")
+@click.option("--no-progress", is_flag=True)
+@THREADS_OPTION
+def bench_symbolic(preset, queries, k, max_new_tokens, cache_dir, json_path, no_progress, threads) -> None:  # noqa: ANN001
+    """Symbolic-MoE's batch-by-model run (each recruited model loaded once) vs loading the recruited models per query."""
+    _quiet_hf()
+    from moerge.bench import symbolic
+    from moerge.device import set_threads
+
+    set_threads(threads)
+    cfg = symbolic.SymbolicBenchConfig(preset=preset, queries=queries, k=k, max_new_tokens=max_new_tokens)
+    result = symbolic.run(cfg, cache_dir=cache_dir, progress=None if not no_progress else False)
+    click.echo(symbolic.format_result(result))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+
+
 @bench.command("soak")
 @click.option("--requests", "n_requests", default=2000, show_default=True, type=int)
 @click.option("--concurrency", default=32, show_default=True, type=int)

@@ -339,3 +339,21 @@ def test_batch_by_model_on_ray_runs_one_task_per_model_and_answers_as_in_process
     assert remote == local and stats.model_loads == stats.distinct_models == 2
     with pytest.raises(ValueError, match="max_resident must be"):
         run_batched_ray(recruited, prompts, str(reg.root), max_resident=0)
+
+
+@pytest.mark.slow
+def test_bench_symbolic_counts_loads_for_both_runs_on_the_zoos_whole_model_pool(small_zoo, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from moerge.cli import main
+
+    out = tmp_path / "sym.json"
+    r = CliRunner().invoke(
+        main, ["bench", "symbolic", "--queries", "6", "--max-new-tokens", "4", "--json", str(out), "--no-progress"]
+    )
+    assert r.exit_code == 0, r.output
+    d = json.loads(out.read_text())
+    assert d["per_query"]["model_loads"] == 6 * 3 and d["batched"]["model_loads"] == d["distinct_models"] <= 8
+    assert d["answers_agree"] == 1.0 and d["speedup"] > 0 and "batch by model" in r.output
