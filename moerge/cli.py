@@ -1255,6 +1255,127 @@ def retrieval_suite(preset, cache_dir, rebuild, path_only) -> None:  # noqa: ANN
 
 
 @main.group()
+def symbolic() -> None:
+    """Symbolic-MoE over registered whole-model experts: profile them, then recruit and answer."""
+
+
+def _questions(path: str, need_answer: bool) -> dict[str, dict]:
+    """JSONL {"id", "question"[, "answer"][, "keywords"]} → {id: row}; a broken line is named."""
+    rows: dict[str, dict] = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{n}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or "id" not in row or "question" not in row or (need_answer and "answer" not in row):
+            raise ValueError(f"{path}:{n}: needs 'id', 'question'{' and answer' if need_answer else ''}")
+        rows[str(row["id"])] = row
+    if not rows:
+        raise ValueError(f"{path} has no questions")
+    return rows
+
+
+def _symbolic_moe(registry_path, models, skills, annotator, aggregator, max_new_tokens):  # noqa: ANN001, ANN202
+    from moerge.symbolic import EmbeddingAnnotator, LLMAnnotator, SymbolicMoE
+    from moerge.symbolic.execute import load_model_expert
+
+    reg = _open(registry_path)
+    names = list(models) or [r.name for r in reg.list(kind="model")]
+    if not names:
+        raise ValueError(f"registry {reg.root} has no whole-model experts (registry add --kind model)")
+    if annotator:
+        ann = LLMAnnotator(load_model_expert(reg, annotator))
+    elif skills:
+        ann = EmbeddingAnnotator([s.strip() for s in skills.split(",") if s.strip()])
+    else:
+        raise ValueError("give --skills a,b,c (offline MiniLM annotator) or --annotator MODEL (the paper's LLM annotator)")
+    return SymbolicMoE(reg, names, ann, aggregator=aggregator, max_new_tokens=max_new_tokens)
+
+
+SYMBOLIC_OPTIONS = [
+    click.option("--registry", "registry_path", required=True, type=click.Path(file_okay=False)),
+    click.option("--model", "models", multiple=True, help="A whole-model expert (repeatable; default: every kind-model expert)."),
+    click.option(
+        "--validation",
+        required=True,
+        type=click.Path(dir_okay=False, exists=True),
+        help="JSONL id, question, answer[, keywords].",
+    ),
+    click.option("--skills", default=None, help="Comma-separated skill vocabulary for the offline annotator (MiniLM)."),
+    click.option("--annotator", default=None, help="A registered instruction-tuned model to annotate keywords (the paper's)."),
+    click.option("--max-new-tokens", default=16, show_default=True, type=click.IntRange(min=1)),
+    click.option("--no-progress", is_flag=True),
+]
+
+
+def _symbolic_options(fn):  # noqa: ANN001, ANN202
+    for opt in reversed(SYMBOLIC_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
+@symbolic.command("profile")
+@_symbolic_options
+def symbolic_profile(registry_path, models, validation, skills, annotator, max_new_tokens, no_progress) -> None:  # noqa: ANN001
+    """Profile the models on a validation set (each answers every question once, one load per
+    model); profiles are stored in the registry, so only models without one run."""
+    _quiet_hf()
+    try:
+        moe = _symbolic_moe(registry_path, models, skills, annotator, None, max_new_tokens)
+        profiles = moe.profile(_questions(validation, True), progress=None if not no_progress else False)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
+        _fail(exc)
+    report = moe.report["profile"]
+    gamma = moe.competency
+    click.echo("| model | validation accuracy | γ | strongest keywords |\n|---|---:|---:|---|")
+    for m, prof in profiles.items():
+        top = ", ".join(k for k, v in sorted(prof.items(), key=lambda kv: -kv[1])[:3] if v > 0)
+        click.echo(f"| {m} | {100 * report['accuracy'][m]:.1f} | {gamma[m]:.3f} | {top} |")
+    click.echo(f"profiled now: {', '.join(report['profiled_now']) or 'none (all stored)'}; model loads {report['model_loads']}")
+
+
+@symbolic.command("run")
+@_symbolic_options
+@click.option(
+    "--test", "test_path", required=True, type=click.Path(dir_okay=False, exists=True), help="JSONL id, question[, answer]."
+)
+@click.option("--aggregator", default=None, help="The aggregator model [default: chosen by the synthetic benchmark].")
+@click.option("--ray", "on_ray", is_flag=True, help="One Ray task per recruited model (its own process).")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write every query's result here.")
+def symbolic_run(
+    registry_path, models, validation, skills, annotator, max_new_tokens, no_progress, test_path, aggregator, on_ray, json_path
+) -> None:  # noqa: ANN001
+    """Recruit k = 3 experts per test question by the profiles, answer grouped by model, aggregate;
+    with answers in the test file, print accuracy of the aggregator and of the majority vote."""
+    _quiet_hf()
+    progress = None if not no_progress else False
+    try:
+        moe = _symbolic_moe(registry_path, models, skills, annotator, aggregator, max_new_tokens)
+        moe.profile(_questions(validation, True), progress=progress)
+        if aggregator is None:
+            moe.select_aggregator(progress=progress)
+        test = _questions(test_path, False)
+        out = moe.run({q: r["question"] for q, r in test.items()}, on_ray=on_ray, progress=progress)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
+        _fail(exc)
+    res = out["results"]
+    click.echo(f"{len(res)} questions, aggregator {out['aggregator']}: {out['model_loads']} model loads "
+               f"({out['distinct_models']} recruited models + the aggregator)")  # fmt: skip
+    uniform = sum(r["how"] == "uniform" for r in res.values())
+    if uniform:
+        click.echo(f"{uniform} question(s) had no keyword any profile knows: recruited uniformly (the spec's fallback)")
+    judged = [q for q in res if "answer" in test[q]]
+    if judged:
+        for name, key in (("aggregator", "final"), ("majority vote", "majority")):
+            acc = sum(moe.check(res[q][key] or "", test[q]["answer"]) for q in judged) / len(judged)
+            click.echo(f"{name}: {100 * acc:.1f} % of {len(judged)}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(out, indent=2))
+
+
+@main.group()
 def registry() -> None:
     """Add, list, show, remove and export experts."""
 

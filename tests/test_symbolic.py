@@ -357,3 +357,78 @@ def test_bench_symbolic_counts_loads_for_both_runs_on_the_zoos_whole_model_pool(
     d = json.loads(out.read_text())
     assert d["per_query"]["model_loads"] == 6 * 3 and d["batched"]["model_loads"] == d["distinct_models"] <= 8
     assert d["answers_agree"] == 1.0 and d["speedup"] > 0 and "batch by model" in r.output
+
+
+def test_symbolic_moe_end_to_end_on_registered_models(tmp_path):
+    """profile -> select_aggregator -> run: loads = distinct recruited + 1, every query answered,
+    majority vote beside the aggregator's answer; stored profiles make a second profile() free."""
+    from moerge.registry import Registry
+    from moerge.symbolic import EmbeddingAnnotator
+    from moerge.symbolic.moe import SymbolicMoE
+
+    reg = Registry(tmp_path / "reg")
+    reg.register(_causal_lm(tmp_path / "llama"), "llama", kind="model")
+    reg.register(_causal_lm(tmp_path / "gpt2", "gpt2"), "gpt2", kind="model")
+    moe = SymbolicMoE(reg, ["llama", "gpt2"], EmbeddingAnnotator(["sorting", "arithmetic"], top_k=1), max_new_tokens=2)
+    with pytest.raises(RuntimeError, match="profile\\(validation\\) first"):
+        moe.recruit({"t": "x"})
+    validation = {"v1": {"question": "sort : b a =>", "answer": "a b"}, "v2": {"question": "max of : 3 9 =>", "answer": "9"}}
+    profiles = moe.profile(validation)
+    assert set(profiles) == {"llama", "gpt2"} and all(len(v["keywords"]) == 1 for v in moe.validation.values())
+    assert moe.select_aggregator() in ("llama", "gpt2") and set(moe.report["aggregator_scores"]) == {"llama", "gpt2"}
+    out = moe.run({"t1": "sort : c a =>", "t2": "max of : 1 4 =>", "t3": "sort : d b =>"})
+    used = {m for r in out["results"].values() for m in r["experts"]}
+    assert out["model_loads"] == len(used) + 1 == out["distinct_models"] + 1
+    assert all(
+        len(r["answers"]) == 3 and r["final"] is not None and r["majority"] in r["answers"] for r in out["results"].values()
+    )
+    assert moe.profile(validation) == profiles and moe.report["profile"]["profiled_now"] == []
+    reg.register(_lora(tmp_path), "adapter")
+    with pytest.raises(ValueError, match="recruits whole models .*adapter"):
+        SymbolicMoE(reg, ["llama", "adapter"], EmbeddingAnnotator(["x"]))
+
+
+def test_cli_symbolic_profile_and_run(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from moerge.cli import main
+    from moerge.registry import Registry
+
+    reg = Registry(tmp_path / "reg")
+    reg.register(_causal_lm(tmp_path / "llama"), "llama", kind="model")
+    reg.register(_causal_lm(tmp_path / "gpt2", "gpt2"), "gpt2", kind="model", reference=True)
+    val, test = tmp_path / "val.jsonl", tmp_path / "test.jsonl"
+    val.write_text(
+        '{"id": "v1", "question": "sort : b a =>", "answer": "a b"}\n{"id": "v2", "question": "max of : 3 9 =>", "answer": "9"}\n'
+    )
+    test.write_text('{"id": "t1", "question": "sort : c a =>", "answer": "a c"}\n{"id": "t2", "question": "max of : 1 4 =>"}\n')
+    common = [
+        "--registry",
+        str(reg.root),
+        "--validation",
+        str(val),
+        "--skills",
+        "sorting,arithmetic",
+        "--max-new-tokens",
+        "2",
+        "--no-progress",
+    ]
+    r = CliRunner().invoke(main, ["symbolic", "profile", *common])
+    assert r.exit_code == 0, r.output
+    assert (
+        "| llama |" in r.output and "| gpt2 |" in r.output and "profiled now: gpt2, llama" in r.output
+    )  # the registry lists by name
+    r = CliRunner().invoke(main, ["symbolic", "profile", *common])
+    assert "profiled now: none (all stored)" in r.output
+    r = CliRunner().invoke(main, ["symbolic", "run", *common, "--test", str(test), "--json", str(tmp_path / "out.json")])
+    assert r.exit_code == 0, r.output
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert "aggregator:" in r.output and "of 1" in r.output and out["model_loads"] == out["distinct_models"] + 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "v1", "question": "q"}\n')
+    r = CliRunner().invoke(main, ["symbolic", "profile", "--registry", str(reg.root), "--validation", str(bad), "--skills", "x"])
+    assert r.exit_code == 2 and "bad.jsonl:1: needs 'id', 'question' and answer" in r.output
+    r = CliRunner().invoke(main, ["symbolic", "profile", "--registry", str(reg.root), "--validation", str(val)])
+    assert r.exit_code == 2 and "--skills" in r.output and "--annotator" in r.output

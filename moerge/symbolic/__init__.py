@@ -6,10 +6,12 @@ replacement, keyword mapping by MiniLM, the batch-by-model plan) in :mod:`.recru
 the offline embedding annotators and profiling stored as registry artifacts in :mod:`.profile`;
 in-process batch-by-model execution (one load per recruited model), the naive per-query loop and
 the aggregation pass and one Ray task per model (``run_batched_ray``) in :mod:`.execute`;
-aggregator selection by the synthetic benchmark in :mod:`.profile`. Not yet: the zoo's pool, the
-demo rows, serving and the CLI (README).
+aggregator selection by the synthetic benchmark in :mod:`.profile`; the whole method as
+:class:`SymbolicMoE` (and ``moerge symbolic profile|run``). Not yet: the zoo's pool and
+aggregator, the demo rows and serving (README).
 """
 
+from moerge.symbolic.moe import SymbolicMoE
 from moerge.symbolic.profile import EmbeddingAnnotator, LLMAnnotator, profile_models
 from moerge.symbolic.recruit import (
     ANNOTATOR_PROMPT,
@@ -32,6 +34,7 @@ __all__ = [
     "EmbeddingAnnotator",
     "LLMAnnotator",
     "Recruitment",
+    "SymbolicMoE",
     "build_profiles",
     "consensus_keywords",
     "global_competency",
