@@ -1261,14 +1261,10 @@ def symbolic() -> None:
 
 def _questions(path: str, need_answer: bool) -> dict[str, dict]:
     """JSONL {"id", "question"[, "answer"][, "keywords"]} → {id: row}; a broken line is named."""
+    from moerge.retrieval.beir import iter_jsonl
+
     rows: dict[str, dict] = {}
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{n}: not JSON ({exc.msg})") from None
+    for n, row in iter_jsonl(path):
         if not isinstance(row, dict) or "id" not in row or "question" not in row or (need_answer and "answer" not in row):
             raise ValueError(f"{path}:{n}: needs 'id', 'question'{' and answer' if need_answer else ''}")
         rows[str(row["id"])] = row

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,32 +17,38 @@ class BeirFormatError(ValueError):
     """A BEIR folder that cannot be read as it is; the message names the file, line and fix."""
 
 
-def _jsonl(path: Path, what: str, fields: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    if not path.is_file():
-        raise BeirFormatError(f"{path} is missing: a BEIR folder has corpus.jsonl, queries.jsonl and qrels/<split>.tsv")
-    out: dict[str, dict[str, Any]] = {}
+def iter_jsonl(path: str | Path, error: type[Exception] = ValueError) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of every non-blank line; a line that is not JSON raises
+    ``error`` naming the file and line."""
     with open(path, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield n, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise BeirFormatError(f"{path}:{n}: not a JSON object ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise BeirFormatError(f"{path}:{n}: a {what} line must be a JSON object, got {type(row).__name__}")
-            key = row.get("_id")
-            if not isinstance(key, str | int) or isinstance(key, bool) or str(key) == "":
-                raise BeirFormatError(f'{path}:{n}: the {what} has no "_id" (a non-empty string)')
-            key = str(key)
-            if key in out:
-                raise BeirFormatError(f"{path}:{n}: {what} id {key!r} appears twice")
-            for f in fields:
-                if f in row and not isinstance(row[f], str):
-                    raise BeirFormatError(f"{path}:{n}: {what} {key!r}: {f!r} must be a string")
-            if not any(row.get(f) for f in fields):
-                raise BeirFormatError(f"{path}:{n}: {what} {key!r} has no text (fields {', '.join(fields)})")
-            out[key] = row
+                raise error(f"{path}:{n}: not a JSON object ({exc.msg})") from None
+
+
+def _jsonl(path: Path, what: str, fields: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    if not path.is_file():
+        raise BeirFormatError(f"{path} is missing: a BEIR folder has corpus.jsonl, queries.jsonl and qrels/<split>.tsv")
+    out: dict[str, dict[str, Any]] = {}
+    for n, row in iter_jsonl(path, BeirFormatError):
+        if not isinstance(row, dict):
+            raise BeirFormatError(f"{path}:{n}: a {what} line must be a JSON object, got {type(row).__name__}")
+        key = row.get("_id")
+        if not isinstance(key, str | int) or isinstance(key, bool) or str(key) == "":
+            raise BeirFormatError(f'{path}:{n}: the {what} has no "_id" (a non-empty string)')
+        key = str(key)
+        if key in out:
+            raise BeirFormatError(f"{path}:{n}: {what} id {key!r} appears twice")
+        for f in fields:
+            if f in row and not isinstance(row[f], str):
+                raise BeirFormatError(f"{path}:{n}: {what} {key!r}: {f!r} must be a string")
+        if not any(row.get(f) for f in fields):
+            raise BeirFormatError(f"{path}:{n}: {what} {key!r} has no text (fields {', '.join(fields)})")
+        out[key] = row
     if not out:
         raise BeirFormatError(f"{path} holds no {what}")
     return out
