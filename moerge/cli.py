@@ -1177,7 +1177,7 @@ def retrieval_eval(data, encoder, split, k, router, registry_path, experts, pilo
     from collections import Counter
 
     from moerge import compose
-    from moerge.retrieval.encoder import encoder_fingerprint
+    from moerge.retrieval.encoder import encoder_experts
 
     _quiet_hf()
     try:
@@ -1185,8 +1185,7 @@ def retrieval_eval(data, encoder, split, k, router, registry_path, experts, pilo
         if experts:
             chosen = reg.select(names=list(experts))
         else:
-            mine = encoder_fingerprint(encoder)
-            names = [r.name for r in reg.list(kind="lora") if mine is None or r.base_fingerprint == mine]
+            names = encoder_experts(reg, encoder)
             if not names:
                 raise ValueError(f"registry {reg.root} has no LoRA experts for encoder {encoder or 'all-MiniLM-L6-v2'}")
             chosen = reg.select(names=names)

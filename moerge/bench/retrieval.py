@@ -182,11 +182,7 @@ def run(
         train_sets[d] = Dataset(suite.index(d), {q: queries[q] for q in qrels}, qrels)
     rr = RouterRetriever(pool)
     precomputed = {d: {e: {q: scores["train"][e][q] for q in train_sets[d].queries} for e in domains} for d in domains}
-    stored = rr.load(reg, train_sets)
-    if stored:  # Algorithm 1 for the datasets without stored pilots, from the cached per-query scores
-        for d in stored:
-            rr.add_dataset(d, train_sets[d], precomputed[d])
-        rr.save(reg, {d: train_sets[d] for d in stored})
+    rr.build_or_load(reg, train_sets, scores=precomputed)  # Algorithm 1 from the cached scores where no pilots are stored
     routed = rr.route(list(test_texts.values()), base=z_test)
     picks = dict(zip(test_texts, routed, strict=True))
     emb = rr.embed(list(test_texts.values()), base=z_test)  # the real path: routed, then mixed-expert batches

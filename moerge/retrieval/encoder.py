@@ -41,6 +41,13 @@ def encoder_fingerprint(encoder: str | None) -> str | None:
     return config_fingerprint(json.loads(cfg.read_text())) if cfg.is_file() else None
 
 
+def encoder_experts(registry: Any, encoder: str | None = None) -> list[str]:
+    """The names of ``registry``'s LoRA experts registered for ``encoder`` (its config
+    fingerprint; every LoRA when the encoder's config cannot be read)."""
+    mine = encoder_fingerprint(encoder)
+    return [r.name for r in registry.list(kind="lora") if mine is None or r.base_fingerprint == mine]
+
+
 class ExpertEncoder:
     """``base`` (a sentence-transformers folder or hub id; default the bundled MiniLM) with the
     LoRA ``experts`` attached. :meth:`embed` takes one expert name per text (``None`` or

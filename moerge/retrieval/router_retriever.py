@@ -196,17 +196,24 @@ class RouterRetriever:
                 found.add(key["dataset"])
         return sorted(found)
 
-    def build_or_load(self, registry: Any, datasets: Mapping[str, Dataset], rebuild: bool = False) -> list[str]:
+    def build_or_load(
+        self,
+        registry: Any,
+        datasets: Mapping[str, Dataset],
+        rebuild: bool = False,
+        scores: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
+    ) -> list[str]:
         """Stored pilots where they exist; the paper's incremental mode for the rest — only the
         datasets without pilots are scored, against every current expert (an added expert with
         its new dataset costs that dataset's queries × experts). ``rebuild``: Algorithm 1 over
-        every dataset again (an added expert may then win queries of old datasets). Returns the
-        datasets computed now."""
+        every dataset again (an added expert may then win queries of old datasets). ``scores``
+        (dataset → expert → query → metric) skips the evaluation of the datasets it covers.
+        Returns the datasets computed now."""
         todo = list(datasets) if rebuild else self.load(registry, datasets)
         if rebuild:
             self.library = PilotLibrary()
         for name in todo:
-            self.add_dataset(name, datasets[name])
+            self.add_dataset(name, datasets[name], None if scores is None else scores.get(name))
         if todo:
             self.save(registry, {n: datasets[n] for n in todo})
         return todo

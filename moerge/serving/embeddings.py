@@ -64,13 +64,32 @@ class EmbeddingSettings:
 
 def _pick_experts(settings: EmbeddingSettings) -> list[str]:
     from moerge.registry import Registry
-    from moerge.retrieval.encoder import encoder_fingerprint
+    from moerge.retrieval.encoder import encoder_experts
 
-    reg = Registry(settings.registry)
     if settings.experts is not None:
         return list(settings.experts)
-    mine = encoder_fingerprint(settings.encoder)
-    return [r.name for r in reg.list(kind="lora") if mine is None or r.base_fingerprint == mine]
+    return encoder_experts(Registry(settings.registry), settings.encoder)
+
+
+def model_names(experts: Sequence[str], routed: bool) -> list[str]:
+    """What ``model`` may name: an expert, the base, and ``auto`` when there are pilots to route by."""
+    return [*experts, BASE, *(["auto"] if routed else [])]
+
+
+def check_model(model: str, experts: Sequence[str], routed: bool) -> None:
+    """A 503 for ``auto`` without pilots, a 404 naming an unknown model (with the closest)."""
+    if model in AUTO:
+        if not routed:
+            raise Unavailable(
+                "model 'auto' needs RouterRetriever pilots for these experts, and the registry has none: "
+                "compose(encoder, experts, router='router_retriever', data=...) once to store them"
+            )
+        return
+    known = model_names(experts, routed)
+    if model not in known:
+        from moerge.hints import did_you_mean
+
+        raise UnknownExpert(f"unknown model {model!r}{did_you_mean(model, known)}; this server has {known}")
 
 
 @dataclass
@@ -117,20 +136,10 @@ class EmbeddingService:
 
     @property
     def models(self) -> list[str]:
-        return [*self.encoder.experts, BASE, *(["auto"] if self.router.library.pilots else [])]
+        return model_names(self.encoder.experts, bool(self.router.library.pilots))
 
     def check_model(self, model: str) -> None:
-        if model in AUTO:
-            if not self.router.library.pilots:
-                raise Unavailable(
-                    "model 'auto' needs RouterRetriever pilots for these experts, and the registry has none: "
-                    "compose(encoder, experts, router='router_retriever', data=...) once to store them"
-                )
-            return
-        if model != BASE and model not in self.encoder.experts:
-            from moerge.hints import did_you_mean
-
-            raise UnknownExpert(f"unknown model {model!r}{did_you_mean(model, self.models)}; this server has {self.models}")
+        check_model(model, self.encoder.experts, bool(self.router.library.pilots))
 
     # --------------------------------------------------------------------------- batching
 
@@ -314,15 +323,10 @@ class EmbeddingServer:
         return self.in_flight
 
     def _models(self) -> list[str]:
-        return [*self.info["experts"], BASE, *(["auto"] if self.info["routed"] else [])]
+        return model_names(self.info["experts"], self.info["routed"])
 
     def _check_model(self, model: str) -> None:
-        if model in AUTO and not self.info["routed"]:
-            raise Unavailable("model 'auto' needs RouterRetriever pilots in the registry for these experts; there are none")
-        if model not in AUTO and model not in self._models():
-            from moerge.hints import did_you_mean
-
-            raise UnknownExpert(f"unknown model {model!r}{did_you_mean(model, self._models())}; this server has {self._models()}")
+        check_model(model, self.info["experts"], self.info["routed"])
 
     async def _call(self, method: str, *args: Any) -> Any:
         i = min(range(len(self.workers)), key=lambda j: self.outstanding[j])
