@@ -121,6 +121,12 @@ def main(verbose: int) -> None:
     show_default=True,
     help="Also RouterRetriever's table on the retrieval suite (preset small: the reduced suite).",
 )
+@click.option(
+    "--symbolic/--no-symbolic",
+    default=True,
+    show_default=True,
+    help="Also Symbolic-MoE's table on the zoo's whole-model pool (its group models and aggregator trained once, cached).",
+)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @DEVICE_OPTION
 @THREADS_OPTION
@@ -132,6 +138,7 @@ def demo(
     routers: str,
     merges: str,
     retrieval: bool,
+    symbolic: bool,
     no_progress: bool,
     device: str,
     threads: int | None,
@@ -180,6 +187,17 @@ def demo(
         t_r = time.perf_counter()
         report.retrieval = retrieval_bench.run(suite_preset, cache_dir=cache_dir, progress=None if not no_progress else False)
         report.meta["retrieval_seconds"] = time.perf_counter() - t_r
+    if symbolic:
+        from moerge.bench import symbolic as symbolic_bench
+
+        click.echo(
+            "      Symbolic-MoE: whole-model pool (group models and aggregator trained once, cached), profiles, "
+            "recruiting, batch-by-model run ...",
+            err=True,
+        )
+        t_s = time.perf_counter()
+        report.symbolic = symbolic_bench.evaluate(zoo, progress=None if not no_progress else False)
+        report.meta["symbolic_seconds"] = time.perf_counter() - t_s
     report.meta["demo_seconds"] = time.perf_counter() - t0
     paths = write_report(report, out, json_path)
     click.echo("[4/4] done\n", err=True)
@@ -189,6 +207,9 @@ def demo(
     if report.retrieval is not None:
         click.echo("\nRetrieval — RouterRetriever's Table 1 (nDCG@10 on each domain's test queries, trec_eval):\n")
         click.echo(retrieval_bench.markdown(report.retrieval))
+    if report.symbolic is not None:
+        click.echo("\nSymbolic-MoE on the zoo's whole-model pool (accuracy %, exact match, per task group):\n")
+        click.echo(symbolic_bench.markdown(report.symbolic))
     click.echo(f"\nWrote {paths['markdown']}, {paths['json']}, {paths['png']} in {report.meta['demo_seconds']:.0f} s.")
 
 

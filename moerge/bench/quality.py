@@ -48,6 +48,8 @@ class QualityReport:
     meta: dict[str, Any] = field(default_factory=dict)
     #: RouterRetriever's Table 1 on the retrieval suite (:func:`moerge.bench.retrieval.run`), when run
     retrieval: dict[str, Any] | None = None
+    #: Symbolic-MoE on the zoo's whole-model pool (:func:`moerge.bench.symbolic.evaluate`), when run
+    symbolic: dict[str, Any] | None = None
 
     def own_scores(self) -> dict[str, float]:
         """Each held-in task's own expert on it: the 100 of the normalised score."""
@@ -65,6 +67,8 @@ class QualityReport:
             from moerge.bench.retrieval import to_json as retrieval_json
 
             out["retrieval"] = retrieval_json(self.retrieval)
+        if self.symbolic is not None:
+            out["symbolic"] = self.symbolic
         return out
 
     def markdown(self) -> str:
@@ -410,6 +414,13 @@ def write_report(report: QualityReport, out_dir: str | Path, json_path: str | Pa
         with open(md, "a", encoding="utf-8") as fh:
             fh.write(
                 f"\n## Retrieval (RouterRetriever's Table 1, nDCG@10 on each domain's test queries)\n\n{retrieval_markdown(report.retrieval)}\n"
+            )
+    if report.symbolic is not None:
+        from moerge.bench.symbolic import markdown as symbolic_markdown
+
+        with open(md, "a", encoding="utf-8") as fh:
+            fh.write(
+                f"\n## Symbolic-MoE (accuracy %, exact match, on the zoo's whole-model pool)\n\n{symbolic_markdown(report.symbolic)}\n"
             )
     js = Path(json_path) if json_path else out / "results.json"
     js.parent.mkdir(parents=True, exist_ok=True)

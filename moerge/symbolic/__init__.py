@@ -12,7 +12,7 @@ aggregator, the demo rows and serving (README).
 """
 
 from moerge.symbolic.moe import SymbolicMoE
-from moerge.symbolic.profile import EmbeddingAnnotator, LLMAnnotator, profile_models
+from moerge.symbolic.profile import EmbeddingAnnotator, LLMAnnotator, NearestQuestionAnnotator, profile_models
 from moerge.symbolic.recruit import (
     ANNOTATOR_PROMPT,
     Recruitment,
@@ -33,6 +33,7 @@ __all__ = [
     "ANNOTATOR_PROMPT",
     "EmbeddingAnnotator",
     "LLMAnnotator",
+    "NearestQuestionAnnotator",
     "Recruitment",
     "SymbolicMoE",
     "build_profiles",

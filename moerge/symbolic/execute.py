@@ -174,21 +174,28 @@ def run_per_query(
     return answers, stats
 
 
+#: how an aggregator is asked: (question, the recruited responses, answer format) → its prompt
+AggregateTemplate = Callable[[str, Sequence[str], str], str]
+
+
 def aggregate(
     questions: Mapping[str, str],
     answers: Mapping[str, Sequence[str]],
     loader: Loader,
     aggregator: str,
     answer_format: str = "",
+    template: AggregateTemplate = aggregate_prompt,
     **gen: Any,
 ) -> tuple[dict[str, str], RunStats]:
-    """The aggregator's final answer per query (one load over all queries)."""
+    """The aggregator's final answer per query (one load over all queries). ``template`` builds
+    its prompt: the paper's synthesis prompt by default; the zoo's tiny aggregator is trained on
+    a compact one (:func:`moerge.zoo.symbolic.aggregate_template`)."""
     t = time.perf_counter()
     loaded = loader(aggregator)
     stats = RunStats(model_loads=1, distinct_models=1, load_s=time.perf_counter() - t)
     qs = list(questions)
     t = time.perf_counter()
-    outs = generate(loaded, [aggregate_prompt(questions[q], answers[q], answer_format) for q in qs], **gen)
+    outs = generate(loaded, [template(questions[q], answers[q], answer_format) for q in qs], **gen)
     stats.generate_s = time.perf_counter() - t
     stats.prompts[aggregator] = len(qs)
     free(loaded)

@@ -9,12 +9,21 @@ validation set, recruit per query, answer batch-by-model, aggregate (spec §3.2�
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from moerge.symbolic.execute import aggregate, load_model_expert, run_batched, run_batched_ray
+from moerge.symbolic.execute import (
+    AggregateTemplate,
+    aggregate,
+    aggregate_prompt,
+    load_model_expert,
+    run_batched,
+    run_batched_ray,
+    run_per_query,
+)
 from moerge.symbolic.profile import profile_models, select_aggregator
-from moerge.symbolic.recruit import TAU, K, global_competency, majority_vote, recruit
+from moerge.symbolic.recruit import TAU, K, Recruitment, global_competency, majority_vote, recruit
 from moerge.symbolic.skills import map_keywords
 
 
@@ -35,6 +44,7 @@ class SymbolicMoE:
         check: Callable[[str, str], bool] = exact_match,
         prompt: Callable[[str], str] = lambda q: q,
         answer_format: str = "",
+        aggregate_template: AggregateTemplate = aggregate_prompt,
         device: str = "cpu",
         **generation: Any,
     ) -> None:
@@ -44,6 +54,7 @@ class SymbolicMoE:
         self.registry, self.models, self.annotator = registry, list(models), annotator
         self.aggregator, self.k, self.tau, self.seed = aggregator, k, tau, seed
         self.check, self.prompt, self.answer_format, self.device = check, prompt, answer_format, device
+        self.aggregate_template = aggregate_template
         self.generation = {"max_new_tokens": 16, **generation}
         self.profiles: dict[str, dict[str, int]] | None = None
         self.validation: dict[str, dict[str, Any]] | None = None
@@ -76,7 +87,7 @@ class SymbolicMoE:
         _, validation = self._need_profiles()
         self.aggregator, self.report["aggregator_scores"] = select_aggregator(
             self.registry, list(candidates or self.models), self.models, validation, self.check, self._loader,
-            self.answer_format, self.seed, **self.generation,
+            self.answer_format, self.seed, self.aggregate_template, **self.generation,
         )  # fmt: skip
         return self.aggregator
 
@@ -93,27 +104,52 @@ class SymbolicMoE:
         return out
 
     def run(
-        self, questions: Mapping[str, str], on_ray: bool = False, progress: bool | None = None, **ray_options: Any
+        self,
+        questions: Mapping[str, str],
+        on_ray: bool = False,
+        progress: bool | None = None,
+        recruited: Mapping[str, Recruitment] | None = None,
+        per_query: bool = False,
+        **ray_options: Any,
     ) -> dict[str, Any]:
-        """Recruit, answer grouped by model (in process, or one Ray task per model), aggregate.
-        Returns ``{"results": {qid: {experts, how, answers, final, majority}}, "model_loads",
-        "distinct_models"}``; ``final`` is None without an aggregator (majority vote only)."""
-        recruited = self.recruit(questions)
+        """Recruit (unless ``recruited`` is given), answer grouped by model (in process, or one
+        Ray task per model), aggregate. ``per_query=True`` runs the naive loop instead — each
+        query loads each of its recruited models and then the aggregator — for comparison.
+
+        Returns ``{"results": {qid: {experts, how, keywords, answers, final, majority,
+        final_from}}, "model_loads", "distinct_models", "aggregator", "seconds"}``. ``final`` is the
+        aggregator's answer; where the aggregator answers nothing (or there is none) it is the
+        majority vote of the recruited answers and ``final_from`` says ``"majority"``."""
+        t0 = time.perf_counter()
+        if recruited is None:
+            recruited = self.recruit(questions)
+        unknown = sorted(set(questions) ^ set(recruited))
+        if unknown:
+            raise ValueError(f"recruited and questions must have the same ids; differ on {unknown[:3]}")
         prompts = {q: self.prompt(t) for q, t in questions.items()}
+        if per_query and on_ray:
+            raise ValueError("per_query is the naive in-process loop; it does not run on Ray")
         if on_ray:
             answers, stats = run_batched_ray(recruited, prompts, str(self.registry.root), progress=progress,
                                              **ray_options, **self.generation)  # fmt: skip
+        elif per_query:
+            answers, stats = run_per_query(recruited, prompts, self._loader, progress=progress, **self.generation)
         else:
             answers, stats = run_batched(recruited, prompts, self._loader, progress=progress, **self.generation)
         loads = stats.model_loads
-        final: dict[str, str | None] = dict.fromkeys(questions)
+        final: dict[str, str] = {}
         if self.aggregator is not None:
-            agg, astats = aggregate(questions, answers, self._loader, self.aggregator, self.answer_format, **self.generation)
-            final.update(agg)
-            loads += astats.model_loads
-        results = {
-            q: {"experts": r.experts, "how": r.how, "keywords": r.keywords, "answers": answers[q], "final": final[q],
-                "majority": majority_vote(answers[q])}
-            for q, r in recruited.items()
-        }  # fmt: skip
-        return {"results": results, "model_loads": loads, "distinct_models": stats.distinct_models, "aggregator": self.aggregator}
+            groups = [[q] for q in questions] if per_query else [list(questions)]
+            for group in groups:
+                agg, astats = aggregate({q: questions[q] for q in group}, answers, self._loader, self.aggregator,
+                                        self.answer_format, self.aggregate_template, **self.generation)  # fmt: skip
+                final.update({q: a for q, a in agg.items() if a.strip()})
+                loads += astats.model_loads
+        results = {}
+        for q, r in recruited.items():
+            majority = majority_vote(answers[q])
+            results[q] = {"experts": r.experts, "how": r.how, "keywords": r.keywords, "answers": answers[q],
+                          "final": final.get(q, majority), "majority": majority,
+                          "final_from": "aggregator" if q in final else "majority"}  # fmt: skip
+        return {"results": results, "model_loads": loads, "distinct_models": stats.distinct_models,
+                "aggregator": self.aggregator, "seconds": time.perf_counter() - t0}  # fmt: skip

@@ -45,6 +45,50 @@ class EmbeddingAnnotator:
         return [[self.vocabulary[int(i)] for i in row] for row in top]
 
 
+class NearestQuestionAnnotator:
+    """Keywords of a question = those named by ≥ ``min_votes`` of its ``neighbours`` nearest
+    labelled questions (MiniLM cosine) — the paper's 2-of-5 rule, with the five nearest
+    validation questions in place of five LLM samples. Offline; needs a validation set whose
+    questions carry keywords. ``text`` picks what is embedded (default: the whole question).
+    A question whose neighbours agree on nothing gets no keywords, and is recruited uniformly."""
+
+    def __init__(
+        self,
+        labelled: Mapping[str, Sequence[str]],
+        neighbours: int = ANNOTATOR_SAMPLES,
+        min_votes: int = 2,
+        text: Callable[[str], str] | None = None,
+        embedder: Any = None,
+    ) -> None:
+        if not labelled:
+            raise ValueError("NearestQuestionAnnotator needs labelled questions (question → keywords)")
+        if not 1 <= min_votes <= neighbours:
+            raise ValueError(f"min_votes must be in 1..neighbours ({neighbours}), got {min_votes}")
+        if embedder is None:
+            from moerge.routers.embedding import load_embedder
+
+            embedder = load_embedder(None)
+        self.text = text or (lambda q: q)
+        self.questions = list(labelled)
+        self.keywords = [list(labelled[q]) for q in self.questions]
+        self.neighbours, self.min_votes, self.embedder = min(neighbours, len(self.questions)), min_votes, embedder
+        self._v = self._embed(self.questions)
+
+    def _embed(self, questions: Sequence[str]) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.embedder.encode([self.text(q) for q in questions]).float(), dim=-1)
+
+    def __call__(self, questions: Sequence[str]) -> list[list[str]]:
+        top = (self._embed(questions) @ self._v.T).topk(self.neighbours, dim=1).indices
+        out = []
+        for row in top:
+            votes: dict[str, int] = {}
+            for i in row:
+                for k in dict.fromkeys(self.keywords[int(i)]):
+                    votes[k] = votes.get(k, 0) + 1
+            out.append([k for k, n in votes.items() if n >= self.min_votes])
+        return out
+
+
 class LLMAnnotator:
     """The paper's annotator over a loaded instruction-tuned model (:func:`~moerge.symbolic.execute.load_model_expert`)."""
 
@@ -179,19 +223,20 @@ def select_aggregator(
     loader: Callable[[str], Any],
     answer_format: str = "",
     seed: int = 0,
+    template: Callable[[str, Sequence[str], str], str] | None = None,
     **gen: Any,
 ) -> tuple[str, dict[str, float]]:
     """Each candidate aggregates the synthetic benchmark once (one load each); the most accurate
     is the aggregator (ties: the first candidate). The prompt is the one deployment uses
     (:func:`~moerge.symbolic.execute.aggregate_prompt`) — the released code's benchmark put the
     question first (spec pitfall 4)."""
-    from moerge.symbolic.execute import aggregate
+    from moerge.symbolic.execute import aggregate, aggregate_prompt
 
     bench = aggregator_benchmark(registry, pool, validation, seed)
     questions = {q: v["question"] for q, v in validation.items()}
     scores = {}
     for c in candidates:
-        final, _ = aggregate(questions, bench, loader, c, answer_format, **gen)
+        final, _ = aggregate(questions, bench, loader, c, answer_format, template or aggregate_prompt, **gen)
         scores[c] = sum(bool(check(final[q], validation[q]["answer"])) for q in validation) / len(validation)
     best = max(candidates, key=lambda c: scores[c])
     return best, scores
