@@ -492,6 +492,22 @@ def route(
 @click.option(
     "--search", "search", multiple=True, help="With --embeddings: NAME=BEIR_FOLDER to serve /v1/search over (repeatable)."
 )
+@click.option(
+    "--symbolic",
+    is_flag=True,
+    help="Serve Symbolic-MoE over whole-model experts instead: model='symbolic-moe' in /v1/generate and /v1/completions "
+    "(with --zoo: the zoo's pool).",
+)
+@click.option(
+    "--validation",
+    default=None,
+    type=click.Path(dir_okay=False, exists=True),
+    help="With --symbolic: JSONL id, question, answer[, keywords] the profiles come from.",
+)
+@click.option("--skills", default=None, help="With --symbolic: comma-separated skill vocabulary (offline MiniLM annotator).")
+@click.option("--annotator", default=None, help="With --symbolic: a registered instruction-tuned model as the paper's annotator.")
+@click.option("--aggregator", default=None, help="With --symbolic: the aggregator [default: chosen by the synthetic benchmark].")
+@click.option("--model", "symbolic_models", multiple=True, help="With --symbolic: recruit only these models (repeatable).")
 def serve(
     registry_path,
     zoo_preset,
@@ -519,11 +535,28 @@ def serve(
     encoder,
     experts,
     search,
+    symbolic,
+    validation,
+    skills,
+    annotator,
+    aggregator,
+    symbolic_models,
 ) -> None:  # noqa: ANN001
     """Serve experts over HTTP on Ray Serve until interrupted (POST /v1/generate, /v1/route,
     /v1/completions; GET /v1/experts, /healthz). With --embeddings: an encoder's experts
-    (POST /v1/embeddings, /v1/search; GET /v1/models, /healthz)."""
+    (POST /v1/embeddings, /v1/search; GET /v1/models, /healthz). With --symbolic: Symbolic-MoE
+    over whole models (model "symbolic-moe"; questions arriving within --max-wait-ms are recruited
+    together and answered batch-by-model)."""
     _quiet_hf()
+    symbolic_given = [n for n, v in (("--validation", validation), ("--skills", skills), ("--annotator", annotator),
+                                     ("--aggregator", aggregator), ("--model", symbolic_models)) if v]  # fmt: skip
+    if symbolic:
+        _serve_symbolic(registry_path, zoo_preset, validation, skills, annotator, aggregator, symbolic_models, max_batch,
+                        max_wait_ms, num_cpus, host, port, device, gpus_per_worker, threads, request_timeout, api_key,
+                        drain_timeout)  # fmt: skip
+        return
+    if symbolic_given:
+        _fail(ValueError(f"{', '.join(symbolic_given)} go with --symbolic"))
     if embeddings:
         _serve_embeddings(registry_path, encoder, experts, search, replicas, max_batch, max_wait_ms, num_cpus, host, port,
                           device, gpus_per_worker, threads, request_timeout, api_key, drain_timeout)  # fmt: skip
@@ -631,6 +664,55 @@ def _serve_embeddings(registry_path, encoder, experts, search, replicas, max_bat
     click.echo(f"  curl -s {dep.url}/v1/models")
     click.echo(
         f'  curl -s {dep.url}/v1/embeddings -H \'content-type: application/json\' -d \'{{"model": "auto", "input": ["..."]}}\''
+    )
+    click.echo("Ctrl-C or SIGTERM stops the server (in-flight requests are answered first).")
+    _stop_serving(dep, signal.Signals(stop.wait()).name, drain_timeout)
+
+
+def _serve_symbolic(registry_path, zoo_preset, validation, skills, annotator, aggregator, models, max_batch, max_wait_ms,
+                    num_cpus, host, port, device, gpus_per_worker, threads, request_timeout, api_key, drain_timeout) -> None:  # noqa: ANN001  # fmt: skip
+    from moerge.serving.symbolic import MODEL, deploy_symbolic
+
+    try:
+        if max_batch < 1 or max_wait_ms < 0:
+            raise ValueError("--max-batch must be ≥ 1 and --max-wait-ms ≥ 0")
+        options: dict = {}
+        if zoo_preset:
+            from moerge import zoo as zoo_mod
+            from moerge.zoo.symbolic import load_pool
+
+            pool = load_pool(zoo_mod.load(zoo_preset))
+            registry_path, val = str(pool.root / "registry"), pool.validation()
+            options = {"models": list(models) or pool.models, "aggregator": aggregator or pool.aggregator,
+                       "instruction_sep": " : ", "aggregate_template": "compact", "max_new_tokens": pool.preset.max_new_tokens}  # fmt: skip
+        elif registry_path:
+            registry_path = str(_open(registry_path).root)
+            if not validation:
+                raise ValueError("--symbolic needs --validation FILE.jsonl (the questions the models' profiles come from)")
+            val = validation
+            options = {"models": list(models) or None, "aggregator": aggregator}
+        else:
+            raise ValueError("--symbolic needs --registry DIR --validation FILE.jsonl, or --zoo small|default (the zoo's pool)")
+        if skills:
+            options["skills"] = [x.strip() for x in skills.split(",") if x.strip()]
+        if annotator:
+            options["annotator"] = annotator
+        click.echo("starting Ray Serve; profiling the pool (stored profiles are reused) …", err=True)
+        from moerge.serving.workers import ensure_ray
+
+        stop = _StopSignal()
+        ensure_ray()
+        stop.install()
+        dep = deploy_symbolic(
+            registry_path, val, host=host, port=port, max_batch=max_batch, max_wait_s=max_wait_ms / 1000, num_cpus=num_cpus,
+            threads=threads, device=device, gpus_per_worker=gpus_per_worker, request_timeout_s=request_timeout,
+            api_key=api_key, **options,
+        )  # fmt: skip
+    except (KeyError, ValueError, OSError, RuntimeError) as exc:
+        _fail(exc)
+    click.echo(f"serving {MODEL} over {registry_path} at {dep.url}")
+    click.echo(
+        f'  curl -s {dep.url}/v1/completions -H \'content-type: application/json\' -d \'{{"model": "{MODEL}", "prompt": "..."}}\''
     )
     click.echo("Ctrl-C or SIGTERM stops the server (in-flight requests are answered first).")
     _stop_serving(dep, signal.Signals(stop.wait()).name, drain_timeout)

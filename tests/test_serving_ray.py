@@ -326,3 +326,53 @@ def test_embeddings_endpoint_in_openais_shape(server, tmp_path):
             assert {m["id"] for m in c.get("/v1/models").json()["data"]} == {*suite.domains, "__base__", "auto"}
     finally:
         dep.shutdown()
+
+
+def test_symbolic_moe_served_with_batch_windows(server, small_zoo, tmp_path):
+    """model="symbolic-moe" on Ray Serve: concurrent requests inside one batch window are
+    recruited together (each recruited model loaded once, then the aggregator), the OpenAI
+    client gets the aggregator's answer, and bad requests get 4xx naming what was wrong."""
+    import shutil
+
+    import httpx
+    import openai
+
+    from moerge.serving.symbolic import deploy_symbolic
+    from moerge.zoo.symbolic import load_pool
+
+    pool = load_pool(small_zoo, progress=False)
+    shutil.copytree(pool.root / "registry", tmp_path / "registry")
+    port = int(server.url.rsplit(":", 1)[1])
+    dep = deploy_symbolic(tmp_path / "registry", pool.validation(), port=port, route_prefix="/sym", name="moerge-sym-test",
+                          models=pool.models, aggregator=pool.aggregator, instruction_sep=" : ", aggregate_template="compact",
+                          max_new_tokens=10, max_wait_s=1.0, num_cpus=0.5, threads=1)  # fmt: skip
+    try:
+        test = list(pool.test().values())
+        prompts = [test[i]["question"] for i in (0, 20, 40, 60)]
+
+        async def together():
+            async with httpx.AsyncClient(base_url=dep.url, timeout=60) as c:
+                return await asyncio.gather(*(c.post("/v1/generate", json={"model": "symbolic-moe", "prompt": p}) for p in prompts))
+
+        answers = asyncio.run(together())
+        assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+        results = [r.json()["results"][0] for r in answers]
+        with httpx.Client(base_url=dep.url, timeout=60) as c:
+            stats = c.get("/v1/stats").json()["workers"][0]
+            assert stats["windows"] == 1 and stats["questions"] == 4  # one window for the four requests
+            last = stats["last_window"]
+            assert last["model_loads"] == last["distinct_models"] + 1 == results[0]["window"]["model_loads"]
+            assert c.get("/healthz").json()["status"] == "ok"
+            assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["symbolic-moe"]
+            r = c.post("/v1/completions", json={"model": "symbolic-mo", "prompt": prompts[0]})
+            assert r.status_code == 404 and "symbolic-moe" in r.json()["error"]["message"]
+            r = c.post("/v1/completions", json={"model": "symbolic-moe", "prompt": prompts[0], "stream": True})
+            assert r.status_code == 400 and "stream" in r.json()["error"]["message"]
+            assert c.post("/v1/generate", json={"model": "symbolic-moe", "prompts": []}).status_code == 400
+            alone = c.post("/v1/generate", json={"model": "symbolic-moe", "prompt": prompts[0]}).json()["results"][0]
+        client = openai.OpenAI(base_url=f"{dep.url}/v1", api_key="unused", max_retries=0)
+        got = client.completions.create(model="symbolic-moe", prompt=prompts[0], max_tokens=10, temperature=0)
+        assert got.choices[0].text == alone["text"]  # alone in its window, greedy: the same recruitment and answer
+        assert got.usage.completion_tokens > 0
+    finally:
+        dep.shutdown()
