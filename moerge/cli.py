@@ -1362,34 +1362,22 @@ def symbolic() -> None:
 
 
 def _questions(path: str, need_answer: bool) -> dict[str, dict]:
-    """JSONL {"id", "question"[, "answer"][, "keywords"]} → {id: row}; a broken line is named."""
-    from moerge.retrieval.beir import iter_jsonl
+    from moerge.symbolic.moe import read_questions
 
-    rows: dict[str, dict] = {}
-    for n, row in iter_jsonl(path):
-        if not isinstance(row, dict) or "id" not in row or "question" not in row or (need_answer and "answer" not in row):
-            raise ValueError(f"{path}:{n}: needs 'id', 'question'{' and answer' if need_answer else ''}")
-        rows[str(row["id"])] = row
-    if not rows:
-        raise ValueError(f"{path} has no questions")
-    return rows
+    return read_questions(path, need_answer)
 
 
-def _symbolic_moe(registry_path, models, skills, annotator, aggregator, max_new_tokens):  # noqa: ANN001, ANN202
-    from moerge.symbolic import EmbeddingAnnotator, LLMAnnotator, SymbolicMoE
-    from moerge.symbolic.execute import load_model_expert
+def _symbolic_moe(registry_path, models, skills, annotator, aggregator, max_new_tokens, validation):  # noqa: ANN001, ANN202
+    from moerge.symbolic import SymbolicMoE
+    from moerge.symbolic.moe import make_annotator
 
     reg = _open(registry_path)
-    names = list(models) or [r.name for r in reg.list(kind="model")]
+    names = list(models) or [r.name for r in reg.list(kind="model") if r.name not in (aggregator, annotator)]
     if not names:
         raise ValueError(f"registry {reg.root} has no whole-model experts (registry add --kind model)")
-    if annotator:
-        ann = LLMAnnotator(load_model_expert(reg, annotator))
-    elif skills:
-        ann = EmbeddingAnnotator([s.strip() for s in skills.split(",") if s.strip()])
-    else:
-        raise ValueError("give --skills a,b,c (offline MiniLM annotator) or --annotator MODEL (the paper's LLM annotator)")
-    return SymbolicMoE(reg, names, ann, aggregator=aggregator, max_new_tokens=max_new_tokens)
+    vocab = [s.strip() for s in skills.split(",") if s.strip()] if skills else None
+    return SymbolicMoE(reg, names, make_annotator(reg, validation, vocab, annotator), aggregator=aggregator,
+                       max_new_tokens=max_new_tokens)  # fmt: skip
 
 
 SYMBOLIC_OPTIONS = [
@@ -1401,7 +1389,12 @@ SYMBOLIC_OPTIONS = [
         type=click.Path(dir_okay=False, exists=True),
         help="JSONL id, question, answer[, keywords].",
     ),
-    click.option("--skills", default=None, help="Comma-separated skill vocabulary for the offline annotator (MiniLM)."),
+    click.option(
+        "--skills",
+        default=None,
+        help="Comma-separated skill vocabulary for the offline annotator (MiniLM) [default, without --annotator: "
+        "the keywords of each question's nearest validation questions].",
+    ),
     click.option("--annotator", default=None, help="A registered instruction-tuned model to annotate keywords (the paper's)."),
     click.option("--max-new-tokens", default=16, show_default=True, type=click.IntRange(min=1)),
     click.option("--no-progress", is_flag=True),
@@ -1421,8 +1414,9 @@ def symbolic_profile(registry_path, models, validation, skills, annotator, max_n
     model); profiles are stored in the registry, so only models without one run."""
     _quiet_hf()
     try:
-        moe = _symbolic_moe(registry_path, models, skills, annotator, None, max_new_tokens)
-        profiles = moe.profile(_questions(validation, True), progress=None if not no_progress else False)
+        val = _questions(validation, True)
+        moe = _symbolic_moe(registry_path, models, skills, annotator, None, max_new_tokens, val)
+        profiles = moe.profile(val, progress=None if not no_progress else False)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
         _fail(exc)
     report = moe.report["profile"]
@@ -1450,8 +1444,9 @@ def symbolic_run(
     _quiet_hf()
     progress = None if not no_progress else False
     try:
-        moe = _symbolic_moe(registry_path, models, skills, annotator, aggregator, max_new_tokens)
-        moe.profile(_questions(validation, True), progress=progress)
+        val = _questions(validation, True)
+        moe = _symbolic_moe(registry_path, models, skills, annotator, aggregator, max_new_tokens, val)
+        moe.profile(val, progress=progress)
         if aggregator is None:
             moe.select_aggregator(progress=progress)
         test = _questions(test_path, False)

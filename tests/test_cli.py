@@ -120,6 +120,13 @@ def test_demo_writes_table_json_and_heatmap(tmp_path, small_zoo):
     # the spec's claim on this zoo: a dynamic merge recovers the experts; static merges do not
     assert twin["held_in_normalized"] > 80 and twin["routing_accuracy"] > 0.8
     assert twin["held_in_normalized"] > max(data["methods"][n]["held_in_normalized"] for n in ("task arithmetic", "TIES")) + 20
+    sym = data["symbolic"]["methods"]  # Symbolic-MoE on the zoo's whole-model pool
+    names = ("best single model", "random 3 + aggregator", "majority vote of the recruited", "Symbolic-MoE",
+             "oracle (best model per query)")  # fmt: skip
+    assert set(sym) == set(names) and all(0 <= sym[n]["accuracy"] <= 100 and n in r.output for n in names)
+    assert sym["Symbolic-MoE"]["accuracy"] > max(sym["best single model"]["accuracy"], sym["random 3 + aggregator"]["accuracy"])
+    assert sym["Symbolic-MoE"]["model_loads"] == sym["Symbolic-MoE"]["distinct_models"] + 1
+    assert data["symbolic"]["speed"]["per_query"]["model_loads"] == 4 * data["symbolic"]["pool"]["test_questions"]
     assert (out / "report.md").read_text().startswith("# moerge demo")
     assert (out / "cross_task.png").read_bytes()[:4] == b"\x89PNG"
 

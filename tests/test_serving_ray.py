@@ -352,7 +352,9 @@ def test_symbolic_moe_served_with_batch_windows(server, small_zoo, tmp_path):
 
         async def together():
             async with httpx.AsyncClient(base_url=dep.url, timeout=60) as c:
-                return await asyncio.gather(*(c.post("/v1/generate", json={"model": "symbolic-moe", "prompt": p}) for p in prompts))
+                return await asyncio.gather(
+                    *(c.post("/v1/generate", json={"model": "symbolic-moe", "prompt": p}) for p in prompts)
+                )
 
         answers = asyncio.run(together())
         assert all(r.status_code == 200 for r in answers), [r.text for r in answers]

@@ -432,3 +432,11 @@ def test_cli_symbolic_profile_and_run(tmp_path):
     assert r.exit_code == 2 and "bad.jsonl:1: needs 'id', 'question' and answer" in r.output
     r = CliRunner().invoke(main, ["symbolic", "profile", "--registry", str(reg.root), "--validation", str(val)])
     assert r.exit_code == 2 and "--skills" in r.output and "--annotator" in r.output
+    labelled = tmp_path / "labelled.jsonl"  # with keywords, neither is needed: nearest validation questions annotate
+    labelled.write_text(
+        '{"id": "v1", "question": "sort : b a =>", "answer": "a b", "keywords": ["sorting"]}\n'
+        '{"id": "v2", "question": "max of : 3 9 =>", "answer": "9", "keywords": ["arithmetic"]}\n'
+    )
+    r = CliRunner().invoke(main, ["symbolic", "run", "--registry", str(reg.root), "--validation", str(labelled),
+                                  "--test", str(test), "--max-new-tokens", "2", "--no-progress", "--aggregator", "llama"])  # fmt: skip
+    assert r.exit_code == 0 and "aggregator llama" in r.output, r.output

@@ -103,7 +103,9 @@ class ExpertEncoder:
 
     @property
     def dim(self) -> int:
-        return int(self.model.get_sentence_embedding_dimension())
+        # sentence-transformers ≥ 5.x renamed it (the old name warns); older releases only have the old one
+        get = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        return int(get())
 
     def _index(self, name: str | None) -> int:
         if name is None or name == "__base__":

@@ -76,20 +76,10 @@ class SymbolicSettings:
 
 
 def read_validation(source: str | Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """A validation set from a JSONL file (``id``, ``question``, ``answer``[, ``keywords``]; a
-    broken line is named by file:line) or as given."""
-    if not isinstance(source, str):
-        return {str(q): dict(v) for q, v in source.items()}
-    from moerge.retrieval.beir import iter_jsonl
+    """A validation set from a JSONL file (``id``, ``question``, ``answer``[, ``keywords``]) or as given."""
+    from moerge.symbolic.moe import read_questions
 
-    rows: dict[str, dict[str, Any]] = {}
-    for n, row in iter_jsonl(source):
-        if not isinstance(row, dict) or not {"id", "question", "answer"} <= set(row):
-            raise ValueError(f"{source}:{n}: a validation row needs 'id', 'question' and 'answer'")
-        rows[str(row["id"])] = row
-    if not rows:
-        raise ValueError(f"{source} has no questions")
-    return rows
+    return read_questions(source, need_answer=True)
 
 
 def build_moe(settings: SymbolicSettings, progress: bool | None = False) -> Any:
@@ -97,8 +87,9 @@ def build_moe(settings: SymbolicSettings, progress: bool | None = False) -> Any:
     loaded) and with its aggregator chosen."""
     from moerge.device import resolve_device
     from moerge.registry import Registry
-    from moerge.symbolic import EmbeddingAnnotator, LLMAnnotator, NearestQuestionAnnotator, SymbolicMoE
-    from moerge.symbolic.execute import aggregate_prompt, load_model_expert
+    from moerge.symbolic import SymbolicMoE
+    from moerge.symbolic.execute import aggregate_prompt
+    from moerge.symbolic.moe import make_annotator
 
     if settings.aggregate_template not in TEMPLATES:
         raise ValueError(f"aggregate_template must be one of {TEMPLATES}, got {settings.aggregate_template!r}")
@@ -108,21 +99,7 @@ def build_moe(settings: SymbolicSettings, progress: bool | None = False) -> Any:
     if not names:
         raise ValueError(f"registry {reg.root} has no whole-model experts to recruit (registry add --kind model)")
     device = str(resolve_device(settings.device))
-    if settings.annotator:
-        annotator: Any = LLMAnnotator(load_model_expert(reg, settings.annotator, device=device))
-    elif settings.skills:
-        annotator = EmbeddingAnnotator(settings.skills)
-    else:
-        unlabelled = [q for q, v in validation.items() if not v.get("keywords")]
-        if unlabelled:
-            raise ValueError(
-                f"validation question {unlabelled[0]!r} has no keywords: the nearest-question annotator needs them "
-                "(or give skills= / annotator=)"
-            )
-        sep = settings.instruction_sep
-        annotator = NearestQuestionAnnotator(
-            {v["question"]: v["keywords"] for v in validation.values()}, text=(lambda q: q.split(sep, 1)[0]) if sep else None
-        )
+    annotator = make_annotator(reg, validation, settings.skills, settings.annotator, settings.instruction_sep, device)
     if settings.aggregate_template == "compact":
         from moerge.zoo.symbolic import aggregate_template
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from moerge.symbolic.execute import (
@@ -29,6 +30,60 @@ from moerge.symbolic.skills import map_keywords
 
 def exact_match(response: str, answer: str) -> bool:
     return response.strip() == answer.strip()
+
+
+def read_questions(source: str | Path | Mapping[str, Mapping[str, Any]], need_answer: bool) -> dict[str, dict[str, Any]]:
+    """Questions from a JSONL file — rows ``{"id", "question"[, "answer"][, "keywords"]}``, a
+    broken line named by file:line — or as given (``{id: row}``)."""
+    if isinstance(source, Mapping):
+        rows = {str(q): dict(v) for q, v in source.items()}
+        where = "the validation set"
+    else:
+        from moerge.retrieval.beir import iter_jsonl
+
+        rows, where = {}, str(source)
+        for n, row in iter_jsonl(source):
+            if not isinstance(row, dict) or "id" not in row or "question" not in row or (need_answer and "answer" not in row):
+                raise ValueError(f"{source}:{n}: needs 'id', 'question'{' and answer' if need_answer else ''}")
+            rows[str(row["id"])] = row
+    if not rows:
+        raise ValueError(f"{where} has no questions")
+    bad = [q for q, v in rows.items() if "question" not in v or (need_answer and "answer" not in v)]
+    if bad:
+        raise ValueError(f"question {bad[0]!r} in {where} needs 'question'{' and answer' if need_answer else ''}")
+    return rows
+
+
+def make_annotator(
+    registry: Any,
+    validation: Mapping[str, Mapping[str, Any]],
+    skills: Sequence[str] | None = None,
+    annotator: str | None = None,
+    instruction_sep: str | None = None,
+    device: str = "cpu",
+) -> Callable[[Sequence[str]], list[list[str]]]:
+    """The annotator a user asks for: a registered instruction-tuned model (the paper's
+    :class:`LLMAnnotator`), a skill vocabulary (:class:`EmbeddingAnnotator`, offline), or
+    neither — the keywords of the nearest validation questions (:class:`NearestQuestionAnnotator`,
+    offline; every validation question must then carry keywords). ``instruction_sep``: the
+    nearest-question annotator embeds only the text before it."""
+    from moerge.symbolic.profile import EmbeddingAnnotator, LLMAnnotator, NearestQuestionAnnotator
+
+    if annotator:
+        return LLMAnnotator(load_model_expert(registry, annotator, device=device))
+    if skills:
+        return EmbeddingAnnotator(list(skills))
+    unlabelled = [q for q, v in validation.items() if not v.get("keywords")]
+    if unlabelled:
+        raise ValueError(
+            f"validation question {unlabelled[0]!r} has no keywords: give a skill vocabulary (skills=, --skills) or an "
+            "annotator model (annotator=, --annotator); without either, questions take their nearest validation "
+            "questions' keywords, so every validation question needs them"
+        )
+    sep = instruction_sep
+    return NearestQuestionAnnotator(
+        {v["question"]: v["keywords"] for v in validation.values()}, text=(lambda q: q.split(sep, 1)[0]) if sep else None
+    )
 
 
 class SymbolicMoE:
