@@ -63,6 +63,10 @@ def sandbox(small_zoo, tmp_path_factory):
 
     suite = load_suite("retrieval-small", progress=False)  # the retrieval snippets' suite, copied like the zoo
     shutil.copytree(suite.root, cache / "retrieval" / suite.root.name, ignore=shutil.ignore_patterns("bench"))
+    from moerge.zoo.symbolic import load_pool
+
+    pool = load_pool(small_zoo, progress=False)  # the Symbolic-MoE snippets' pool, copied like the zoo
+    shutil.copytree(pool.root, cache / "symbolic" / pool.root.name)
     work = root / "work"
     work.mkdir()
     env = {

@@ -1,14 +1,13 @@
-"""Symbolic-MoE (issue 15; in progress): skill-based recruiting of whole-model experts.
+"""Symbolic-MoE (Chen et al., 2025): skill-based recruiting of whole-model experts.
 
-Built so far: the recruiting maths (keyword parsing and consensus, validation profiles, global
-competency γ, local suitability, the recruiting distribution, seeded k = 3 sampling with
-replacement, keyword mapping by MiniLM, the batch-by-model plan) in :mod:`.recruit`; the LLM and
-the offline embedding annotators and profiling stored as registry artifacts in :mod:`.profile`;
-in-process batch-by-model execution (one load per recruited model), the naive per-query loop and
-the aggregation pass and one Ray task per model (``run_batched_ray``) in :mod:`.execute`;
-aggregator selection by the synthetic benchmark in :mod:`.profile`; the whole method as
-:class:`SymbolicMoE` (and ``moerge symbolic profile|run``). Not yet: the zoo's pool and
-aggregator, the demo rows and serving (README).
+The recruiting maths (keyword parsing and consensus, validation profiles, global competency γ,
+local suitability, the recruiting distribution, seeded k = 3 sampling with replacement, keyword
+mapping by MiniLM, the batch-by-model plan) are in :mod:`.recruit`; the LLM, embedding and
+nearest-question annotators, profiling stored as registry artifacts and aggregator selection by
+the synthetic benchmark in :mod:`.profile`; batch-by-model execution in process and on Ray (one
+load per recruited model), the naive per-query loop and the aggregation pass in :mod:`.execute`;
+the whole method as :class:`SymbolicMoE` in :mod:`.moe` (``moerge symbolic profile|run``). The
+zoo's pool and aggregator are :mod:`moerge.zoo.symbolic`; serving is :mod:`moerge.serving.symbolic`.
 """
 
 from moerge.symbolic.moe import SymbolicMoE
