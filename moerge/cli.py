@@ -552,7 +552,7 @@ def serve(
                                      ("--aggregator", aggregator), ("--model", symbolic_models)) if v]  # fmt: skip
     if symbolic:
         _serve_symbolic(registry_path, zoo_preset, validation, skills, annotator, aggregator, symbolic_models, max_batch,
-                        max_wait_ms, num_cpus, host, port, device, gpus_per_worker, threads, request_timeout, api_key,
+                        max_wait_ms, num_cpus, host, port, device, dtype, gpus_per_worker, threads, request_timeout, api_key,
                         drain_timeout)  # fmt: skip
         return
     if symbolic_given:
@@ -670,7 +670,7 @@ def _serve_embeddings(registry_path, encoder, experts, search, replicas, max_bat
 
 
 def _serve_symbolic(registry_path, zoo_preset, validation, skills, annotator, aggregator, models, max_batch, max_wait_ms,
-                    num_cpus, host, port, device, gpus_per_worker, threads, request_timeout, api_key, drain_timeout) -> None:  # noqa: ANN001  # fmt: skip
+                    num_cpus, host, port, device, dtype, gpus_per_worker, threads, request_timeout, api_key, drain_timeout) -> None:  # noqa: ANN001  # fmt: skip
     from moerge.serving.symbolic import MODEL, deploy_symbolic
 
     try:
@@ -705,7 +705,7 @@ def _serve_symbolic(registry_path, zoo_preset, validation, skills, annotator, ag
         stop.install()
         dep = deploy_symbolic(
             registry_path, val, host=host, port=port, max_batch=max_batch, max_wait_s=max_wait_ms / 1000, num_cpus=num_cpus,
-            threads=threads, device=device, gpus_per_worker=gpus_per_worker, request_timeout_s=request_timeout,
+            threads=threads, device=device, dtype=dtype, gpus_per_worker=gpus_per_worker, request_timeout_s=request_timeout,
             api_key=api_key, **options,
         )  # fmt: skip
     except (KeyError, ValueError, OSError, RuntimeError) as exc:

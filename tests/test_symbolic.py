@@ -440,3 +440,18 @@ def test_cli_symbolic_profile_and_run(tmp_path):
     r = CliRunner().invoke(main, ["symbolic", "run", "--registry", str(reg.root), "--validation", str(labelled),
                                   "--test", str(test), "--max-new-tokens", "2", "--no-progress", "--aggregator", "llama"])  # fmt: skip
     assert r.exit_code == 0 and "aggregator llama" in r.output, r.output
+
+
+def test_model_experts_load_in_the_dtype_asked_for(tmp_path):
+    """``dtype="auto"`` is float32 on the CPU (bfloat16 on a CUDA card); a named dtype is honoured."""
+    import torch
+
+    from moerge.registry import Registry
+    from moerge.symbolic.execute import generate, load_model_expert
+
+    reg = Registry(tmp_path / "reg")
+    reg.register(_causal_lm(tmp_path / "llama"), "llama", kind="model")
+    assert next(load_model_expert(reg, "llama").model.parameters()).dtype == torch.float32
+    bf16 = load_model_expert(reg, "llama", dtype="bfloat16")
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    assert len(generate(bf16, ["a b", "c"], max_new_tokens=2)) == 2

@@ -69,6 +69,8 @@ class SymbolicSettings:
     gpus_per_worker: float = 0.0
     threads: int | None = None
     device: str = "auto"
+    #: "auto": bfloat16 on a CUDA card, float32 on the CPU
+    dtype: str = "auto"
     request_timeout_s: float = 120.0
     api_key: str | None = None
     limits: Limits = Limits()
@@ -107,7 +109,8 @@ def build_moe(settings: SymbolicSettings, progress: bool | None = False) -> Any:
     else:
         template = aggregate_prompt
     moe = SymbolicMoE(reg, names, annotator, aggregator=settings.aggregator, k=settings.k, seed=settings.seed,
-                      aggregate_template=template, device=device, max_new_tokens=settings.max_new_tokens)  # fmt: skip
+                      aggregate_template=template, device=device, dtype=settings.dtype,
+                      max_new_tokens=settings.max_new_tokens)  # fmt: skip
     moe.profile(validation, progress=progress)
     if moe.aggregator is None:
         moe.select_aggregator(progress=progress)

@@ -50,11 +50,15 @@ class LoadedModel:
     chat: bool
 
 
-def load_model_expert(registry: Any, name: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """A registered whole-model expert with its own tokenizer (left padding for batched generation)."""
+def load_model_expert(registry: Any, name: str, device: str = "cpu", dtype: Any = "auto") -> LoadedModel:
+    """A registered whole-model expert with its own tokenizer (left padding for batched
+    generation); ``dtype="auto"``: bfloat16 on a CUDA card, float32 on the CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from moerge.device import resolve_dtype
     from moerge.progress import hf_bars
+
+    dtype = resolve_dtype(dtype, device)
 
     folder = registry.model_folder(name)
     with hf_bars():
@@ -203,7 +207,7 @@ def aggregate(
 
 
 def _answer_remote(
-    registry_path: str, name: str, prompts: list[str], gen: dict[str, Any], threads: int | None, device: str
+    registry_path: str, name: str, prompts: list[str], gen: dict[str, Any], threads: int | None, device: str, dtype: Any = "auto"
 ) -> list[str]:
     """In a Ray worker process: load one model expert, answer all its prompts, return. The
     process exits after the call (``max_calls=1``), which frees the model's memory for sure."""
@@ -211,7 +215,7 @@ def _answer_remote(
 
     if threads:
         torch.set_num_threads(threads)
-    loaded = load_model_expert(Registry(registry_path), name, device=device)
+    loaded = load_model_expert(Registry(registry_path), name, device=device, dtype=dtype)
     return generate(loaded, prompts, **gen)
 
 
@@ -224,6 +228,7 @@ def run_batched_ray(
     num_gpus: float = 0.0,
     threads: int | None = None,
     progress: bool | None = None,
+    dtype: Any = "auto",
     **gen: Any,
 ) -> tuple[dict[str, list[str]], RunStats]:
     """:func:`run_batched` on Ray: one task per recruited model (its own process, asking for
@@ -249,7 +254,7 @@ def run_batched_ray(
     while todo or running:
         while todo and len(running) < max_resident:
             name, pairs = todo.pop(0)
-            running[task.remote(registry_path, name, [prompts[q] for q, _ in pairs], gen, threads, device)] = name
+            running[task.remote(registry_path, name, [prompts[q] for q, _ in pairs], gen, threads, device, dtype)] = name
             stats.model_loads += 1
         done, _ = ray.wait(list(running), num_returns=1)
         name = running.pop(done[0])

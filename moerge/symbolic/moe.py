@@ -101,6 +101,7 @@ class SymbolicMoE:
         answer_format: str = "",
         aggregate_template: AggregateTemplate = aggregate_prompt,
         device: str = "cpu",
+        dtype: Any = "auto",
         **generation: Any,
     ) -> None:
         missing = [m for m in models if registry._resolve(m).kind != "model"]
@@ -108,7 +109,7 @@ class SymbolicMoE:
             raise ValueError(f"Symbolic-MoE recruits whole models (kind 'model'); not one: {missing}")
         self.registry, self.models, self.annotator = registry, list(models), annotator
         self.aggregator, self.k, self.tau, self.seed = aggregator, k, tau, seed
-        self.check, self.prompt, self.answer_format, self.device = check, prompt, answer_format, device
+        self.check, self.prompt, self.answer_format, self.device, self.dtype = check, prompt, answer_format, device, dtype
         self.aggregate_template = aggregate_template
         self.generation = {"max_new_tokens": 16, **generation}
         self.profiles: dict[str, dict[str, int]] | None = None
@@ -116,7 +117,7 @@ class SymbolicMoE:
         self.report: dict[str, Any] = {}
 
     def _loader(self, name: str) -> Any:
-        return load_model_expert(self.registry, name, device=self.device)
+        return load_model_expert(self.registry, name, device=self.device, dtype=self.dtype)
 
     def profile(self, validation: Mapping[str, Mapping[str, Any]], progress: bool | None = None) -> dict[str, dict[str, int]]:
         """Annotate the questions without ``keywords``, then profile every model (stored profiles
@@ -186,7 +187,7 @@ class SymbolicMoE:
             raise ValueError("per_query is the naive in-process loop; it does not run on Ray")
         if on_ray:
             answers, stats = run_batched_ray(recruited, prompts, str(self.registry.root), progress=progress,
-                                             **ray_options, **self.generation)  # fmt: skip
+                                             **{"dtype": self.dtype, **ray_options}, **self.generation)  # fmt: skip
         elif per_query:
             answers, stats = run_per_query(recruited, prompts, self._loader, progress=progress, **self.generation)
         else:
