@@ -255,6 +255,87 @@ def refusal(request: Request, api_key: str | None, draining: bool, errors: dict[
     return None
 
 
+class WorkerIngress:
+    """What the embeddings and Symbolic-MoE ingresses share: ``replicas`` Ray actors of one
+    service class (``num_cpus``/``num_gpus`` each, restarted by Ray), least-outstanding dispatch,
+    the API-key / drain / timeout guard, and health by pinging every worker. A subclass calls
+    :meth:`_start_workers` in its ``__init__`` and defines its own endpoints."""
+
+    def _start_workers(self, service: type, settings: Any) -> None:
+        import ray
+
+        from moerge.serving.workers import actor_logging
+
+        actor_logging()
+        self.settings = settings
+        cls = ray.remote(service)
+        opts: dict[str, Any] = {"num_cpus": settings.num_cpus or 1.0, "max_restarts": -1, "max_task_retries": 0}
+        if settings.gpus_per_worker:
+            opts["num_gpus"] = settings.gpus_per_worker
+        self.workers = [cls.options(**opts).remote(settings, i) for i in range(settings.replicas)]
+        self.info = ray.get(self.workers[0].info.remote())  # loaded: a bad registry or model fails here
+        ray.get([w.ping.remote() for w in self.workers])
+        self.outstanding = [0] * len(self.workers)
+        self.errors: dict[int, int] = {}
+        self.started = time.time()
+        self.in_flight = 0
+        self.draining = False
+
+    def drain(self) -> int:
+        """Stop taking requests (503; ``/healthz`` says draining); how many are still in flight."""
+        self.draining = True
+        return self.in_flight
+
+    def pending(self) -> int:
+        return self.in_flight
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        i = min(range(len(self.workers)), key=lambda j: self.outstanding[j])
+        self.outstanding[i] += 1
+        try:
+            return await getattr(self.workers[i], method).remote(*args)
+        finally:
+            self.outstanding[i] -= 1
+
+    async def _guard(self, handler: Any, request: Request) -> Response:
+        refused = refusal(request, self.settings.api_key, self.draining, self.errors)
+        if refused is not None:
+            return refused
+        self.in_flight += 1
+        try:
+            return await asyncio.wait_for(respond(handler, self.errors), timeout=self.settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            self.errors[504] = self.errors.get(504, 0) + 1
+            return _error(504, f"no answer within {self.settings.request_timeout_s:g} s", "timeout")
+        finally:
+            self.in_flight -= 1
+
+    async def _health(self) -> tuple[int, dict[str, Any]]:
+        async def one(i: int) -> dict[str, Any]:
+            try:
+                await asyncio.wait_for(self.workers[i].ping.remote(), timeout=PING_TIMEOUT_S)
+                return {"worker": i, "state": "ok"}
+            except Exception as exc:  # noqa: BLE001 - any failure means this worker cannot answer now
+                return {"worker": i, "state": "unresponsive", "error": type(exc).__name__}
+
+        workers = await asyncio.gather(*(one(i) for i in range(len(self.workers))))
+        ok = sum(w["state"] == "ok" for w in workers)
+        status = "draining" if self.draining else "ok" if ok == len(workers) else "degraded" if ok else "unavailable"
+        return (200 if ok and not self.draining else 503), {
+            "status": status,
+            "workers": workers,
+            "uptime_s": round(time.time() - self.started, 1),
+        }
+
+    async def _healthz(self) -> JSONResponse:
+        code, body = await self._health()
+        return JSONResponse(body, status_code=code)
+
+    async def _readyz(self) -> JSONResponse:
+        code, body = await self._health()
+        return JSONResponse({"ready": code == 200, "status": body["status"]}, status_code=code)
+
+
 @serve.deployment(max_ongoing_requests=512)
 @serve.ingress(api)
 class MoergeServer:

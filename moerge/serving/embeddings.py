@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from moerge.serving.app import Deployment, _error, _json, _parse, refusal, respond, start_app
+from moerge.serving.app import Deployment, WorkerIngress, _json, _parse, start_app
 from moerge.serving.types import BASE, BadRequest, Limits, ServingError, Unavailable, UnknownExpert
 
 AUTO = ("auto", "moerge")
@@ -293,34 +293,9 @@ emb_api = FastAPI(title="moerge embeddings", description="An embedding model wit
 
 @serve.deployment(max_ongoing_requests=512)
 @serve.ingress(emb_api)
-class EmbeddingServer:
+class EmbeddingServer(WorkerIngress):
     def __init__(self, settings: EmbeddingSettings) -> None:
-        import ray
-
-        from moerge.serving.workers import actor_logging
-
-        actor_logging()
-        self.settings = settings
-        cls = ray.remote(EmbeddingService)
-        opts: dict[str, Any] = {"num_cpus": settings.num_cpus or 1.0, "max_restarts": -1, "max_task_retries": 0}
-        if settings.gpus_per_worker:
-            opts["num_gpus"] = settings.gpus_per_worker
-        self.workers = [cls.options(**opts).remote(settings, i) for i in range(settings.replicas)]
-        self.info = ray.get(self.workers[0].info.remote())  # loaded (a bad registry or model fails here)
-        ray.get([w.ping.remote() for w in self.workers])
-        self.outstanding = [0] * len(self.workers)
-        self.errors: dict[int, int] = {}
-        self.started = time.time()
-        self.in_flight = 0
-        self.draining = False
-
-    def drain(self) -> int:
-        """Stop taking requests (503; ``/healthz`` says draining); how many are still in flight."""
-        self.draining = True
-        return self.in_flight
-
-    def pending(self) -> int:
-        return self.in_flight
+        self._start_workers(EmbeddingService, settings)
 
     def _models(self) -> list[str]:
         return model_names(self.info["experts"], self.info["routed"])
@@ -328,53 +303,13 @@ class EmbeddingServer:
     def _check_model(self, model: str) -> None:
         check_model(model, self.info["experts"], self.info["routed"])
 
-    async def _call(self, method: str, *args: Any) -> Any:
-        i = min(range(len(self.workers)), key=lambda j: self.outstanding[j])
-        self.outstanding[i] += 1
-        try:
-            return await getattr(self.workers[i], method).remote(*args)
-        finally:
-            self.outstanding[i] -= 1
-
-    async def _guard(self, handler: Any, request: Request) -> Response:
-        refused = refusal(request, self.settings.api_key, self.draining, self.errors)
-        if refused is not None:
-            return refused
-        self.in_flight += 1
-        try:
-            return await asyncio.wait_for(respond(handler, self.errors), timeout=self.settings.request_timeout_s)
-        except asyncio.TimeoutError:
-            self.errors[504] = self.errors.get(504, 0) + 1
-            return _error(504, f"no answer within {self.settings.request_timeout_s:g} s", "timeout")
-        finally:
-            self.in_flight -= 1
-
-    async def _health(self) -> tuple[int, dict[str, Any]]:
-        async def one(i: int) -> dict[str, Any]:
-            try:
-                await asyncio.wait_for(self.workers[i].ping.remote(), timeout=2.0)
-                return {"worker": i, "state": "ok"}
-            except Exception as exc:  # noqa: BLE001 - any failure means this worker cannot answer now
-                return {"worker": i, "state": "unresponsive", "error": type(exc).__name__}
-
-        workers = await asyncio.gather(*(one(i) for i in range(len(self.workers))))
-        ok = sum(w["state"] == "ok" for w in workers)
-        status = "draining" if self.draining else "ok" if ok == len(workers) else "degraded" if ok else "unavailable"
-        return (200 if ok and not self.draining else 503), {
-            "status": status,
-            "workers": workers,
-            "uptime_s": round(time.time() - self.started, 1),
-        }
-
     @emb_api.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        code, body = await self._health()
-        return JSONResponse(body, status_code=code)
+        return await self._healthz()
 
     @emb_api.get("/readyz")
     async def readyz(self) -> JSONResponse:
-        code, body = await self._health()
-        return JSONResponse({"ready": code == 200, "status": body["status"]}, status_code=code)
+        return await self._readyz()
 
     @emb_api.get("/v1/models")
     async def models(self, request: Request) -> Response:

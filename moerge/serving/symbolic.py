@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from moerge.serving.app import CompletionBody, Deployment, _error, _json, _parse, refusal, respond, start_app, stop_cut
+from moerge.serving.app import CompletionBody, Deployment, WorkerIngress, _json, _parse, start_app, stop_cut
 from moerge.serving.types import BadRequest, Limits, UnknownExpert
 
 MODEL = "symbolic-moe"
@@ -291,81 +291,17 @@ sym_api = FastAPI(title="moerge symbolic-moe", description="Symbolic-MoE over wh
 
 @serve.deployment(max_ongoing_requests=512)
 @serve.ingress(sym_api)
-class SymbolicServer:
+class SymbolicServer(WorkerIngress):
     def __init__(self, settings: SymbolicSettings) -> None:
-        import ray
-
-        from moerge.serving.workers import actor_logging
-
-        actor_logging()
-        self.settings = settings
-        cls = ray.remote(SymbolicService)
-        opts: dict[str, Any] = {"num_cpus": settings.num_cpus or 1.0, "max_restarts": -1, "max_task_retries": 0}
-        if settings.gpus_per_worker:
-            opts["num_gpus"] = settings.gpus_per_worker
-        self.workers = [cls.options(**opts).remote(settings, i) for i in range(settings.replicas)]
-        self.info = ray.get(self.workers[0].info.remote())  # profiled (a bad registry or validation set fails here)
-        ray.get([w.ping.remote() for w in self.workers])
-        self.outstanding = [0] * len(self.workers)
-        self.errors: dict[int, int] = {}
-        self.started = time.time()
-        self.in_flight = 0
-        self.draining = False
-
-    def drain(self) -> int:
-        self.draining = True
-        return self.in_flight
-
-    def pending(self) -> int:
-        return self.in_flight
-
-    async def _answer(self, texts: list[str], max_new: int | None, temperature: float, seed: int | None) -> list[dict[str, Any]]:
-        i = min(range(len(self.workers)), key=lambda j: self.outstanding[j])
-        self.outstanding[i] += 1
-        try:
-            return await self.workers[i].answer.remote(texts, max_new, temperature, seed or 0)
-        finally:
-            self.outstanding[i] -= 1
-
-    async def _guard(self, handler: Any, request: Request) -> Response:
-        refused = refusal(request, self.settings.api_key, self.draining, self.errors)
-        if refused is not None:
-            return refused
-        self.in_flight += 1
-        try:
-            return await asyncio.wait_for(respond(handler, self.errors), timeout=self.settings.request_timeout_s)
-        except asyncio.TimeoutError:
-            self.errors[504] = self.errors.get(504, 0) + 1
-            return _error(504, f"no answer within {self.settings.request_timeout_s:g} s", "timeout")
-        finally:
-            self.in_flight -= 1
-
-    async def _health(self) -> tuple[int, dict[str, Any]]:
-        async def one(i: int) -> dict[str, Any]:
-            try:
-                await asyncio.wait_for(self.workers[i].ping.remote(), timeout=2.0)
-                return {"worker": i, "state": "ok"}
-            except Exception as exc:  # noqa: BLE001 - any failure means this worker cannot answer now
-                return {"worker": i, "state": "unresponsive", "error": type(exc).__name__}
-
-        workers = await asyncio.gather(*(one(i) for i in range(len(self.workers))))
-        ok = sum(w["state"] == "ok" for w in workers)
-        status = "draining" if self.draining else "ok" if ok == len(workers) else "degraded" if ok else "unavailable"
-        return (200 if ok and not self.draining else 503), {
-            "status": status,
-            "workers": workers,
-            "uptime_s": round(time.time() - self.started, 1),
-        }
+        self._start_workers(SymbolicService, settings)  # profiled here: a bad registry or validation set fails
 
     @sym_api.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        code, body = await self._health()
-        return JSONResponse(body, status_code=code)
+        return await self._healthz()
 
     @sym_api.get("/readyz")
     async def readyz(self) -> JSONResponse:
-        code, body = await self._health()
-        return JSONResponse({"ready": code == 200, "status": body["status"]}, status_code=code)
+        return await self._readyz()
 
     @sym_api.get("/v1/models")
     async def models(self, request: Request) -> Response:
@@ -392,7 +328,7 @@ class SymbolicServer:
                 raise BadRequest("give exactly one of 'prompt' or 'prompts'")
             texts = _check_texts([body.prompt] if body.prompt is not None else list(body.prompts or []), limits, "prompts")
             _check_request(body.model, body.stream, body.top_p, body.max_new_tokens, body.temperature, limits)
-            results = await self._answer(texts, body.max_new_tokens, body.temperature, body.seed)
+            results = await self._call("answer", texts, body.max_new_tokens, body.temperature, body.seed or 0)
             return {"id": f"gen-{uuid.uuid4().hex[:12]}", "model": MODEL, "results": results}
 
         return await self._guard(handler, request)
@@ -406,7 +342,7 @@ class SymbolicServer:
                 raise BadRequest(f"n={body.n} is not supported; send n=1")
             texts = _check_texts([body.prompt] if isinstance(body.prompt, str) else list(body.prompt), limits, "prompt")
             _check_request(body.model, body.stream, body.top_p, body.max_tokens, body.temperature, limits)
-            results = await self._answer(texts, body.max_tokens, body.temperature, body.seed)
+            results = await self._call("answer", texts, body.max_tokens, body.temperature, body.seed or 0)
             stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
             choices = []
             for i, r in enumerate(results):
