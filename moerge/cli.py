@@ -105,7 +105,7 @@ def main(verbose: int) -> None:
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Zoo cache folder (env MOERGE_CACHE).")
 @click.option(
     "--routers",
-    default="PHATGOOSE,GLIDER,Arrow,retrieval",
+    default="PHATGOOSE,GLIDER,GLIDER (templates shared),Arrow,retrieval",
     show_default=True,
     help="Router rows to add (comma-separated), or 'none'.",
 )

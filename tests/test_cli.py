@@ -107,8 +107,15 @@ def test_demo_writes_table_json_and_heatmap(tmp_path, small_zoo):
     for name in ("PHATGOOSE", "GLIDER", "Arrow", "retrieval"):
         assert f"| {name} |" in r.output
         assert 0.0 <= data["methods"][name]["routing_accuracy"] <= 1.0
-    # GLIDER routes held-in prompts to their own expert (instruction embedding vs expert text)
+    # GLIDER routes held-in prompts to their own expert (instruction embedding vs expert description)
     assert data["methods"]["GLIDER"]["routing_accuracy"] > 0.9
+    for name in ("GLIDER", "GLIDER (templates shared)"):  # α: the validation split's best, for every task
+        g = data["meta"]["routers"][name]
+        assert (
+            g["alpha"] == float(max(g["alpha_validation"], key=lambda a: g["alpha_validation"][a])) and f"| {name} |" in r.output
+        )
+    assert data["meta"]["routers"]["GLIDER"]["test_templates_in_preparation"]["expert_texts"] == 0
+    assert data["meta"]["routers"]["GLIDER (templates shared)"]["test_templates_in_preparation"]["expert_texts"] > 0
     for name in ("uniform average", "task arithmetic", "TIES", "DARE-TIES", "Twin-Merging"):
         m = data["methods"][name]
         assert f"| {name} |" in r.output and "chosen on validation" in m["notes"]

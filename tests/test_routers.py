@@ -88,6 +88,18 @@ def zoo_reg(tmp_path, small_zoo):
     return moerge.Registry(tmp_path / "reg")
 
 
+@pytest.fixture
+def clean_reg(tmp_path, small_zoo):
+    """A copy of the small zoo's registry without derived artifacts: the demo and other tests
+    store theirs in the shared zoo, and what a test counts as prepared must start from nothing."""
+    shutil.copytree(small_zoo.registry_path, tmp_path / "reg", ignore=shutil.ignore_patterns("artifacts", "group-artifacts"))
+    reg = moerge.Registry(tmp_path / "reg")
+    with reg._write() as con:
+        con.execute("DELETE FROM artifacts")
+        con.execute("DELETE FROM group_artifacts")
+    return reg
+
+
 def _logits(model, zoo, prompts):
     tok = zoo.tokenizer()
     with torch.no_grad():
@@ -154,16 +166,16 @@ def test_gate_training_lowers_the_experts_loss_and_freezes_everything_else(small
     assert all(torch.equal(lora_before[m], f.A) for m, f in expert.modules.items())
 
 
-def test_adding_an_expert_prepares_that_expert_alone(small_zoo, zoo_reg):
+def test_adding_an_expert_prepares_that_expert_alone(small_zoo, clean_reg):
     first = moerge.compose(
-        small_zoo.base_path, zoo_reg.select(names=["sort", "max"]), "glider", data=small_zoo.expert_data, **FAST
+        small_zoo.base_path, clean_reg.select(names=["sort", "max"]), "glider", data=small_zoo.expert_data, **FAST
     )
     assert {r.producer: sorted(r.computed) for r in first.prepared} == {
         "phatgoose-gates": ["max@1", "sort@1"],
         "glider-text-embedding": ["max@1", "sort@1"],
     }
     again = moerge.compose(
-        small_zoo.base_path, zoo_reg.select(names=["sort", "max", "count"]), "glider", data=small_zoo.expert_data, **FAST
+        small_zoo.base_path, clean_reg.select(names=["sort", "max", "count"]), "glider", data=small_zoo.expert_data, **FAST
     )
     assert {r.producer: (r.computed, sorted(r.cached)) for r in again.prepared} == {
         "phatgoose-gates": (["count@1"], ["max@1", "sort@1"]),
@@ -171,7 +183,7 @@ def test_adding_an_expert_prepares_that_expert_alone(small_zoo, zoo_reg):
     }
     # a different gate-training config is a different artifact key: prepared anew
     other = moerge.compose(
-        small_zoo.base_path, zoo_reg.select(names=["sort"]), "phatgoose", data=small_zoo.expert_data, steps=5, batch_size=4
+        small_zoo.base_path, clean_reg.select(names=["sort"]), "phatgoose", data=small_zoo.expert_data, steps=5, batch_size=4
     )
     assert other.prepared[0].computed == ["sort@1"]
 
