@@ -33,3 +33,54 @@ def test_the_headline_glider_shares_no_template_with_the_test_prompts_and_the_va
     assert shared >= len(held_in_templates) // 2  # the registered examples quote most held-in templates
     assert len(test_templates(z)) > shared  # the held-out phrasings are in no expert text
     assert template_overlap(z, "arrow", {}) == {}  # Arrow: the weights alone
+
+
+def test_token_types_label_bos_instruction_separator_inputs_arrow_answer():
+    from moerge.bench.diagnostics import token_types
+
+    assert token_types("sort the letters : c a b =>", "a b c") == [
+        "bos", "instruction", "instruction", "instruction", "separator", "input", "input", "input", "arrow",
+        "answer", "answer", "answer",
+    ]  # fmt: skip
+    import pytest
+
+    with pytest.raises(ValueError, match="is not"):
+        token_types("no separator here", "x")
+
+
+def test_gate_signal_to_noise_tells_seed_noise_from_expert_identity():
+    import torch
+
+    from moerge.bench.diagnostics import gate_signal_to_noise
+
+    g = torch.Generator().manual_seed(0)
+    identity = torch.randn(4, 64, generator=g)  # each expert's own direction
+    a = {"m": identity + 0.1 * torch.randn(4, 64, generator=g)}
+    b = {"m": identity + 0.1 * torch.randn(4, 64, generator=g)}
+    snr = gate_signal_to_noise(a, b)
+    assert snr["same_expert_across_seeds"] > 0.95 and abs(snr["different_experts"]) < 0.3
+    noisy = gate_signal_to_noise({"m": torch.randn(4, 64, generator=g)}, {"m": torch.randn(4, 64, generator=g)})
+    assert abs(noisy["same_expert_across_seeds"]) < 0.3  # seeds disagree: no signal
+
+
+def test_routing_breakdown_counts_token_types_apart_and_votes_per_example(small_zoo, tmp_path):
+    """The retrieval router decides once per prompt: every token of an example gets the same
+    expert, so every token type's accuracy is the share of examples routed right, BOS is counted
+    apart, and the vote equals it."""
+    import shutil
+
+    import moerge
+    from moerge.bench.diagnostics import routing_breakdown
+
+    z = small_zoo
+    shutil.copytree(z.registry_path, tmp_path / "reg")  # artifacts go to a copy
+    model = moerge.compose(z.base_path, moerge.Registry(tmp_path / "reg").select(names=z.held_in), "retrieval")
+    examples = [e for t in ("sort", "max") for e in z.test_split(t)[:5]]
+    own = [model.experts.index(t) for t in ("sort", "max") for _ in range(5)]
+    out = routing_breakdown(model, examples, own)
+    assert set(out["by_type"]) == {"bos", "instruction", "separator", "input", "arrow", "answer"}
+    assert out["tokens"]["bos"] == 10 and out["tokens"]["separator"] == 10
+    assert len({round(v, 6) for v in out["by_type"].values()}) == 1 and out["vote"] == out["by_type"]["input"]
+    assert out["by_type"]["input"] == 1.0  # retrieval routes these held-in prompts right
+    wrong = routing_breakdown(model, examples, [(i + 1) % len(model.experts) for i in own])
+    assert wrong["by_type"]["input"] == 0.0 and wrong["vote"] == 0.0

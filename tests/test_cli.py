@@ -115,6 +115,12 @@ def test_demo_writes_table_json_and_heatmap(tmp_path, small_zoo):
             g["alpha"] == float(max(g["alpha_validation"], key=lambda a: g["alpha_validation"][a])) and f"| {name} |" in r.output
         )
     assert data["meta"]["routers"]["GLIDER"]["test_templates_in_preparation"]["expert_texts"] == 0
+    for name in ("PHATGOOSE", "GLIDER", "Arrow", "retrieval"):  # routing per token type, BOS apart; the column is inputs
+        routing = data["meta"]["routers"][name]["routing"]
+        assert set(routing["by_type"]) == {"bos", "instruction", "separator", "input", "arrow", "answer"}
+        assert routing["by_type"]["input"] == data["methods"][name]["routing_accuracy"] and 0 <= routing["vote"] <= 1
+    snr = data["meta"]["routers"]["PHATGOOSE"]["gate_snr"]
+    assert -1 <= snr["different_experts"] <= 1 and -1 <= snr["same_expert_across_seeds"] <= 1
     assert data["meta"]["routers"]["GLIDER (templates shared)"]["test_templates_in_preparation"]["expert_texts"] > 0
     for name in ("uniform average", "task arithmetic", "TIES", "DARE-TIES", "Twin-Merging"):
         m = data["methods"][name]

@@ -30,7 +30,8 @@ class MethodRow:
     held_in_normalized: float
     held_out_accuracy: float
     notes: str = ""
-    #: routers: share of held-in prompt tokens (× modules) whose top-1 expert is the task's own
+    #: routers: share of held-in *input* tokens (× modules) whose top-1 expert is the task's own
+    #: (BOS, instruction, separators and answer apart: ``meta.routers.<name>.routing``)
     routing_accuracy: float | None = None
     #: merges: bytes stored beyond the base (fp32), and the same for keeping every expert
     stored_bytes: int | None = None
@@ -73,7 +74,7 @@ class QualityReport:
 
     def markdown(self) -> str:
         lines = [
-            "| method | held-in normalised (expert = 100) | held-out accuracy (%) | routing accuracy, held-in (%) "
+            "| method | held-in normalised (expert = 100) | held-out accuracy (%) | routing accuracy, held-in inputs (%) "
             "| stored (vs every expert) | notes |",
             "|---|---:|---:|---:|---:|---|",
         ]
@@ -226,6 +227,20 @@ def template_overlap(zoo: Zoo, router: str, config: dict[str, Any]) -> dict[str,
     return out
 
 
+#: held-in test prompts per task for the routing breakdown
+ROUTING_EXAMPLES = 50
+
+
+def _gate_snr(zoo: Zoo, model: Any, device: DeviceLike, progress: bool | None) -> dict[str, float]:
+    """PHATGOOSE's gates trained again with another seed (stored like the first), compared."""
+    from moerge.bench.diagnostics import gate_signal_to_noise
+    from moerge.composer import compose
+
+    other = compose(zoo.base_path, zoo.registry.select(names=zoo.held_in), "phatgoose", data=zoo.expert_data,
+                    progress=progress, device=device, dtype="float32", seed=model.router.config.seed + 1)  # fmt: skip
+    return gate_signal_to_noise(model.router.keys, other.router.keys)
+
+
 def _validation_score(model: Any, zoo: Zoo, max_new_tokens: int, n: int = 64) -> float:
     """Mean exact match over the held-in tasks' validation splits."""
     scores = []
@@ -256,18 +271,17 @@ def evaluate_routers(
     rows = []
     n_templates = len(test_templates(zoo))
 
-    def score(model: Any, label: str) -> tuple[dict[str, float], list[float]]:
+    def score(model: Any, label: str) -> tuple[dict[str, float], dict[str, Any]]:
+        from moerge.bench.diagnostics import routing_breakdown
+
         per_task: dict[str, float] = {}
-        hits = []
         for task in progress_bar(zoo.held_in + zoo.held_out, desc=label, progress=progress):
             test = zoo.test_split(task)
-            prompts = [e.prompt for e in test]
-            answers = model.generate(prompts, max_new_tokens=max_new_tokens, batch_size=256)
+            answers = model.generate([e.prompt for e in test], max_new_tokens=max_new_tokens, batch_size=256)
             per_task[task] = exact_match(answers, test)
-            if task in zoo.held_in:
-                top, mask = model.token_routing(prompts[:100])
-                hits.append(float(((top == model.experts.index(task)) & mask).sum() / (mask.sum() * top.shape[0])))
-        return per_task, hits
+        examples = [e for t in zoo.held_in for e in zoo.test_split(t)[:ROUTING_EXAMPLES]]
+        own = [model.experts.index(t) for t in zoo.held_in for _ in zoo.test_split(t)[:ROUTING_EXAMPLES]]
+        return per_task, routing_breakdown(model, examples, own)
 
     for label in routers:
         name, cfg, notes = ZOO_ROUTERS[label]
@@ -302,10 +316,13 @@ def evaluate_routers(
             )
         else:
             notes += "; prepared from the weights alone"
-        per_task, hits = score(model, label)
+        per_task, breakdown = score(model, label)
         row = method_row(label, per_task, zoo.held_in, zoo.held_out, own, notes)
-        row.routing_accuracy = sum(hits) / len(hits)
+        row.routing_accuracy = breakdown["by_type"]["input"]
+        if name == "phatgoose":
+            meta["gate_snr"] = _gate_snr(zoo, model, device, progress)
         report.meta.setdefault("routers", {})[label] = {
+            "routing": breakdown,
             "router": name,
             "config": model.router.config.to_json(),
             "prepare_seconds": prep,
@@ -319,9 +336,10 @@ def evaluate_routers(
                 if a == meta["alpha"]:  # the chosen α's row already says it
                     continue
                 model.router.config = model.router.config.model_copy(update={"alpha": a})
-                per_task, hits = score(model, plabel)
+                per_task, breakdown = score(model, plabel)
                 prow = method_row(plabel, per_task, zoo.held_in, zoo.held_out, own, "the headline GLIDER with the preset's α")
-                prow.routing_accuracy = sum(hits) / len(hits)
+                prow.routing_accuracy = breakdown["by_type"]["input"]
+                report.meta["routers"][plabel] = {"router": "glider", "alpha": a, "routing": breakdown}
                 rows.append(prow)
                 report.rows.append(prow)
     return rows
