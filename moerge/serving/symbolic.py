@@ -372,7 +372,7 @@ class SymbolicServer(WorkerIngress):
 
 def deploy_symbolic(
     registry: str | Path,
-    validation: str | Mapping[str, Mapping[str, Any]],
+    validation: str | Path | Mapping[str, Mapping[str, Any]],
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -389,7 +389,7 @@ def deploy_symbolic(
     from moerge.serving.types import is_loopback
     from moerge.serving.workers import ensure_ray
 
-    val = read_validation(validation if isinstance(validation, str) else dict(validation))
+    val = read_validation(str(validation) if isinstance(validation, (str, Path)) else dict(validation))
     settings = SymbolicSettings(registry=str(registry), validation=val, **options)
     if not is_loopback(host) and not settings.api_key:
         raise ValueError(f"host {host!r} exposes the server beyond this machine: give api_key=")
