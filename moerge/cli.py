@@ -127,6 +127,12 @@ def main(verbose: int) -> None:
     show_default=True,
     help="Also Symbolic-MoE's table on the zoo's whole-model pool (its group models and aggregator trained once, cached).",
 )
+@click.option(
+    "--control/--no-control",
+    default=True,
+    show_default=True,
+    help="Also the positive control for token routing (disjoint-vocabulary experts; built once, cached).",
+)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @DEVICE_OPTION
 @THREADS_OPTION
@@ -139,6 +145,7 @@ def demo(
     merges: str,
     retrieval: bool,
     symbolic: bool,
+    control: bool,
     no_progress: bool,
     device: str,
     threads: int | None,
@@ -198,6 +205,19 @@ def demo(
         t_s = time.perf_counter()
         report.symbolic = symbolic_bench.evaluate(zoo, progress=None if not no_progress else False)
         report.meta["symbolic_seconds"] = time.perf_counter() - t_s
+    if control:
+        from moerge.bench import control as control_bench
+        from moerge.zoo.control import load_control
+
+        click.echo(
+            "      token-routing control: disjoint-vocabulary experts (built once, cached), routers, per segment ...", err=True
+        )
+        t_c = time.perf_counter()
+        suite = load_control(
+            "control-small" if preset == "small" else "control", cache_dir=cache_dir, progress=None if not no_progress else False
+        )
+        report.token_control = control_bench.evaluate(suite, progress=None if not no_progress else False)
+        report.meta["control_seconds"] = time.perf_counter() - t_c
     report.meta["demo_seconds"] = time.perf_counter() - t0
     paths = write_report(report, out, json_path)
     click.echo("[4/4] done\n", err=True)
@@ -207,6 +227,9 @@ def demo(
     if report.retrieval is not None:
         click.echo("\nRetrieval — RouterRetriever's Table 1 (nDCG@10 on each domain's test queries, trec_eval):\n")
         click.echo(retrieval_bench.markdown(report.retrieval))
+    if report.token_control is not None:
+        click.echo("\nToken routing, positive control (disjoint-vocabulary experts; segments right on mixed held-out prompts):\n")
+        click.echo(control_bench.markdown(report.token_control))
     if report.symbolic is not None:
         click.echo("\nSymbolic-MoE on the zoo's whole-model pool (accuracy %, exact match, per task group):\n")
         click.echo(symbolic_bench.markdown(report.symbolic))

@@ -84,3 +84,25 @@ def test_routing_breakdown_counts_token_types_apart_and_votes_per_example(small_
     assert out["by_type"]["input"] == 1.0  # retrieval routes these held-in prompts right
     wrong = routing_breakdown(model, examples, [(i + 1) % len(model.experts) for i in own])
     assert wrong["by_type"]["input"] == 0.0 and wrong["vote"] == 0.0
+
+
+def test_control_suite_examples_map_own_items_copy_foreign_ones_and_score_per_segment():
+    import random
+
+    from moerge.zoo.control import VOCAB_OF, held_in, held_out, segment_accuracy
+
+    rng = random.Random(0)
+    for _ in range(50):
+        e = held_in(rng, "digits")
+        for (vocab, want), src in zip(e.segments, e.prompt.removesuffix(" =>").split(" | "), strict=True):
+            items = src.split()
+            assert {VOCAB_OF[c] for c in items} == {vocab}
+            if vocab != "digits":
+                assert want == src  # foreign segments are copied
+            else:
+                assert want.split() == [str((int(c) + 1) % 10) for c in items]
+    mixed = held_out(rng)
+    assert len({v for v, _ in mixed.segments}) == 3
+    right = " | ".join(w for _, w in mixed.segments)
+    half = " | ".join([mixed.segments[0][1], "x", mixed.segments[2][1]])
+    assert segment_accuracy([right, half], [mixed, mixed]) == 5 / 6

@@ -140,6 +140,13 @@ def test_demo_writes_table_json_and_heatmap(tmp_path, small_zoo):
     assert sym["Symbolic-MoE"]["accuracy"] > max(sym["best single model"]["accuracy"], sym["random 3 + aggregator"]["accuracy"])
     assert sym["Symbolic-MoE"]["model_loads"] == sym["Symbolic-MoE"]["distinct_models"] + 1
     assert data["symbolic"]["speed"]["per_query"]["model_loads"] == 4 * data["symbolic"]["pool"]["test_questions"]
+    control = data["token_control"]  # the positive control for token routing (reduced size)
+    best = control["best_single"]["held_out_segment_accuracy"]
+    phatgoose = control["methods"]["PHATGOOSE"]
+    assert phatgoose["held_out_segment_accuracy"] >= 2 * best and "| PHATGOOSE |" in r.output
+    for floor in ("Arrow", "retrieval", "random gates (PHATGOOSE, keys replaced)"):
+        assert phatgoose["held_out_segment_accuracy"] > control["methods"][floor]["held_out_segment_accuracy"]
+    assert phatgoose["routing_accuracy_inputs"] > control["chance_routing"]
     assert (out / "report.md").read_text().startswith("# moerge demo")
     assert (out / "cross_task.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -51,6 +51,8 @@ class QualityReport:
     retrieval: dict[str, Any] | None = None
     #: Symbolic-MoE on the zoo's whole-model pool (:func:`moerge.bench.symbolic.evaluate`), when run
     symbolic: dict[str, Any] | None = None
+    #: the positive control for token routing (:func:`moerge.bench.control.evaluate`), when run
+    token_control: dict[str, Any] | None = None
 
     def own_scores(self) -> dict[str, float]:
         """Each held-in task's own expert on it: the 100 of the normalised score."""
@@ -70,6 +72,8 @@ class QualityReport:
             out["retrieval"] = retrieval_json(self.retrieval)
         if self.symbolic is not None:
             out["symbolic"] = self.symbolic
+        if self.token_control is not None:
+            out["token_control"] = self.token_control
         return out
 
     def markdown(self) -> str:
@@ -522,6 +526,13 @@ def write_report(report: QualityReport, out_dir: str | Path, json_path: str | Pa
         with open(md, "a", encoding="utf-8") as fh:
             fh.write(
                 f"\n## Symbolic-MoE (accuracy %, exact match, on the zoo's whole-model pool)\n\n{symbolic_markdown(report.symbolic)}\n"
+            )
+    if report.token_control is not None:
+        from moerge.bench.control import markdown as control_markdown
+
+        with open(md, "a", encoding="utf-8") as fh:
+            fh.write(
+                f"\n## Token routing, positive control (disjoint-vocabulary experts)\n\n{control_markdown(report.token_control)}\n"
             )
     js = Path(json_path) if json_path else out / "results.json"
     js.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,249 @@
+"""A positive control for token-level routing (issue 16): experts whose skills are visible in
+the tokens themselves, so a token router *can* succeed — and a benchmark that shows whether it does.
+
+Four vocabularies, disjoint: ``a``–``j``, digits, ``A``–``J``, ``k``–``t``. Each expert applies
+a per-item map to its own vocabulary's items (shift by one; add one; reverse the alphabet;
+shift back by one) and copies every foreign item unchanged, so the experts are compatible.
+A prompt is segments separated by ``|`` then ``=>``; there is no instruction:
+
+    held-in (expert "digits"):  c a | 3 7 1 =>   →  c a | 4 8 2
+    held-out (mixed):           a b c | 3 7 | K L =>   →  b c d | 4 8 | P O
+
+Held-out prompts mix three segments of three vocabularies, scored per segment: one expert gets
+its own segment right (a quarter of the segments), a router that picks each token's expert gets
+them all. The base (a tiny Llama, deeper and wider than the main zoo's) is pre-trained to copy
+segments, so it knows the format. Built once per preset (seeded) and cached; atomic.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from moerge.registry import Registry, config_fingerprint
+
+CONTROL_FORMAT = 1
+SEGMENT_SEP, ARROW = "|", "=>"
+VOCABS: dict[str, list[str]] = {
+    "letters": list("abcdefghij"),
+    "digits": [str(i) for i in range(10)],
+    "capitals": list("ABCDEFGHIJ"),
+    "late-letters": list("klmnopqrst"),
+}
+MAPS: dict[str, Callable[[str], str]] = {
+    "letters": lambda c: VOCABS["letters"][(VOCABS["letters"].index(c) + 1) % 10],
+    "digits": lambda c: VOCABS["digits"][(VOCABS["digits"].index(c) + 1) % 10],
+    "capitals": lambda c: VOCABS["capitals"][9 - VOCABS["capitals"].index(c)],
+    "late-letters": lambda c: VOCABS["late-letters"][(VOCABS["late-letters"].index(c) - 1) % 10],
+}
+DESCRIPTIONS = {
+    "letters": "Replace each letter from a to j by the next one (j becomes a); copy anything else.",
+    "digits": "Add one to each digit (9 becomes 0); copy anything else.",
+    "capitals": "Mirror each capital from A to J in the alphabet (A becomes J); copy anything else.",
+    "late-letters": "Replace each letter from k to t by the previous one (k becomes t); copy anything else.",
+}
+VOCAB_OF = {c: v for v, cs in VOCABS.items() for c in cs}
+
+
+@dataclass(frozen=True)
+class ControlPreset:
+    name: str
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    base_steps: int = 600
+    expert_steps: int = 300
+    lora_r: int = 16
+    lr: float = 3e-3
+    batch: int = 64
+    n_train: int = 3000
+    n_test: int = 200
+    seed: int = 0
+
+    def key(self) -> str:
+        return config_fingerprint({**asdict(self), "format": CONTROL_FORMAT})
+
+
+CONTROL_PRESETS = {
+    "control": ControlPreset("control"),
+    # the tests' and `moerge demo --preset small`'s: the same suite, a smaller base (50 s to build)
+    "control-small": ControlPreset("control-small", hidden=96, layers=3, base_steps=300, expert_steps=150, n_test=80),
+}
+
+
+class Example(NamedTuple):
+    prompt: str
+    target: str
+    #: (vocabulary, the segment's right answer) per segment
+    segments: tuple[tuple[str, str], ...]
+
+
+def example(rng: random.Random, vocabs: list[str], mapped: set[str]) -> Example:
+    """Segments of 2–4 items of ``vocabs``; items of a vocabulary in ``mapped`` are mapped."""
+    segs = [(v, [rng.choice(VOCABS[v]) for _ in range(rng.randint(2, 4))]) for v in vocabs]
+    outs = [[MAPS[v](c) if v in mapped else c for c in items] for v, items in segs]
+    prompt = f" {SEGMENT_SEP} ".join(" ".join(items) for _, items in segs) + f" {ARROW}"
+    target = f" {SEGMENT_SEP} ".join(" ".join(o) for o in outs)
+    return Example(prompt, target, tuple((v, " ".join(o)) for (v, _), o in zip(segs, outs, strict=True)))
+
+
+def held_in(rng: random.Random, expert: str) -> Example:
+    """One to three segments, one of them the expert's vocabulary: only that one is mapped."""
+    vocabs = [expert] + [rng.choice(list(VOCABS)) for _ in range(rng.randint(0, 2))]
+    rng.shuffle(vocabs)
+    return example(rng, vocabs, {expert})
+
+
+def held_out(rng: random.Random) -> Example:
+    """Three segments of three different vocabularies, all mapped."""
+    vocabs = rng.sample(list(VOCABS), 3)
+    return example(rng, vocabs, set(vocabs))
+
+
+def segment_accuracy(answers: list[str], examples: list[Example]) -> float:
+    """Share of segments answered exactly (an answer is split on ``|``)."""
+    hit = total = 0
+    for a, e in zip(answers, examples, strict=True):
+        got = [" ".join(s.split()) for s in a.split(SEGMENT_SEP)]
+        for j, (_, want) in enumerate(e.segments):
+            total += 1
+            hit += j < len(got) and got[j] == want
+    return hit / total if total else 0.0
+
+
+def build_tokenizer() -> Any:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = [SEGMENT_SEP, ARROW, *(c for cs in VOCABS.values() for c in cs)]
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]", *words])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", vocab["[BOS]"])])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
+    )
+    tok.padding_side = "left"
+    return tok
+
+
+@dataclass
+class ControlSuite:
+    root: Path
+    preset: ControlPreset
+    meta: dict[str, Any]
+
+    @property
+    def base_path(self) -> Path:
+        return self.root / "base"
+
+    @property
+    def registry(self) -> Registry:
+        return Registry(self.root / "registry")
+
+    @property
+    def experts(self) -> list[str]:
+        return list(VOCABS)
+
+    def tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self.base_path)
+        tok.padding_side = "left"
+        return tok
+
+    def train_split(self, expert: str) -> list[Example]:
+        rng = random.Random(f"control:{expert}:train:{self.preset.seed}")
+        return [held_in(rng, expert) for _ in range(self.preset.n_train)]
+
+    def expert_data(self, expert: str) -> list[tuple[str, str]]:
+        """(prompt, target) pairs the expert was trained on: what PHATGOOSE's gates train on."""
+        return [(e.prompt, e.target) for e in self.train_split(expert)]
+
+    def test_held_out(self) -> list[Example]:
+        return [held_out(random.Random(f"control:test:{self.preset.seed}:{i}")) for i in range(self.preset.n_test)]
+
+    def val_held_in(self, expert: str, n: int = 100) -> list[Example]:
+        rng = random.Random(f"control:{expert}:val:{self.preset.seed}")
+        return [held_in(rng, expert) for _ in range(n)]
+
+
+def load_control(
+    preset: str | ControlPreset = "control", cache_dir: str | Path | None = None, progress: bool | None = None
+) -> ControlSuite:
+    """The control suite for ``preset``, built on first use and cached under
+    ``<cache>/control/<name>-<key>``."""
+    from moerge.zoo.build import _locked, default_cache_dir
+
+    if isinstance(preset, str):
+        if preset not in CONTROL_PRESETS:
+            raise KeyError(f"unknown control preset {preset!r}; choose one of {sorted(CONTROL_PRESETS)}")
+        preset = CONTROL_PRESETS[preset]
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    root = cache / "control" / f"{preset.name}-{preset.key()}"
+    with _locked(root.with_name(f".{root.name}.lock")):
+        if not (root / "meta.json").exists():
+            _build(preset, root, progress)
+    return ControlSuite(root, preset, json.loads((root / "meta.json").read_text()))
+
+
+def _build(p: ControlPreset, root: Path, progress: bool | None) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from moerge.progress import progress_bar
+    from moerge.zoo.build import LORA_TARGETS, _fix_base_path
+    from moerge.zoo.train import generate_answers, make_base_model, train_loop
+
+    t0 = time.perf_counter()
+    tmp = root.with_name(root.name + ".building")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    tok = build_tokenizer()
+    rng = random.Random(f"control:pretrain:{p.seed}")
+    pretrain = [example(rng, [rng.choice(list(VOCABS)) for _ in range(rng.randint(1, 3))], set()) for _ in range(4000)]
+    base = make_base_model(tok, p.hidden, p.layers, p.heads, seed=p.seed)
+    train_loop(base, tok, pretrain, steps=p.base_steps, batch_size=p.batch, lr=p.lr, seed=p.seed, weight_decay=0.01,
+               desc="control base", progress=progress)  # fmt: skip
+    base.eval()
+    base.save_pretrained(tmp / "base")
+    tok.save_pretrained(tmp / "base")
+    timings = {"base_s": time.perf_counter() - t0}
+    suite = ControlSuite(tmp, p, {})
+    reg = Registry(tmp / "registry")
+    training = {}
+    for i, e in enumerate(progress_bar(list(VOCABS), desc="control experts", progress=progress)):
+        t1 = time.perf_counter()
+        model = get_peft_model(copy.deepcopy(base), LoraConfig(r=p.lora_r, lora_alpha=2 * p.lora_r, target_modules=LORA_TARGETS,
+                                                               lora_dropout=0.0))  # fmt: skip
+        train_loop(model, tok, suite.train_split(e), steps=p.expert_steps, batch_size=p.batch, lr=p.lr, seed=p.seed * 100 + i,
+                   desc=f"expert {e}", progress=progress)  # fmt: skip
+        val = suite.val_held_in(e)
+        acc = sum(a == x.target for a, x in zip(generate_answers(model, tok, [x.prompt for x in val], max_new_tokens=20), val,
+                                                   strict=True)) / len(val)  # fmt: skip
+        model.save_pretrained(tmp / "lora" / e)
+        _fix_base_path(tmp / "lora" / e, root / "base")
+        reg.register(tmp / "lora" / e, e, base=tmp / "base", description=DESCRIPTIONS[e], skills=[e],
+                     examples=[x.prompt for x in suite.train_split(e)[:8]], metrics={"val_exact_match": acc},
+                     tags=["control"])  # fmt: skip
+        training[e] = {"val_exact_match": acc, "seconds": time.perf_counter() - t1}
+    from moerge.registry.importers import absolute_path
+    from moerge.zoo.build import _rewrite_base_ids
+
+    _rewrite_base_ids(reg, absolute_path(tmp / "base"), absolute_path(root / "base"))
+    shutil.rmtree(tmp / "lora")  # the registry holds the experts
+    timings["total_s"] = time.perf_counter() - t0
+    (tmp / "meta.json").write_text(json.dumps({"preset": asdict(p), "format": CONTROL_FORMAT, "training": training,
+                                               "timings": timings, "torch": torch.__version__}, indent=2))  # fmt: skip
+    if root.exists():
+        shutil.rmtree(root)
+    tmp.rename(root)
