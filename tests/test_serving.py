@@ -334,3 +334,34 @@ def test_deploy_settings_from_a_composed_model_a_spec_or_a_registry(small_zoo, t
     with pytest.raises(ValueError, match="cannot read composition spec"):
         (tmp_path / "bad.json").write_text("{")
         build_settings(composition=tmp_path / "bad.json")
+
+
+def test_window_batcher_runs_concurrent_jobs_together_and_gives_every_job_the_error():
+    import asyncio
+
+    from moerge.serving.batching import WindowBatcher
+
+    windows = []
+
+    def run(jobs):
+        windows.append(list(jobs))
+        if "boom" in jobs:
+            raise RuntimeError("boom")
+        return [j.upper() for j in jobs]
+
+    batcher = WindowBatcher(run, max_batch=10, max_wait_s=0.2)
+
+    async def traffic():
+        together = await asyncio.gather(*(batcher.submit(j) for j in ("a", "b", "c")))
+        failed = await asyncio.gather(batcher.submit("x"), batcher.submit("boom"), return_exceptions=True)
+        return together, failed
+
+    together, failed = asyncio.run(traffic())
+    assert together == ["A", "B", "C"] and windows[0] == ["a", "b", "c"]
+    assert all(isinstance(f, RuntimeError) for f in failed) and windows[1] == ["x", "boom"]
+    full = WindowBatcher(run, max_batch=2, max_wait_s=5.0)  # size reached: the window closes at once
+
+    async def two():
+        return await asyncio.gather(full.submit("p", size=2), full.submit("q"))
+
+    assert asyncio.run(two()) == ["P", "Q"] and windows[2] == ["p"] and windows[3] == ["q"]

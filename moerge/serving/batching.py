@@ -7,6 +7,9 @@ on which worker a group of requests runs.
   batch's distinct experts still fit the worker's resident slots.
 - :class:`BatchQueue` — the asyncio queue a worker drains: up to ``max_batch`` requests, or
   whatever came within ``max_wait_s`` of the oldest one's arrival.
+- :class:`WindowBatcher` — a plain micro-batching window for services whose batch is not a
+  ``generate`` over LoRA experts (the embeddings and Symbolic-MoE workers): jobs of concurrent
+  callers collected for ``max_wait_s`` or until ``max_batch`` items, run together in a thread.
 - :class:`Residency` — least-recently-used expert slots of one worker.
 - :class:`Placement` — the dispatcher's view of every worker: which experts it holds (a mirror
   of its LRU), how many requests it has outstanding, whether it is alive; it places a group
@@ -100,6 +103,54 @@ class BatchQueue:
         batch = [self._items[i] for i in picked]
         self._items = [it for i, it in enumerate(self._items) if i not in chosen]
         return batch
+
+
+class WindowBatcher:
+    """Jobs from concurrent callers, collected for up to ``max_wait_s`` after the first (or until
+    their sizes reach ``max_batch``), then run together by ``run(jobs) -> results`` (in job
+    order) in a thread; an exception reaches every job of the window. Each running event loop
+    gets its own queue (a new loop — another ``asyncio.run`` — starts a new drainer)."""
+
+    def __init__(self, run: Any, max_batch: int, max_wait_s: float) -> None:
+        self.run, self.max_batch, self.max_wait_s = run, max_batch, max_wait_s
+        self._queue: asyncio.Queue | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def submit(self, job: Any, size: int = 1) -> Any:
+        """``job``'s result, computed in the window it joins (``size``: its items, e.g. texts)."""
+        loop = asyncio.get_running_loop()
+        if self._queue is None or self._loop is not loop:
+            self._queue, self._loop = asyncio.Queue(), loop
+            self._drainer = loop.create_task(self._drain(self._queue))
+        future = loop.create_future()
+        await self._queue.put((job, size, future))
+        return await future
+
+    async def _drain(self, queue: asyncio.Queue) -> None:
+        while True:
+            window = [await queue.get()]
+            deadline = time.monotonic() + self.max_wait_s
+            size = window[0][1]
+            while size < self.max_batch:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(queue.get(), timeout=left)
+                except asyncio.TimeoutError:
+                    break
+                window.append(item)
+                size += item[1]
+            try:
+                results = await asyncio.to_thread(self.run, [job for job, _, _ in window])
+            except Exception as exc:  # noqa: BLE001 - every waiting caller gets the error
+                for _, _, future in window:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, _, future), result in zip(window, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
 
 
 class Residency:

@@ -20,7 +20,6 @@ annotations at runtime, as in :mod:`moerge.serving.app`.)
 
 import asyncio
 import base64
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from moerge.serving.app import Deployment, WorkerIngress, _json, _parse, start_app
+from moerge.serving.batching import WindowBatcher
 from moerge.serving.types import BASE, BadRequest, Limits, ServingError, Unavailable, UnknownExpert
 
 AUTO = ("auto", "moerge")
@@ -96,7 +96,6 @@ def check_model(model: str, experts: Sequence[str], routed: bool) -> None:
 class _Job:
     texts: list[str]
     model: str
-    future: asyncio.Future
 
 
 class EmbeddingService:
@@ -127,8 +126,7 @@ class EmbeddingService:
                 index_folder(folder, self.encoder.base_id), corpus, self.encoder.base_id, progress=False
             )
             self.corpora[name] = corpus
-        self.queue: asyncio.Queue | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.batcher = WindowBatcher(self.run_batch, settings.max_batch, settings.max_wait_s)
         self.batches = 0
         self.texts = 0
 
@@ -143,48 +141,12 @@ class EmbeddingService:
 
     # --------------------------------------------------------------------------- batching
 
-    def _ensure_loop(self) -> asyncio.Queue:
-        """The queue of the running event loop (a new loop — another ``asyncio.run`` — gets its own)."""
-        loop = asyncio.get_running_loop()
-        if self.queue is None or self._loop is not loop:
-            self.queue, self._loop = asyncio.Queue(), loop
-            self._drainer = loop.create_task(self._drain(self.queue))
-        return self.queue
-
     async def embed(self, texts: Sequence[str], model: str) -> tuple[list[list[float]], list[str]]:
         """Embeddings of ``texts`` by ``model`` (and the expert each text went to), batched with
         every other request that arrives within ``max_wait_s``."""
         self.check_model(model)
-        job = _Job(list(texts), model, asyncio.get_running_loop().create_future())
-        await self._ensure_loop().put(job)
-        emb, experts = await job.future
+        emb, experts = await self.batcher.submit(_Job(list(texts), model), len(texts))
         return emb, experts
-
-    async def _drain(self, queue: asyncio.Queue) -> None:
-        while True:
-            jobs = [await queue.get()]
-            deadline = time.monotonic() + self.settings.max_wait_s
-            size = len(jobs[0].texts)
-            while size < self.settings.max_batch:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    job = await asyncio.wait_for(queue.get(), timeout=left)
-                except asyncio.TimeoutError:
-                    break
-                jobs.append(job)
-                size += len(job.texts)
-            try:
-                results = await asyncio.to_thread(self.run_batch, jobs)
-            except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                continue
-            for job, result in zip(jobs, results, strict=True):
-                if not job.future.done():
-                    job.future.set_result(result)
 
     def run_batch(self, jobs: Sequence[_Job]) -> list[tuple[list[list[float]], list[str]]]:
         """One batch: the ``auto`` texts routed with one base forward, then every text embedded

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from moerge.serving.app import CompletionBody, Deployment, WorkerIngress, _json, _parse, start_app, stop_cut
+from moerge.serving.batching import WindowBatcher
 from moerge.serving.types import BadRequest, Limits, UnknownExpert
 
 MODEL = "symbolic-moe"
@@ -121,7 +122,6 @@ def build_moe(settings: SymbolicSettings, progress: bool | None = False) -> Any:
 class _Job:
     prompts: list[str]
     gen: tuple[int, float, int]
-    future: asyncio.Future
 
 
 @dataclass
@@ -143,16 +143,8 @@ class SymbolicService:
         self.settings, self.index = settings, index
         self.moe = build_moe(settings)
         self.tokenizer = AutoTokenizer.from_pretrained(self.moe.registry.model_folder(self.moe.aggregator))
-        self.queue: asyncio.Queue | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.batcher = WindowBatcher(self.run_window, settings.max_batch, settings.max_wait_s)
         self.stats = WindowStats()
-
-    def _ensure_loop(self) -> asyncio.Queue:
-        loop = asyncio.get_running_loop()
-        if self.queue is None or self._loop is not loop:
-            self.queue, self._loop = asyncio.Queue(), loop
-            self._drainer = loop.create_task(self._drain(self.queue))
-        return self.queue
 
     async def answer(
         self, prompts: Sequence[str], max_new_tokens: int | None = None, temperature: float = 0.0, seed: int = 0
@@ -161,35 +153,7 @@ class SymbolicService:
         majority vote, where the final came from, the window's loads), answered together with
         every request that arrives within the batch window."""
         gen = (int(max_new_tokens or self.settings.max_new_tokens), float(temperature), int(seed))
-        job = _Job(list(prompts), gen, asyncio.get_running_loop().create_future())
-        await self._ensure_loop().put(job)
-        return await job.future
-
-    async def _drain(self, queue: asyncio.Queue) -> None:
-        while True:
-            jobs = [await queue.get()]
-            deadline = time.monotonic() + self.settings.max_wait_s
-            size = len(jobs[0].prompts)
-            while size < self.settings.max_batch:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    job = await asyncio.wait_for(queue.get(), timeout=left)
-                except asyncio.TimeoutError:
-                    break
-                jobs.append(job)
-                size += len(job.prompts)
-            try:
-                results = await asyncio.to_thread(self.run_window, jobs)
-            except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                continue
-            for job, result in zip(jobs, results, strict=True):
-                if not job.future.done():
-                    job.future.set_result(result)
+        return await self.batcher.submit(_Job(list(prompts), gen), len(prompts))
 
     def run_window(self, jobs: Sequence[_Job]) -> list[list[dict[str, Any]]]:
         """One window: its questions recruited together and answered batch-by-model, one
