@@ -239,3 +239,21 @@ def test_saved_composition_reloads_with_the_same_outputs(small_zoo, zoo_reg, tmp
 def test_compose_rejects_non_lora_experts_and_names_them(small_zoo, zoo_reg):
     with pytest.raises(ValueError, match="sort-dense"):
         moerge.compose(small_zoo.base_path, zoo_reg.select(names=["sort", "sort-dense"]), "arrow")
+
+
+def test_gate_training_accumulates_gradients_over_batches(small_zoo):
+    """``accumulate``: each step sums the gradients of that many batches (the effective batch is
+    their product); the loss recorded per step is their mean; it is part of the gates' key."""
+    base, tok = small_zoo.load_base(), small_zoo.tokenizer()
+    expert = moerge.adapters.load_lora("reverse", registry=small_zoo.registry)
+    calls = []
+    handle = base.register_forward_hook(lambda m, a, k, out: calls.append(k["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        out = train_gates(
+            base, tok, expert, small_zoo.expert_data("reverse"), PhatgooseConfig(steps=3, batch_size=4, accumulate=5)
+        )
+    finally:
+        handle.remove()
+    assert calls == [4] * 15 and len(out.losses) == 3 and all(0 < x < 20 for x in out.losses)
+    assert "accumulate" not in PhatgooseConfig().gate_key()  # gates trained before the option keep their key
+    assert PhatgooseConfig(accumulate=5).gate_key()["accumulate"] == 5

@@ -6,7 +6,8 @@ zero-initialised; the expert's LoRA output is scaled by σ(v·u) on the module's
 everything else (the base and the expert's LoRA) is frozen; the expert's own data and LM loss;
 AdamW lr 5e-3, weight decay 0, 6 warm-up steps then constant, grad-clip 1.0, 100 steps.
 The batch size is configurable (the paper's effective 1024 is far beyond what a CPU run needs
-on the zoo's short sequences; the default here is 32).
+on the zoo's short sequences; the default here is 32), and ``accumulate`` sums the gradients
+of that many batches per step (the effective batch is their product: 32 × 32 = the paper's 1024).
 
 Inference (§1.4): the sigmoid is dropped; the gate is only a routing key. Per token and module,
 s_i = LN(u)·LN(v_i)/sqrt(d), top-k (default 2), softmax over the kept logits, in prefill and
@@ -38,12 +39,17 @@ class PhatgooseConfig(RouterConfig):
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(6, ge=0, description="linear warm-up, then constant (paper: 6)")
     clip_norm: float = Field(1.0, gt=0)
-    batch_size: int = Field(32, ge=1, description="examples per step (paper: effective 1024)")
+    batch_size: int = Field(32, ge=1, description="examples per forward (paper: effective 1024)")
+    accumulate: int = Field(
+        1, ge=1, description="batches whose gradients are summed per step (effective batch = batch_size × accumulate)"
+    )
     seed: int = 0
 
     def gate_key(self) -> dict[str, Any]:
         """The fields gate training depends on (``top_k`` only matters at inference)."""
-        return self.model_dump(include={"steps", "lr", "weight_decay", "warmup_steps", "clip_norm", "batch_size", "seed"})
+        return self.model_dump(include={"steps", "lr", "weight_decay", "warmup_steps", "clip_norm", "batch_size", "seed"}) | (
+            {"accumulate": self.accumulate} if self.accumulate > 1 else {}  # keys of gates trained before it existed hold
+        )
 
 
 @dataclass
@@ -95,15 +101,17 @@ def train_gates(
         model.train()
         with torch.enable_grad():
             for _ in progress_bar(range(cfg.steps), desc=f"gates {expert.name}", leave=False, progress=progress):
-                batch = encode_pairs(tokenizer, rng.sample(examples, min(cfg.batch_size, len(examples))))
-                batch = {k: v.to(device) for k, v in batch.items()}
-                loss = model(**batch).loss
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                total = 0.0
+                for _ in range(cfg.accumulate):  # the mean loss over the effective batch
+                    batch = encode_pairs(tokenizer, rng.sample(examples, min(cfg.batch_size, len(examples))))
+                    loss = model(**{k: v.to(device) for k, v in batch.items()}).loss / cfg.accumulate
+                    loss.backward()
+                    total += loss.item()
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
                 opt.step()
                 sched.step()
-                losses.append(loss.item())
+                losses.append(total)
         return GateTraining({m: gates[m.replace(".", "/")].detach().cpu().clone() for m in modules}, losses)
     finally:
         detach(model)
