@@ -1,51 +1,227 @@
-"""The positive-control benchmark for token routing (issue 16) on :mod:`moerge.zoo.control`:
-every single expert, PHATGOOSE, Arrow, the retrieval router, PHATGOOSE with random gates (the
-floor) and the segment oracle (the ceiling: a segment counts when any expert answers it), scored
-per segment on the mixed held-out prompts, with routing accuracy on the prompts' item tokens
-(each item's right expert is its vocabulary's)."""
+"""The positive-control benchmark for token routing (issue 16) on :mod:`moerge.zoo.control`,
+scored per segment on the mixed held-out prompts:
+
+* every single expert; the static merges of all four (uniform average, task arithmetic, TIES;
+  each grid point scored on the suite's *validation* mixed prompts, the best then on test);
+* PHATGOOSE, Arrow and the retrieval router, with routing accuracy on the prompts' item tokens
+  (each item's right expert is its vocabulary's);
+* the floor: PHATGOOSE with random gates;
+* the ceilings: the per-token oracle router (:class:`SegmentOracle`: every position routed, top-1,
+  to the expert of the segment its next token belongs to, from the reference answer) and the
+  segment oracle (a segment counts when any single expert answers it).
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from moerge.adapters.layer import TopK
+
+#: static merges on the control suite: label → (method, grid). Chosen on validation.
+CONTROL_MERGES: dict[str, tuple[str, list[dict[str, Any]]]] = {
+    "uniform average": ("average", [{}]),
+    "task arithmetic": ("task_arithmetic", [{"lambda": x} for x in (0.5, 1.0)]),
+    "TIES": ("ties", [{"density": 0.5, "lambda": x} for x in (0.5, 1.0)]),
+}
+
 
 @torch.inference_mode()
-def input_routing_accuracy(model: Any, prompts: list[str], expert_of_token: dict[int, int]) -> float:
+def input_routing_accuracy(model: Any, prompts: list[str], expert_of_token: dict[int, int], routing: Any = None) -> float:
     """Share of item tokens × modules whose top-1 expert is the item's vocabulary's expert
-    (the router decides on the prompt, as at inference)."""
-    top, mask = model.token_routing(prompts)  # [M, B, T]
-    ids = model._encode(prompts)["input_ids"].cpu()
+    (the router decides on the prompt, as at inference; ``routing`` overrides the router's)."""
+    from moerge.routers.base import Recorder
+
+    enc = model._encode(prompts)
+    if routing is None:  # the router's own decision (a sequence router's at every position)
+        top, _ = model.token_routing(prompts)
+    else:
+        recorder = Recorder()
+        routing.hook.recorder = recorder
+        try:
+            with model.routed(routing):
+                model.model(**enc)
+        finally:
+            routing.hook.recorder = None
+        top = torch.stack([idx[..., 0] for _, idx, _ in recorder.calls]).cpu()  # [M, B, T]
+    ids, mask = enc["input_ids"].cpu(), enc["attention_mask"].bool().cpu()
     want = torch.tensor([[expert_of_token.get(int(t), -1) for t in row] for row in ids])
     sel = (want >= 0) & mask
     return float((top[:, sel] == want[sel]).float().mean())
 
 
-def evaluate(suite: Any, progress: bool | None = None, max_new_tokens: int = 20) -> dict[str, Any]:
+def oracle_schedule(tokenizer: Any, examples: Sequence[Any], experts: Sequence[str]) -> tuple[dict[str, Any], torch.Tensor]:
+    """The per-token oracle's expert for every position of the left-padded prompts and of the
+    reference answers → (encoded prompts, [B, T_prompt + T_answer] expert indices).
+
+    A position's expert is that of the segment its *next* token belongs to (what the position's
+    output predicts; a separator belongs to the segment before it): a prompt item → its own
+    segment's; ``|`` → the next segment's; ``=>`` → the first answer segment's; an answer item
+    → its segment's; the last position → the last segment's."""
+    from moerge.composer.compose import encode_prompts
+    from moerge.zoo.control import ARROW, SEGMENT_SEP
+
+    enc = encode_prompts(tokenizer, [e.prompt for e in examples])
+    T = enc["input_ids"].shape[1]
+    rows = []
+    for b, e in enumerate(examples):
+        seg_vocab = [experts.index(v) for v, _ in e.segments]
+
+        def owners(words: list[str]) -> list[int]:
+            """The segment each word belongs to (a separator: the segment before it)."""
+            out, j = [], 0
+            for w in words:
+                out.append(j)
+                j += w == SEGMENT_SEP
+            return out
+
+        prompt = e.prompt.split()
+        answer = e.target.split()
+        own_p = owners([w for w in prompt if w != ARROW])
+        own_a = owners(answer)
+        # the sequence of (segment) owners of every token after BOS: prompt words, =>, answer words
+        # position i (BOS = 0) predicts word i of prompt + answer, so its expert is that word's
+        # owner ("=>" belongs to the prompt's last segment; the last position, predicting EOS,
+        # gets the last segment's by the padding below)
+        sched = own_p + [len(seg_vocab) - 1] + own_a
+        pad = T - int(enc["attention_mask"][b].sum())
+        rows.append([seg_vocab[0]] * pad + [seg_vocab[j] for j in sched])
+    width = max(len(r) for r in rows) + 1  # + the last position (predicting EOS)
+    return enc, torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows])
+
+
+class SegmentOracle:
+    """A token hook that routes every position top-1 to a precomputed expert (``schedule``
+    [B, T]): the prefill reads the prompt's columns, each decode step the next column (a step
+    is counted per module, each of which is called once per forward)."""
+
+    def __init__(self, schedule: torch.Tensor, prompt_len: int) -> None:
+        self.schedule = schedule
+        self.prompt_len = prompt_len
+        self.steps: dict[str, int] = {}
+        self.bias = None
+        self.recorder = None
+
+    def __call__(self, layer, x: torch.Tensor) -> TopK:  # noqa: ANN001
+        T = x.shape[-2]
+        if T > 1:  # the prefill
+            cols = self.schedule[:, :T]
+        else:
+            step = self.steps.get(layer.module_name, 0)
+            self.steps[layer.module_name] = step + 1
+            col = min(self.prompt_len + step, self.schedule.shape[1] - 1)
+            cols = self.schedule[:, col : col + 1]
+        idx = cols[..., None].to(x.device)
+        if self.recorder is not None:
+            self.recorder.add(layer.module_name, idx, torch.ones_like(idx, dtype=torch.float32))
+        return TopK(idx, torch.ones(idx.shape, dtype=x.dtype, device=x.device))
+
+
+def oracle_generate(model: Any, examples: Sequence[Any], max_new_tokens: int, batch_size: int = 256) -> list[str]:
+    """``model`` (the experts composed with any token router) generating with the per-token oracle's routing."""
+    from moerge.routers.base import Routing
+
+    out: list[str] = []
+    for i in range(0, len(examples), batch_size):
+        chunk = list(examples[i : i + batch_size])
+        enc, sched = oracle_schedule(model.tokenizer, chunk, model.experts)
+        hook = SegmentOracle(sched, enc["input_ids"].shape[1])
+        out += model._generate([e.prompt for e in chunk], Routing("token", model.experts, hook=hook), max_new_tokens)[0]
+    return out
+
+
+def evaluate(
+    suite: Any,
+    progress: bool | None = None,
+    max_new_tokens: int = 20,
+    split: str = "test",
+    routers: Sequence[str] | None = None,
+    merges: Sequence[str] | None = None,
+    phatgoose: dict[str, Any] | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    """Every method on the suite's held-out ``split`` (``"test"``, or ``"val"`` for choosing
+    settings). ``routers`` (labels of :data:`ROUTERS`) and ``merges`` (of :data:`CONTROL_MERGES`)
+    default to all; ``phatgoose`` overrides PHATGOOSE's config (e.g. ``{"accumulate": 32}``).
+    ``device``/``dtype``: where the compositions run (the merges run in float32)."""
     from moerge import compose
+    from moerge.composer import merge
     from moerge.progress import progress_bar
     from moerge.routers.token import standardise
     from moerge.zoo.control import VOCAB_OF, segment_accuracy
+    from moerge.zoo.train import generate_answers
 
+    if split not in ("test", "val"):
+        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
     t0 = time.perf_counter()
-    test = suite.test_held_out()
+    test = suite.test_held_out() if split == "test" else suite.val_held_out()
     prompts = [e.prompt for e in test]
     experts = suite.experts
     reg = suite.registry
     tok = suite.tokenizer()
     expert_of_token = {tok.convert_tokens_to_ids(c): experts.index(v) for c, v in VOCAB_OF.items()}
+    gen = {"max_new_tokens": max_new_tokens, "batch_size": 256}
     methods: dict[str, dict[str, Any]] = {}
 
-    # single experts, one at a time (the multi-expert layer with one expert at weight 1)
+    # single experts, one at a time (the multi-expert layer with one expert at weight 1: Arrow
+    # over one expert routes every token to it, and needs no embedder)
     singles = {}
     for e in progress_bar(experts, desc="control: single experts", progress=progress):
-        model = compose(suite.base_path, reg.select(names=[e]), "retrieval", progress=False)
-        answers = model.generate(prompts, max_new_tokens=max_new_tokens, batch_size=256)
-        singles[e] = answers
+        model = compose(suite.base_path, reg.select(names=[e]), "arrow", progress=False, device=device, dtype=dtype)
+        singles[e] = answers = model.generate(prompts, **gen)
         methods[f"expert: {e}"] = {"held_out_segment_accuracy": round(100 * segment_accuracy(answers, test), 1)}
     best = max(experts, key=lambda e: methods[f"expert: {e}"]["held_out_segment_accuracy"])
+
+    val = suite.val_held_out(100)
+    for label in progress_bar(list(CONTROL_MERGES if merges is None else merges), desc="control: merges", progress=progress):
+        method, grid = CONTROL_MERGES[label]
+        tried = []
+        for params in grid:
+            built = merge(suite.base_path, reg.select(names=experts), method, output="model", progress=False, device=device,
+                           **params).to(device)  # fmt: skip
+            score = segment_accuracy(generate_answers(built, tok, [e.prompt for e in val], **gen), val)
+            tried.append((score, params, built))
+        _, params, built = max(tried, key=lambda t: t[0])
+        methods[label] = {
+            "held_out_segment_accuracy": round(100 * segment_accuracy(generate_answers(built, tok, prompts, **gen), test), 1),
+            "chosen": params,
+        }
+
+    routers = list(ROUTERS if routers is None else routers)
+    composed = None
+    for label in progress_bar(routers, desc="control: routers", progress=progress):
+        name = ROUTERS[label]
+        cfg = dict(phatgoose or {}) if name == "phatgoose" else {}
+        model = compose(suite.base_path, reg.select(names=experts), name, data=suite.expert_data, progress=False,
+                        device=device, dtype=dtype, **cfg)  # fmt: skip
+        if label.startswith("random gates"):
+            g = torch.Generator().manual_seed(0)
+            model.router.keys = {
+                m: standardise(torch.randn(k.shape, generator=g)).to(k.device) for m, k in model.router.keys.items()
+            }
+        elif name == "phatgoose":
+            composed = model
+        answers = model.generate(prompts, **gen)
+        methods[label] = {
+            "held_out_segment_accuracy": round(100 * segment_accuracy(answers, test), 1),
+            "routing_accuracy_inputs": round(100 * input_routing_accuracy(model, prompts[:100], expert_of_token), 1),
+        }
+    if composed is not None:  # the ceilings need the four experts attached; PHATGOOSE's composition has them
+        answers = oracle_generate(composed, test, max_new_tokens)
+        enc, sched = oracle_schedule(tok, test[:100], experts)
+        from moerge.routers.base import Routing
+
+        hook = SegmentOracle(sched, enc["input_ids"].shape[1])
+        methods["per-token oracle router"] = {
+            "held_out_segment_accuracy": round(100 * segment_accuracy(answers, test), 1),
+            "routing_accuracy_inputs": round(
+                100 * input_routing_accuracy(composed, prompts[:100], expert_of_token, Routing("token", experts, hook=hook)), 1
+            ),
+        }
     oracle = []
     for i, ex in enumerate(test):  # per segment: right if any single expert answered it
         parts = []
@@ -53,27 +229,11 @@ def evaluate(suite: Any, progress: bool | None = None, max_new_tokens: int = 20)
             ok = any(j < len(a := singles[e][i].split("|")) and " ".join(a[j].split()) == want for e in experts)
             parts.append(want if ok else "?")
         oracle.append(" | ".join(parts))
-    routers = {
-        "PHATGOOSE": ("phatgoose", {}),
-        "Arrow": ("arrow", {}),
-        "retrieval": ("retrieval", {}),
-        "random gates (PHATGOOSE, keys replaced)": ("phatgoose", {}),
-    }
-    for label, (name, cfg) in progress_bar(list(routers.items()), desc="control: routers", progress=progress):
-        model = compose(suite.base_path, reg.select(names=experts), name, data=suite.expert_data, progress=False, **cfg)
-        if label.startswith("random gates"):
-            g = torch.Generator().manual_seed(0)
-            model.router.keys = {
-                m: standardise(torch.randn(k.shape, generator=g)).to(k.device) for m, k in model.router.keys.items()
-            }
-        answers = model.generate(prompts, max_new_tokens=max_new_tokens, batch_size=256)
-        methods[label] = {
-            "held_out_segment_accuracy": round(100 * segment_accuracy(answers, test), 1),
-            "routing_accuracy_inputs": round(100 * input_routing_accuracy(model, prompts[:100], expert_of_token), 1),
-        }
     methods["segment oracle (any expert right)"] = {"held_out_segment_accuracy": round(100 * segment_accuracy(oracle, test), 1)}
     return {
         "preset": suite.preset.name,
+        "split": split,
+        "phatgoose": dict(phatgoose or {}),
         "methods": methods,
         "best_single": {"expert": best, **methods[f"expert: {best}"]},
         "test_prompts": len(test),
@@ -83,11 +243,26 @@ def evaluate(suite: Any, progress: bool | None = None, max_new_tokens: int = 20)
     }
 
 
+#: the routers on the control suite: label → registered router name
+ROUTERS = {
+    "PHATGOOSE": "phatgoose",
+    "Arrow": "arrow",
+    "retrieval": "retrieval",
+    "random gates (PHATGOOSE, keys replaced)": "phatgoose",
+}
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = ["| method | held-out segments right (%) | routing accuracy, input tokens (%) |", "|---|---:|---:|"]
     for name, m in result["methods"].items():
         ra = m.get("routing_accuracy_inputs")
-        lines.append(f"| {name} | {m['held_out_segment_accuracy']:.1f} | {'' if ra is None else f'{ra:.1f}'} |")
+        chosen = m.get("chosen")
+        shown = (
+            f"{name} ({', '.join(f'{k}={v}' for k, v in chosen.items()) or 'no parameters'}; chosen on validation)"
+            if chosen is not None
+            else name
+        )
+        lines.append(f"| {shown} | {m['held_out_segment_accuracy']:.1f} | {'' if ra is None else f'{ra:.1f}'} |")
     return "\n".join(lines) + (
         f"\n\n{result['test_prompts']} held-out prompts of three segments from three vocabularies; "
         f"routing chance {result['chance_routing']} %."

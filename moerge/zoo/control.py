@@ -67,10 +67,15 @@ class ControlPreset:
     batch: int = 64
     n_train: int = 3000
     n_test: int = 200
+    #: foreign segments (copied unchanged) per training prompt: 0 to this many
+    max_foreign: int = 2
     seed: int = 0
 
     def key(self) -> str:
-        return config_fingerprint({**asdict(self), "format": CONTROL_FORMAT})
+        fields = asdict(self)
+        if fields["max_foreign"] == 2:  # suites built before the option keep their key
+            del fields["max_foreign"]
+        return config_fingerprint({**fields, "format": CONTROL_FORMAT})
 
 
 CONTROL_PRESETS = {
@@ -96,9 +101,10 @@ def example(rng: random.Random, vocabs: list[str], mapped: set[str]) -> Example:
     return Example(prompt, target, tuple((v, " ".join(o)) for (v, _), o in zip(segs, outs, strict=True)))
 
 
-def held_in(rng: random.Random, expert: str) -> Example:
-    """One to three segments, one of them the expert's vocabulary: only that one is mapped."""
-    vocabs = [expert] + [rng.choice(list(VOCABS)) for _ in range(rng.randint(0, 2))]
+def held_in(rng: random.Random, expert: str, max_foreign: int = 2) -> Example:
+    """One segment of the expert's vocabulary (mapped) and 0 to ``max_foreign`` segments of any
+    vocabularies (copied), in random order."""
+    vocabs = [expert] + [rng.choice(list(VOCABS)) for _ in range(rng.randint(0, max_foreign))]
     rng.shuffle(vocabs)
     return example(rng, vocabs, {expert})
 
@@ -163,7 +169,7 @@ class ControlSuite:
 
     def train_split(self, expert: str) -> list[Example]:
         rng = random.Random(f"control:{expert}:train:{self.preset.seed}")
-        return [held_in(rng, expert) for _ in range(self.preset.n_train)]
+        return [held_in(rng, expert, self.preset.max_foreign) for _ in range(self.preset.n_train)]
 
     def expert_data(self, expert: str) -> list[tuple[str, str]]:
         """(prompt, target) pairs the expert was trained on: what PHATGOOSE's gates train on."""
@@ -172,16 +178,32 @@ class ControlSuite:
     def test_held_out(self) -> list[Example]:
         return [held_out(random.Random(f"control:test:{self.preset.seed}:{i}")) for i in range(self.preset.n_test)]
 
+    def val_held_out(self, n: int | None = None) -> list[Example]:
+        """Mixed prompts like the test's, drawn apart from them: for choosing settings."""
+        test = {e.prompt for e in self.test_held_out()}
+        out: list[Example] = []
+        i = 0
+        while len(out) < (n or self.preset.n_test):
+            e = held_out(random.Random(f"control:val:{self.preset.seed}:{i}"))
+            i += 1
+            if e.prompt not in test:
+                out.append(e)
+        return out
+
     def val_held_in(self, expert: str, n: int = 100) -> list[Example]:
         rng = random.Random(f"control:{expert}:val:{self.preset.seed}")
-        return [held_in(rng, expert) for _ in range(n)]
+        return [held_in(rng, expert, self.preset.max_foreign) for _ in range(n)]
 
 
 def load_control(
-    preset: str | ControlPreset = "control", cache_dir: str | Path | None = None, progress: bool | None = None
+    preset: str | ControlPreset = "control",
+    cache_dir: str | Path | None = None,
+    progress: bool | None = None,
+    device: str = "cpu",
 ) -> ControlSuite:
     """The control suite for ``preset``, built on first use and cached under
-    ``<cache>/control/<name>-<key>``."""
+    ``<cache>/control/<name>-<key>``. ``device`` is where a build trains (in float32; the
+    figures in the README are the CPU's)."""
     from moerge.zoo.build import _locked, default_cache_dir
 
     if isinstance(preset, str):
@@ -192,11 +214,11 @@ def load_control(
     root = cache / "control" / f"{preset.name}-{preset.key()}"
     with _locked(root.with_name(f".{root.name}.lock")):
         if not (root / "meta.json").exists():
-            _build(preset, root, progress)
+            _build(preset, root, progress, device)
     return ControlSuite(root, preset, json.loads((root / "meta.json").read_text()))
 
 
-def _build(p: ControlPreset, root: Path, progress: bool | None) -> None:
+def _build(p: ControlPreset, root: Path, progress: bool | None, device: str = "cpu") -> None:
     from peft import LoraConfig, get_peft_model
 
     from moerge.progress import progress_bar
@@ -211,11 +233,12 @@ def _build(p: ControlPreset, root: Path, progress: bool | None) -> None:
     tok = build_tokenizer()
     rng = random.Random(f"control:pretrain:{p.seed}")
     pretrain = [example(rng, [rng.choice(list(VOCABS)) for _ in range(rng.randint(1, 3))], set()) for _ in range(4000)]
-    base = make_base_model(tok, p.hidden, p.layers, p.heads, seed=p.seed)
+    base = make_base_model(tok, p.hidden, p.layers, p.heads, seed=p.seed).to(device)
     train_loop(base, tok, pretrain, steps=p.base_steps, batch_size=p.batch, lr=p.lr, seed=p.seed, weight_decay=0.01,
                desc="control base", progress=progress)  # fmt: skip
     base.eval()
-    base.save_pretrained(tmp / "base")
+    base.to("cpu").save_pretrained(tmp / "base")
+    base.to(device)
     tok.save_pretrained(tmp / "base")
     timings = {"base_s": time.perf_counter() - t0}
     suite = ControlSuite(tmp, p, {})
@@ -230,7 +253,7 @@ def _build(p: ControlPreset, root: Path, progress: bool | None) -> None:
         val = suite.val_held_in(e)
         acc = sum(a == x.target for a, x in zip(generate_answers(model, tok, [x.prompt for x in val], max_new_tokens=20), val,
                                                    strict=True)) / len(val)  # fmt: skip
-        model.save_pretrained(tmp / "lora" / e)
+        model.to("cpu").save_pretrained(tmp / "lora" / e)
         _fix_base_path(tmp / "lora" / e, root / "base")
         reg.register(tmp / "lora" / e, e, base=tmp / "base", description=DESCRIPTIONS[e], skills=[e],
                      examples=[x.prompt for x in suite.train_split(e)[:8]], metrics={"val_exact_match": acc},
@@ -243,7 +266,8 @@ def _build(p: ControlPreset, root: Path, progress: bool | None) -> None:
     shutil.rmtree(tmp / "lora")  # the registry holds the experts
     timings["total_s"] = time.perf_counter() - t0
     (tmp / "meta.json").write_text(json.dumps({"preset": asdict(p), "format": CONTROL_FORMAT, "training": training,
-                                               "timings": timings, "torch": torch.__version__}, indent=2))  # fmt: skip
+                                               "timings": timings, "torch": torch.__version__, "device": str(device)},
+                                              indent=2))  # fmt: skip
     if root.exists():
         shutil.rmtree(root)
     tmp.rename(root)
