@@ -210,13 +210,14 @@ def demo(
         from moerge.zoo.control import load_control
 
         click.echo(
-            "      token-routing control: disjoint-vocabulary experts (built once, cached), routers, per segment ...", err=True
+            "      token-routing control: disjoint-vocabulary experts (built once, cached), merges, routers, oracles ...",
+            err=True,
         )
         t_c = time.perf_counter()
         suite = load_control(
             "control-small" if preset == "small" else "control", cache_dir=cache_dir, progress=None if not no_progress else False
         )
-        report.token_control = control_bench.evaluate(suite, progress=None if not no_progress else False)
+        report.token_control = control_bench.evaluate(suite, progress=None if not no_progress else False, device=str(dev))
         report.meta["control_seconds"] = time.perf_counter() - t_c
     report.meta["demo_seconds"] = time.perf_counter() - t0
     paths = write_report(report, out, json_path)
@@ -399,6 +400,9 @@ def _read_data(path: str) -> dict[str, list[tuple[str, str]]]:
     "--png", default=None, type=click.Path(dir_okay=False), help="Write a heatmap (tokens × layers, coloured by expert)."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the explanation as JSON.")
+@click.option(
+    "--expect", default=None, help="The expert this prompt should go to: the diagnostics then say how often the router chose it."
+)
 @click.option("--save", default=None, type=click.Path(dir_okay=False), help="Save the composition spec here.")
 def route(
     prompt,
@@ -414,9 +418,11 @@ def route(
     max_new_tokens,
     png,
     as_json,
+    expect,
     save,
 ) -> None:  # noqa: ANN001
-    """Compose experts under a router, generate for PROMPT and show which experts were chosen where."""
+    """Compose experts under a router, generate for PROMPT and show which experts were chosen
+    where, with routing diagnostics (top-1 expert per token type, per layer, and the vote)."""
     _quiet_hf()
     import moerge
 
@@ -437,10 +443,12 @@ def route(
             model = moerge.compose(base, sel, router, data=train_data, **config)
         if max_new_tokens < 1:
             raise ValueError("--max-new-tokens must be at least 1")
+        if expect is not None and expect not in model.experts:
+            raise ValueError(f"--expect {expect!r} is not among the composition's experts {model.experts}")
         ex = model.explain(prompt, task=task, max_new_tokens=max_new_tokens)
     except (KeyError, ValueError, OSError, RuntimeError) as exc:
         _fail(exc)
-    click.echo(json.dumps(ex.to_json(), indent=2) if as_json else ex.summary())
+    click.echo(json.dumps(ex.to_json(expect), indent=2) if as_json else ex.summary(expected=expect))
     if png:
         click.echo(f"wrote {ex.plot(png)}", err=True)
     if save:

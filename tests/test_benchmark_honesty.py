@@ -4,6 +4,8 @@ template with the test prompts, and the template-sharing variant is reported as 
 
 from __future__ import annotations
 
+import pytest
+
 
 def test_no_test_prompt_occurs_in_what_a_router_is_prepared_from(small_zoo):
     from moerge.bench.quality import ZOO_ROUTERS, preparation_texts
@@ -106,3 +108,70 @@ def test_control_suite_examples_map_own_items_copy_foreign_ones_and_score_per_se
     right = " | ".join(w for _, w in mixed.segments)
     half = " | ".join([mixed.segments[0][1], "x", mixed.segments[2][1]])
     assert segment_accuracy([right, half], [mixed, mixed]) == 5 / 6
+
+
+def test_control_options_foreign_segments_and_a_validation_set_apart_from_the_test(tmp_path):
+    import random
+
+    from moerge.zoo.control import ControlPreset, ControlSuite, held_in
+
+    rng = random.Random(1)
+    assert all(len(held_in(rng, "letters", max_foreign=0).segments) == 1 for _ in range(20))
+    assert max(len(held_in(rng, "letters", max_foreign=1).segments) for _ in range(50)) == 2
+    # the default keeps the key of suites built before the option; another value is another suite
+    p = ControlPreset("control")
+    assert p.key() != ControlPreset("control", max_foreign=1).key()
+    suite = ControlSuite(tmp_path, ControlPreset("t", n_test=60), {})
+    val, test = suite.val_held_out(), suite.test_held_out()
+    assert len(val) == len(test) == 60 and not {e.prompt for e in val} & {e.prompt for e in test}
+
+
+def test_the_per_token_oracle_routes_each_position_to_the_segment_its_next_token_belongs_to():
+    import torch
+
+    from moerge.bench.control import SegmentOracle, oracle_schedule
+    from moerge.zoo.control import Example, build_tokenizer
+
+    experts = ["letters", "digits", "capitals", "late-letters"]
+    ex = Example("a b | 3 7 =>", "b c | 4 8", (("letters", "b c"), ("digits", "4 8")))
+    short = Example("A B =>", "J I", (("capitals", "J I"),))
+    enc, sched = oracle_schedule(build_tokenizer(), [ex, short], experts)
+    # position:     BOS a  b  |  3  7  => b  c  |  4  8 (predicts EOS)
+    assert sched[0].tolist()[:12] == [0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1]
+    T = enc["input_ids"].shape[1]
+    assert T == 7 and enc["attention_mask"][1].tolist() == [0, 0, 0, 1, 1, 1, 1]  # left padding
+    assert set(sched[1].tolist()) == {2}  # one capitals segment
+    hook = SegmentOracle(sched, T)
+
+    class Layer:
+        module_name = "m"
+
+    first = hook(Layer, torch.zeros(2, T, 4))
+    assert first.index.shape == (2, T, 1) and torch.equal(first.index[..., 0], sched[:, :T])
+    for step in range(3):  # each decode step reads the next column
+        got = hook(Layer, torch.zeros(2, 1, 4))
+        assert torch.equal(got.index[:, 0, 0], sched[:, T + step]) and torch.all(got.weight == 1)
+
+
+def test_explanation_diagnostics_pool_top1_choices_per_token_type_layer_and_vote():
+    import torch
+
+    from moerge.composer.explain import Explanation
+
+    kinds = ["bos", "instruction", "input", "input", "answer"]
+    one = torch.eye(2)  # row 0: expert a, row 1: expert b
+    #                   bos     instr   input   input   answer
+    m0 = torch.stack([one[1], one[0], one[0], one[0], one[1]])  # layer 0
+    m1 = torch.stack([one[1], one[1], one[0], one[1], one[1]])  # layer 1
+    ex = Explanation("p", "o", list("vwxyz"), ["a", "b"], "token",
+                     {"model.layers.0.mlp.up_proj": m0, "model.layers.1.mlp.up_proj": m1}, {}, kinds)  # fmt: skip
+    d = ex.diagnostics("a")
+    assert d["content_tokens"] == "input" and d["vote"] == "a"
+    assert d["by_type"]["input"] == {"tokens": 2, "top": "a", "share": 0.75, "accuracy": 0.75}
+    assert d["by_type"]["bos"]["top"] == "b" and d["by_type"]["bos"]["accuracy"] == 0.0
+    assert d["by_type"]["instruction"]["accuracy"] == 0.5
+    assert d["by_layer"]["0"]["accuracy"] == 1.0 and d["by_layer"]["1"]["accuracy"] == 0.5
+    assert "accuracy" not in ex.diagnostics()["by_type"]["input"]
+    assert "input → a 75%, a 75%" in ex.summary(expected="a")
+    with pytest.raises(ValueError, match="'c' is not among"):
+        ex.diagnostics("c")

@@ -144,9 +144,15 @@ def test_demo_writes_table_json_and_heatmap(tmp_path, small_zoo):
     best = control["best_single"]["held_out_segment_accuracy"]
     phatgoose = control["methods"]["PHATGOOSE"]
     assert phatgoose["held_out_segment_accuracy"] >= 2 * best and "| PHATGOOSE |" in r.output
-    for floor in ("Arrow", "retrieval", "random gates (PHATGOOSE, keys replaced)"):
+    for floor in ("Arrow", "retrieval", "random gates (PHATGOOSE, keys replaced)", "uniform average", "task arithmetic", "TIES"):
         assert phatgoose["held_out_segment_accuracy"] > control["methods"][floor]["held_out_segment_accuracy"]
     assert phatgoose["routing_accuracy_inputs"] > control["chance_routing"]
+    oracle = control["methods"]["per-token oracle router"]  # the ceiling: every position to its segment's expert
+    assert (
+        oracle["routing_accuracy_inputs"] == 100.0
+        and oracle["held_out_segment_accuracy"] >= phatgoose["held_out_segment_accuracy"]
+    )
+    assert "TIES (density=" in r.output and "chosen on validation" in r.output
     assert (out / "report.md").read_text().startswith("# moerge demo")
     assert (out / "cross_task.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -162,14 +168,21 @@ def test_route_prints_a_summary_and_writes_heatmap_json_and_spec(tmp_path, small
     png, spec = tmp_path / "route.png", tmp_path / "comp.json"
     prompt = small_zoo.test_split("sort")[0].prompt
     args = ["route", prompt, "--zoo", "small", "--router", "glider", "--expert", "sort", "--expert", "max", "--set", "steps=10"]
-    r = run(main, [*args, "--png", str(png), "--save", str(spec)])
+    r = run(main, [*args, "--png", str(png), "--save", str(spec), "--expect", "sort"])
     assert r.exit_code == 0, r.output
     assert "top expert per token" in r.output and "α=100" in r.output
+    # the routing diagnostics: per token type (BOS apart), per layer on the items, the vote
+    assert "top-1 routing by token type: bos → " in r.output and "; input → " in r.output and ", sort " in r.output
+    assert "by layer (input tokens): layer 0 → " in r.output and "vote over input tokens: " in r.output
     assert png.read_bytes()[:4] == b"\x89PNG"
     r = run(main, ["route", prompt, "--composition", str(spec), "--json"])
     assert r.exit_code == 0, r.output
     data = json.loads(r.output[r.output.index("{") :])
     assert data["experts"] == ["sort", "max"] and data["tokens"]
+    assert {"bos", "instruction", "separator", "input", "arrow"} <= set(data["diagnostics"]["by_type"])
+    assert len(data["kinds"]) == len(data["tokens"]) and data["diagnostics"]["expected"] is None
+    bad = run(main, ["route", prompt, "--composition", str(spec), "--expect", "nope"])
+    assert bad.exit_code != 0 and "'nope' is not among" in bad.output
     bad = run(main, ["route", prompt, "--zoo", "small", "--router", "nope"])
     assert bad.exit_code == 2 and "known routers" in bad.output
     bad = run(main, ["route", prompt, "--set", "top_k"])

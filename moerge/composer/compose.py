@@ -12,7 +12,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from moerge.adapters import attach, detach, load_lora, use_weights
-from moerge.composer.explain import Explanation, dense_from_calls
+from moerge.composer.explain import Explanation, dense_from_calls, token_kinds
 from moerge.device import DeviceLike, DTypeLike, module_device, module_dtype, place, resolve_device, resolve_dtype
 from moerge.progress import hf_bars
 from moerge.registry import ExpertRecord, Registry, Selection
@@ -224,7 +224,11 @@ class ComposedModel:
             row = routing.weights[0].float()
             weights = {m: row.expand(len(tokens), E).clone() for m in self._module_names()}
         info = {k: (v[0] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in routing.info.items()}
-        return Explanation(prompt, texts[0], tokens, self.experts, routing.granularity, weights, info)
+        n_prompt = int(enc["attention_mask"][0].sum())
+        bos_id = self.tokenizer.bos_token_id
+        bos = bos_id is not None and int(enc["input_ids"][0][-n_prompt]) == bos_id
+        kinds = token_kinds(prompt, n_prompt, len(tokens), bos)
+        return Explanation(prompt, texts[0], tokens, self.experts, routing.granularity, weights, info, kinds)
 
     def _module_names(self) -> list[str]:
         from moerge.adapters import layers

@@ -1,5 +1,7 @@
 """What a composed model did with one prompt: per layer, module and token, the experts chosen
-and their weights; a text summary, JSON, and a heatmap (tokens × layers, coloured by expert)."""
+and their weights; a text summary, JSON, and a heatmap (tokens × layers, coloured by expert);
+and routing diagnostics (:meth:`Explanation.diagnostics`): the top-1 expert per token type
+(BOS apart), per layer and by vote, and with an expected expert, how often the router chose it."""
 
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ class Explanation:
     #: module → dense weights [tokens, experts] (zeros for experts not chosen)
     weights: dict[str, torch.Tensor]
     info: dict[str, Any] = field(default_factory=dict)
+    #: each routed token's type (:func:`token_kinds`); empty: unknown
+    kinds: list[str] = field(default_factory=list)
 
     @property
     def modules(self) -> list[str]:
@@ -66,7 +70,53 @@ class Explanation:
         nz = torch.nonzero(w).flatten().tolist()
         return sorted(((self.experts[i], float(w[i])) for i in nz), key=lambda t: -t[1])
 
-    def summary(self, max_tokens: int = 40) -> str:
+    def diagnostics(self, expected: str | None = None) -> dict[str, Any]:
+        """Where the router sent each kind of token: the top-1 expert of every module at every
+        token, pooled per token type (BOS, the same for every prompt, is its own type), per
+        layer on the prompt's content tokens (``input`` in the zoo's format, else ``prompt``),
+        and the vote (the expert chosen most over those tokens × modules). With ``expected``
+        (an expert's name) each entry also has ``accuracy``: the share of choices that were it."""
+        if expected is not None and expected not in self.experts:
+            raise ValueError(f"expected expert {expected!r} is not among the composition's experts {self.experts}")
+        if not self.weights or not self.tokens:
+            raise ValueError("nothing was routed: no diagnostics")
+        top = torch.stack([w.argmax(-1) for w in self.weights.values()])  # [modules, T]
+        kinds = self.kinds or ["token"] * top.shape[1]
+        n = min(top.shape[1], len(kinds))
+        top, kinds = top[:, :n], kinds[:n]
+        want = None if expected is None else self.experts.index(expected)
+
+        def pooled(sel: torch.Tensor) -> dict[str, Any]:
+            chosen = top[:, sel].flatten()
+            counts = torch.bincount(chosen, minlength=len(self.experts)).float()
+            best = int(counts.argmax())
+            out: dict[str, Any] = {
+                "tokens": int(sel.sum()),
+                "top": self.experts[best],
+                "share": float(counts[best] / counts.sum()),
+            }
+            if want is not None:
+                out["accuracy"] = float(counts[want] / counts.sum())
+            return out
+
+        by_type = {}
+        for kind in dict.fromkeys(kinds):
+            by_type[kind] = pooled(torch.tensor([k == kind for k in kinds]))
+        content = "input" if "input" in by_type else "prompt" if "prompt" in by_type else kinds[0]
+        sel = torch.tensor([k == content for k in kinds])
+        by_layer = {}
+        for layer in self.layers:
+            rows = [i for i, m in enumerate(self.weights) if layer_index(m) == layer]
+            sub = top[rows][:, sel].flatten()
+            counts = torch.bincount(sub, minlength=len(self.experts)).float()
+            entry: dict[str, Any] = {"top": self.experts[int(counts.argmax())], "share": float(counts.max() / counts.sum())}
+            if want is not None:
+                entry["accuracy"] = float(counts[want] / counts.sum())
+            by_layer[str(layer)] = entry
+        return {"expected": expected, "content_tokens": content, "by_type": by_type, "by_layer": by_layer,
+                "vote": by_type[content]["top"]}  # fmt: skip
+
+    def summary(self, max_tokens: int = 40, expected: str | None = None) -> str:
         share = sorted(self.expert_share().items(), key=lambda t: -t[1])
         lines = [
             f"prompt: {self.prompt!r}",
@@ -80,6 +130,19 @@ class Explanation:
                 f"global (GLIDER) α={self.info['alpha']:g}; cosine: "
                 + ", ".join(f"{e} {float(c):.2f}" for e, c in zip(self.experts, cos, strict=True))
             )
+        if self.weights and self.tokens:
+            d = self.diagnostics(expected)
+
+            def part(name: str, e: dict[str, Any]) -> str:
+                acc = f", {expected} {100 * e['accuracy']:.0f}%" if "accuracy" in e else ""
+                return f"{name} → {e['top']} {100 * e['share']:.0f}%{acc}"
+
+            lines.append("top-1 routing by token type: " + "; ".join(part(k, e) for k, e in d["by_type"].items()))
+            lines.append(
+                f"by layer ({d['content_tokens']} tokens): " + "; ".join(part(f"layer {k}", e) for k, e in d["by_layer"].items())
+            )
+            lines.append(f"vote over {d['content_tokens']} tokens: {d['vote']}" + (
+                "" if expected is None else f" ({'right' if d['vote'] == expected else 'wrong'}: expected {expected})"))  # fmt: skip
         top = self.top_expert()
         width = max(len(t) for t in self.tokens[:max_tokens]) if self.tokens else 5
         lines.append("top expert per token (columns: layers " + " ".join(str(layer) for layer in self.layers) + "):")
@@ -89,8 +152,10 @@ class Explanation:
             lines.append(f"  … {len(self.tokens) - max_tokens} more tokens")
         return "\n".join(lines)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, expected: str | None = None) -> dict[str, Any]:
         return {
+            "kinds": self.kinds,
+            "diagnostics": self.diagnostics(expected) if self.weights and self.tokens else None,
             "prompt": self.prompt,
             "output": self.output,
             "tokens": self.tokens,
@@ -142,3 +207,19 @@ def dense_from_calls(
         dense = torch.zeros(i.shape[0], num_experts).scatter_add_(-1, i, v)
         per.setdefault(module, []).append(dense)
     return {m: torch.cat(parts) for m, parts in per.items()}
+
+
+def token_kinds(prompt: str, prompt_tokens: int, total: int, bos: bool, sep: str = ":", arrow: str = "=>") -> list[str]:
+    """The type of each of ``total`` routed tokens: the prompt's ``prompt_tokens`` (BOS first
+    when ``bos``), then generated ones (``answer``). Prompt tokens get the zoo's
+    ``<instruction> : <items> =>`` types (:func:`moerge.bench.diagnostics.token_types`) when the
+    prompt has that form and one token per word, else ``bos`` / ``prompt``."""
+    from moerge.bench.diagnostics import token_types
+
+    words = prompt.split()
+    if sep in words and arrow in words and prompt_tokens == len(words) + bos:
+        head = token_types(prompt, "")[: len(words) + 1]
+        head = head if bos else head[1:]
+    else:
+        head = ["bos"] * bos + ["prompt"] * (prompt_tokens - bos)
+    return head + ["answer"] * max(0, total - prompt_tokens)
