@@ -23,7 +23,7 @@ import zlib
 
 #: name → (ControlPreset fields, PHATGOOSE overrides, device)
 CONFIGS: dict[str, tuple[dict, dict, str]] = {
-    "d128-L4 (the control preset)": ({}, {}, "cpu"),
+    "d128-L4 (control-d128)": ({}, {}, "cpu"),
     "d128-L4 on the GPU": ({}, {}, "cuda"),
     "d128-L4, gates batch 32x32": ({}, {"accumulate": 32}, "cuda"),
     "d128-L4, gates 300 steps": ({}, {"steps": 300}, "cpu"),
@@ -32,7 +32,7 @@ CONFIGS: dict[str, tuple[dict, dict, str]] = {
     "d256-L4": ({"hidden": 256}, {}, "cuda"),
     "d192-L6": ({"hidden": 192, "layers": 6}, {}, "cuda"),
     "d256-L6, gates batch 32x32": ({"hidden": 256, "layers": 6}, {"accumulate": 32}, "cuda"),
-    "d96-L3 (control-small)": ({"hidden": 96, "layers": 3, "base_steps": 300, "expert_steps": 150, "n_test": 80}, {}, "cpu"),
+    "d96-L3 (control, control-small)": ({"hidden": 96, "layers": 3, "base_steps": 300, "expert_steps": 150, "n_test": 80}, {}, "cpu"),
 }
 
 

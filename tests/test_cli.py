@@ -101,6 +101,13 @@ def test_demo_writes_table_json_and_heatmap(tmp_path, small_zoo):
         m = data["methods"][name]
         assert {"held_in_normalized", "held_out_accuracy", "per_task"} <= set(m)
         assert set(m["per_task"]) == set(data["held_in"] + data["held_out"])
+    groups = data["held_out_groups"]  # held-out by kind: one expert's skill in new words, or two experts' composed
+    assert set(groups) == {"unseen phrasings", "compositions"} and sorted(sum(groups.values(), [])) == sorted(data["held_out"])
+    assert "held-out: unseen phrasings / compositions (%)" in r.output
+    for g, tasks in groups.items():
+        oracle = data["methods"]["oracle"]
+        want = 100 * sum(oracle["per_task"][t] for t in tasks) / len(tasks) if tasks else None
+        assert oracle["held_out_groups"][g] == want
     retrieval = data["retrieval"]["methods"]  # RouterRetriever's Table 1 on the reduced retrieval suite
     for name in ("base (MiniLM)", "multi-task LoRA", "DatasetRouter", "RouterRetriever", "DatasetOracle", "InstanceOracle"):
         assert 0.0 <= retrieval[name]["ndcg_at_10"] <= 100.0 and f"| {name} |" in r.output

@@ -53,6 +53,17 @@ def input_routing_accuracy(model: Any, prompts: list[str], expert_of_token: dict
     return float((top[:, sel] == want[sel]).float().mean())
 
 
+def _owners(words: list[str]) -> list[int]:
+    """The segment each word belongs to (a separator: the segment before it)."""
+    from moerge.zoo.control import SEGMENT_SEP
+
+    out, j = [], 0
+    for w in words:
+        out.append(j)
+        j += w == SEGMENT_SEP
+    return out
+
+
 def oracle_schedule(tokenizer: Any, examples: Sequence[Any], experts: Sequence[str]) -> tuple[dict[str, Any], torch.Tensor]:
     """The per-token oracle's expert for every position of the left-padded prompts and of the
     reference answers → (encoded prompts, [B, T_prompt + T_answer] expert indices).
@@ -62,7 +73,7 @@ def oracle_schedule(tokenizer: Any, examples: Sequence[Any], experts: Sequence[s
     segment's; ``|`` → the next segment's; ``=>`` → the first answer segment's; an answer item
     → its segment's; the last position → the last segment's."""
     from moerge.composer.compose import encode_prompts
-    from moerge.zoo.control import ARROW, SEGMENT_SEP
+    from moerge.zoo.control import ARROW
 
     enc = encode_prompts(tokenizer, [e.prompt for e in examples])
     T = enc["input_ids"].shape[1]
@@ -70,19 +81,10 @@ def oracle_schedule(tokenizer: Any, examples: Sequence[Any], experts: Sequence[s
     for b, e in enumerate(examples):
         seg_vocab = [experts.index(v) for v, _ in e.segments]
 
-        def owners(words: list[str]) -> list[int]:
-            """The segment each word belongs to (a separator: the segment before it)."""
-            out, j = [], 0
-            for w in words:
-                out.append(j)
-                j += w == SEGMENT_SEP
-            return out
-
         prompt = e.prompt.split()
         answer = e.target.split()
-        own_p = owners([w for w in prompt if w != ARROW])
-        own_a = owners(answer)
-        # the sequence of (segment) owners of every token after BOS: prompt words, =>, answer words
+        own_p = _owners([w for w in prompt if w != ARROW])
+        own_a = _owners(answer)
         # position i (BOS = 0) predicts word i of prompt + answer, so its expert is that word's
         # owner ("=>" belongs to the prompt's last segment; the last position, predicting EOS,
         # gets the last segment's by the padding below)

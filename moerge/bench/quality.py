@@ -18,6 +18,7 @@ from moerge.device import DeviceLike, module_device, resolve_device
 from moerge.plotting import pyplot, save_figure
 from moerge.progress import progress_bar
 from moerge.zoo import Zoo, exact_match
+from moerge.zoo.tasks import get_task
 from moerge.zoo.train import generate_answers
 
 
@@ -60,7 +61,8 @@ class QualityReport:
 
     def to_json(self) -> dict[str, Any]:
         out = {
-            "methods": {r.name: asdict(r) for r in self.rows},
+            "methods": {r.name: {**asdict(r), "held_out_groups": self.group_accuracy(r)} for r in self.rows},
+            "held_out_groups": self.held_out_groups(),
             "cross_task_matrix": self.matrix,
             "held_in": self.held_in,
             "held_out": self.held_out,
@@ -76,16 +78,31 @@ class QualityReport:
             out["token_control"] = self.token_control
         return out
 
+    def held_out_groups(self) -> dict[str, list[str]]:
+        """The held-out tasks by kind: a held-in skill in unseen phrasings (one expert's skill:
+        a router that finds that expert solves it) and compositions of two experts' skills."""
+        groups: dict[str, list[str]] = {"unseen phrasings": [], "compositions": []}
+        for t in self.held_out:
+            groups["unseen phrasings" if len(get_task(t).uses) <= 1 else "compositions"].append(t)
+        return groups
+
+    def group_accuracy(self, row: MethodRow) -> dict[str, float | None]:
+        """Mean exact match (%) of ``row`` over each held-out group (None for an empty group)."""
+        return {g: (100 * sum(row.per_task[t] for t in ts) / len(ts) if ts else None) for g, ts in self.held_out_groups().items()}
+
     def markdown(self) -> str:
         lines = [
-            "| method | held-in normalised (expert = 100) | held-out accuracy (%) | routing accuracy, held-in inputs (%) "
-            "| stored (vs every expert) | notes |",
-            "|---|---:|---:|---:|---:|---|",
+            "| method | held-in normalised (expert = 100) | held-out accuracy (%) | held-out: unseen phrasings / compositions (%) "
+            "| routing accuracy, held-in inputs (%) | stored (vs every expert) | notes |",
+            "|---|---:|---:|---:|---:|---:|---|",
         ]
         for r in self.rows:
             ra = "" if r.routing_accuracy is None else f"{100 * r.routing_accuracy:.1f}"
             st = "" if r.stored_bytes is None else f"{r.stored_bytes / 1024:.0f} KB ({r.stored_bytes / r.experts_bytes:.2f}×)"
-            lines.append(f"| {r.name} | {r.held_in_normalized:.1f} | {100 * r.held_out_accuracy:.1f} | {ra} | {st} | {r.notes} |")
+            groups = " / ".join("–" if v is None else f"{v:.1f}" for v in self.group_accuracy(r).values())
+            lines.append(
+                f"| {r.name} | {r.held_in_normalized:.1f} | {100 * r.held_out_accuracy:.1f} | {groups} | {ra} | {st} | {r.notes} |"
+            )
         return "\n".join(lines)
 
     def matrix_markdown(self) -> str:

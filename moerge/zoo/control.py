@@ -79,8 +79,13 @@ class ControlPreset:
 
 
 CONTROL_PRESETS = {
-    "control": ControlPreset("control"),
-    # the tests' and `moerge demo --preset small`'s: the same suite, a smaller base (50 s to build)
+    # `moerge demo`'s: a 3-layer, d 96 base. Chosen over d 128 × 4 layers on the suite's
+    # validation mixed prompts (scripts/control_sweep.py: routing on items 59.4 vs 50.1 %,
+    # segments 95.0 vs 88.3 %), at a third of the build time (43 s vs 137 s)
+    "control": ControlPreset("control", hidden=96, layers=3, base_steps=300, expert_steps=150),
+    # the issue's suggested size (4 layers, d 128): measured, no better (README)
+    "control-d128": ControlPreset("control-d128"),
+    # the tests' and `moerge demo --preset small`'s: the same suite as "control", 80 test prompts
     "control-small": ControlPreset("control-small", hidden=96, layers=3, base_steps=300, expert_steps=150, n_test=80),
 }
 
