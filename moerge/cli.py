@@ -161,80 +161,111 @@ def demo(
         dev = resolve_device(device)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--device") from None
-    set_threads(threads or auto_threads())
+    n_threads = set_threads(threads or auto_threads())
     click.echo(f"      {torch_threads()} torch thread(s) (--threads to choose)", err=True)
     from moerge import zoo as zoo_mod
     from moerge.bench.quality import ZOO_MERGES, ZOO_ROUTERS, evaluate_merges, evaluate_routers, evaluate_zoo, write_report
+    from moerge.zoo.build import default_cache_dir
+    from moerge.zoo.prebuild import maybe_start
 
     chosen = _rows(routers, ZOO_ROUTERS, "--routers")
     chosen_merges = _rows(merges, ZOO_MERGES, "--merges")
     t0 = time.perf_counter()
-    click.echo(f"[1/4] zoo preset {preset!r} (built once, then cached) ...", err=True)
-    zoo = zoo_mod.load(preset, cache_dir=cache_dir, progress=None if not no_progress else False)
-    click.echo(f"      {zoo.root}", err=True)
-    click.echo(
-        f"[2/4] evaluating base, {len(zoo.held_in)} experts × {len(zoo.held_in) + len(zoo.held_out)} tasks, oracle ...", err=True
+    suite_preset = "retrieval-small" if preset == "small" else "retrieval"
+    control_preset = "control-small" if preset == "small" else "control"
+    # the zoo-independent suites build in a second process meanwhile (one thread each)
+    bg = maybe_start(
+        Path(cache_dir).expanduser() if cache_dir else default_cache_dir(),
+        suite_preset if retrieval else None,
+        control_preset if control else None,
+        n_threads,
     )
-    report = evaluate_zoo(zoo, progress=None if not no_progress else False, device=dev)
-    report.meta["device"], report.meta["threads"] = str(dev), torch_threads()
-    click.echo(f"[3/4] routers: {', '.join(chosen) or 'none'} (per-expert artifacts prepared once, cached) ...", err=True)
-    evaluate_routers(zoo, report, chosen, progress=None if not no_progress else False, device=dev)
-    click.echo(
-        f"      merges: {', '.join(chosen_merges) or 'none'} (hyper-parameters chosen on the validation split) ...", err=True
-    )
-    evaluate_merges(zoo, report, chosen_merges, progress=None if not no_progress else False, device=dev)
-    if retrieval:
-        from moerge.bench import retrieval as retrieval_bench
+    if bg is not None:
+        click.echo(f"      retrieval/control suites: building in a second process (1 thread each; log {bg.log})", err=True)
 
-        suite_preset = "retrieval-small" if preset == "small" else "retrieval"
+    def poll() -> None:  # the prebuild gives its thread back once it has ended
+        if bg is not None:
+            bg.poll()
+
+    try:
+        click.echo(f"[1/4] zoo preset {preset!r} (built once, then cached) ...", err=True)
+        zoo = zoo_mod.load(preset, cache_dir=cache_dir, progress=None if not no_progress else False)
+        click.echo(f"      {zoo.root}", err=True)
+        poll()
         click.echo(
-            f"      retrieval suite {suite_preset!r} (6 domains' LoRAs trained once, cached): base, experts, routers, oracles ...",
+            f"[2/4] evaluating base, {len(zoo.held_in)} experts × {len(zoo.held_in) + len(zoo.held_out)} tasks, oracle ...",
             err=True,
         )
-        t_r = time.perf_counter()
-        report.retrieval = retrieval_bench.run(suite_preset, cache_dir=cache_dir, progress=None if not no_progress else False)
-        report.meta["retrieval_seconds"] = time.perf_counter() - t_r
-    if symbolic:
-        from moerge.bench import symbolic as symbolic_bench
-
+        report = evaluate_zoo(zoo, progress=None if not no_progress else False, device=dev)
+        report.meta["device"], report.meta["threads"] = str(dev), n_threads
+        report.meta["prebuild"] = bg is not None
+        poll()
+        click.echo(f"[3/4] routers: {', '.join(chosen) or 'none'} (per-expert artifacts prepared once, cached) ...", err=True)
+        evaluate_routers(zoo, report, chosen, progress=None if not no_progress else False, device=dev)
+        poll()
         click.echo(
-            "      Symbolic-MoE: whole-model pool (group models and aggregator trained once, cached), profiles, "
-            "recruiting, batch-by-model run ...",
-            err=True,
+            f"      merges: {', '.join(chosen_merges) or 'none'} (hyper-parameters chosen on the validation split) ...", err=True
         )
-        t_s = time.perf_counter()
-        report.symbolic = symbolic_bench.evaluate(zoo, progress=None if not no_progress else False)
-        report.meta["symbolic_seconds"] = time.perf_counter() - t_s
-    if control:
-        from moerge.bench import control as control_bench
-        from moerge.zoo.control import load_control
+        evaluate_merges(zoo, report, chosen_merges, progress=None if not no_progress else False, device=dev)
+        poll()
+        if symbolic:
+            from moerge.bench import symbolic as symbolic_bench
 
-        click.echo(
-            "      token-routing control: disjoint-vocabulary experts (built once, cached), merges, routers, oracles ...",
-            err=True,
-        )
-        t_c = time.perf_counter()
-        suite = load_control(
-            "control-small" if preset == "small" else "control", cache_dir=cache_dir, progress=None if not no_progress else False
-        )
-        report.token_control = control_bench.evaluate(suite, progress=None if not no_progress else False, device=str(dev))
-        report.meta["control_seconds"] = time.perf_counter() - t_c
-    report.meta["demo_seconds"] = time.perf_counter() - t0
-    paths = write_report(report, out, json_path)
-    click.echo("[4/4] done\n", err=True)
-    click.echo(report.markdown())
-    click.echo("\nCross-task matrix (exact match %):\n")
-    click.echo(report.matrix_markdown())
-    if report.retrieval is not None:
-        click.echo("\nRetrieval — RouterRetriever's Table 1 (nDCG@10 on each domain's test queries, trec_eval):\n")
-        click.echo(retrieval_bench.markdown(report.retrieval))
-    if report.token_control is not None:
-        click.echo("\nToken routing, positive control (disjoint-vocabulary experts; segments right on mixed held-out prompts):\n")
-        click.echo(control_bench.markdown(report.token_control))
-    if report.symbolic is not None:
-        click.echo("\nSymbolic-MoE on the zoo's whole-model pool (accuracy %, exact match, per task group):\n")
-        click.echo(symbolic_bench.markdown(report.symbolic))
-    click.echo(f"\nWrote {paths['markdown']}, {paths['json']}, {paths['png']} in {report.meta['demo_seconds']:.0f} s.")
+            click.echo(
+                "      Symbolic-MoE: whole-model pool (group models and aggregator trained once, cached), profiles, "
+                "recruiting, batch-by-model run ...",
+                err=True,
+            )
+            t_s = time.perf_counter()
+            report.symbolic = symbolic_bench.evaluate(zoo, progress=None if not no_progress else False)
+            report.meta["symbolic_seconds"] = time.perf_counter() - t_s
+        if retrieval:
+            from moerge.bench import retrieval as retrieval_bench
+
+            if bg is not None:
+                bg.wait()
+            click.echo(
+                f"      retrieval suite {suite_preset!r} (6 domains' LoRAs trained once, cached): base, experts, routers, oracles ...",
+                err=True,
+            )
+            t_r = time.perf_counter()
+            report.retrieval = retrieval_bench.run(suite_preset, cache_dir=cache_dir, progress=None if not no_progress else False)
+            report.meta["retrieval_seconds"] = time.perf_counter() - t_r
+        if control:
+            from moerge.bench import control as control_bench
+            from moerge.zoo.control import load_control
+
+            click.echo(
+                "      token-routing control: disjoint-vocabulary experts (built once, cached), merges, routers, oracles ...",
+                err=True,
+            )
+            t_c = time.perf_counter()
+            if bg is not None:
+                bg.wait()
+            suite = load_control(control_preset, cache_dir=cache_dir, progress=None if not no_progress else False)
+            report.token_control = control_bench.evaluate(suite, progress=None if not no_progress else False, device=str(dev))
+            report.meta["control_seconds"] = time.perf_counter() - t_c
+        report.meta["demo_seconds"] = time.perf_counter() - t0
+        paths = write_report(report, out, json_path)
+        click.echo("[4/4] done\n", err=True)
+        click.echo(report.markdown())
+        click.echo("\nCross-task matrix (exact match %):\n")
+        click.echo(report.matrix_markdown())
+        if report.retrieval is not None:
+            click.echo("\nRetrieval — RouterRetriever's Table 1 (nDCG@10 on each domain's test queries, trec_eval):\n")
+            click.echo(retrieval_bench.markdown(report.retrieval))
+        if report.token_control is not None:
+            click.echo(
+                "\nToken routing, positive control (disjoint-vocabulary experts; segments right on mixed held-out prompts):\n"
+            )
+            click.echo(control_bench.markdown(report.token_control))
+        if report.symbolic is not None:
+            click.echo("\nSymbolic-MoE on the zoo's whole-model pool (accuracy %, exact match, per task group):\n")
+            click.echo(symbolic_bench.markdown(report.symbolic))
+        click.echo(f"\nWrote {paths['markdown']}, {paths['json']}, {paths['png']} in {report.meta['demo_seconds']:.0f} s.")
+    finally:
+        if bg is not None:
+            bg.stop()
 
 
 def torch_threads() -> int:

@@ -175,3 +175,24 @@ def test_explanation_diagnostics_pool_top1_choices_per_token_type_layer_and_vote
     assert "input → a 75%, a 75%" in ex.summary(expected="a")
     with pytest.raises(ValueError, match="'c' is not among"):
         ex.diagnostics("c")
+
+
+def test_the_demo_prebuild_runs_beside_and_gives_its_thread_back(tmp_path):
+    import torch
+
+    from moerge.zoo.prebuild import Background, cached, maybe_start
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        bg = Background(tmp_path, None, None, threads=2)  # builds nothing: exits at once
+        assert torch.get_num_threads() == 1  # one thread each while both run
+        bg.wait()
+        assert bg.returncode == 0 and bg.poll() and torch.get_num_threads() == 2
+        assert "usage" not in (tmp_path / "prebuild.log").read_text()
+        assert not cached(tmp_path, "retrieval-small", None) and not cached(tmp_path, None, "control-small")
+        assert cached(tmp_path, None, None)
+        assert maybe_start(tmp_path, "retrieval-small", "control-small", threads=1) is None  # no second core to use
+        assert maybe_start(tmp_path, None, None, threads=2) is None  # nothing to build
+    finally:
+        torch.set_num_threads(before)
