@@ -86,33 +86,25 @@ class Explanation:
         top, kinds = top[:, :n], kinds[:n]
         want = None if expected is None else self.experts.index(expected)
 
-        def pooled(sel: torch.Tensor) -> dict[str, Any]:
-            chosen = top[:, sel].flatten()
-            counts = torch.bincount(chosen, minlength=len(self.experts)).float()
+        def pooled(chosen: torch.Tensor) -> dict[str, Any]:
+            """The most chosen expert among ``chosen`` (expert indices), its share, and the expected one's."""
+            counts = torch.bincount(chosen.flatten(), minlength=len(self.experts)).float()
             best = int(counts.argmax())
-            out: dict[str, Any] = {
-                "tokens": int(sel.sum()),
-                "top": self.experts[best],
-                "share": float(counts[best] / counts.sum()),
-            }
+            out: dict[str, Any] = {"top": self.experts[best], "share": float(counts[best] / counts.sum())}
             if want is not None:
                 out["accuracy"] = float(counts[want] / counts.sum())
             return out
 
         by_type = {}
         for kind in dict.fromkeys(kinds):
-            by_type[kind] = pooled(torch.tensor([k == kind for k in kinds]))
+            sel = torch.tensor([k == kind for k in kinds])
+            by_type[kind] = {"tokens": int(sel.sum()), **pooled(top[:, sel])}
         content = "input" if "input" in by_type else "prompt" if "prompt" in by_type else kinds[0]
         sel = torch.tensor([k == content for k in kinds])
         by_layer = {}
         for layer in self.layers:
             rows = [i for i, m in enumerate(self.weights) if layer_index(m) == layer]
-            sub = top[rows][:, sel].flatten()
-            counts = torch.bincount(sub, minlength=len(self.experts)).float()
-            entry: dict[str, Any] = {"top": self.experts[int(counts.argmax())], "share": float(counts.max() / counts.sum())}
-            if want is not None:
-                entry["accuracy"] = float(counts[want] / counts.sum())
-            by_layer[str(layer)] = entry
+            by_layer[str(layer)] = pooled(top[rows][:, sel])
         return {"expected": expected, "content_tokens": content, "by_type": by_type, "by_layer": by_layer,
                 "vote": by_type[content]["top"]}  # fmt: skip
 
