@@ -933,6 +933,70 @@ def bench_symbolic(preset, queries, k, max_new_tokens, cache_dir, json_path, no_
         Path(json_path).write_text(json.dumps(result, indent=2))
 
 
+@bench.command("control")
+@click.option(
+    "--preset",
+    default="control",
+    show_default=True,
+    type=click.Choice(["control", "control-d128", "control-small"]),
+    help="The token-routing control suite (built once, cached).",
+)
+@click.option("--split", default="test", show_default=True, type=click.Choice(["test", "val"]), help="Mixed prompts to score.")
+@click.option(
+    "--routers",
+    default="phatgoose,arrow,retrieval,random",
+    show_default=True,
+    help="Comma-separated: phatgoose, arrow, retrieval, random (PHATGOOSE with random keys), or 'none'.",
+)
+@click.option(
+    "--merges", default="average,task_arithmetic,ties", show_default=True, help="Comma-separated static merges, or 'none'."
+)
+@click.option(
+    "--set", "settings", multiple=True, help="PHATGOOSE setting KEY=VALUE (repeatable), e.g. --set accumulate=32 --set steps=300."
+)
+@DEVICE_OPTION
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Cache folder (env MOERGE_CACHE).")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the result as JSON.")
+@click.option("--no-progress", is_flag=True)
+@THREADS_OPTION
+def bench_control(preset, split, routers, merges, settings, device, cache_dir, json_path, no_progress, threads) -> None:  # noqa: ANN001
+    """The positive control for token routing: single experts, static merges, PHATGOOSE, Arrow,
+    retrieval, random gates and the per-token oracle, scored per segment on mixed prompts, with
+    routing accuracy on item tokens."""
+    _quiet_hf()
+    from moerge.bench import control as control_bench
+    from moerge.device import resolve_device, set_threads
+    from moerge.zoo.control import load_control
+
+    set_threads(threads)
+    router_names = {
+        "phatgoose": "PHATGOOSE",
+        "arrow": "Arrow",
+        "retrieval": "retrieval",
+        "random": "random gates (PHATGOOSE, keys replaced)",
+    }
+    merge_names = {"average": "uniform average", "task_arithmetic": "task arithmetic", "ties": "TIES"}
+    chosen_routers = [router_names[r] for r in _rows(routers, router_names, "--routers")]
+    chosen_merges = [merge_names[m] for m in _rows(merges, merge_names, "--merges")]
+    try:
+        dev = str(resolve_device(device))
+        suite = load_control(preset, cache_dir=cache_dir, progress=None if not no_progress else False)
+        result = control_bench.evaluate(
+            suite,
+            progress=None if not no_progress else False,
+            split=split,
+            routers=chosen_routers,
+            merges=chosen_merges,
+            phatgoose=_parse_config(settings),
+            device=dev,
+        )
+    except (KeyError, ValueError, OSError) as exc:
+        _fail(exc)
+    click.echo(control_bench.markdown(result))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+
+
 @bench.command("soak")
 @click.option("--requests", "n_requests", default=2000, show_default=True, type=int)
 @click.option("--concurrency", default=32, show_default=True, type=int)

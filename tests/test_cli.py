@@ -275,3 +275,20 @@ def test_serve_refuses_bad_device_settings_before_starting_anything():
     ]:
         r = CliRunner().invoke(main, ["serve", "--registry", ".", *extra])
         assert r.exit_code == 2 and message in r.output, (extra, r.output)
+
+
+def test_bench_control_scores_chosen_rows_with_phatgoose_settings(tmp_path):
+    """`moerge bench control` on the reduced suite: the routers and merges asked for, PHATGOOSE
+    with its settings (here gradient accumulation, few steps), the oracle, on the validation prompts."""
+    out = tmp_path / "control.json"
+    args = ["bench", "control", "--preset", "control-small", "--split", "val", "--routers", "phatgoose", "--merges", "ties"]
+    r = CliRunner().invoke(main, [*args, "--set", "steps=5", "--set", "accumulate=2", "--device", "cpu", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert data["split"] == "val" and data["phatgoose"] == {"steps": 5, "accumulate": 2}
+    assert {"PHATGOOSE", "TIES", "per-token oracle router"} <= set(data["methods"]) and "Arrow" not in data["methods"]
+    assert "| PHATGOOSE |" in r.output and data["methods"]["per-token oracle router"]["routing_accuracy_inputs"] == 100.0
+    bad = CliRunner().invoke(main, ["bench", "control", "--routers", "nope"])
+    assert bad.exit_code == 2 and "unknown row" in bad.output
+    bad = CliRunner().invoke(main, [*args, "--set", "no_such_setting=1", "--device", "cpu"])
+    assert bad.exit_code != 0 and "no_such_setting" in bad.output
