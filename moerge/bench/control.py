@@ -153,6 +153,7 @@ def evaluate(
     from moerge import compose
     from moerge.composer import merge
     from moerge.progress import progress_bar
+    from moerge.routers.base import Routing
     from moerge.routers.token import standardise
     from moerge.zoo.control import VOCAB_OF, segment_accuracy
     from moerge.zoo.train import generate_answers
@@ -178,16 +179,19 @@ def evaluate(
         methods[f"expert: {e}"] = {"held_out_segment_accuracy": round(100 * segment_accuracy(answers, test), 1)}
     best = max(experts, key=lambda e: methods[f"expert: {e}"]["held_out_segment_accuracy"])
 
-    val = suite.val_held_out(100)
-    for label in progress_bar(list(CONTROL_MERGES if merges is None else merges), desc="control: merges", progress=progress):
+    merges = list(CONTROL_MERGES if merges is None else merges)
+    val = suite.val_held_out(100) if merges else []
+    for label in progress_bar(merges, desc="control: merges", progress=progress):
         method, grid = CONTROL_MERGES[label]
-        tried = []
+        best_merge: tuple[float, dict[str, Any], Any] | None = None  # (validation score, params, model): the first best
         for params in grid:
             built = merge(suite.base_path, reg.select(names=experts), method, output="model", progress=False, device=device,
                            **params).to(device)  # fmt: skip
             score = segment_accuracy(generate_answers(built, tok, [e.prompt for e in val], **gen), val)
-            tried.append((score, params, built))
-        _, params, built = max(tried, key=lambda t: t[0])
+            if best_merge is None or score > best_merge[0]:
+                best_merge = (score, params, built)
+        assert best_merge is not None
+        _, params, built = best_merge
         methods[label] = {
             "held_out_segment_accuracy": round(100 * segment_accuracy(generate_answers(built, tok, prompts, **gen), test), 1),
             "chosen": params,
@@ -215,8 +219,6 @@ def evaluate(
     if composed is not None:  # the ceilings need the four experts attached; PHATGOOSE's composition has them
         answers = oracle_generate(composed, test, max_new_tokens)
         enc, sched = oracle_schedule(tok, test[:100], experts)
-        from moerge.routers.base import Routing
-
         hook = SegmentOracle(sched, enc["input_ids"].shape[1])
         methods["per-token oracle router"] = {
             "held_out_segment_accuracy": round(100 * segment_accuracy(answers, test), 1),

@@ -44,6 +44,7 @@ class Background:
         from moerge.device import set_threads
 
         self.threads = threads
+        self.returncode: int | None = None  # the process's, once it has ended
         cache.mkdir(parents=True, exist_ok=True)
         self.log = cache / "prebuild.log"
         args = [sys.executable, "-m", "moerge.zoo.prebuild", "--cache", str(cache)]
