@@ -312,12 +312,15 @@ def zoo_build(preset: str, cache_dir: str | None, rebuild: bool, path_only: bool
 
 @zoo.command("tasks")
 def zoo_tasks() -> None:
-    """List the suite's tasks with one example each."""
+    """List the suite's tasks with one example each (``composed``: the segment compositions,
+    kept out of the demo's suite; see ``Preset.segment_share``)."""
     from moerge.zoo import HELD_IN, HELD_OUT, sample
+    from moerge.zoo.tasks import COMPOSED
 
-    for t in (*HELD_IN, *HELD_OUT):
+    for t in (*HELD_IN, *HELD_OUT, *COMPOSED):
         e = sample(t, 1, seed=0)[0]
-        click.echo(f"{t.name:20s} {'held-out' if t.held_out else 'held-in ':8s} {e.prompt} {e.target}")
+        kind = "composed" if t in COMPOSED else "held-out" if t.held_out else "held-in"
+        click.echo(f"{t.name:20s} {kind:8s} {e.prompt} {e.target}")
 
 
 # ---------------------------------------------------------------------------- routing

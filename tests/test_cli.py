@@ -83,9 +83,13 @@ def test_registry_commands_round_trip(tmp_path, lora_folder, llama_folder):
 
 def test_zoo_tasks_lists_every_task():
     from moerge.zoo import TASKS
+    from moerge.zoo.tasks import COMPOSED
 
     out = CliRunner().invoke(main, ["zoo", "tasks"]).output
     assert all(name in out for name in TASKS)
+    rows = {line.split()[0]: line for line in out.splitlines()}
+    for t in COMPOSED:  # listed apart, one segment per skill
+        assert rows[t.name].split()[1] == "composed" and " | " in rows[t.name]
 
 
 @pytest.mark.slow

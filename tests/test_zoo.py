@@ -20,6 +20,110 @@ def test_suite_shape():
     assert not held_in_templates & {tpl for t in HELD_OUT for tpl in t.templates}  # unseen phrasings
 
 
+def test_composed_prompts_put_each_skill_in_its_own_segment():
+    import random
+
+    from moerge.zoo.tasks import COMPOSED, SEGMENT_SEP, get_task, pretrain_segmented, with_foreign
+
+    for t in COMPOSED:
+        assert len(t.uses) == 2 and all(not get_task(u).held_out for u in t.uses)
+        assert set(t.templates) <= {tpl for u in t.uses for tpl in get_task(u).templates}  # seen phrasings
+        for e in sample(t, 20, seed=1):
+            assert e.prompt.endswith("=>") and e.prompt.count(SEGMENT_SEP) == 1
+            assert [task for task, _ in e.segments] == list(t.uses)
+            assert e.target == f" {SEGMENT_SEP} ".join(a for _, a in e.segments)
+    e = sample("reverse_and_max", 1, seed=0)[0]
+    reverse, mx = e.parts
+    assert e.segments == (("reverse", " ".join(reverse.items[::-1])), ("max", max(mx.items)))
+    assert e.instructions == (reverse.instruction, mx.instruction)
+    # an expert's extra training prompts: its own example beside a generic one, either side
+    rng = random.Random(0)
+    own = sample("sort", 40, seed=2)
+    mixed = [with_foreign(rng, o) for o in own]
+    assert all(o in m.parts and len(m.parts) == 2 and m.task == "sort" for o, m in zip(own, mixed, strict=True))
+    assert {m.parts.index(o) for o, m in zip(own, mixed, strict=True)} == {0, 1}
+    assert all(len(p.parts) == 2 for p in pretrain_segmented(5, seed=0))
+    tok = build_tokenizer(segments=True)
+    assert tok.unk_token_id not in tok(e.text).input_ids
+
+
+def test_segment_share_is_off_in_the_presets_and_leaves_their_keys_and_tokenizer_alone():
+    from moerge.zoo import tasks as T
+    from moerge.zoo.build import PRESETS, Preset, training_examples, with_overrides
+
+    assert all(p.segment_share == 0 for p in PRESETS.values())
+    assert Preset("small").key() == "77abc8f65ec6ef08"  # zoos cached before the option keep their folder
+    seg = with_overrides("small", segment_share=0.25, n_train=40)
+    assert seg.key() != with_overrides("small", n_train=40).key()
+    plain, mixed = training_examples("sort", with_overrides("small", n_train=40)), training_examples("sort", seg)
+    assert plain == mixed[:40] and len(mixed) == 50 and all(isinstance(e, T.Segmented) for e in mixed[40:])
+    a, b = build_tokenizer().get_vocab(), build_tokenizer(segments=True).get_vocab()
+    assert "|" not in a and set(b) - set(a) == {"|"}
+
+
+def test_oracle_schedule_routes_each_segment_of_a_composed_prompt_to_its_expert():
+    from moerge.bench.control import oracle_schedule
+    from moerge.zoo.tasks import COMPOSED
+
+    tok = build_tokenizer(segments=True)
+    experts = ["reverse", "max", "count", "uppercase"]
+    examples = sample(COMPOSED[0], 3, seed=0) + sample(COMPOSED[1], 3, seed=0)
+    enc, sched = oracle_schedule(tok, examples, experts)
+    for b, e in enumerate(examples):
+        words = e.prompt.split() + e.target.split()
+        # the position holding word i - 1 (BOS for i = 0) predicts word i: its segment's expert
+        # ("|" closes the segment before it; "=>" closes the prompt's last one)
+        owner, j = [], 0
+        for w in words:
+            owner.append(j)
+            j = 0 if w == "=>" else j + (w == "|")
+        pad = int((enc["attention_mask"][b] == 0).sum())
+        want = [experts.index(e.segments[o][0]) for o in owner]
+        assert sched[b, pad : pad + len(words)].tolist() == want
+
+
+def test_oracle_answers_with_a_cache_equal_a_full_recompute_under_the_same_routing():
+    """The per-token oracle's decode steps read the right column of its schedule: greedy decoding
+    with the KV cache gives what recomputing every prefix under the whole schedule gives."""
+    import copy
+
+    import torch
+    from conftest import experts_of, lora_config, peft_with_adapters, tiny_llama
+
+    from moerge.adapters import attach, one_hot, use_weights
+    from moerge.bench.control import SegmentOracle, oracle_answers, oracle_schedule
+    from moerge.zoo.tasks import COMPOSED
+    from moerge.zoo.train import generate_answers
+
+    tok = build_tokenizer(segments=True)
+    experts = ["reverse", "max"]
+    cfg = lora_config(["q_proj", "v_proj", "down_proj"], lora_alpha=64)
+    pm = peft_with_adapters(tiny_llama(vocab=len(tok)), {n: copy.deepcopy(cfg) for n in experts})
+    model = copy.deepcopy(pm).unload().eval()
+    attach(model, experts_of(pm, experts))
+    examples = sample(COMPOSED[0], 4, seed=3)
+    steps = 6
+    got = oracle_answers(model, tok, examples, experts, max_new_tokens=steps)
+    enc, sched = oracle_schedule(tok, examples, experts)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    full = torch.cat([sched, sched[:, -1:].expand(-1, ids.shape[1] + steps)], dim=1)  # the last column repeats
+    with torch.inference_mode():
+        for _ in range(steps):
+            with use_weights(model, SegmentOracle(full, ids.shape[1])):
+                pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    want = []
+    for row in ids[:, enc["input_ids"].shape[1] :].tolist():
+        row = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row  # generate stops at EOS
+        want.append(" ".join(tok.decode(row, skip_special_tokens=True).split()))
+    assert got == want
+    for j in range(len(experts)):  # and the routing matters: one expert throughout answers otherwise
+        with use_weights(model, one_hot([j] * len(examples), len(experts))):
+            assert generate_answers(model, tok, [e.prompt for e in examples], max_new_tokens=steps) != got
+
+
 def test_sampling_is_deterministic_and_splits_are_disjoint():
     assert [e.text for e in sample("sort", 20, seed=3)] == [e.text for e in sample("sort", 20, seed=3)]
     assert [e.text for e in sample("sort", 20, seed=3)] != [e.text for e in sample("sort", 20, seed=4)]

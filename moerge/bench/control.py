@@ -135,6 +135,28 @@ def oracle_generate(model: Any, examples: Sequence[Any], max_new_tokens: int, ba
     return out
 
 
+@torch.inference_mode()
+def oracle_answers(model: Any, tokenizer: Any, examples: Sequence[Any], experts: Sequence[str], max_new_tokens: int,
+                   batch_size: int = 256) -> list[str]:  # fmt: skip
+    """A plain Hugging Face model with the experts attached (:func:`moerge.adapters.attach`),
+    generating greedily with the per-token oracle's routing; ``examples`` need ``prompt``,
+    ``target`` and ``segments`` ((expert, answer) per segment), as the zoo's segmented ones have."""
+    from moerge.adapters import use_weights
+    from moerge.device import module_device
+
+    out: list[str] = []
+    for i in range(0, len(examples), batch_size):
+        chunk = list(examples[i : i + batch_size])
+        enc, sched = oracle_schedule(tokenizer, chunk, experts)
+        enc = {k: v.to(module_device(model)) for k, v in enc.items()}
+        T = enc["input_ids"].shape[1]
+        with use_weights(model, SegmentOracle(sched, T)):
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+        out += [" ".join(t.split()) for t in tokenizer.batch_decode(gen[:, T:], skip_special_tokens=True)]
+    return out
+
+
 def evaluate(
     suite: Any,
     progress: bool | None = None,

@@ -64,9 +64,18 @@ class Preset:
     min_steps: int = 100
     #: stop training an expert once its validation exact match reaches this
     target_val: float = 0.98
+    #: two-segment prompts (the task's segment beside a generic one the base does,
+    #: ``tasks.with_foreign``) added to each expert's training set, as a share of its examples;
+    #: the base pre-trains on that share of two-segment generic prompts too, and the tokenizer
+    #: gets ``|``. What the segment compositions (``tasks.COMPOSED``) need; 0 in the presets
+    #: (measured: README, "Held-out tasks")
+    segment_share: float = 0.0
 
     def key(self) -> str:
-        return config_fingerprint({**asdict(self), "format": ZOO_FORMAT})
+        fields = asdict(self)
+        if not fields["segment_share"]:  # zoos built before the option keep their key
+            del fields["segment_share"]
+        return config_fingerprint({**fields, "format": ZOO_FORMAT})
 
 
 PRESETS: dict[str, Preset] = {
@@ -148,12 +157,14 @@ class Zoo:
         """The validation split (expert early stopping; hyper-parameter choice in the demo)."""
         return _validation(task, self.preset)
 
-    def train_split(self, task: str) -> list[T.Example]:
-        return T.split(task, self.preset.n_train, self.preset.n_test, seed=self.preset.seed)[0]
+    def train_split(self, task: str) -> list[T.Example | T.Segmented]:
+        """What the task's experts were trained on: its single-segment training split, then the
+        two-segment prompts built from it (:func:`training_examples`)."""
+        return training_examples(task, self.preset)
 
     def expert_data(self, expert: str) -> list[tuple[str, str]]:
-        """(prompt, target) pairs an expert was trained on (``sort`` and ``sort-dense`` share them):
-        what post-hoc routers such as PHATGOOSE train on."""
+        """(prompt, target) pairs an expert was trained on (``sort`` and ``sort-dense`` share them),
+        two-segment ones included: what post-hoc routers such as PHATGOOSE train on."""
         return [(e.prompt, e.target) for e in self.train_split(expert.removesuffix("-dense"))]
 
 
@@ -200,6 +211,24 @@ def _validation(task: str, p: Preset) -> list[T.Example]:
     return T.sample(task, p.n_val, seed=10_000 + p.seed)
 
 
+def _segmented(task: str, singles: list[T.Example], share: float, seed: str) -> list[T.Segmented]:
+    rng = random.Random(f"{task}:segments:{seed}")
+    return [T.with_foreign(rng, own) for own in singles[: round(share * len(singles))]]
+
+
+def training_examples(task: str, p: Preset) -> list[T.Example | T.Segmented]:
+    """A held-in task's training set: the single-segment split (no test prompt in it) and, for a
+    ``segment_share`` of its examples, the same example beside a generic segment."""
+    singles = T.split(task, p.n_train, p.n_test, seed=p.seed)[0]
+    return [*singles, *_segmented(task, singles, p.segment_share, f"train:{p.seed}")]
+
+
+def _stopping_set(task: str, p: Preset) -> list[T.Example | T.Segmented]:
+    """Early stopping's validation set: the validation split, and two-segment prompts built from it."""
+    val = _validation(task, p)
+    return [*val, *_segmented(task, val, p.segment_share, f"val:{p.seed}")]
+
+
 def _train_until(
     model: torch.nn.Module,
     tok: PreTrainedTokenizerFast,
@@ -212,8 +241,8 @@ def _train_until(
     progress: bool,
 ) -> dict[str, float]:
     """Train in rounds of ``eval_every`` steps until validation exact match reaches the target."""
-    train = T.split(task, p.n_train, p.n_test, seed=p.seed)[0]
-    val = _validation(task, p)
+    train = training_examples(task, p)
+    val = _stopping_set(task, p)
     steps, acc = 0, 0.0
     # one optimizer/schedule over max_steps, driven round by round
     rounds = max_steps // p.eval_every
@@ -270,12 +299,15 @@ def _build(p: Preset, root: Path, progress: bool, device: torch.device = torch.d
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    tok = build_tokenizer()
+    tok = build_tokenizer(segments=p.segment_share > 0)
     timings: dict[str, float] = {}
 
-    # 1. base: generic pre-training (copy / first / last) so it knows the prompt format
+    # 1. base: generic pre-training (copy / first / last; also two per prompt with
+    # segment_share) so it knows the prompt format
     base = make_base_model(tok, p.hidden, p.layers, p.heads, seed=p.seed).to(device)
     pretrain = [e for task in T.PRETRAIN for e in T.sample(task, p.n_train, seed=p.seed)]
+    if p.segment_share:
+        pretrain += T.pretrain_segmented(round(p.segment_share * len(pretrain)), seed=p.seed)
     train_loop(
         base,
         tok,

@@ -5,6 +5,11 @@ templates (as P3/FLAN phrase one task many ways), so a router has to read the in
 most held-in tasks share one input distribution (lists of letters) and differ only in what
 the instruction asks. Held-out tasks either compose the skills of two held-in experts or ask
 for a held-in skill in phrasings no expert was trained on. Scoring is exact match.
+
+:data:`COMPOSED` holds a third kind, kept out of the demo's suite: two held-in skills composed
+across the segments of one prompt (``reverse the letters : a b c | find the largest digit :
+3 9 1 => c b a | 9``), which a router that sends each segment to its expert could solve if the
+experts were trained to share a prompt (``Preset.segment_share``).
 """
 
 from __future__ import annotations
@@ -12,12 +17,15 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 LETTERS = list("abcdefghij")
 CAPITALS = [c.upper() for c in LETTERS]
 DIGITS = [str(d) for d in range(10)]
 SEP = ":"
 ARROW = "=>"
+#: between the segments of a composed prompt (each segment its own instruction and items)
+SEGMENT_SEP = "|"
 
 
 def _letters(rng: random.Random, lo: int = 3, hi: int = 5) -> list[str]:
@@ -66,8 +74,13 @@ class Example:
     answer: list[str]
 
     @property
+    def body(self) -> str:
+        """The prompt without the arrow: one segment of a composed prompt."""
+        return f"{self.instruction} {SEP} {' '.join(self.items)}"
+
+    @property
     def prompt(self) -> str:
-        return f"{self.instruction} {SEP} {' '.join(self.items)} {ARROW}"
+        return f"{self.body} {ARROW}"
 
     @property
     def target(self) -> str:
@@ -76,6 +89,70 @@ class Example:
     @property
     def text(self) -> str:
         return f"{self.prompt} {self.target}"
+
+    @property
+    def instructions(self) -> tuple[str, ...]:
+        return (self.instruction,)
+
+    @property
+    def segments(self) -> tuple[tuple[str, str], ...]:
+        """(task, answer) per segment: one here."""
+        return ((self.task, self.target),)
+
+
+@dataclass(frozen=True)
+class Segmented:
+    """A prompt of several segments, each a task's own instruction and items, answered segment by
+    segment in the same order::
+
+        reverse the letters : a b c | find the largest digit : 3 9 1 =>   →   c b a | 9
+    """
+
+    task: str
+    parts: tuple[Example, ...]
+
+    @property
+    def prompt(self) -> str:
+        return f" {SEGMENT_SEP} ".join(p.body for p in self.parts) + f" {ARROW}"
+
+    @property
+    def target(self) -> str:
+        return f" {SEGMENT_SEP} ".join(p.target for p in self.parts)
+
+    @property
+    def text(self) -> str:
+        return f"{self.prompt} {self.target}"
+
+    @property
+    def instructions(self) -> tuple[str, ...]:
+        return tuple(p.instruction for p in self.parts)
+
+    @property
+    def segments(self) -> tuple[tuple[str, str], ...]:
+        """(task, answer) per segment: the expert each segment needs, and what it must write."""
+        return tuple((p.task, p.target) for p in self.parts)
+
+
+@dataclass(frozen=True)
+class ComposedTask:
+    """A held-out task that composes held-in skills *across segments*: one segment per task of
+    ``uses``, each asked with that task's own (held-in) phrasings. No expert was trained on two
+    held-in skills in one prompt, but each was trained to leave a foreign segment to the base
+    (:func:`with_foreign`), so a router that sends each segment's tokens to its expert can solve
+    it: the per-token oracle router is the ceiling."""
+
+    name: str
+    description: str
+    skills: tuple[str, ...]
+    uses: tuple[str, ...]
+    held_out: bool = True
+
+    @property
+    def templates(self) -> tuple[str, ...]:
+        return tuple(tpl for u in self.uses for tpl in get_task(u).templates)
+
+    def example(self, rng: random.Random) -> Segmented:
+        return Segmented(self.name, tuple(get_task(u).example(rng) for u in self.uses))
 
 
 HELD_IN: tuple[Task, ...] = (
@@ -218,6 +295,29 @@ HELD_OUT: tuple[Task, ...] = (
     ),
 )
 
+#: Held-in skills composed across segments: not in the demo's suite (see :class:`ComposedTask`
+#: and ``Preset.segment_share``; ``scripts/segment_composition_probe.py`` measures them)
+COMPOSED: tuple[ComposedTask, ...] = (
+    ComposedTask(
+        "reverse_and_max",
+        "Two segments: reverse a list of letters; give the largest digit of a list of digits.",
+        ("reversal", "maximum"),
+        uses=("reverse", "max"),
+    ),
+    ComposedTask(
+        "count_and_uppercase",
+        "Two segments: count the letters of a list; write another list of letters in capitals.",
+        ("counting", "capitalisation"),
+        uses=("count", "uppercase"),
+    ),
+    ComposedTask(
+        "shift_and_min",
+        "Two segments: shift each letter forward by one; give the smallest digit of a list of digits.",
+        ("letter shifting", "minimum"),
+        uses=("shift", "min"),
+    ),
+)
+
 #: Generic tasks the base model is pre-trained on, so it knows the prompt format. None of
 #: them is in the suite; a base that only copies scores near zero on every suite task.
 PRETRAIN: tuple[Task, ...] = (
@@ -250,21 +350,21 @@ PRETRAIN: tuple[Task, ...] = (
 TASKS: dict[str, Task] = {t.name: t for t in (*HELD_IN, *HELD_OUT)}
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str) -> Task | ComposedTask:
     try:
-        return TASKS[name] if name in TASKS else {t.name: t for t in PRETRAIN}[name]
+        return TASKS[name] if name in TASKS else {t.name: t for t in (*PRETRAIN, *COMPOSED)}[name]
     except KeyError:
         raise KeyError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}") from None
 
 
-def sample(task: str | Task, n: int, seed: int) -> list[Example]:
+def sample(task: str | Task | ComposedTask, n: int, seed: int) -> list[Example] | list[Segmented]:
     """``n`` examples of ``task``, deterministic in ``seed``."""
     task = get_task(task) if isinstance(task, str) else task
     rng = random.Random(f"{task.name}:{seed}")
     return [task.example(rng) for _ in range(n)]
 
 
-def split(task: str | Task, n_train: int, n_test: int, seed: int = 0) -> tuple[list[Example], list[Example]]:
+def split(task: str | Task | ComposedTask, n_train: int, n_test: int, seed: int = 0) -> tuple[list[Any], list[Any]]:
     """Disjoint train and test examples (no test prompt appears in the train split)."""
     task = get_task(task) if isinstance(task, str) else task
     test = sample(task, n_test, seed=seed * 2 + 1)
@@ -278,7 +378,23 @@ def split(task: str | Task, n_train: int, n_test: int, seed: int = 0) -> tuple[l
     return train, test
 
 
-def exact_match(predictions: Sequence[str], examples: Sequence[Example]) -> float:
+def with_foreign(rng: random.Random, own: Example) -> Segmented:
+    """``own`` and a segment of a generic pre-training task (copy, first, last: what the base
+    already does), in random order. Experts train on some of these so each learns to do its
+    task on its own segment and leave any other segment as the base would: what makes experts
+    composable across segments (``moerge.zoo.build``)."""
+    foreign = rng.choice(PRETRAIN).example(rng)
+    parts = (own, foreign) if rng.random() < 0.5 else (foreign, own)
+    return Segmented(own.task, parts)
+
+
+def pretrain_segmented(n: int, seed: int) -> list[Segmented]:
+    """``n`` two-segment prompts of the generic pre-training tasks: the base learns the format."""
+    rng = random.Random(f"pretrain-segments:{seed}")
+    return [Segmented("pretrain", (rng.choice(PRETRAIN).example(rng), rng.choice(PRETRAIN).example(rng))) for _ in range(n)]
+
+
+def exact_match(predictions: Sequence[str], examples: Sequence[Any]) -> float:
     """Share of predictions equal to the target, whitespace-normalised."""
     if len(predictions) != len(examples):
         raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
@@ -288,10 +404,11 @@ def exact_match(predictions: Sequence[str], examples: Sequence[Example]) -> floa
     return hits / len(examples)
 
 
-def vocabulary() -> list[str]:
-    """Every word the suite can produce, in a fixed order (for the word-level tokenizer)."""
+def vocabulary(segments: bool = False) -> list[str]:
+    """Every word the suite can produce, in a fixed order (for the word-level tokenizer);
+    ``segments``: with the segment separator (zoos built with ``segment_share`` > 0)."""
     words: dict[str, None] = {}
-    for w in [SEP, ARROW, *LETTERS, *CAPITALS, *DIGITS]:
+    for w in [SEP, ARROW, *([SEGMENT_SEP] if segments else []), *LETTERS, *CAPITALS, *DIGITS]:
         words[w] = None
     for task in (*PRETRAIN, *HELD_IN, *HELD_OUT):
         for template in task.templates:

@@ -11,9 +11,10 @@ from moerge.zoo.tasks import vocabulary
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per word of the suite (plus specials); a BOS is prepended to every input."""
-    vocab = {tok: i for i, tok in enumerate([PAD, UNK, BOS, EOS, *vocabulary()])}
+def build_tokenizer(segments: bool = False) -> PreTrainedTokenizerFast:
+    """One token per word of the suite (plus specials); a BOS is prepended to every input.
+    ``segments``: with the segment separator ``|`` (zoos trained on two-segment prompts)."""
+    vocab = {tok: i for i, tok in enumerate([PAD, UNK, BOS, EOS, *vocabulary(segments)])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.post_processor = processors.TemplateProcessing(
