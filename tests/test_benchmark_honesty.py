@@ -153,6 +153,61 @@ def test_the_per_token_oracle_routes_each_position_to_the_segment_its_next_token
         assert torch.equal(got.index[:, 0, 0], sched[:, T + step]) and torch.all(got.weight == 1)
 
 
+def test_class_mean_keys_average_each_vocabularys_standardised_inputs_over_unpadded_items():
+    """The reference keys: per module, the standardised mean of the standardised module input over
+    each expert's item tokens, whatever the batching and left padding."""
+    import copy
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    import torch
+    from conftest import experts_of, lora_config, peft_with_adapters, tiny_llama
+
+    from moerge.adapters import attach, layers, use_weights
+    from moerge.bench.control import class_mean_keys
+    from moerge.composer.compose import encode_prompts
+    from moerge.routers.token import standardise
+    from moerge.zoo.control import VOCAB_OF, build_tokenizer
+
+    tok = build_tokenizer()
+    experts = ["letters", "digits", "capitals", "late-letters"]
+    pm = peft_with_adapters(tiny_llama(vocab=len(tok)), {e: lora_config(["q_proj", "down_proj"]) for e in experts})
+    hf = copy.deepcopy(pm).unload().eval()
+    attach(hf, experts_of(pm, experts))
+    names = list(layers(hf))
+    weights = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+
+    @contextmanager
+    def routed(_routing):  # a fixed mix, the same for every token
+        with use_weights(hf, lambda layer, x: weights.expand(*x.shape[:-1], 4)):
+            yield
+
+    model = SimpleNamespace(model=hf, experts=experts, router=SimpleNamespace(keys={n: torch.zeros(4, 1) for n in names}),
+                            _encode=lambda ps: encode_prompts(tok, ps), route=lambda ps: None, routed=routed)  # fmt: skip
+    eot = {tok.convert_tokens_to_ids(c): experts.index(v) for c, v in VOCAB_OF.items()}
+    prompts = ["a b | 3 7 =>", "A B C | 9 =>", "k t | c | 1 2 3 4 =>", "J =>", "s s s | e =>"]
+    got = class_mean_keys(model, prompts, eot, batch_size=2)  # batches of unequal lengths: left padding
+    sums, count, seen = {}, torch.zeros(4), {}
+    hooks = [layers(hf)[n].register_forward_pre_hook(lambda _m, i, n=n: seen.__setitem__(n, i[0])) for n in names]
+    with torch.inference_mode():
+        for p in prompts:  # one at a time, no padding
+            ids = tok(p, return_tensors="pt")["input_ids"]
+            with routed(None):
+                hf(input_ids=ids)
+            for t, token in enumerate(ids[0].tolist()):
+                if token in eot:
+                    count[eot[token]] += 1
+                    for n in names:
+                        sums.setdefault(n, torch.zeros(4, seen[n].shape[-1]))[eot[token]] += standardise(seen[n][0, t])
+    for h in hooks:
+        h.remove()
+    assert count.tolist() == [4, 7, 4, 5] and set(got) == set(names)
+    for n in names:
+        assert torch.allclose(got[n], standardise(sums[n] / count[:, None]), atol=1e-4), n
+    with pytest.raises(ValueError, match="'capitals'"):  # a vocabulary without items has no mean
+        class_mean_keys(model, ["a b | 3 =>"], eot)
+
+
 def test_explanation_diagnostics_pool_top1_choices_per_token_type_layer_and_vote():
     import torch
 

@@ -163,6 +163,8 @@ def test_demo_writes_table_json_and_heatmap(tmp_path, small_zoo):
         oracle["routing_accuracy_inputs"] == 100.0
         and oracle["held_out_segment_accuracy"] >= phatgoose["held_out_segment_accuracy"]
     )
+    reference = control["methods"]["class-mean keys (token labels; reference)"]  # one key per expert, from labels
+    assert reference["routing_accuracy_inputs"] > control["chance_routing"]
     assert "TIES (density=" in r.output and "chosen on validation" in r.output
     assert (out / "report.md").read_text().startswith("# moerge demo")
     assert (out / "cross_task.png").read_bytes()[:4] == b"\x89PNG"

@@ -8,7 +8,10 @@ scored per segment on the mixed held-out prompts:
 * the floor: PHATGOOSE with random gates;
 * the ceilings: the per-token oracle router (:class:`SegmentOracle`: every position routed, top-1,
   to the expert of the segment its next token belongs to, from the reference answer) and the
-  segment oracle (a segment counts when any single expert answers it).
+  segment oracle (a segment counts when any single expert answers it);
+* a reference for the routing rule: PHATGOOSE's scoring with each expert's key set to the mean
+  activation of its vocabulary's item tokens in the experts' training prompts
+  (:func:`class_mean_keys`: built from token labels, so not a router).
 """
 
 from __future__ import annotations
@@ -51,6 +54,45 @@ def input_routing_accuracy(model: Any, prompts: list[str], expert_of_token: dict
     want = torch.tensor([[expert_of_token.get(int(t), -1) for t in row] for row in ids])
     sel = (want >= 0) & mask
     return float((top[:, sel] == want[sel]).float().mean())
+
+
+@torch.inference_mode()
+def class_mean_keys(
+    model: Any, prompts: list[str], expert_of_token: dict[int, int], batch_size: int = 100
+) -> dict[str, torch.Tensor]:
+    """One key per expert and routed module: the standardised mean of the module's standardised
+    input over the item tokens of that expert's vocabulary in ``prompts`` (run under the model's
+    own routing). Built from token labels, which no router is given: the reference for what one
+    key per expert, scored as PHATGOOSE scores (LN-correlation), can route on this suite."""
+    from moerge.adapters import layers
+    from moerge.routers.token import standardise
+
+    mods = layers(model.model)
+    names = list(model.router.keys)
+    n = len(model.experts)
+    sums: dict[str, torch.Tensor] = {}
+    count = torch.zeros(n)
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [mods[k].register_forward_pre_hook(lambda _m, inp, k=k: seen.__setitem__(k, inp[0])) for k in names]
+    try:
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
+            enc = model._encode(chunk)
+            with model.routed(model.route(chunk)):
+                model.model(**enc)
+            want = torch.tensor([[expert_of_token.get(int(t), -1) for t in row] for row in enc["input_ids"].cpu()])
+            want[~enc["attention_mask"].bool().cpu()] = -1
+            onehot = torch.nn.functional.one_hot(want.clamp(min=0), n).float() * (want >= 0)[..., None]  # [B, T, E]
+            count += onehot.sum((0, 1))
+            for k in names:
+                x = standardise(seen[k]).cpu()  # [B, T, d]
+                sums[k] = sums.get(k, 0) + torch.einsum("bte,btd->ed", onehot, x)
+    finally:
+        for h in hooks:
+            h.remove()
+    if bool((count == 0).any()):
+        raise ValueError(f"no item token of experts {[model.experts[j] for j in range(n) if count[j] == 0]} in the prompts")
+    return {k: standardise(v / count[:, None]).to(model.router.keys[k].device) for k, v in sums.items()}
 
 
 def _owners(words: list[str]) -> list[int]:
@@ -247,6 +289,14 @@ def evaluate(
             "routing_accuracy_inputs": round(
                 100 * input_routing_accuracy(composed, prompts[:100], expert_of_token, Routing("token", experts, hook=hook)), 1
             ),
+        }
+    if composed is not None:  # the reference for one key per expert: keys from labelled item tokens
+        train = [p for e in experts for p, _ in suite.expert_data(e)[:100]]
+        composed.router.keys = class_mean_keys(composed, train, expert_of_token)
+        answers = composed.generate(prompts, **gen)
+        methods["class-mean keys (token labels; reference)"] = {
+            "held_out_segment_accuracy": round(100 * segment_accuracy(answers, test), 1),
+            "routing_accuracy_inputs": round(100 * input_routing_accuracy(composed, prompts[:100], expert_of_token), 1),
         }
     oracle = []
     for i, ex in enumerate(test):  # per segment: right if any single expert answered it
