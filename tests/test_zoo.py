@@ -57,6 +57,8 @@ def test_segment_share_is_off_in_the_presets_and_leaves_their_keys_and_tokenizer
     assert seg.key() != with_overrides("small", n_train=40).key()
     plain, mixed = training_examples("sort", with_overrides("small", n_train=40)), training_examples("sort", seg)
     assert plain == mixed[:40] and len(mixed) == 50 and all(isinstance(e, T.Segmented) for e in mixed[40:])
+    with pytest.raises(ValueError, match="segment_share must be in"):
+        with_overrides("small", segment_share=-0.5)
     a, b = build_tokenizer().get_vocab(), build_tokenizer(segments=True).get_vocab()
     assert "|" not in a and set(b) - set(a) == {"|"}
 

@@ -68,8 +68,14 @@ class Preset:
     #: ``tasks.with_foreign``) added to each expert's training set, as a share of its examples;
     #: the base pre-trains on that share of two-segment generic prompts too, and the tokenizer
     #: gets ``|``. What the segment compositions (``tasks.COMPOSED``) need; 0 in the presets
-    #: (measured: README, "Held-out tasks")
+    #: (measured: README, "Compositions across segments in the main zoo")
     segment_share: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.segment_share <= 1.0:
+            raise ValueError(
+                f"Preset.segment_share must be in [0, 1] (a share of each expert's examples), got {self.segment_share}"
+            )
 
     def key(self) -> str:
         fields = asdict(self)
