@@ -166,15 +166,7 @@ class SegmentOracle:
 
 def oracle_generate(model: Any, examples: Sequence[Any], max_new_tokens: int, batch_size: int = 256) -> list[str]:
     """``model`` (the experts composed with any token router) generating with the per-token oracle's routing."""
-    from moerge.routers.base import Routing
-
-    out: list[str] = []
-    for i in range(0, len(examples), batch_size):
-        chunk = list(examples[i : i + batch_size])
-        enc, sched = oracle_schedule(model.tokenizer, chunk, model.experts)
-        hook = SegmentOracle(sched, enc["input_ids"].shape[1])
-        out += model._generate([e.prompt for e in chunk], Routing("token", model.experts, hook=hook), max_new_tokens)[0]
-    return out
+    return oracle_answers(model.model, model.tokenizer, examples, model.experts, max_new_tokens, batch_size)
 
 
 @torch.inference_mode()
