@@ -311,11 +311,38 @@ def zoo_build(preset: str, cache_dir: str | None, rebuild: bool, path_only: bool
 
 
 @zoo.command("tasks")
-def zoo_tasks() -> None:
+@click.option(
+    "--export",
+    "export_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Write the tasks in the task-set format here (moerge eval --tasks).",
+)
+@click.option(
+    "--preset",
+    default="small",
+    show_default=True,
+    type=click.Choice(["small", "default"]),
+    help="With --export: the preset's splits.",
+)
+@click.option("--task", "only", multiple=True, help="With --export: only these tasks (repeatable).")
+def zoo_tasks(export_dir: str | None, preset: str, only: tuple[str, ...]) -> None:
     """List the suite's tasks with one example each (``composed``: the segment compositions,
-    kept out of the demo's suite; see ``Preset.segment_share``)."""
+    kept out of the demo's suite; see ``Preset.segment_share``), or export them."""
     from moerge.zoo import HELD_IN, HELD_OUT, sample
     from moerge.zoo.tasks import COMPOSED
+
+    if export_dir is not None:
+        from moerge.evaluation import load_task_set
+        from moerge.zoo.export import export_task_set
+
+        try:
+            root = export_task_set(export_dir, preset, list(only) or None)
+        except KeyError as exc:
+            _fail(exc)
+        ts = load_task_set(root)  # what moerge eval will read: checked here
+        click.echo(f"wrote {len(ts.held_in)} held-in and {len(ts.held_out)} held-out tasks to {root}")
+        return
 
     for t in (*HELD_IN, *HELD_OUT, *COMPOSED):
         e = sample(t, 1, seed=0)[0]
@@ -834,6 +861,73 @@ def _device_settings(device: str, dtype: str, threads: int | None) -> None:
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--device/--dtype") from None
     set_threads(threads)
+
+
+@main.command("eval")
+@click.option("--registry", "registry_path", envvar="MOERGE_REGISTRY", required=True, type=click.Path(file_okay=False),
+              help="Registry folder (env MOERGE_REGISTRY).")  # fmt: skip
+@click.option(
+    "--tasks",
+    "tasks_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Task-set folder (tasks.yaml + <task>/{train,validation,test}.jsonl).",
+)
+@click.option("--base", default=None, help="Base model folder or hub id (default: the experts' registered base).")
+@click.option(
+    "--methods",
+    default=None,
+    help="Comma-separated methods [default: all]: base,experts,oracle,phatgoose,glider,arrow,retrieval,average,task_arithmetic,ties,dare_ties,twin.",
+)
+@click.option("--expert", "experts", multiple=True, help="Evaluate only these experts (repeatable; default: every LoRA expert).")
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    help="A grid axis METHOD.PARAM=V1,V2,… chosen on validation (repeatable), e.g. glider.alpha=1,10,100.",
+)
+@click.option(
+    "--limit", default=None, type=click.IntRange(min=1), help="The first N validation and test examples per task (a quick look)."
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder for report.md, results.json, cross_task.png and the score cache.",
+)
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write results.json here instead.")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Score cache [default: OUT/cache].")
+@click.option("--no-cache", is_flag=True, help="Compute everything again (nothing read from or written to the cache).")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Prompts per generate call.")
+@DEVICE_OPTION
+@click.option("--dtype", default="auto", show_default=True, help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16.")
+@THREADS_OPTION
+@click.option("--no-progress", is_flag=True)
+def eval_cmd(registry_path, tasks_dir, base, methods, experts, settings, limit, out, json_path, cache_dir, no_cache, batch_size,
+             device, dtype, threads, no_progress) -> None:  # noqa: ANN001  # fmt: skip
+    """Score a registry's experts on your task set with every method; hyper-parameters chosen on validation."""
+    from moerge.evaluation import EvaluationError, TaskSetError, evaluate
+
+    _quiet_hf()
+    _device_settings(device, dtype, threads)
+    registry = _open(registry_path)
+    try:
+        report = evaluate(
+            registry, tasks_dir, base=base, methods=methods, grid=list(settings), experts=list(experts) or None,
+            device=device, dtype=dtype, limit=limit, out=out, json_path=json_path,
+            cache_dir=None if no_cache else (cache_dir or "auto"), batch_size=batch_size,
+            progress=False if no_progress else None,
+        )  # fmt: skip
+    except (EvaluationError, TaskSetError, ValueError, FileNotFoundError, KeyError) as exc:
+        _fail(exc)
+    click.echo(report.markdown())
+    meta = report.meta
+    for m, why in meta["skipped"].items():
+        click.echo(f"{m}: not run: {why}")
+    click.echo(
+        f"\n{len(meta['computed'])} entries computed, {meta['cache']['hits']} from the cache, {meta['seconds']['total']:.0f} s; "
+        f"report: {Path(out) / 'report.md'}, results: {json_path or Path(out) / 'results.json'}"
+    )
 
 
 @main.group()
@@ -1645,6 +1739,7 @@ def registry_init(path: str) -> None:
 @click.option("--skill", "skills", multiple=True, help="A skill (repeatable).")
 @click.option("--tag", "tags", multiple=True, help="A tag (repeatable).")
 @click.option("--example", "examples", multiple=True, help="An example input (repeatable).")
+@click.option("--task", "tasks", multiple=True, help="A task-set task it was trained on (repeatable; moerge eval's oracle).")
 @click.option("--metric", "metrics", multiple=True, help="KEY=VALUE (repeatable).")
 @click.option(
     "--base", default=None, help="Base model folder or hub id (LoRA: defaults to the adapter's; dense: stores a task vector)."
@@ -1655,7 +1750,7 @@ def registry_init(path: str) -> None:
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle .bin weights (read with weights_only=True).")
 @click.option("--reference", is_flag=True, help="--kind model: keep the model where it is (folder or hub id), do not copy it.")
 def registry_add(
-    registry_path, source, name, description, skills, tags, examples, metrics, base, kind, allow_pickle, reference
+    registry_path, source, name, description, skills, tags, examples, tasks, metrics, base, kind, allow_pickle, reference
 ) -> None:  # noqa: ANN001
     """Register SOURCE (a PEFT adapter, HF model or sentence-transformers folder, or a hub id org/name)."""
     _quiet_hf()
@@ -1673,6 +1768,7 @@ def registry_add(
             skills=skills,
             tags=tags,
             examples=examples,
+            tasks=tasks,
             metrics=parsed,
             base=base,
             kind=kind,
@@ -1682,6 +1778,27 @@ def registry_add(
     except (ValueError, FileNotFoundError, KeyError, RuntimeError, TimeoutError) as exc:
         _fail(exc)
     click.echo(f"registered {rec.ref} ({rec.kind}, {rec.storage})")
+
+
+@registry.command("tag")
+@REGISTRY_OPTION
+@click.argument("name")
+@click.option("--task", "tasks", multiple=True, required=True, help="A task-set task the expert was trained on (repeatable).")
+@click.option("--version", default=None, type=int, help="The version to tag [default: the latest].")
+@click.option(
+    "--mode",
+    default="set",
+    show_default=True,
+    type=click.Choice(["set", "add", "remove"]),
+    help="Replace, add to or remove from its tasks.",
+)
+def registry_tag(registry_path, name, tasks, version, mode) -> None:  # noqa: ANN001
+    """Say which task-set tasks expert NAME was trained on (metadata only: no new version)."""
+    try:
+        rec = _open(registry_path).tag(name, tasks, version, mode=mode)
+    except (ValueError, KeyError, RuntimeError, TimeoutError) as exc:
+        _fail(exc)
+    click.echo(f"{rec.ref}: tasks {', '.join(rec.tasks) or 'none'}")
 
 
 @registry.command("verify")

@@ -1,13 +1,13 @@
 """The quality table on the zoo: every method scored on every task (exact match), held-in
-normalised score (expert on its own task = 100) and held-out accuracy. Later routers and merges
-add rows through :func:`method_row`."""
+normalised score (expert on its own task = 100) and held-out accuracy. The table itself
+(:class:`MethodRow`, :func:`method_row`, the heatmap) is :mod:`moerge.evaluation.report`'s."""
 
 from __future__ import annotations
 
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,8 @@ import torch
 
 from moerge.adapters import attach, detach, load_lora, one_hot, use_weights
 from moerge.device import DeviceLike, module_device, resolve_device
-from moerge.plotting import pyplot, save_figure
+from moerge.evaluation.report import MethodRow, method_row, plot_matrix
+from moerge.evaluation.report import QualityReport as _Report
 from moerge.progress import progress_bar
 from moerge.zoo import Zoo, exact_match
 from moerge.zoo.tasks import get_task
@@ -23,31 +24,9 @@ from moerge.zoo.train import generate_answers
 
 
 @dataclass
-class MethodRow:
-    """One row of the table: a method's per-task scores and the two summary figures."""
+class QualityReport(_Report):
+    """The demo's table on the zoo: held-out tasks grouped by kind, and the other suites' sections."""
 
-    name: str
-    per_task: dict[str, float]
-    held_in_normalized: float
-    held_out_accuracy: float
-    notes: str = ""
-    #: routers: share of held-in *input* tokens (× modules) whose top-1 expert is the task's own
-    #: (BOS, instruction, separators and answer apart: ``meta.routers.<name>.routing``)
-    routing_accuracy: float | None = None
-    #: merges: bytes stored beyond the base (fp32), and the same for keeping every expert
-    stored_bytes: int | None = None
-    experts_bytes: int | None = None
-
-
-@dataclass
-class QualityReport:
-    held_in: list[str]
-    held_out: list[str]
-    experts: list[str]
-    #: matrix[expert][task]: exact match of each single expert on each task
-    matrix: dict[str, dict[str, float]]
-    rows: list[MethodRow]
-    meta: dict[str, Any] = field(default_factory=dict)
     #: RouterRetriever's Table 1 on the retrieval suite (:func:`moerge.bench.retrieval.run`), when run
     retrieval: dict[str, Any] | None = None
     #: Symbolic-MoE on the zoo's whole-model pool (:func:`moerge.bench.symbolic.evaluate`), when run
@@ -55,19 +34,8 @@ class QualityReport:
     #: the positive control for token routing (:func:`moerge.bench.control.evaluate`), when run
     token_control: dict[str, Any] | None = None
 
-    def own_scores(self) -> dict[str, float]:
-        """Each held-in task's own expert on it: the 100 of the normalised score."""
-        return {t: self.matrix[t][t] for t in self.held_in}
-
     def to_json(self) -> dict[str, Any]:
-        out = {
-            "methods": {r.name: {**asdict(r), "held_out_groups": self.group_accuracy(r)} for r in self.rows},
-            "held_out_groups": self.held_out_groups(),
-            "cross_task_matrix": self.matrix,
-            "held_in": self.held_in,
-            "held_out": self.held_out,
-            "meta": self.meta,
-        }
+        out = super().to_json()
         if self.retrieval is not None:
             from moerge.bench.retrieval import to_json as retrieval_json
 
@@ -85,49 +53,6 @@ class QualityReport:
         for t in self.held_out:
             groups["unseen phrasings" if len(get_task(t).uses) <= 1 else "compositions"].append(t)
         return groups
-
-    def group_accuracy(self, row: MethodRow) -> dict[str, float | None]:
-        """Mean exact match (%) of ``row`` over each held-out group (None for an empty group)."""
-        return {g: (100 * sum(row.per_task[t] for t in ts) / len(ts) if ts else None) for g, ts in self.held_out_groups().items()}
-
-    def markdown(self) -> str:
-        lines = [
-            "| method | held-in normalised (expert = 100) | held-out accuracy (%) | held-out: unseen phrasings / compositions (%) "
-            "| routing accuracy, held-in inputs (%) | stored (vs every expert) | notes |",
-            "|---|---:|---:|---:|---:|---:|---|",
-        ]
-        for r in self.rows:
-            ra = "" if r.routing_accuracy is None else f"{100 * r.routing_accuracy:.1f}"
-            st = "" if r.stored_bytes is None else f"{r.stored_bytes / 1024:.0f} KB ({r.stored_bytes / r.experts_bytes:.2f}×)"
-            groups = " / ".join("–" if v is None else f"{v:.1f}" for v in self.group_accuracy(r).values())
-            lines.append(
-                f"| {r.name} | {r.held_in_normalized:.1f} | {100 * r.held_out_accuracy:.1f} | {groups} | {ra} | {st} | {r.notes} |"
-            )
-        return "\n".join(lines)
-
-    def matrix_markdown(self) -> str:
-        tasks = self.held_in + self.held_out
-        head = "| expert \\ task | " + " | ".join(tasks) + " |"
-        sep = "|---|" + "---:|" * len(tasks)
-        body = [f"| {e} | " + " | ".join(f"{100 * self.matrix[e][t]:.0f}" for t in tasks) + " |" for e in self.experts]
-        base = next((r for r in self.rows if r.name == "base"), None)
-        if base:
-            body.append("| *base* | " + " | ".join(f"{100 * base.per_task[t]:.0f}" for t in tasks) + " |")
-        return "\n".join([head, sep, *body])
-
-
-def method_row(
-    name: str, per_task: dict[str, float], held_in: Sequence[str], held_out: Sequence[str], own: dict[str, float], notes: str = ""
-) -> MethodRow:
-    """Summarise per-task exact match: mean of 100·score/own over held-in, mean accuracy over held-out."""
-    norm = [100 * per_task[t] / own[t] if own[t] > 0 else 0.0 for t in held_in]
-    return MethodRow(
-        name=name,
-        per_task=dict(per_task),
-        held_in_normalized=sum(norm) / len(norm),
-        held_out_accuracy=sum(per_task[t] for t in held_out) / len(held_out),
-        notes=notes,
-    )
 
 
 def evaluate_zoo(zoo: Zoo, progress: bool | None = None, max_new_tokens: int = 8, device: DeviceLike = "cpu") -> QualityReport:
@@ -489,29 +414,6 @@ def _flat(params: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
-
-
-def plot_matrix(report: QualityReport, path: str | Path) -> Path:
-    """Heatmap of the cross-task matrix (experts × tasks, exact match %), base as the last row."""
-    plt = pyplot()
-
-    tasks = report.held_in + report.held_out
-    rows = report.experts + ["base"]
-    base = next(r for r in report.rows if r.name == "base").per_task
-    data = [[100 * report.matrix[e][t] for t in tasks] for e in report.experts] + [[100 * base[t] for t in tasks]]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * len(tasks), 1.2 + 0.45 * len(rows)))
-    im = ax.imshow(data, cmap="viridis", vmin=0, vmax=100, aspect="auto")
-    ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
-    ax.set_yticks(range(len(rows)), rows)
-    ax.axvline(len(report.held_in) - 0.5, color="white", lw=2)
-    for i, row in enumerate(data):
-        for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="white" if v < 60 else "black")
-    ax.set_xlabel("task (held-in | held-out)")
-    ax.set_ylabel("expert")
-    ax.set_title("Exact match (%) of each expert on each task")
-    fig.colorbar(im, ax=ax, fraction=0.03)
-    return save_figure(fig, path)
 
 
 def write_report(report: QualityReport, out_dir: str | Path, json_path: str | Path | None = None) -> dict[str, Path]:

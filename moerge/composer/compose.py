@@ -94,9 +94,11 @@ def encode_prompts(
     return {k: v.to(device) for k, v in tokenizer(list(prompts), return_tensors="pt", padding=True, **kwargs).items()}
 
 
-def decode_text(tokenizer: Any, ids: Any) -> str:
-    """Generated ids as text with whitespace normalised (the zoo's word-level tokenizer spaces words)."""
-    return " ".join(tokenizer.decode(ids, skip_special_tokens=True).split())
+def decode_text(tokenizer: Any, ids: Any, collapse_whitespace: bool = True) -> str:
+    """Generated ids as text with whitespace normalised (the zoo's word-level tokenizer spaces
+    words); ``collapse_whitespace=False``: as decoded (newlines kept, e.g. for stop strings)."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return " ".join(text.split()) if collapse_whitespace else text
 
 
 class ComposedModel:
@@ -157,17 +159,19 @@ class ComposedModel:
         task: str | Sequence[str] | None = None,
         max_new_tokens: int = 32,
         batch_size: int = 64,
+        collapse_whitespace: bool = True,
         **generation_kwargs: Any,
     ) -> list[str]:
         """Generated continuations (greedy unless ``generation_kwargs`` say otherwise), routed per
-        the router: token routers decide at every prefill and decode step."""
+        the router: token routers decide at every prefill and decode step. Whitespace runs in
+        the answers are collapsed to one space unless ``collapse_whitespace=False``."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         tasks = None if task is None or isinstance(task, str) else list(task)
         out: list[str] = []
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
             routing = self.route(chunk, task if tasks is None else tasks[i : i + batch_size])
-            out += self._generate(chunk, routing, max_new_tokens, **generation_kwargs)[0]
+            out += self._generate(chunk, routing, max_new_tokens, collapse_whitespace, **generation_kwargs)[0]
         return out
 
     #: decode with a static KV cache and torch.compile (see moerge.decoding)
@@ -181,7 +185,9 @@ class ComposedModel:
     def dtype(self) -> torch.dtype:
         return module_dtype(self.model)
 
-    def _generate(self, prompts: Sequence[str], routing: Routing, max_new_tokens: int, **kw: Any) -> tuple[list[str], Any]:
+    def _generate(
+        self, prompts: Sequence[str], routing: Routing, max_new_tokens: int, collapse_whitespace: bool = True, **kw: Any
+    ) -> tuple[list[str], Any]:
         from moerge import decoding
 
         tok = self.tokenizer
@@ -199,7 +205,7 @@ class ComposedModel:
             )
         enc = {k: v[:n] for k, v in enc.items()}
         new = gen[:n, enc["input_ids"].shape[1] :]
-        texts = [decode_text(tok, row) for row in new]
+        texts = [decode_text(tok, row, collapse_whitespace) for row in new]
         return texts, (enc, new)
 
     @torch.inference_mode()

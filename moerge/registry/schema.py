@@ -39,6 +39,22 @@ def validate_name(name: object) -> str:
     return name
 
 
+def validate_task_names(tasks: Any) -> list[str]:
+    """Task names as a de-duplicated list (order kept); each follows the expert-name rules (a
+    task names a folder of a task set)."""
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    out: list[str] = []
+    for t in tasks:
+        try:
+            validate_name(t)
+        except InvalidNameError as exc:
+            raise InvalidNameError(str(exc).replace("expert name", "task name")) from None
+        if t not in out:
+            out.append(t)
+    return out
+
+
 class LoraSpec(BaseModel):
     """What a LoRA expert's factors mean: PEFT's rank/alpha bookkeeping, kept verbatim."""
 
@@ -70,6 +86,9 @@ class ExpertRecord(BaseModel):
     skills: list[str] = Field(default_factory=list)
     tags: list[str] = Field(default_factory=list)
     examples: list[str] = Field(default_factory=list)
+    #: the tasks (names in a task set, :mod:`moerge.evaluation`) this expert was trained on: its
+    #: own tasks define the evaluator's oracle and the held-in normalisation
+    tasks: list[str] = Field(default_factory=list)
     metrics: dict[str, Finite] = Field(default_factory=dict)
     created: str
     files: dict[str, str]
@@ -84,6 +103,11 @@ class ExpertRecord(BaseModel):
     @classmethod
     def _check_name(cls, v: str) -> str:
         return validate_name(v)
+
+    @field_validator("tasks")
+    @classmethod
+    def _check_tasks(cls, v: list[str]) -> list[str]:
+        return validate_task_names(v)
 
     @property
     def ref(self) -> str:

@@ -60,7 +60,7 @@ from moerge.registry.files import (
     verify_file,
 )
 from moerge.registry.importers import MoergeWarning
-from moerge.registry.schema import KINDS, ExpertRecord, validate_name
+from moerge.registry.schema import KINDS, ExpertRecord, validate_name, validate_task_names
 
 log = logging.getLogger(__name__)
 
@@ -443,6 +443,7 @@ class Registry:
         skills: Iterable[str] = (),
         tags: Iterable[str] = (),
         examples: Iterable[str] = (),
+        tasks: Iterable[str] = (),
         metrics: dict[str, float] | None = None,
         base: Any = None,
         kind: str | None = None,
@@ -465,8 +466,12 @@ class Registry:
         ``kind="model"``: a whole causal LM with its tokenizer (Symbolic-MoE's experts; the record
         notes its architecture and whether it has a chat template). ``reference=True`` keeps such a
         model where it is — a local folder or a hub id — instead of copying gigabytes.
+
+        ``tasks``: the task-set tasks the expert was trained on (``moerge eval``'s oracle and
+        normalisation); :meth:`tag` sets them later without a new version.
         """
         validate_name(name)
+        tasks = validate_task_names(builtins.list(tasks) if not isinstance(tasks, str) else tasks)
         if kind is not None and kind not in KINDS:
             raise ValueError(f"unknown expert kind {kind!r}; expected one of {KINDS}")
         metrics = {str(k): importers.finite(v, f"metric {k!r}") for k, v in (metrics or {}).items()}
@@ -522,6 +527,7 @@ class Registry:
                 skills=builtins.list(skills),
                 tags=builtins.list(tags),
                 examples=builtins.list(examples),
+                tasks=tasks,
                 metrics=metrics,
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 files=files,
@@ -583,6 +589,35 @@ class Registry:
                 raise
         log.info("registered %s (%s)", record.ref, record.kind)
         return record
+
+    def tag(self, name: str, tasks: Iterable[str], version: int | None = None, *, mode: str = "set") -> ExpertRecord:
+        """Say which tasks an expert version (its latest unless ``version``) was trained on:
+        ``mode="set"`` replaces its task list, ``"add"`` appends, ``"remove"`` drops. Metadata
+        only: the version, its weights and its artifacts stay as they are. The index row and
+        ``record.json`` change in one transaction (the file is put back if the commit fails)."""
+        if mode not in ("set", "add", "remove"):
+            raise ValueError(f"tag mode must be 'set', 'add' or 'remove', got {mode!r}")
+        given = validate_task_names(builtins.list(tasks) if not isinstance(tasks, str) else tasks)
+        with self._write(f"tagging {name!r}") as con:
+            rec = self._resolve(name, version)
+            now = {"set": given, "add": [*rec.tasks, *given], "remove": [t for t in rec.tasks if t not in given]}[mode]
+            if mode == "remove":
+                missing = [t for t in given if t not in rec.tasks]
+                if missing:
+                    raise ValueError(f"expert {rec.ref} is not tagged with {missing} (its tasks: {rec.tasks or 'none'})")
+            new = rec.model_copy(update={"tasks": validate_task_names(now)})
+            path = self.path(rec) / "record.json"
+            old = path.read_bytes()
+            atomic_write_json(path, new.model_dump(mode="json"))
+            try:
+                con.execute(
+                    "UPDATE experts SET record=? WHERE name=? AND version=?", (new.model_dump_json(), rec.name, rec.version)
+                )
+            except BaseException:
+                atomic_write_bytes(path, old)
+                raise
+        log.info("tagged %s with tasks %s", new.ref, new.tasks)
+        return new
 
     # ------------------------------------------------------------------ read
 

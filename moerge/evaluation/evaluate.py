@@ -1,0 +1,612 @@
+"""``moerge.evaluate``: score a registry's LoRA experts on a task set with every method —
+base, each expert, the oracle, the routers, the static merges and Twin-Merging — choosing every
+hyper-parameter on the validation split and preparing routers from the train split only.
+
+Everything the table needs is cached by :class:`~moerge.evaluation.cache.ScoreCache` per
+(method, settings, expert versions, base, task file, split), so a rerun after registering one
+more expert computes that expert's rows and the methods that include it, and nothing else."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moerge.evaluation.cache import ScoreCache
+from moerge.evaluation.methods import METHODS, call_params, parse_grid_overrides, resolve_methods, shown
+from moerge.evaluation.metrics import cut_at_stop, metric_fn
+from moerge.evaluation.report import MethodRow, QualityReport, method_row, plot_matrix
+from moerge.evaluation.tasks import Task, TaskSet, load_task_set
+from moerge.progress import progress_bar
+from moerge.registry import ExpertRecord, Registry
+
+log = logging.getLogger(__name__)
+
+#: held-in test prompts per task for routing accuracy
+ROUTING_EXAMPLES = 50
+
+
+class EvaluationError(ValueError):
+    """A pool or task set that cannot be evaluated as asked: the message says what and how to fix it."""
+
+
+def _records(reg: Registry, experts: Sequence[str] | None) -> list[ExpertRecord]:
+    if experts is None:
+        records = reg.list(kind="lora")
+        if not records:
+            raise EvaluationError(f"the registry at {reg.root} has no LoRA expert to evaluate")
+        return records
+    records = [reg._resolve(e) for e in experts]
+    not_lora = [f"{r.ref} ({r.kind})" for r in records if r.kind != "lora"]
+    if not_lora:
+        raise EvaluationError(f"moerge eval composes LoRA experts; these are not: {', '.join(not_lora)}")
+    if not records:
+        raise EvaluationError("no expert to evaluate")
+    return records
+
+
+def _check_base(records: Sequence[ExpertRecord], base: str | None) -> tuple[str, str | None]:
+    """The base to evaluate on, and its config fingerprint; an expert registered for another base
+    is named here, before any model loads."""
+    from moerge.registry.importers import resolve_base
+
+    if base is None:
+        bases: dict[str, list[str]] = {}
+        for r in records:
+            bases.setdefault(str(r.base_model), []).append(r.ref)
+        if len(bases) != 1 or "None" in bases:
+            listing = "; ".join(f"{b}: {', '.join(refs)}" for b, refs in bases.items())
+            raise EvaluationError(f"the experts do not name one common base ({listing}); pass base= (--base) or pick experts")
+        base = next(iter(bases))
+    info = resolve_base(base, required=True)
+    assert info is not None
+    wrong = [
+        f"{r.ref} (base {r.base_model})"
+        for r in records
+        if r.base_fingerprint and info.fingerprint and r.base_fingerprint != info.fingerprint
+    ]
+    if wrong:
+        raise EvaluationError(
+            f"{', '.join(wrong)} {'was' if len(wrong) == 1 else 'were'} registered for another base model than {base} "
+            f"(config fingerprint {info.fingerprint}); leave {'it' if len(wrong) == 1 else 'them'} out with experts= (--expert) or pass that base"
+        )
+    return info.id, info.fingerprint
+
+
+def _files_signature(base: str) -> list[tuple[str, int, int]]:
+    """Size and modification time of a local base's weight files (its weights' identity in the cache key)."""
+    folder = Path(base)
+    if not folder.is_dir():
+        return []
+    return [
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.iterdir())
+        if p.suffix in (".safetensors", ".bin", ".gguf")
+    ]
+
+
+class _Pool:
+    """The pool's experts, their tasks and the task set, rendered to prompts once."""
+
+    def __init__(
+        self, reg: Registry, records: list[ExpertRecord], tasks: TaskSet, render: Callable[[Any], str], limit: int | None
+    ):
+        self.reg, self.records, self.tasks = reg, records, tasks
+        self.names = [r.name for r in records]
+        self.limit = limit
+        self.own: dict[str, list[str]] = {t: [r.name for r in records if t in r.tasks] for t in tasks.tasks}
+        self.prompts: dict[tuple[str, str], list[str]] = {}
+        self.targets: dict[tuple[str, str], list[tuple[str, ...]]] = {}
+        for name, task in tasks.tasks.items():
+            for split in ("train", "validation", "test"):
+                examples = task.split(split)
+                if split != "train" and limit is not None:
+                    examples = examples[:limit]
+                self.prompts[name, split] = [e.render(render) for e in examples]
+                self.targets[name, split] = [e.targets for e in examples]
+
+    def check(self, methods: Sequence[str]) -> None:
+        missing = [t for t in self.tasks.held_in if not self.own[t]]
+        if missing:
+            raise EvaluationError(
+                f"held-in task{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} "
+                f"{'have' if len(missing) > 1 else 'has'} no expert in the pool (the oracle and the normalisation need one): "
+                f"tag the expert trained on it (moerge registry tag NAME --task {missing[0]}; Registry.tag) or make it held_out"
+            )
+        leaked = [f"{t} ({', '.join(self.own[t])})" for t in self.tasks.held_out if self.own[t]]
+        if leaked:
+            raise EvaluationError(
+                f"held-out task(s) {', '.join(leaked)} have experts trained on them; a held-out task is one no expert saw: "
+                "make it held_in or untag the expert"
+            )
+        if any(METHODS[m].uses_data for m in methods):
+            needs = [m for m in methods if METHODS[m].uses_data]
+            for r in self.records:
+                if not self.data(r.name):
+                    known = [t for t in r.tasks if t in self.tasks.tasks]
+                    why = (
+                        f"its tasks {known} have no train.jsonl"
+                        if known
+                        else f"it is tagged with no task of this set (its tasks: {r.tasks or 'none'})"
+                    )
+                    raise EvaluationError(
+                        f"{', '.join(needs)} {'is' if len(needs) == 1 else 'are'} prepared from each expert's training "
+                        f"examples, and expert {r.ref} has none: {why}. Tag it (moerge registry tag {r.name} --task T) "
+                        "or leave those methods out"
+                    )
+
+    def data(self, expert: str) -> list[tuple[str, str]]:
+        """(prompt, target) pairs from the train splits of the expert's tasks: what routers are prepared from."""
+        rec = next(r for r in self.records if r.name == expert)
+        out = []
+        for t in rec.tasks:
+            if t in self.tasks.tasks:
+                out += [(p, ts[0]) for p, ts in zip(self.prompts[t, "train"], self.targets[t, "train"], strict=True)]
+        return out
+
+    def data_key(self) -> dict[str, list[str]]:
+        return {
+            r.name: [f"{t}:{self.tasks[t].hashes.get('train')}" for t in r.tasks if t in self.tasks.tasks] for r in self.records
+        }
+
+    def pool_key(self) -> list[list[str]]:
+        return [[r.ref, r.files.get("adapter_model.safetensors", json.dumps(r.files, sort_keys=True))] for r in self.records]
+
+    def score(self, task: str, split: str, answers: Sequence[str]) -> float:
+        spec = self.tasks[task].spec
+        fn = metric_fn(spec.metric, spec.normalize)
+        targets = self.targets[task, split]
+        if not targets:
+            return 0.0
+        return sum(fn(a, t) for a, t in zip(answers, targets, strict=True)) / len(targets)
+
+
+def _chat_renderer(base: str, tasks: TaskSet) -> Callable[[Any], str] | None:
+    if not any(e.messages for t in tasks.tasks.values() for s in t.splits.values() for e in s):
+        return None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    if not getattr(tok, "chat_template", None):
+        return None
+
+    def render(messages: list[dict[str, str]]) -> str:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    return render
+
+
+@torch.inference_mode()
+def _generate_plain(model: Any, tok: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    from moerge.composer.compose import decode_text, encode_prompts
+    from moerge.device import module_device
+
+    out: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        enc = encode_prompts(tok, prompts[i : i + batch_size], module_device(model))
+        gen = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
+        )
+        out += [decode_text(tok, row, collapse_whitespace=False) for row in gen[:, enc["input_ids"].shape[1] :]]
+    return out
+
+
+def _routing_accuracy(composed: Any, prompts: Sequence[str], allowed: torch.Tensor) -> float:
+    """Share of prompt tokens × modules whose top-1 expert is one trained on the prompt's task
+    (``allowed``: [B, E] bool)."""
+    top, mask = composed.token_routing(list(prompts))  # [M, B, T], [B, T]
+    hit = allowed[torch.arange(top.shape[1])[None, :, None], top]  # [M, B, T]
+    m = mask[None].expand_as(hit)
+    return float((hit & m).sum() / m.sum().clamp(min=1))
+
+
+class _Run:
+    """One evaluation: the cache, the lazily built models and the bookkeeping of what was computed."""
+
+    def __init__(self, pool: _Pool, base: str, fingerprint: str | None, device: Any, dtype: Any, cache: ScoreCache,
+                 batch_size: int, progress: bool | None) -> None:  # fmt: skip
+        from moerge.device import resolve_device, resolve_dtype
+
+        self.pool, self.base, self.cache, self.batch_size, self.progress = pool, base, cache, batch_size, progress
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.common = {
+            "base": base, "base_fingerprint": fingerprint, "base_files": _files_signature(base),
+            "device": self.device.type, "dtype": str(self.dtype), "limit": pool.limit,
+        }  # fmt: skip
+        self.computed: list[str] = []
+        self.seconds: dict[str, float] = {}
+
+    def task_key(self, task: str, split: str) -> dict[str, Any]:
+        t: Task = self.pool.tasks[task]
+        return {
+            "task": task,
+            "split": split,
+            "file": t.hashes.get(split),
+            "max_new_tokens": t.spec.max_new_tokens,
+            "stop": t.spec.stop,
+        }
+
+    def key(self, what: dict[str, Any], task: str, split: str) -> dict[str, Any]:
+        return {**self.common, **what, **self.task_key(task, split)}
+
+    def answers(self, task: str, split: str, raw: Sequence[str]) -> list[str]:
+        return [cut_at_stop(a, self.pool.tasks[task].spec.stop) for a in raw]
+
+    # --------------------------------------------------------------- base and experts
+    def matrix(self, tasks: Sequence[str]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """Base and every expert on every task's test split, in one mixed-expert batch per task
+        (rows routed one-hot through the multi-expert layer); only missing entries are generated."""
+        from moerge.adapters import attach, detach, load_lora, one_hot, use_weights
+        from moerge.composer.compose import load_base
+
+        pool = self.pool
+        E = len(pool.names)
+        keys = {(-1, t): self.key({"method": "base"}, t, "test") for t in tasks}
+        keys.update(
+            {(e, t): self.key({"method": "expert", "expert": pool.pool_key()[e]}, t, "test") for e in range(E) for t in tasks}
+        )
+        got = {k: self.cache.get(v) for k, v in keys.items()}
+        todo = [k for k, v in got.items() if v is None]
+        if todo:
+            t0 = time.perf_counter()
+            model, tok = load_base(self.base, device=self.device, dtype=self.dtype)
+            attach(model, [load_lora(r, registry=pool.reg, device=self.device) for r in pool.records])
+            try:
+                for task in progress_bar(tasks, desc="base and experts", progress=self.progress):
+                    rows = [k[0] for k in todo if k[1] == task]
+                    if not rows:
+                        continue
+                    prompts = pool.prompts[task, "test"]
+                    n = len(prompts)
+                    batch, assign = prompts * len(rows), [e for e in rows for _ in range(n)]
+                    raw: list[str] = []
+                    for i in range(0, len(batch), self.batch_size):
+                        with use_weights(model, one_hot(assign[i : i + self.batch_size], E).to(self.device)):
+                            raw += _generate_plain(
+                                model,
+                                tok,
+                                batch[i : i + self.batch_size],
+                                self.pool.tasks[task].spec.max_new_tokens,
+                                self.batch_size,
+                            )
+                    for j, e in enumerate(rows):
+                        value = {"answers": self.answers(task, "test", raw[j * n : (j + 1) * n])}
+                        self.cache.put(keys[e, task], value)
+                        got[e, task] = value
+                        self.computed.append(f"{'base' if e < 0 else 'expert:' + pool.names[e]}/{task}/test")
+            finally:
+                detach(model)
+                del model
+            self.seconds["base and experts"] = time.perf_counter() - t0
+        base = {t: pool.score(t, "test", got[-1, t]["answers"]) for t in tasks}
+        matrix = {pool.names[e]: {t: pool.score(t, "test", got[e, t]["answers"]) for t in tasks} for e in range(E)}
+        return base, matrix
+
+    # --------------------------------------------------------------- methods with a grid
+    @contextmanager
+    def _builder(self, method: str, params: dict[str, Any]) -> Iterator[Callable[[], Any]]:
+        """A function building the method's model for ``params`` on first call (None: nothing built)."""
+        built: list[Any] = []
+
+        def get() -> Any:
+            if not built:
+                built.append(self._build(method, params))
+            return built[0]
+
+        try:
+            yield get
+        finally:
+            built.clear()
+
+    def _build(self, method: str, params: dict[str, Any]) -> Any:
+        from moerge.composer import compose, merge
+
+        pool = self.pool
+        spec = METHODS[method]
+        sel = pool.reg.select(names=[r.ref for r in pool.records])
+        kwargs = call_params(method, params)
+        t0 = time.perf_counter()
+        if spec.family in ("router", "twin"):
+            data = {n: pool.data(n) for n in pool.names} if spec.uses_data else None
+            router = "twin" if spec.family == "twin" else method
+            built = compose(
+                self.base, sel, router, data=data, progress=self.progress, device=self.device, dtype=self.dtype, **kwargs
+            )
+        else:
+            from transformers import AutoTokenizer
+
+            model = merge(self.base, sel, method, output="model", device=self.device, progress=self.progress, **kwargs)
+            model = model.to(device=self.device, dtype=self.dtype).eval()
+            built = (model, AutoTokenizer.from_pretrained(self.base))  # encode_prompts pads it on the left
+        self.seconds[f"{method} build"] = self.seconds.get(f"{method} build", 0.0) + time.perf_counter() - t0
+        return built
+
+    def _generate(self, built: Any, method: str, params: dict[str, Any], task: str, split: str) -> list[str]:
+        spec = METHODS[method]
+        prompts = self.pool.prompts[task, split]
+        n_new = self.pool.tasks[task].spec.max_new_tokens
+        if spec.family == "merge":
+            model, tok = built
+            return _generate_plain(model, tok, prompts, n_new, self.batch_size)
+        live = {k: v for k, v in params.items() if k in spec.live}
+        if live:
+            built.router.config = built.router.config.model_copy(update=live)
+        return built.generate(prompts, max_new_tokens=n_new, batch_size=self.batch_size, collapse_whitespace=False)
+
+    def method_key(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        spec = METHODS[method]
+        key: dict[str, Any] = {"method": method, "params": call_params(method, params), "pool": self.pool.pool_key()}
+        if spec.uses_data:
+            key["data"] = self.pool.data_key()
+        return key
+
+    def run_method(self, method: str, overrides: Mapping[str, Sequence[Any]] | None) -> dict[str, Any]:
+        """Choose the grid point on validation (held-in tasks), then score it on every test split."""
+        pool, spec = self.pool, METHODS[method]
+        points = spec.points(overrides)
+        val_tasks = [t for t in pool.tasks.held_in if pool.prompts[t, "validation"]]
+        t0 = time.perf_counter()
+        out: dict[str, Any] = {"grid": {k: list(v) for k, v in {**spec.grid, **(overrides or {})}.items()}}
+        if len(points) > 1 and not val_tasks:
+            out["skipped"] = (
+                f"no validation data to choose {', '.join(out['grid'])} from {len(points)} grid points: give the held-in "
+                "tasks a validation.jsonl, or set one value per hyper-parameter"
+            )
+            return out
+        # group grid points that share one build (they differ only in settings read at routing time)
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for p in points:
+            groups.setdefault(
+                json.dumps({k: v for k, v in p.items() if k not in spec.live}, sort_keys=True, default=str), []
+            ).append(p)
+        tried = []
+        if len(points) > 1:
+            for group in groups.values():
+                with self._builder(method, group[0]) as get:
+                    for p in group:
+                        scores = {
+                            t: pool.score(t, "validation", self._cached(get, method, p, t, "validation")) for t in val_tasks
+                        }
+                        tried.append({"params": p, "validation": scores, "mean": sum(scores.values()) / len(scores)})
+            chosen = max(tried, key=lambda x: x["mean"])["params"]  # max keeps the first of equals: grid order
+        else:
+            chosen = points[0]
+        out["validation"] = tried
+        out["chosen"] = chosen
+        with self._builder(method, chosen) as get:
+            tasks = pool.tasks.held_in + pool.tasks.held_out
+            answers = {
+                t: self._cached(get, method, chosen, t, "test")
+                for t in progress_bar(tasks, desc=spec.label, progress=self.progress)
+            }
+            out["per_task"] = {t: pool.score(t, "test", a) for t, a in answers.items()}
+            if spec.family in ("router", "twin"):
+                out["routing_accuracy"] = self._routing(get, method, chosen)
+            if spec.family == "twin":
+                key = {**self.common, **self.method_key(method, chosen), "what": "stored"}
+                stored = self.cache.get(key)
+                if stored is None:
+                    stored = dict(get().router.stored)
+                    self.cache.put(key, stored)
+                out["stored"] = stored
+        self.seconds[method] = time.perf_counter() - t0
+        return out
+
+    def _cached(self, get: Callable[[], Any], method: str, params: dict[str, Any], task: str, split: str) -> list[str]:
+        key = self.key(self.method_key(method, params), task, split)
+        hit = self.cache.get(key)
+        if hit is None:
+            hit = {"answers": self.answers(task, split, self._generate(get(), method, params, task, split))}
+            self.cache.put(key, hit)
+            self.computed.append(f"{method}[{shown(params) or '-'}]/{task}/{split}")
+        return hit["answers"]
+
+    def _routing(self, get: Callable[[], Any], method: str, params: dict[str, Any]) -> float:
+        pool = self.pool
+        key = {**self.common, **self.method_key(method, params), "what": "routing", "n": ROUTING_EXAMPLES,
+               "tasks": [self.task_key(t, "test") for t in pool.tasks.held_in]}  # fmt: skip
+        hit = self.cache.get(key)
+        if hit is None:
+            prompts, allowed = [], []
+            for t in pool.tasks.held_in:
+                ps = pool.prompts[t, "test"][:ROUTING_EXAMPLES]
+                prompts += ps
+                allowed += [[n in pool.own[t] for n in pool.names]] * len(ps)
+            built = get()
+            live = {k: v for k, v in params.items() if k in METHODS[method].live}
+            if live:
+                built.router.config = built.router.config.model_copy(update=live)
+            hit = {"accuracy": _routing_accuracy(built, prompts, torch.tensor(allowed))}
+            self.cache.put(key, hit)
+            self.computed.append(f"{method}[{shown(params) or '-'}]/routing")
+        return hit["accuracy"]
+
+
+def _leaks(pool: _Pool, method: str) -> int:
+    """How many test prompts occur in what ``method`` is prepared from: the experts' training
+    prompts (routers trained on them) and, for GLIDER, the expert descriptions."""
+    spec = METHODS[method]
+    tests = [p for t in pool.tasks.tasks for p in pool.prompts[t, "test"]]
+    prep: set[str] = set()
+    if spec.uses_data:
+        prep = {p for n in pool.names for p, _ in pool.data(n)}
+    texts = [r.description for r in pool.records] if method == "glider" else []
+    return sum(p in prep or any(p in x for x in texts) for p in tests)
+
+
+def _bytes(pool: _Pool) -> tuple[int, int]:
+    """(every expert's LoRA factors, one dense ΔW per module) in fp32 bytes."""
+    from moerge.adapters import load_lora
+
+    loras = [load_lora(r, registry=pool.reg) for r in pool.records]
+    experts = 4 * sum(f.A.numel() + f.B.numel() for e in loras for f in e.modules.values())
+    shapes = {m: (f.B.shape[0], f.A.shape[1]) for e in loras for m, f in e.modules.items()}
+    return experts, 4 * sum(a * b for a, b in shapes.values())
+
+
+def evaluate(
+    registry: Registry | str | Path,
+    tasks: TaskSet | str | Path,
+    *,
+    base: str | None = None,
+    methods: Sequence[str] | str | None = None,
+    grid: Mapping[str, Sequence[Any]] | Sequence[str] | None = None,
+    experts: Sequence[str] | None = None,
+    device: Any = "auto",
+    dtype: Any = "auto",
+    limit: int | None = None,
+    out: str | Path | None = None,
+    json_path: str | Path | None = None,
+    cache_dir: str | Path | None = "auto",
+    batch_size: int = 64,
+    progress: bool | None = None,
+) -> QualityReport:
+    """Score the registry's LoRA experts (or ``experts``) on the task set at ``tasks`` with
+    ``methods`` (default: all of :data:`~moerge.evaluation.methods.METHODS`) and return the table.
+
+    Every hyper-parameter is chosen from its declared grid (``grid`` overrides axes:
+    ``{"glider.alpha": [1, 10, 100]}`` or ``["glider.alpha=1,10,100"]``) by the mean score over the
+    held-in tasks' validation splits; routers are prepared from the train splits of each expert's
+    tasks (``Registry.register(..., tasks=[...])`` / :meth:`Registry.tag`). ``limit``: the first
+    N validation and test examples per task. ``out``: write ``report.md``, ``results.json`` (or
+    ``json_path``) and ``cross_task.png`` there. ``cache_dir``: where scores are cached
+    (``"auto"``: ``out/cache``, none without ``out``; ``None``: no cache)."""
+    t_start = time.perf_counter()
+    reg = registry if isinstance(registry, Registry) else Registry(registry, check=True)
+    names = resolve_methods(methods)
+    overrides = parse_grid_overrides(grid)
+    unused = [m for m in overrides if m not in names]
+    if unused:
+        raise EvaluationError(
+            f"grid settings for {', '.join(unused)}, which {'is' if len(unused) == 1 else 'are'} not among the methods {names}"
+        )
+    records = _records(reg, experts)
+    base_id, fingerprint = _check_base(records, base)
+    task_set = tasks if isinstance(tasks, TaskSet) else load_task_set(tasks)
+    if limit is not None and limit < 1:
+        raise EvaluationError(f"limit must be ≥ 1, got {limit}")
+    pool = _Pool(reg, records, task_set, _chat_renderer(base_id, task_set), limit)
+    pool.check(names)
+    if cache_dir == "auto":
+        cache_dir = Path(out) / "cache" if out is not None else None
+    cache = ScoreCache(cache_dir)
+    run = _Run(pool, base_id, fingerprint, device, dtype, cache, batch_size, progress)
+    held_in, held_out = task_set.held_in, task_set.held_out
+    all_tasks = held_in + held_out
+
+    base_scores, matrix = run.matrix(all_tasks)
+    report = QualityReport(
+        held_in=held_in, held_out=held_out, experts=pool.names, matrix=matrix, rows=[],
+        groups=task_set.held_out_groups(), own_experts={t: pool.own[t] for t in held_in},
+    )  # fmt: skip
+    own = report.own_scores()
+    experts_bytes, dense_bytes = _bytes(pool)
+    meta: dict[str, Any] = {}
+
+    def add(row: MethodRow, method: str) -> None:
+        row.test_prompts_in_preparation = _leaks(pool, method) if method in METHODS else 0
+        report.rows.append(row)
+
+    if "base" in names:
+        add(method_row("base", base_scores, held_in, held_out, own, "the base model alone"), "base")
+    if "oracle" in names:
+        oracle = {t: own[t] for t in held_in}
+        oracle.update({t: max(matrix[e][t] for e in pool.names) for t in held_out})
+        add(method_row("oracle", oracle, held_in, held_out, own, METHODS["oracle"].notes), "oracle")
+    if "experts" in names:
+        trained = {r.name: [t for t in r.tasks if t in task_set.tasks] for r in records}
+        singles = [
+            method_row(
+                f"expert:{e}", matrix[e], held_in, held_out, own, f"trained on {', '.join(trained[e]) or 'no task of the set'}"
+            )
+            for e in pool.names
+        ]
+        best = max(
+            singles,
+            key=lambda r: (r.held_in_normalized, 0.0 if r.held_out_accuracy != r.held_out_accuracy else r.held_out_accuracy),
+        )
+        add(MethodRow(**{**best.__dict__, "name": "best single expert", "notes": best.name.removeprefix("expert:")}), "experts")
+        for r in singles:
+            add(r, "experts")
+    for m in names:
+        spec = METHODS[m]
+        if spec.family not in ("router", "merge", "twin"):
+            continue
+        res = run.run_method(m, overrides.get(m))
+        meta[m] = {k: v for k, v in res.items() if k != "per_task"}
+        if "skipped" in res:
+            log.warning("%s: %s", m, res["skipped"])
+            continue
+        choice = shown(res["chosen"])
+        how = "chosen on validation" if len(spec.points(overrides.get(m))) > 1 else "fixed"
+        row = method_row(
+            spec.label, res["per_task"], held_in, held_out, own, f"{spec.notes}; {choice or 'no parameters'} ({how})"
+        )
+        row.chosen = res["chosen"]
+        row.routing_accuracy = res.get("routing_accuracy")
+        if spec.family == "merge":
+            row.stored_bytes, row.experts_bytes = dense_bytes, experts_bytes
+        elif spec.family == "twin":
+            st = res["stored"]
+            row.stored_bytes, row.experts_bytes = (
+                4 * (st["twin_params"] + st["shared_params"] + st["router_params"]),
+                experts_bytes,
+            )
+        add(row, m)
+    report.meta = {
+        "registry": str(reg.root),
+        "tasks": str(task_set.root),
+        "base": base_id,
+        "experts": [r.ref for r in records],
+        "own_experts": pool.own,
+        "methods": meta,
+        "skipped": {m: v["skipped"] for m, v in meta.items() if "skipped" in v},
+        "limit": limit,
+        "n_test": {t: len(pool.prompts[t, "test"]) for t in all_tasks},
+        "n_validation": {t: len(pool.prompts[t, "validation"]) for t in all_tasks},
+        "device": str(run.device),
+        "dtype": str(run.dtype),
+        "threads": torch.get_num_threads(),
+        "computed": run.computed,
+        "cache": {"folder": str(cache.root) if cache.root else None, "hits": cache.hits, "misses": cache.misses},
+        "seconds": {**run.seconds, "total": time.perf_counter() - t_start},
+    }
+    if out is not None:
+        write_report(report, out, json_path)
+    return report
+
+
+def write_report(report: QualityReport, out_dir: str | Path, json_path: str | Path | None = None) -> dict[str, Path]:
+    """report.md, results.json (or ``json_path``) and cross_task.png under ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot_matrix(report, out / "cross_task.png")
+    meta = report.meta
+    skipped = "".join(f"\n- **{m}** not run: {why}" for m, why in meta.get("skipped", {}).items())
+    n = meta.get("n_test", {})
+    md = out / "report.md"
+    md.write_text(
+        f"# moerge eval — {meta.get('tasks')} on {len(report.experts)} experts of {meta.get('registry')}\n\n"
+        f"Base `{meta.get('base')}`, {meta.get('device')} {meta.get('dtype')}; test prompts per task: "
+        + ", ".join(f"{t} {k}" for t, k in n.items())
+        + ".\n\n"
+        f"{report.markdown()}\n\n"
+        "Held-in normalised: mean over held-in tasks of 100 × score / (the best score of the experts trained on the task). "
+        "Held-out: mean score over the held-out tasks. Hyper-parameters: chosen by the mean score over the held-in "
+        "tasks' validation splits; routers are prepared from the train splits only.\n"
+        f"{skipped}\n\n## Cross-task matrix (score %)\n\n{report.matrix_markdown()}\n\n![cross-task matrix](cross_task.png)\n\n"
+        f"Computed {len(meta.get('computed', []))} entries, {meta.get('cache', {}).get('hits', 0)} from the cache, in "
+        f"{meta.get('seconds', {}).get('total', float('nan')):.0f} s.\n",
+        encoding="utf-8",
+    )
+    js = Path(json_path) if json_path else out / "results.json"
+    js.parent.mkdir(parents=True, exist_ok=True)
+    js.write_text(json.dumps(report.to_json(), indent=2, default=str))
+    return {"markdown": md, "json": js, "png": png}

@@ -1,0 +1,182 @@
+"""The methods ``moerge eval`` compares, each with its declared hyper-parameter grid (chosen on
+the validation split) and what it is prepared from."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from moerge.hints import did_you_mean
+
+Family = Literal["base", "experts", "oracle", "router", "merge", "twin"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    family: Family
+    label: str
+    notes: str
+    #: hyper-parameter → the values tried on validation (the first wins ties)
+    grid: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    #: settings passed as they are
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    #: router settings read at routing time: grid points that differ only in these share one build
+    live: frozenset[str] = frozenset()
+    #: prepared from the experts' training examples (their tasks' train splits)
+    uses_data: bool = False
+
+    def points(self, overrides: Mapping[str, Sequence[Any]] | None = None) -> list[dict[str, Any]]:
+        """Every grid point (the product of the grid, ``overrides`` replacing whole axes)."""
+        grid = {**self.grid, **(overrides or {})}
+        keys = list(grid)
+        return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+_TOKEN_LIVE = frozenset({"top_k", "alpha", "temperature"})
+
+METHODS: dict[str, MethodSpec] = {
+    m.name: m
+    for m in (
+        MethodSpec("base", "base", "base", "the base model alone"),
+        MethodSpec("experts", "experts", "expert:{name}", "one expert on every task"),
+        MethodSpec("oracle", "oracle", "oracle", "own expert per held-in task; best single expert per held-out task (hindsight)"),
+        MethodSpec(
+            "phatgoose",
+            "router",
+            "PHATGOOSE",
+            "top-k per token and module; gates trained on each expert's train split",
+            grid={"top_k": (2,)},
+            live=_TOKEN_LIVE,
+            uses_data=True,
+        ),
+        MethodSpec(
+            "glider",
+            "router",
+            "GLIDER",
+            "PHATGOOSE + α·cos(prompt, expert description)",
+            grid={"alpha": (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0), "top_k": (2,)},
+            fixed={"expert_text": "description"},
+            live=_TOKEN_LIVE,
+            uses_data=True,
+        ),
+        MethodSpec(
+            "arrow", "router", "Arrow", "prototype = top right singular vector of ΔW", grid={"top_k": (2,)}, live=_TOKEN_LIVE
+        ),
+        MethodSpec("retrieval", "router", "retrieval", "top-1 expert of the nearest training prompt (MiniLM)", uses_data=True),
+        MethodSpec("average", "merge", "uniform average", "mean of the experts' ΔW"),
+        MethodSpec("task_arithmetic", "merge", "task arithmetic", "λ·Σ ΔW", grid={"lambda": (0.3, 0.5, 1.0)}),
+        MethodSpec(
+            "ties", "merge", "TIES", "trim, elect sign, disjoint mean", grid={"density": (0.2, 0.5), "lambda": (0.5, 1.0)}
+        ),
+        MethodSpec(
+            "dare_ties",
+            "merge",
+            "DARE-TIES",
+            "drop-and-rescale, then TIES",
+            grid={"density": (0.3, 0.5), "lambda": (0.5, 1.0)},
+            fixed={"seed": 0},
+        ),
+        MethodSpec(
+            "twin",
+            "twin",
+            "Twin-Merging",
+            "TA shared expert + SVD twin vectors + MLP router, exact per-input merge",
+            grid={"rank": (None, 16, 32), "lambda": (0.3, 0.5)},
+            uses_data=True,
+        ),
+    )
+}
+
+DEFAULT_METHODS: tuple[str, ...] = tuple(METHODS)
+
+
+def resolve_methods(names: Iterable[str] | str | None) -> list[str]:
+    """Method names in table order, each checked (did-you-mean on a typo)."""
+    if names is None:
+        return list(DEFAULT_METHODS)
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    out = []
+    for n in names:
+        if n not in METHODS:
+            raise ValueError(f"unknown method {n!r}{did_you_mean(n, METHODS)}; known: {', '.join(METHODS)}")
+        if n not in out:
+            out.append(n)
+    if not out:
+        raise ValueError("no method to evaluate")
+    return out
+
+
+def parse_value(text: str) -> Any:
+    """A grid value from the command line: none/null → None, true/false, int, float, else the string."""
+    low = text.strip().lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_grid_overrides(items: Iterable[str] | Mapping[str, Sequence[Any]] | None) -> dict[str, dict[str, tuple[Any, ...]]]:
+    """``method.param=v1,v2`` (CLI) or ``{"method.param": [v1, v2]}`` → method → param → values,
+    each method and parameter checked against the declared grids and fixed settings."""
+    if not items:
+        return {}
+    pairs: list[tuple[str, Sequence[Any]]] = []
+    if isinstance(items, Mapping):
+        pairs = [(k, v if isinstance(v, (list, tuple)) else [v]) for k, v in items.items()]
+    else:
+        for item in items:
+            key, sep, values = item.partition("=")
+            if not sep or not values:
+                raise ValueError(f"--set {item!r} must be METHOD.PARAM=V1[,V2…], e.g. glider.alpha=1,10,100")
+            pairs.append((key, [parse_value(v) for v in values.split(",")]))
+    out: dict[str, dict[str, tuple[Any, ...]]] = {}
+    for key, values in pairs:
+        method, dot, param = key.strip().partition(".")
+        if not dot:
+            raise ValueError(f"grid setting {key!r} must name METHOD.PARAM (e.g. glider.alpha)")
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r} in {key!r}{did_you_mean(method, METHODS)}")
+        spec = METHODS[method]
+        known = [*spec.grid, *spec.fixed]
+        if param not in known:
+            hint = did_you_mean(param, known)
+            raise ValueError(
+                f"{method} has no hyper-parameter {param!r}{hint}; its grid: {', '.join(known) or 'none (nothing to choose)'}"
+            )
+        if not values:
+            raise ValueError(f"grid setting {key!r} has no value")
+        out.setdefault(method, {})[param] = tuple(values)
+    return out
+
+
+def call_params(method: str, point: Mapping[str, Any]) -> dict[str, Any]:
+    """A grid point as the keywords of ``compose``/``merge`` (Twin-Merging's λ is its shared merge's)."""
+    spec = METHODS[method]
+    params = {**spec.fixed, **point}
+    if method == "twin":
+        lam = params.pop("lambda", None)
+        if lam is not None:
+            params["shared_params"] = {"lambda": lam}
+    return params
+
+
+def shown(point: Mapping[str, Any]) -> str:
+    """A chosen grid point as the table shows it."""
+    parts = []
+    for k, v in point.items():
+        if k == "seed":
+            continue
+        if k == "rank" and v is None:
+            v = "10 % of min(d)"
+        parts.append(f"{'α' if k == 'alpha' else 'λ' if k == 'lambda' else k}={v:g}" if isinstance(v, float) else f"{k}={v}")
+    return ", ".join(parts)
