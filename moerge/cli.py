@@ -164,7 +164,7 @@ def demo(
     n_threads = set_threads(threads or auto_threads())
     click.echo(f"      {torch_threads()} torch thread(s) (--threads to choose)", err=True)
     from moerge import zoo as zoo_mod
-    from moerge.bench.quality import ZOO_MERGES, ZOO_ROUTERS, evaluate_merges, evaluate_routers, evaluate_zoo, write_report
+    from moerge.bench.quality import ZOO_MERGES, ZOO_ROUTERS, evaluate_zoo, write_report
     from moerge.zoo.build import default_cache_dir
     from moerge.zoo.prebuild import maybe_start
 
@@ -194,17 +194,14 @@ def demo(
             f"[2/4] evaluating base, {len(zoo.held_in)} experts × {len(zoo.held_in) + len(zoo.held_out)} tasks, oracle ...",
             err=True,
         )
-        report = evaluate_zoo(zoo, progress=None if not no_progress else False, device=dev)
+        click.echo(
+            f"[3/4] routers: {', '.join(chosen) or 'none'} (per-expert artifacts prepared once, cached); merges: "
+            f"{', '.join(chosen_merges) or 'none'} (hyper-parameters chosen on the validation split) — through moerge.evaluate ...",
+            err=True,
+        )
+        report = evaluate_zoo(zoo, chosen, chosen_merges, progress=None if not no_progress else False, device=dev)
         report.meta["device"], report.meta["threads"] = str(dev), n_threads
         report.meta["prebuild"] = bg is not None
-        poll()
-        click.echo(f"[3/4] routers: {', '.join(chosen) or 'none'} (per-expert artifacts prepared once, cached) ...", err=True)
-        evaluate_routers(zoo, report, chosen, progress=None if not no_progress else False, device=dev)
-        poll()
-        click.echo(
-            f"      merges: {', '.join(chosen_merges) or 'none'} (hyper-parameters chosen on the validation split) ...", err=True
-        )
-        evaluate_merges(zoo, report, chosen_merges, progress=None if not no_progress else False, device=dev)
         poll()
         if symbolic:
             from moerge.bench import symbolic as symbolic_bench
@@ -928,6 +925,19 @@ def eval_cmd(registry_path, tasks_dir, base, methods, experts, settings, limit, 
         f"\n{len(meta['computed'])} entries computed, {meta['cache']['hits']} from the cache, {meta['seconds']['total']:.0f} s; "
         f"report: {Path(out) / 'report.md'}, results: {json_path or Path(out) / 'results.json'}"
     )
+
+
+@main.command("lm-eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def lm_eval_cmd(args: tuple[str, ...]) -> None:
+    """lm-evaluation-harness's command line with the model ``moerge`` registered, e.g.
+    ``moerge lm-eval --model moerge --model_args composition=glider.json --tasks T --include_path DIR``
+    (needs the extra: pip install 'moerge[lm-eval]'; --help shows lm-eval's options)."""
+    try:
+        from moerge.integrations.lm_harness import main as lm_eval_main
+    except ImportError as exc:
+        _fail(ImportError(f"moerge lm-eval needs lm-evaluation-harness: pip install 'moerge[lm-eval]' ({exc})"))
+    lm_eval_main(list(args))
 
 
 @main.group()

@@ -7,20 +7,18 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moerge.adapters import attach, detach, load_lora, one_hot, use_weights
-from moerge.device import DeviceLike, module_device, resolve_device
-from moerge.evaluation.report import MethodRow, method_row, plot_matrix
+from moerge.device import DeviceLike
+from moerge.evaluation.methods import METHODS, MethodSpec, call_params
 from moerge.evaluation.report import QualityReport as _Report
-from moerge.progress import progress_bar
-from moerge.zoo import Zoo, exact_match
+from moerge.evaluation.report import plot_matrix
+from moerge.zoo import Zoo
 from moerge.zoo.tasks import get_task
-from moerge.zoo.train import generate_answers
 
 
 @dataclass
@@ -53,72 +51,6 @@ class QualityReport(_Report):
         for t in self.held_out:
             groups["unseen phrasings" if len(get_task(t).uses) <= 1 else "compositions"].append(t)
         return groups
-
-
-def evaluate_zoo(zoo: Zoo, progress: bool | None = None, max_new_tokens: int = 8, device: DeviceLike = "cpu") -> QualityReport:
-    """Base, every LoRA expert on every task (one mixed-expert batch per task through the
-    multi-expert layer), the oracle and the best single expert."""
-    t0 = time.perf_counter()
-    reg = zoo.registry
-    tok = zoo.tokenizer()
-    model = zoo.load_base(device)
-    experts = zoo.held_in
-    tasks = zoo.held_in + zoo.held_out
-    attach(model, [load_lora(name, registry=reg, device=module_device(model)) for name in experts])
-    matrix: dict[str, dict[str, float]] = {e: {} for e in experts}
-    base_scores: dict[str, float] = {}
-    try:
-        for task in progress_bar(tasks, desc="evaluate", progress=progress):
-            test = zoo.test_split(task)
-            prompts = [e.prompt for e in test]
-            n = len(prompts)
-            # rows: base (-1) then each expert, all in one mixed batch
-            batch_prompts = prompts * (len(experts) + 1)
-            assign = [-1] * n + [e for e in range(len(experts)) for _ in range(n)]
-            answers: list[str] = []
-            chunk = 256
-            for i in range(0, len(batch_prompts), chunk):
-                w = one_hot(assign[i : i + chunk], len(experts))
-                with use_weights(model, w):
-                    answers += generate_answers(
-                        model, tok, batch_prompts[i : i + chunk], max_new_tokens=max_new_tokens, batch_size=chunk
-                    )
-            base_scores[task] = exact_match(answers[:n], test)
-            for e, name in enumerate(experts):
-                matrix[name][task] = exact_match(answers[(e + 1) * n : (e + 2) * n], test)
-    finally:
-        detach(model)
-    own = {t: matrix[t][t] for t in zoo.held_in}
-    rows = [method_row("base", base_scores, zoo.held_in, zoo.held_out, own, "the base model alone")]
-    oracle = {t: matrix[t][t] for t in zoo.held_in}
-    oracle.update({t: max(matrix[e][t] for e in experts) for t in zoo.held_out})
-    rows.append(
-        method_row(
-            "oracle",
-            oracle,
-            zoo.held_in,
-            zoo.held_out,
-            own,
-            "own expert per held-in task; best single expert per held-out task (hindsight)",
-        )
-    )
-    singles = [method_row(f"expert:{e}", matrix[e], zoo.held_in, zoo.held_out, own) for e in experts]
-    best = max(singles, key=lambda r: (r.held_in_normalized, r.held_out_accuracy))
-    rows.append(MethodRow(**{**asdict(best), "name": "best single expert", "notes": best.name.removeprefix("expert:")}))
-    return QualityReport(
-        held_in=zoo.held_in,
-        held_out=zoo.held_out,
-        experts=experts,
-        matrix=matrix,
-        rows=rows,
-        meta={
-            "preset": zoo.preset.name,
-            "n_test": zoo.preset.n_test,
-            "eval_seconds": time.perf_counter() - t0,
-            "zoo_build": zoo.meta.get("timings", {}),
-            "threads": torch.get_num_threads(),
-        },
-    )
 
 
 #: the routers in the demo table and how they are set up on the zoo
@@ -187,233 +119,157 @@ def _gate_snr(zoo: Zoo, model: Any, device: DeviceLike, progress: bool | None) -
     return gate_signal_to_noise(model.router.keys, other.router.keys)
 
 
-def _validation_score(model: Any, zoo: Zoo, max_new_tokens: int, n: int = 64) -> float:
-    """Mean exact match over the held-in tasks' validation splits."""
-    scores = []
-    for task in zoo.held_in:
-        val = zoo.val_split(task)[:n]
-        scores.append(exact_match(model.generate([e.prompt for e in val], max_new_tokens=max_new_tokens, batch_size=256), val))
-    return sum(scores) / len(scores)
-
-
-def evaluate_routers(
-    zoo: Zoo,
-    report: QualityReport,
-    routers: Sequence[str] = tuple(ZOO_ROUTERS),
-    progress: bool | None = None,
-    max_new_tokens: int = 8,
-    device: DeviceLike = "cpu",
-) -> list[MethodRow]:
-    """Add a row per router (composed over the zoo's LoRA experts; per-expert artifacts are
-    prepared once and cached in the zoo's registry): exact match per task, and routing accuracy
-    on held-in tasks. GLIDER's α is chosen on the held-in validation split from
-    :data:`GLIDER_ALPHAS` and used for every test task (a deployed router does not know whether a
-    task is held out); the headline GLIDER row also reports the paper's two presets. Each row
-    says how many test instruction templates occur in what the router was prepared from."""
-    from moerge.composer import compose
-
-    reg = zoo.registry
-    own = report.own_scores()
-    rows = []
-    n_templates = len(test_templates(zoo))
-
-    def score(model: Any, label: str) -> tuple[dict[str, float], dict[str, Any]]:
-        from moerge.bench.diagnostics import routing_breakdown
-
-        per_task: dict[str, float] = {}
-        for task in progress_bar(zoo.held_in + zoo.held_out, desc=label, progress=progress):
-            test = zoo.test_split(task)
-            answers = model.generate([e.prompt for e in test], max_new_tokens=max_new_tokens, batch_size=256)
-            per_task[task] = exact_match(answers, test)
-        examples = [e for t in zoo.held_in for e in zoo.test_split(t)[:ROUTING_EXAMPLES]]
-        own = [model.experts.index(t) for t in zoo.held_in for _ in zoo.test_split(t)[:ROUTING_EXAMPLES]]
-        return per_task, routing_breakdown(model, examples, own)
-
-    for label in routers:
-        name, cfg, notes = ZOO_ROUTERS[label]
-        t0 = time.perf_counter()
-        model = compose(
-            zoo.base_path,
-            reg.select(names=zoo.held_in),
-            name,
-            data=zoo.expert_data,
-            progress=progress,
-            device=device,
-            dtype="float32",
-            **cfg,
-        )
-        prep = time.perf_counter() - t0
-        meta: dict[str, Any] = {}
-        if name == "glider":
-            val = {}
-            for a in GLIDER_ALPHAS:
-                model.router.config = model.router.config.model_copy(update={"alpha": a})
-                val[a] = _validation_score(model, zoo, max_new_tokens)
-            alpha = max(GLIDER_ALPHAS, key=lambda a: val[a])  # ties: the smaller α (first in the grid)
-            model.router.config = model.router.config.model_copy(update={"alpha": alpha})
-            meta["alpha_validation"] = {str(a): v for a, v in val.items()}
-            meta["alpha"] = alpha
-            notes = f"{notes} (α={alpha:g})"
-        overlap = template_overlap(zoo, name, cfg)
-        meta["test_templates_in_preparation"] = {**overlap, "of": n_templates}
-        if overlap:
-            notes += "; test templates in its " + ", ".join(
-                f"{k.replace('_', ' ')}: {v}/{n_templates}" for k, v in overlap.items()
-            )
-        else:
-            notes += "; prepared from the weights alone"
-        per_task, breakdown = score(model, label)
-        row = method_row(label, per_task, zoo.held_in, zoo.held_out, own, notes)
-        row.routing_accuracy = breakdown["by_type"]["input"]
-        if name == "phatgoose":
-            meta["gate_snr"] = _gate_snr(zoo, model, device, progress)
-        report.meta.setdefault("routers", {})[label] = {
-            "routing": breakdown,
-            "router": name,
-            "config": model.router.config.to_json(),
-            "prepare_seconds": prep,
-            "seconds": time.perf_counter() - t0,
-            **meta,
-        }
-        rows.append(row)
-        report.rows.append(row)
-        if label == "GLIDER":
-            for plabel, a in GLIDER_PRESETS.items():
-                if a == meta["alpha"]:  # the chosen α's row already says it
-                    continue
-                model.router.config = model.router.config.model_copy(update={"alpha": a})
-                per_task, breakdown = score(model, plabel)
-                prow = method_row(plabel, per_task, zoo.held_in, zoo.held_out, own, "the headline GLIDER with the preset's α")
-                prow.routing_accuracy = breakdown["by_type"]["input"]
-                report.meta["routers"][plabel] = {"router": "glider", "alpha": a, "routing": breakdown}
-                rows.append(prow)
-                report.rows.append(prow)
-    return rows
-
-
-#: the merges in the demo table: label → (method, hyper-parameter grid, notes). Every grid
-#: point is scored on the zoo's validation split (held-in normalised); the best is reported on test.
-ZOO_MERGES: dict[str, tuple[str, list[dict[str, Any]], str]] = {
-    "uniform average": ("average", [{}], "mean of the experts' ΔW"),
-    "task arithmetic": ("task_arithmetic", [{"lambda": x} for x in (0.3, 0.5, 1.0)], "λ·Σ ΔW"),
-    "TIES": ("ties", [{"density": d, "lambda": x} for d in (0.2, 0.5) for x in (0.5, 1.0)], "trim, elect sign, disjoint mean"),
-    "DARE-TIES": (
-        "dare_ties",
-        [{"density": d, "lambda": x, "seed": 0} for d in (0.3, 0.5) for x in (0.5, 1.0)],
+#: the merges in the demo table: label → its method and grid. Every grid point is scored on the
+#: zoo's validation split (mean exact match over the held-in tasks); the best is reported on test.
+ZOO_MERGES: dict[str, MethodSpec] = {
+    "uniform average": MethodSpec("uniform average", "merge", "uniform average", "mean of the experts' ΔW", router="average"),
+    "task arithmetic": MethodSpec(
+        "task arithmetic", "merge", "task arithmetic", "λ·Σ ΔW", grid={"lambda": (0.3, 0.5, 1.0)}, router="task_arithmetic"
+    ),
+    "TIES": MethodSpec(
+        "TIES",
+        "merge",
+        "TIES",
+        "trim, elect sign, disjoint mean",
+        grid={"density": (0.2, 0.5), "lambda": (0.5, 1.0)},
+        router="ties",
+    ),
+    "DARE-TIES": MethodSpec(
+        "DARE-TIES",
+        "merge",
+        "DARE-TIES",
         "drop-and-rescale, then TIES",
-    ),
-    "Twin-Merging": (
+        grid={"density": (0.3, 0.5), "lambda": (0.5, 1.0)},
+        fixed={"seed": 0},
+        router="dare_ties",
+    ),  # fmt: skip
+    "Twin-Merging": MethodSpec(
+        "Twin-Merging",
         "twin",
-        [{"rank": r, "shared_params": {"lambda": x}} for r in (None, 16, 32) for x in (0.3, 0.5)],
+        "Twin-Merging",
         "TA shared expert + SVD twin vectors + MLP router, exact per-input merge",
-    ),
+        grid={"rank": (None, 16, 32), "lambda": (0.3, 0.5)},
+        uses_data=True,
+        router="twin",
+    ),  # fmt: skip
 }
 
 
-def _lora_bytes(loras: Sequence[Any]) -> int:
-    return 4 * sum(f.A.numel() + f.B.numel() for e in loras for f in e.modules.values())
-
-
-def _dense_delta_bytes(loras: Sequence[Any]) -> int:
-    shapes = {m: (f.B.shape[0], f.A.shape[1]) for e in loras for m, f in e.modules.items()}
-    return 4 * sum(a * b for a, b in shapes.values())
-
-
-def _score(zoo: Zoo, answer: Any, tasks: Sequence[str], split: str) -> dict[str, float]:
-    out = {}
-    for task in tasks:
-        data = zoo.val_split(task) if split == "val" else zoo.test_split(task)
-        out[task] = exact_match(answer([e.prompt for e in data]), data)
+def router_specs(routers: Sequence[str]) -> list[MethodSpec]:
+    """The demo's router rows as evaluator methods (GLIDER's α on validation; after the headline
+    GLIDER, the paper's two presets)."""
+    out = []
+    for label in routers:
+        name, cfg, notes = ZOO_ROUTERS[label]
+        grid = {"alpha": GLIDER_ALPHAS} if name == "glider" else {}
+        live = frozenset({"top_k", "alpha", "temperature"})
+        uses_data = name in ("phatgoose", "glider", "retrieval")
+        out.append(MethodSpec(label, "router", label, notes, grid=grid, fixed=cfg, live=live, uses_data=uses_data, router=name))
+        if label == "GLIDER":
+            for plabel, a in GLIDER_PRESETS.items():
+                out.append(MethodSpec(plabel, "router", plabel, "the headline GLIDER with the preset's α",
+                                      grid={"alpha": (a,)}, fixed=cfg, live=live, uses_data=True, router="glider"))  # fmt: skip
     return out
 
 
-def evaluate_merges(
+def _routing_hook(zoo: Zoo, device: DeviceLike, progress: bool | None) -> Any:
+    """The demo's routing accuracy: token routers on the held-in test prompts' item tokens
+    (:func:`~moerge.bench.diagnostics.routing_breakdown`, by token type), PHATGOOSE's gate
+    signal-to-noise, and Twin-Merging's per-input choice on the first 100 prompts per task."""
+    from moerge.bench.diagnostics import routing_breakdown
+
+    def hook(spec: MethodSpec, model: Any, prompts: dict[str, list[str]]) -> dict[str, Any]:
+        if spec.family == "twin":
+            top, _ = model.token_routing([e.prompt for t in zoo.held_in for e in zoo.test_split(t)[:100]])
+            labels = torch.tensor([model.experts.index(t) for t in zoo.held_in for _ in zoo.test_split(t)[:100]])
+            acc = float((top[0, :, -1] == labels).float().mean())
+            return {"accuracy": acc, "router": model.router.router_metrics, "stored": model.router.stored}
+        examples = [e for t in zoo.held_in for e in zoo.test_split(t)[:ROUTING_EXAMPLES]]
+        own = [model.experts.index(t) for t in zoo.held_in for _ in zoo.test_split(t)[:ROUTING_EXAMPLES]]
+        breakdown = routing_breakdown(model, examples, own)
+        out = {"accuracy": breakdown["by_type"]["input"], "breakdown": breakdown, "config": model.router.config.to_json()}
+        if spec.runs == "phatgoose":
+            out["gate_snr"] = _gate_snr(zoo, model, device, progress)
+        return out
+
+    return hook
+
+
+def evaluate_zoo(
     zoo: Zoo,
-    report: QualityReport,
-    merges: Sequence[str] = tuple(ZOO_MERGES),
+    routers: Sequence[str] = (),
+    merges: Sequence[str] = (),
     progress: bool | None = None,
-    max_new_tokens: int = 8,
     device: DeviceLike = "cpu",
-) -> list[MethodRow]:
-    """Add a row per merge: static merges folded into the base, Twin-Merging composed; each
-    grid point scored on the validation split, the best (held-in normalised) then on test."""
-    from moerge.composer import compose, merge
+) -> QualityReport:
+    """The demo's table on the zoo, through :func:`moerge.evaluate`: the zoo's tasks exported in
+    the task-set format (under the zoo's folder), its LoRA experts tagged with their own task,
+    the base, every expert on every task, the oracle, the best single expert, then ``routers``
+    (:data:`ZOO_ROUTERS`) and ``merges`` (:data:`ZOO_MERGES`), each hyper-parameter chosen on
+    the validation split. What is the zoo's own: the method variants, the routing breakdown by
+    token type, and the meta the demo has always written (``meta.routers``, ``meta.merges``)."""
+    import tempfile
 
-    reg = zoo.registry
-    own = report.own_scores()
-    tok = zoo.tokenizer()
-    loras = [load_lora(n, registry=reg) for n in zoo.held_in]
-    experts_bytes = _lora_bytes(loras)
-    rows = []
-    for label in merges:
-        method, grid, notes = ZOO_MERGES[label]
-        t0 = time.perf_counter()
-        best: tuple[float, dict[str, Any], Any] | None = None
-        tried = []
-        for params in progress_bar(grid, desc=label, progress=progress):
-            if method == "twin":
-                built = compose(
-                    zoo.base_path,
-                    reg.select(names=zoo.held_in),
-                    "twin",
-                    data=zoo.expert_data,
-                    device=device,
-                    dtype="float32",
-                    **params,
-                )
+    from moerge.evaluation import evaluate
+    from moerge.zoo.export import export_task_set
 
-                def answer(prompts: list[str], m: Any = built) -> list[str]:
-                    return m.generate(prompts, max_new_tokens=max_new_tokens, batch_size=256)
-
-            else:
-                built = merge(zoo.base_path, reg.select(names=zoo.held_in), method, output="model", device=device, **params).to(
-                    resolve_device(device)
-                )
-
-                def answer(prompts: list[str], m: Any = built) -> list[str]:
-                    return generate_answers(m, tok, prompts, max_new_tokens=max_new_tokens, batch_size=256)
-
-            val_scores = _score(zoo, answer, zoo.held_in, "val")
-            score = 100 * sum(val_scores.values()) / len(val_scores)  # mean validation exact match (%)
-            tried.append({"params": params, "val_exact_match": score})
-            if best is None or score > best[0]:
-                best = (score, params, (built, answer))
-        assert best is not None
-        _, params, (built, answer) = best
-        row = method_row(label, _score(zoo, answer, zoo.held_in + zoo.held_out, "test"), zoo.held_in, zoo.held_out, own)
-        shown = ", ".join(f"{k}={v}" for k, v in _flat(params).items() if k != "seed") or "no parameters"
-        row.notes = f"{notes}; {shown} (chosen on validation)"
-        row.experts_bytes = experts_bytes
-        if method == "twin":
-            st = built.router.stored
-            row.stored_bytes = 4 * (st["twin_params"] + st["shared_params"] + st["router_params"])
-            top, mask = built.token_routing([e.prompt for t in zoo.held_in for e in zoo.test_split(t)[:100]])
-            labels = torch.tensor([built.experts.index(t) for t in zoo.held_in for _ in zoo.test_split(t)[:100]])
-            row.routing_accuracy = float((top[0, :, -1] == labels).float().mean())
-        else:
-            row.stored_bytes = _dense_delta_bytes(loras)
-        report.meta.setdefault("merges", {})[label] = {
-            "method": method,
-            "chosen": params,
-            "grid": tried,
-            "seconds": time.perf_counter() - t0,
-            **({"router": built.router.router_metrics, "stored": built.router.stored} if method == "twin" else {}),
-        }
-        rows.append(row)
+    t0 = time.perf_counter()
+    tasks = export_task_set(zoo.root / "tasks", zoo.preset)
+    specs = [METHODS["base"], METHODS["experts"], METHODS["oracle"], *router_specs(routers), *(ZOO_MERGES[m] for m in merges)]
+    with tempfile.TemporaryDirectory(prefix="moerge-demo-") as scratch:  # shares answers between equal grid points in this run
+        ev = evaluate(
+            zoo.registry, tasks, base=str(zoo.base_path), methods=specs, experts=zoo.held_in,
+            expert_tasks={t: [t] for t in zoo.held_in}, device=device, dtype="float32", batch_size=256,
+            cache_dir=scratch, progress=progress, routing=_routing_hook(zoo, device, progress),
+        )  # fmt: skip
+    rows = [r for r in ev.rows if not r.name.startswith("expert:")]
+    report = QualityReport(held_in=zoo.held_in, held_out=zoo.held_out, experts=zoo.held_in, matrix=ev.matrix, rows=[],
+                           meta={"preset": zoo.preset.name, "n_test": zoo.preset.n_test, "zoo_build": zoo.meta.get("timings", {}),
+                                 "threads": torch.get_num_threads(), "evaluation": {k: ev.meta[k] for k in ("seconds", "tasks")}})  # fmt: skip
+    methods, seconds = ev.meta["methods"], ev.meta["seconds"]
+    n_templates = len(test_templates(zoo))
+    chosen_alpha = methods.get("GLIDER", {}).get("chosen", {}).get("alpha")
+    for row in rows:
+        res = methods.get(row.name)
+        if row.name in GLIDER_PRESETS and GLIDER_PRESETS[row.name] == chosen_alpha:
+            continue  # the chosen α's row already says it
         report.rows.append(row)
-    return rows
-
-
-def _flat(params: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in params.items():
-        if isinstance(v, dict):
-            out.update(_flat(v))
-        elif k == "rank" and v is None:
-            out["rank"] = "10 % of min(d)"
-        else:
-            out[k] = v
-    return out
+        if res is None:
+            continue
+        if row.name in ZOO_ROUTERS:
+            name, cfg, notes = ZOO_ROUTERS[row.name]
+            meta: dict[str, Any] = {"routing": res["routing"]["breakdown"], "router": name, "config": res["routing"]["config"],
+                                    "prepare_seconds": seconds.get(f"{row.name} build", 0.0), "seconds": seconds.get(row.name, 0.0)}  # fmt: skip
+            if name == "glider":
+                alpha = res["chosen"]["alpha"]
+                meta["alpha_validation"] = {str(v["params"]["alpha"]): v["mean"] for v in res["validation"]}
+                meta["alpha"] = alpha
+                notes = f"{notes} (α={alpha:g})"
+            overlap = template_overlap(zoo, name, cfg)
+            meta["test_templates_in_preparation"] = {**overlap, "of": n_templates}
+            if overlap:
+                notes += "; test templates in its " + ", ".join(
+                    f"{k.replace('_', ' ')}: {v}/{n_templates}" for k, v in overlap.items()
+                )
+            else:
+                notes += "; prepared from the weights alone"
+            if "gate_snr" in res["routing"]:
+                meta["gate_snr"] = res["routing"]["gate_snr"]
+            row.notes = notes
+            report.meta.setdefault("routers", {})[row.name] = meta
+        elif row.name in GLIDER_PRESETS:
+            row.notes = "the headline GLIDER with the preset's α"
+            report.meta.setdefault("routers", {})[row.name] = {"router": "glider", "alpha": GLIDER_PRESETS[row.name], "routing": res["routing"]["breakdown"]}  # fmt: skip
+        elif row.name in ZOO_MERGES:
+            spec = ZOO_MERGES[row.name]
+            meta = {"method": spec.runs, "chosen": call_params(spec, res["chosen"]),
+                    "grid": [{"params": call_params(spec, v["params"]), "val_exact_match": 100 * v["mean"]} for v in res["validation"]],
+                    "seconds": seconds.get(row.name, 0.0)}  # fmt: skip
+            if spec.family == "twin":
+                meta.update(router=res["routing"]["router"], stored=res["routing"]["stored"])
+            report.meta.setdefault("merges", {})[row.name] = meta
+    report.meta["eval_seconds"] = time.perf_counter() - t0
+    return report
 
 
 def write_report(report: QualityReport, out_dir: str | Path, json_path: str | Path | None = None) -> dict[str, Path]:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from moerge.evaluation.cache import ScoreCache
-from moerge.evaluation.methods import METHODS, call_params, parse_grid_overrides, resolve_methods, shown
+from moerge.evaluation.methods import METHODS, MethodSpec, call_params, parse_grid_overrides, resolve_methods, shown
 from moerge.evaluation.metrics import cut_at_stop, metric_fn
 from moerge.evaluation.report import MethodRow, QualityReport, method_row, plot_matrix
 from moerge.evaluation.tasks import Task, TaskSet, load_task_set
@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 
 #: held-in test prompts per task for routing accuracy
 ROUTING_EXAMPLES = 50
+
+#: ``routing(spec, composed, prompts)`` → ``{"accuracy": float, ...}``: a routing accuracy of
+#: your own for the chosen composition (``prompts``: each held-in task's test prompts); what
+#: else it returns lands in ``meta.methods.<name>.routing``. Not cached: it always builds.
+RoutingHook = Callable[[MethodSpec, Any, dict[str, list[str]]], dict[str, Any]]
 
 
 class EvaluationError(ValueError):
@@ -94,13 +99,14 @@ def _files_signature(base: str) -> list[tuple[str, int, int]]:
 class _Pool:
     """The pool's experts, their tasks and the task set, rendered to prompts once."""
 
-    def __init__(
-        self, reg: Registry, records: list[ExpertRecord], tasks: TaskSet, render: Callable[[Any], str], limit: int | None
-    ):
+    def __init__(self, reg: Registry, records: list[ExpertRecord], tasks: TaskSet, render: Callable[[Any], str] | None,
+                 limit: int | None, expert_tasks: Mapping[str, Sequence[str]] | None = None) -> None:  # fmt: skip
         self.reg, self.records, self.tasks = reg, records, tasks
         self.names = [r.name for r in records]
         self.limit = limit
-        self.own: dict[str, list[str]] = {t: [r.name for r in records if t in r.tasks] for t in tasks.tasks}
+        #: expert → the tasks it was trained on (the registry's tags unless ``expert_tasks`` says)
+        self.trained = {r.name: list((expert_tasks or {}).get(r.name, r.tasks)) for r in records}
+        self.own: dict[str, list[str]] = {t: [n for n in self.names if t in self.trained[n]] for t in tasks.tasks}
         self.prompts: dict[tuple[str, str], list[str]] = {}
         self.targets: dict[tuple[str, str], list[tuple[str, ...]]] = {}
         for name, task in tasks.tasks.items():
@@ -111,7 +117,7 @@ class _Pool:
                 self.prompts[name, split] = [e.render(render) for e in examples]
                 self.targets[name, split] = [e.targets for e in examples]
 
-    def check(self, methods: Sequence[str]) -> None:
+    def check(self, specs: Mapping[str, MethodSpec]) -> None:
         missing = [t for t in self.tasks.held_in if not self.own[t]]
         if missing:
             raise EvaluationError(
@@ -125,15 +131,15 @@ class _Pool:
                 f"held-out task(s) {', '.join(leaked)} have experts trained on them; a held-out task is one no expert saw: "
                 "make it held_in or untag the expert"
             )
-        if any(METHODS[m].uses_data for m in methods):
-            needs = [m for m in methods if METHODS[m].uses_data]
+        needs = [m for m, spec in specs.items() if spec.uses_data]
+        if needs:
             for r in self.records:
                 if not self.data(r.name):
-                    known = [t for t in r.tasks if t in self.tasks.tasks]
+                    known = [t for t in self.trained[r.name] if t in self.tasks.tasks]
                     why = (
                         f"its tasks {known} have no train.jsonl"
                         if known
-                        else f"it is tagged with no task of this set (its tasks: {r.tasks or 'none'})"
+                        else f"it is tagged with no task of this set (its tasks: {self.trained[r.name] or 'none'})"
                     )
                     raise EvaluationError(
                         f"{', '.join(needs)} {'is' if len(needs) == 1 else 'are'} prepared from each expert's training "
@@ -143,9 +149,8 @@ class _Pool:
 
     def data(self, expert: str) -> list[tuple[str, str]]:
         """(prompt, target) pairs from the train splits of the expert's tasks: what routers are prepared from."""
-        rec = next(r for r in self.records if r.name == expert)
         out = []
-        for t in rec.tasks:
+        for t in self.trained[expert]:
             if t in self.tasks.tasks:
                 out += [(p, ts[0]) for p, ts in zip(self.prompts[t, "train"], self.targets[t, "train"], strict=True)]
         return out
@@ -209,11 +214,19 @@ def _routing_accuracy(composed: Any, prompts: Sequence[str], allowed: torch.Tens
 class _Run:
     """One evaluation: the cache, the lazily built models and the bookkeeping of what was computed."""
 
-    def __init__(self, pool: _Pool, base: str, fingerprint: str | None, device: Any, dtype: Any, cache: ScoreCache,
-                 batch_size: int, progress: bool | None) -> None:  # fmt: skip
+    def __init__(self, pool: _Pool, specs: Mapping[str, MethodSpec], base: str, fingerprint: str | None, device: Any, dtype: Any,
+                 cache: ScoreCache, batch_size: int, progress: bool | None, routing: RoutingHook | None = None) -> None:  # fmt: skip
         from moerge.device import resolve_device, resolve_dtype
 
-        self.pool, self.base, self.cache, self.batch_size, self.progress = pool, base, cache, batch_size, progress
+        self.pool, self.specs, self.base, self.cache, self.batch_size, self.progress = (
+            pool,
+            specs,
+            base,
+            cache,
+            batch_size,
+            progress,
+        )
+        self.routing_hook = routing
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.common = {
@@ -309,47 +322,58 @@ class _Run:
         from moerge.composer import compose, merge
 
         pool = self.pool
-        spec = METHODS[method]
+        spec = self.specs[method]
         sel = pool.reg.select(names=[r.ref for r in pool.records])
-        kwargs = call_params(method, params)
+        kwargs = call_params(spec, params)
         t0 = time.perf_counter()
         if spec.family in ("router", "twin"):
             data = {n: pool.data(n) for n in pool.names} if spec.uses_data else None
-            router = "twin" if spec.family == "twin" else method
+            router = "twin" if spec.family == "twin" else spec.runs
             built = compose(
                 self.base, sel, router, data=data, progress=self.progress, device=self.device, dtype=self.dtype, **kwargs
             )
         else:
             from transformers import AutoTokenizer
 
-            model = merge(self.base, sel, method, output="model", device=self.device, progress=self.progress, **kwargs)
+            model = merge(self.base, sel, spec.runs, output="model", device=self.device, progress=self.progress, **kwargs)
             model = model.to(device=self.device, dtype=self.dtype).eval()
             built = (model, AutoTokenizer.from_pretrained(self.base))  # encode_prompts pads it on the left
         self.seconds[f"{method} build"] = self.seconds.get(f"{method} build", 0.0) + time.perf_counter() - t0
         return built
 
     def _generate(self, built: Any, method: str, params: dict[str, Any], task: str, split: str) -> list[str]:
-        spec = METHODS[method]
+        spec = self.specs[method]
         prompts = self.pool.prompts[task, split]
         n_new = self.pool.tasks[task].spec.max_new_tokens
         if spec.family == "merge":
             model, tok = built
             return _generate_plain(model, tok, prompts, n_new, self.batch_size)
-        live = {k: v for k, v in params.items() if k in spec.live}
+        return self._live(built, method, params).generate(
+            prompts, max_new_tokens=n_new, batch_size=self.batch_size, collapse_whitespace=False
+        )
+
+    def _live(self, built: Any, method: str, params: dict[str, Any]) -> Any:
+        """The composition with the grid point's routing-time settings (α, top-k) applied."""
+        live = {k: v for k, v in params.items() if k in self.specs[method].live}
         if live:
             built.router.config = built.router.config.model_copy(update=live)
-        return built.generate(prompts, max_new_tokens=n_new, batch_size=self.batch_size, collapse_whitespace=False)
+        return built
 
     def method_key(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
-        spec = METHODS[method]
-        key: dict[str, Any] = {"method": method, "params": call_params(method, params), "pool": self.pool.pool_key()}
+        spec = self.specs[method]
+        key: dict[str, Any] = {
+            "method": spec.runs,
+            "family": spec.family,
+            "params": call_params(spec, params),
+            "pool": self.pool.pool_key(),
+        }
         if spec.uses_data:
             key["data"] = self.pool.data_key()
         return key
 
     def run_method(self, method: str, overrides: Mapping[str, Sequence[Any]] | None) -> dict[str, Any]:
         """Choose the grid point on validation (held-in tasks), then score it on every test split."""
-        pool, spec = self.pool, METHODS[method]
+        pool, spec = self.pool, self.specs[method]
         points = spec.points(overrides)
         val_tasks = [t for t in pool.tasks.held_in if pool.prompts[t, "validation"]]
         t0 = time.perf_counter()
@@ -387,7 +411,11 @@ class _Run:
                 for t in progress_bar(tasks, desc=spec.label, progress=self.progress)
             }
             out["per_task"] = {t: pool.score(t, "test", a) for t, a in answers.items()}
-            if spec.family in ("router", "twin"):
+            if spec.family in ("router", "twin") and self.routing_hook is not None:
+                held_in = {t: pool.prompts[t, "test"] for t in pool.tasks.held_in}
+                out["routing"] = self.routing_hook(spec, self._live(get(), method, chosen), held_in)
+                out["routing_accuracy"] = out["routing"]["accuracy"]
+            elif spec.family in ("router", "twin"):
                 out["routing_accuracy"] = self._routing(get, method, chosen)
             if spec.family == "twin":
                 key = {**self.common, **self.method_key(method, chosen), "what": "stored"}
@@ -419,25 +447,21 @@ class _Run:
                 ps = pool.prompts[t, "test"][:ROUTING_EXAMPLES]
                 prompts += ps
                 allowed += [[n in pool.own[t] for n in pool.names]] * len(ps)
-            built = get()
-            live = {k: v for k, v in params.items() if k in METHODS[method].live}
-            if live:
-                built.router.config = built.router.config.model_copy(update=live)
+            built = self._live(get(), method, params)
             hit = {"accuracy": _routing_accuracy(built, prompts, torch.tensor(allowed))}
             self.cache.put(key, hit)
             self.computed.append(f"{method}[{shown(params) or '-'}]/routing")
         return hit["accuracy"]
 
 
-def _leaks(pool: _Pool, method: str) -> int:
-    """How many test prompts occur in what ``method`` is prepared from: the experts' training
+def _leaks(pool: _Pool, spec: MethodSpec) -> int:
+    """How many test prompts occur in what a method is prepared from: the experts' training
     prompts (routers trained on them) and, for GLIDER, the expert descriptions."""
-    spec = METHODS[method]
     tests = [p for t in pool.tasks.tasks for p in pool.prompts[t, "test"]]
     prep: set[str] = set()
     if spec.uses_data:
         prep = {p for n in pool.names for p, _ in pool.data(n)}
-    texts = [r.description for r in pool.records] if method == "glider" else []
+    texts = [r.description for r in pool.records] if spec.runs == "glider" else []
     return sum(p in prep or any(p in x for x in texts) for p in tests)
 
 
@@ -467,6 +491,8 @@ def evaluate(
     cache_dir: str | Path | None = "auto",
     batch_size: int = 64,
     progress: bool | None = None,
+    expert_tasks: Mapping[str, Sequence[str]] | None = None,
+    routing: RoutingHook | None = None,
 ) -> QualityReport:
     """Score the registry's LoRA experts (or ``experts``) on the task set at ``tasks`` with
     ``methods`` (default: all of :data:`~moerge.evaluation.methods.METHODS`) and return the table.
@@ -477,27 +503,32 @@ def evaluate(
     tasks (``Registry.register(..., tasks=[...])`` / :meth:`Registry.tag`). ``limit``: the first
     N validation and test examples per task. ``out``: write ``report.md``, ``results.json`` (or
     ``json_path``) and ``cross_task.png`` there. ``cache_dir``: where scores are cached
-    (``"auto"``: ``out/cache``, none without ``out``; ``None``: no cache)."""
+    (``"auto"``: ``out/cache``, none without ``out``; ``None``: no cache).
+
+    ``methods`` may also hold :class:`~moerge.evaluation.methods.MethodSpec` instances (a
+    variant with its own settings and grid); ``expert_tasks`` (expert → tasks) replaces the
+    registry's task tags; ``routing`` replaces the routing accuracy (:data:`RoutingHook`)."""
     t_start = time.perf_counter()
     reg = registry if isinstance(registry, Registry) else Registry(registry, check=True)
-    names = resolve_methods(methods)
-    overrides = parse_grid_overrides(grid)
-    unused = [m for m in overrides if m not in names]
+    specs = resolve_methods(methods)
+    overrides = parse_grid_overrides(grid, {**METHODS, **specs})
+    unused = [m for m in overrides if m not in specs]
     if unused:
         raise EvaluationError(
-            f"grid settings for {', '.join(unused)}, which {'is' if len(unused) == 1 else 'are'} not among the methods {names}"
+            f"grid settings for {', '.join(unused)}, which {'is' if len(unused) == 1 else 'are'} not among the methods {list(specs)}"
         )
+    families = {s.family for s in specs.values()}
     records = _records(reg, experts)
     base_id, fingerprint = _check_base(records, base)
     task_set = tasks if isinstance(tasks, TaskSet) else load_task_set(tasks)
     if limit is not None and limit < 1:
         raise EvaluationError(f"limit must be ≥ 1, got {limit}")
-    pool = _Pool(reg, records, task_set, _chat_renderer(base_id, task_set), limit)
-    pool.check(names)
+    pool = _Pool(reg, records, task_set, _chat_renderer(base_id, task_set), limit, expert_tasks)
+    pool.check(specs)
     if cache_dir == "auto":
         cache_dir = Path(out) / "cache" if out is not None else None
     cache = ScoreCache(cache_dir)
-    run = _Run(pool, base_id, fingerprint, device, dtype, cache, batch_size, progress)
+    run = _Run(pool, specs, base_id, fingerprint, device, dtype, cache, batch_size, progress, routing)
     held_in, held_out = task_set.held_in, task_set.held_out
     all_tasks = held_in + held_out
 
@@ -510,18 +541,18 @@ def evaluate(
     experts_bytes, dense_bytes = _bytes(pool)
     meta: dict[str, Any] = {}
 
-    def add(row: MethodRow, method: str) -> None:
-        row.test_prompts_in_preparation = _leaks(pool, method) if method in METHODS else 0
+    def add(row: MethodRow, spec: MethodSpec) -> None:
+        row.test_prompts_in_preparation = _leaks(pool, spec)
         report.rows.append(row)
 
-    if "base" in names:
-        add(method_row("base", base_scores, held_in, held_out, own, "the base model alone"), "base")
-    if "oracle" in names:
+    if "base" in families:
+        add(method_row("base", base_scores, held_in, held_out, own, "the base model alone"), METHODS["base"])
+    if "oracle" in families:
         oracle = {t: own[t] for t in held_in}
         oracle.update({t: max(matrix[e][t] for e in pool.names) for t in held_out})
-        add(method_row("oracle", oracle, held_in, held_out, own, METHODS["oracle"].notes), "oracle")
-    if "experts" in names:
-        trained = {r.name: [t for t in r.tasks if t in task_set.tasks] for r in records}
+        add(method_row("oracle", oracle, held_in, held_out, own, METHODS["oracle"].notes), METHODS["oracle"])
+    if "experts" in families:
+        trained = {n: [t for t in ts if t in task_set.tasks] for n, ts in pool.trained.items()}
         singles = [
             method_row(
                 f"expert:{e}", matrix[e], held_in, held_out, own, f"trained on {', '.join(trained[e]) or 'no task of the set'}"
@@ -532,11 +563,13 @@ def evaluate(
             singles,
             key=lambda r: (r.held_in_normalized, 0.0 if r.held_out_accuracy != r.held_out_accuracy else r.held_out_accuracy),
         )
-        add(MethodRow(**{**best.__dict__, "name": "best single expert", "notes": best.name.removeprefix("expert:")}), "experts")
+        add(
+            MethodRow(**{**best.__dict__, "name": "best single expert", "notes": best.name.removeprefix("expert:")}),
+            METHODS["experts"],
+        )
         for r in singles:
-            add(r, "experts")
-    for m in names:
-        spec = METHODS[m]
+            add(r, METHODS["experts"])
+    for m, spec in specs.items():
         if spec.family not in ("router", "merge", "twin"):
             continue
         res = run.run_method(m, overrides.get(m))
@@ -559,13 +592,14 @@ def evaluate(
                 4 * (st["twin_params"] + st["shared_params"] + st["router_params"]),
                 experts_bytes,
             )
-        add(row, m)
+        add(row, spec)
     report.meta = {
         "registry": str(reg.root),
         "tasks": str(task_set.root),
         "base": base_id,
         "experts": [r.ref for r in records],
         "own_experts": pool.own,
+        "expert_tasks": pool.trained,
         "methods": meta,
         "skipped": {m: v["skipped"] for m, v in meta.items() if "skipped" in v},
         "limit": limit,

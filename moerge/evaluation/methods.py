@@ -27,6 +27,13 @@ class MethodSpec:
     live: frozenset[str] = frozenset()
     #: prepared from the experts' training examples (their tasks' train splits)
     uses_data: bool = False
+    #: the router or merge method it runs (default: ``name``): a variant of a method is a
+    #: spec of its own, e.g. ``MethodSpec("glider-presets", "router", ..., router="glider")``
+    router: str = ""
+
+    @property
+    def runs(self) -> str:
+        return self.router or self.name
 
     def points(self, overrides: Mapping[str, Sequence[Any]] | None = None) -> list[dict[str, Any]]:
         """Every grid point (the product of the grid, ``overrides`` replacing whole axes)."""
@@ -93,18 +100,21 @@ METHODS: dict[str, MethodSpec] = {
 DEFAULT_METHODS: tuple[str, ...] = tuple(METHODS)
 
 
-def resolve_methods(names: Iterable[str] | str | None) -> list[str]:
-    """Method names in table order, each checked (did-you-mean on a typo)."""
+def resolve_methods(names: Iterable[str | MethodSpec] | str | None) -> dict[str, MethodSpec]:
+    """Methods by name, in table order: names of :data:`METHODS` (checked, did-you-mean on a
+    typo) or :class:`MethodSpec` instances of your own (a variant's settings and grid)."""
     if names is None:
-        return list(DEFAULT_METHODS)
+        return dict(METHODS)
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
-    out = []
+    out: dict[str, MethodSpec] = {}
     for n in names:
+        if isinstance(n, MethodSpec):
+            out[n.name] = n
+            continue
         if n not in METHODS:
             raise ValueError(f"unknown method {n!r}{did_you_mean(n, METHODS)}; known: {', '.join(METHODS)}")
-        if n not in out:
-            out.append(n)
+        out.setdefault(n, METHODS[n])
     if not out:
         raise ValueError("no method to evaluate")
     return out
@@ -125,7 +135,9 @@ def parse_value(text: str) -> Any:
     return text.strip()
 
 
-def parse_grid_overrides(items: Iterable[str] | Mapping[str, Sequence[Any]] | None) -> dict[str, dict[str, tuple[Any, ...]]]:
+def parse_grid_overrides(
+    items: Iterable[str] | Mapping[str, Sequence[Any]] | None, specs: Mapping[str, MethodSpec] = METHODS
+) -> dict[str, dict[str, tuple[Any, ...]]]:
     """``method.param=v1,v2`` (CLI) or ``{"method.param": [v1, v2]}`` → method → param → values,
     each method and parameter checked against the declared grids and fixed settings."""
     if not items:
@@ -144,9 +156,9 @@ def parse_grid_overrides(items: Iterable[str] | Mapping[str, Sequence[Any]] | No
         method, dot, param = key.strip().partition(".")
         if not dot:
             raise ValueError(f"grid setting {key!r} must name METHOD.PARAM (e.g. glider.alpha)")
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r} in {key!r}{did_you_mean(method, METHODS)}")
-        spec = METHODS[method]
+        if method not in specs:
+            raise ValueError(f"unknown method {method!r} in {key!r}{did_you_mean(method, specs)}")
+        spec = specs[method]
         known = [*spec.grid, *spec.fixed]
         if param not in known:
             hint = did_you_mean(param, known)
@@ -159,11 +171,10 @@ def parse_grid_overrides(items: Iterable[str] | Mapping[str, Sequence[Any]] | No
     return out
 
 
-def call_params(method: str, point: Mapping[str, Any]) -> dict[str, Any]:
+def call_params(spec: MethodSpec, point: Mapping[str, Any]) -> dict[str, Any]:
     """A grid point as the keywords of ``compose``/``merge`` (Twin-Merging's λ is its shared merge's)."""
-    spec = METHODS[method]
     params = {**spec.fixed, **point}
-    if method == "twin":
+    if spec.family == "twin":
         lam = params.pop("lambda", None)
         if lam is not None:
             params["shared_params"] = {"lambda": lam}

@@ -1,0 +1,1 @@
+"""Bridges to other tools, each an optional extra: :mod:`.lm_harness` (lm-evaluation-harness)."""
