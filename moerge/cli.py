@@ -874,7 +874,7 @@ def _device_settings(device: str, dtype: str, threads: int | None) -> None:
 @click.option(
     "--methods",
     default=None,
-    help="Comma-separated methods [default: all]: base,experts,oracle,phatgoose,glider,arrow,retrieval,average,task_arithmetic,ties,dare_ties,twin.",
+    help="Comma-separated methods [default: all]: base,experts,oracle,phatgoose,glider,arrow,retrieval,average,task_arithmetic,ties,dare_ties,twin; or, over whole-model experts, symbolic_moe,majority_vote,best_single.",
 )
 @click.option("--expert", "experts", multiple=True, help="Evaluate only these experts (repeatable; default: every LoRA expert).")
 @click.option(

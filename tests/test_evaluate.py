@@ -333,3 +333,29 @@ def test_chat_examples_are_rendered_with_the_base_tokenizers_template(tmp_path, 
     tok.save_pretrained(base)
     render = _chat_renderer(str(base), ts)
     assert ts["a"].split("test")[0].render(render) == "user : reverse the letters : a b =>"
+
+
+@pytest.mark.slow
+def test_symbolic_moe_runs_in_the_evaluator_over_whole_model_experts(tmp_path, small_zoo):
+    from moerge.zoo.export import export_task_set
+
+    tasks = export_task_set(tmp_path / "tasks", "small", ["reverse", "sort", "count", "flip_paraphrase"])
+    reg = moerge.Registry(tmp_path / "models")
+    for t in ("reverse", "sort", "count"):  # the zoo's dense fine-tunes as whole models, kept where they are
+        reg.register(small_zoo.dense_path(t), f"m-{t}", kind="model", reference=True, tasks=[t])
+    with pytest.raises(EvaluationError, match="run symbolic_moe apart from base"):
+        moerge.evaluate(reg, tasks, methods="base,symbolic_moe")
+    r = CliRunner().invoke(main, ["eval", "--registry", str(reg.root), "--tasks", str(tasks), "--methods",
+                                  "symbolic_moe,majority_vote,best_single", "--limit", "24", "--out", str(tmp_path / "o"),
+                                  "--device", "cpu", "--no-progress"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "o" / "results.json").read_text())
+    rows, sym = data["methods"], data["meta"]["symbolic"]
+    assert set(rows) == {"Symbolic-MoE", "majority vote of the recruited", "best single model"}
+    assert all(row["test_prompts_in_preparation"] == 0 for row in rows.values())
+    # batch by model: each recruited model loaded once, then the aggregator (chosen on validation)
+    assert sym["distinct_models"] == 3 and sym["model_loads"] == sym["distinct_models"] + 1
+    assert sym["aggregator"] in ("m-reverse", "m-sort", "m-count") and "model loads" in rows["Symbolic-MoE"]["notes"]
+    # recruiting from validation profiles finds each task's model: the recruits' majority is far above one model
+    assert rows["majority vote of the recruited"]["held_in_normalized"] > rows["best single model"]["held_in_normalized"] + 30
+    assert sym["best_single"] == max(sym["validation_accuracy"], key=sym["validation_accuracy"].get)

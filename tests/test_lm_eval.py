@@ -83,7 +83,9 @@ def test_lm_eval_scores_a_saved_composition_as_moerge_does(setup):
     from moerge.zoo import exact_match
 
     lm = MoergeLM(composition=str(setup["spec"]), device="cpu", batch_size=8)
-    res = simple_evaluate(model=lm, tasks=["zoo_reverse_gen", "zoo_reverse_mc"], task_manager=TaskManager(include_path=str(setup["tasks"])))
+    res = simple_evaluate(
+        model=lm, tasks=["zoo_reverse_gen", "zoo_reverse_mc"], task_manager=TaskManager(include_path=str(setup["tasks"]))
+    )
     test = setup["test"]
     ours = exact_match(setup["model"].generate([e.prompt for e in test], max_new_tokens=8), test)
     assert res["results"]["zoo_reverse_gen"]["exact_match,none"] == pytest.approx(ours)  # the same answers, the same score

@@ -518,11 +518,14 @@ def evaluate(
             f"grid settings for {', '.join(unused)}, which {'is' if len(unused) == 1 else 'are'} not among the methods {list(specs)}"
         )
     families = {s.family for s in specs.values()}
-    records = _records(reg, experts)
-    base_id, fingerprint = _check_base(records, base)
     task_set = tasks if isinstance(tasks, TaskSet) else load_task_set(tasks)
     if limit is not None and limit < 1:
         raise EvaluationError(f"limit must be ≥ 1, got {limit}")
+    if "symbolic" in families:
+        return _evaluate_symbolic(reg, task_set, specs, experts, expert_tasks, limit, device, dtype, batch_size, progress,
+                                  out, json_path, t_start)  # fmt: skip
+    records = _records(reg, experts)
+    base_id, fingerprint = _check_base(records, base)
     pool = _Pool(reg, records, task_set, _chat_renderer(base_id, task_set), limit, expert_tasks)
     pool.check(specs)
     if cache_dir == "auto":
@@ -617,6 +620,48 @@ def evaluate(
     return report
 
 
+def _evaluate_symbolic(reg: Registry, task_set: TaskSet, specs: Mapping[str, MethodSpec], experts: Sequence[str] | None,
+                       expert_tasks: Mapping[str, Sequence[str]] | None, limit: int | None, device: Any, dtype: Any,
+                       batch_size: int, progress: bool | None, out: str | Path | None, json_path: str | Path | None,
+                       t_start: float) -> QualityReport:  # fmt: skip
+    """Symbolic-MoE and its baselines over the registry's whole-model experts (:mod:`.symbolic`)."""
+    from moerge.device import resolve_device
+    from moerge.evaluation.symbolic import evaluate_symbolic
+
+    other = [n for n, s in specs.items() if s.family != "symbolic"]
+    if other:
+        raise EvaluationError(
+            f"Symbolic-MoE's methods recruit whole-model experts (kind 'model') and the others compose LoRA experts on a base: "
+            f"run {', '.join(n for n, s in specs.items() if s.family == 'symbolic')} apart from {', '.join(other)}"
+        )
+    if experts is None:
+        records = reg.list(kind="model")
+    else:
+        records = [reg._resolve(e) for e in experts]
+        wrong = [f"{r.ref} ({r.kind})" for r in records if r.kind != "model"]
+        if wrong:
+            raise EvaluationError(f"Symbolic-MoE recruits whole models (kind 'model'); these are not: {', '.join(wrong)}")
+    if len(records) < 2:
+        raise EvaluationError(f"Symbolic-MoE recruits among whole-model experts; the registry at {reg.root} has {len(records)}")
+    chat = [e.where for t in task_set.tasks.values() for s in t.splits.values() for e in s if e.messages]
+    if chat:
+        raise EvaluationError(f"{chat[0]}: Symbolic-MoE's models each have their own chat template; give it plain prompts")
+    pool = _Pool(reg, records, task_set, None, limit, expert_tasks)
+    pool.check(specs)
+    dev = resolve_device(device)
+    report = evaluate_symbolic(pool, specs, device=dev, dtype=dtype, batch_size=batch_size, progress=progress)
+    report.meta.update({
+        "registry": str(reg.root), "tasks": str(task_set.root), "experts": [r.ref for r in records], "own_experts": pool.own,
+        "expert_tasks": pool.trained, "limit": limit, "n_test": {t: len(pool.prompts[t, "test"]) for t in task_set.tasks},
+        "device": str(dev), "threads": torch.get_num_threads(), "computed": [], "skipped": {},
+        "cache": {"folder": None, "hits": 0, "misses": 0, "note": "answers are not cached for Symbolic-MoE; its profiles are, in the registry"},
+        "seconds": {"total": time.perf_counter() - t_start},
+    })  # fmt: skip
+    if out is not None:
+        write_report(report, out, json_path)
+    return report
+
+
 def write_report(report: QualityReport, out_dir: str | Path, json_path: str | Path | None = None) -> dict[str, Path]:
     """report.md, results.json (or ``json_path``) and cross_task.png under ``out_dir``."""
     out = Path(out_dir)
@@ -624,11 +669,15 @@ def write_report(report: QualityReport, out_dir: str | Path, json_path: str | Pa
     png = plot_matrix(report, out / "cross_task.png")
     meta = report.meta
     skipped = "".join(f"\n- **{m}** not run: {why}" for m, why in meta.get("skipped", {}).items())
+    if "symbolic" in meta:
+        sym = meta["symbolic"]
+        skipped += (f"\n\nSymbolic-MoE: k = {sym['k']}, aggregator {sym['aggregator']}, {sym['model_loads']} model loads "
+                    f"({sym['distinct_models']} distinct models) for the test queries.")  # fmt: skip
     n = meta.get("n_test", {})
     md = out / "report.md"
     md.write_text(
         f"# moerge eval — {meta.get('tasks')} on {len(report.experts)} experts of {meta.get('registry')}\n\n"
-        f"Base `{meta.get('base')}`, {meta.get('device')} {meta.get('dtype')}; test prompts per task: "
+        f"Base `{meta.get('base', 'none: whole-model experts')}`, {meta.get('device')} {meta.get('dtype', '')}; test prompts per task: "
         + ", ".join(f"{t} {k}" for t, k in n.items())
         + ".\n\n"
         f"{report.markdown()}\n\n"

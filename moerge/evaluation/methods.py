@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from moerge.hints import did_you_mean
 
-Family = Literal["base", "experts", "oracle", "router", "merge", "twin"]
+Family = Literal["base", "experts", "oracle", "router", "merge", "twin", "symbolic"]
 
 
 @dataclass(frozen=True)
@@ -94,17 +94,22 @@ METHODS: dict[str, MethodSpec] = {
             grid={"rank": (None, 16, 32), "lambda": (0.3, 0.5)},
             uses_data=True,
         ),
+        # whole-model experts (kind "model"): evaluated apart from the LoRA methods
+        MethodSpec("symbolic_moe", "symbolic", "Symbolic-MoE", "recruit k models per query from validation profiles, aggregate"),
+        MethodSpec("majority_vote", "symbolic", "majority vote of the recruited", "Symbolic-MoE's recruits, majority answer"),
+        MethodSpec("best_single", "symbolic", "best single model", "the model with the best validation accuracy"),
     )
 }
 
-DEFAULT_METHODS: tuple[str, ...] = tuple(METHODS)
+#: what ``moerge eval`` runs by default: every method over LoRA experts
+DEFAULT_METHODS: tuple[str, ...] = tuple(n for n, m in METHODS.items() if m.family != "symbolic")
 
 
 def resolve_methods(names: Iterable[str | MethodSpec] | str | None) -> dict[str, MethodSpec]:
     """Methods by name, in table order: names of :data:`METHODS` (checked, did-you-mean on a
     typo) or :class:`MethodSpec` instances of your own (a variant's settings and grid)."""
     if names is None:
-        return dict(METHODS)
+        return {n: METHODS[n] for n in DEFAULT_METHODS}
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     out: dict[str, MethodSpec] = {}

@@ -115,13 +115,15 @@ def method_row(
 
 
 def plot_matrix(report: QualityReport, path: str | Path) -> Path:
-    """Heatmap of the cross-task matrix (experts × tasks, score %), base as the last row."""
+    """Heatmap of the cross-task matrix (experts × tasks, score %), the base (when scored) as the last row."""
     plt = pyplot()
 
     tasks = report.held_in + report.held_out
-    rows = report.experts + ["base"]
-    base = next(r for r in report.rows if r.name == "base").per_task
-    data = [[100 * report.matrix[e][t] for t in tasks] for e in report.experts] + [[100 * base[t] for t in tasks]]
+    base = next((r.per_task for r in report.rows if r.name == "base"), None)
+    rows = report.experts + (["base"] if base is not None else [])
+    data = [[100 * report.matrix[e][t] for t in tasks] for e in report.experts]
+    if base is not None:
+        data.append([100 * base[t] for t in tasks])
     fig, ax = plt.subplots(figsize=(1.0 + 0.62 * len(tasks), 1.2 + 0.45 * len(rows)))
     im = ax.imshow(data, cmap="viridis", vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")

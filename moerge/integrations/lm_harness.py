@@ -72,7 +72,9 @@ class MoergeLM(LM):
             until = [until] if isinstance(until, str) else list(until)
             n_new = int(kw.pop("max_gen_toks", self.max_gen_toks))
             if kw.pop("do_sample", False) or kw.get("temperature", 0.0) not in (0, 0.0, None):
-                raise ValueError(f"moerge's lm-eval model decodes greedily; this task asks for sampling ({requests[idx[0]].args[1]})")
+                raise ValueError(
+                    f"moerge's lm-eval model decodes greedily; this task asks for sampling ({requests[idx[0]].args[1]})"
+                )
             contexts = [requests[i].args[0] for i in idx]
             texts = self.composed.generate(contexts, max_new_tokens=n_new, batch_size=self.batch_size, collapse_whitespace=False)
             for i, text in zip(idx, texts, strict=True):

@@ -1,0 +1,115 @@
+"""Symbolic-MoE in ``moerge eval``: the registry's whole-model experts (kind ``model``) recruited
+per query from skill profiles, answers aggregated; beside it the majority vote of the recruited
+and the best single model. Everything Symbolic-MoE learns comes from the held-in tasks'
+validation splits: each validation question's keyword is its task's name, the profiles are
+each model's accuracy per keyword there, and the aggregator is chosen there too. A test query
+takes the keywords of its nearest validation questions (MiniLM, the offline annotator)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from moerge.evaluation.metrics import cut_at_stop, normalizer
+from moerge.evaluation.report import MethodRow, QualityReport, method_row
+
+#: models recruited per query (the paper's k)
+K = 3
+
+
+def evaluate_symbolic(pool: Any, specs: Mapping[str, Any], *, device: Any, dtype: Any, batch_size: int,
+                      progress: bool | None, seed: int = 0) -> QualityReport:  # fmt: skip
+    """The table for ``specs`` (families ``symbolic``) over ``pool`` (a ``_Pool`` of model experts)."""
+    from moerge.symbolic import NearestQuestionAnnotator, SymbolicMoE
+    from moerge.symbolic.execute import load_model_expert, run_batched
+    from moerge.symbolic.recruit import Recruitment
+
+    t0 = time.perf_counter()
+    tasks = pool.tasks
+    held_in, held_out = tasks.held_in, tasks.held_out
+    validation = {
+        f"{t}/{i}": {"question": p, "answer": ts[0], "keywords": [t]}
+        for t in held_in
+        for i, (p, ts) in enumerate(zip(pool.prompts[t, "validation"], pool.targets[t, "validation"], strict=True))
+    }
+    if not validation:
+        raise ValueError("Symbolic-MoE profiles its models on the held-in tasks' validation splits, and there are none")
+    questions = {f"{t}/{i}": p for t in held_in + held_out for i, p in enumerate(pool.prompts[t, "test"])}
+    task_of = {q: q.rsplit("/", 1)[0] for q in questions}
+    norm = normalizer(["strip", "whitespace"])
+    max_new = max(tasks[t].spec.max_new_tokens for t in tasks.tasks)
+    gen = {"max_new_tokens": max_new, "batch_size": batch_size}
+    annotator = NearestQuestionAnnotator({v["question"]: v["keywords"] for v in validation.values()})
+    moe = SymbolicMoE(pool.reg, pool.names, annotator, seed=seed, k=K, device=str(device), dtype=dtype,
+                      check=lambda r, a: norm(r) == norm(a), **gen)  # fmt: skip
+    moe.profile(validation, progress=progress)
+    val_acc = moe.report["profile"]["accuracy"]
+    moe.select_aggregator(progress=progress)
+
+    def loader(name: str) -> Any:
+        return load_model_expert(pool.reg, name, device=str(device), dtype=dtype)
+
+    every, every_stats = run_batched({q: Recruitment(list(pool.names), None) for q in questions}, questions, loader,
+                                     progress=progress, **gen)  # fmt: skip
+    sym = moe.run(questions, progress=progress)
+
+    def per_task(answers: Mapping[str, str]) -> dict[str, float]:
+        out = {}
+        for t in held_in + held_out:
+            qs = [q for q in questions if task_of[q] == t]
+            cut = [cut_at_stop(answers[q], tasks[t].spec.stop) for q in qs]
+            out[t] = pool.score(t, "test", cut)
+        return out
+
+    matrix = {m: per_task({q: every[q][j] for q in questions}) for j, m in enumerate(pool.names)}
+    report = QualityReport(held_in=held_in, held_out=held_out, experts=pool.names, matrix=matrix, rows=[],
+                           groups=tasks.held_out_groups(), own_experts={t: pool.own[t] for t in held_in})  # fmt: skip
+    own = report.own_scores()
+    best = max(pool.names, key=lambda m: (val_acc[m], -pool.names.index(m)))  # chosen on validation
+    rows: dict[str, MethodRow] = {
+        "best_single": method_row(
+            "best single model",
+            matrix[best],
+            held_in,
+            held_out,
+            own,
+            f"{best}: the best validation accuracy ({100 * val_acc[best]:.1f} %)",
+        ),  # fmt: skip
+        "majority_vote": method_row(
+            "majority vote of the recruited",
+            per_task({q: r["majority"] for q, r in sym["results"].items()}),
+            held_in,
+            held_out,
+            own,
+            f"the {K} models Symbolic-MoE recruits per query, majority answer",
+        ),  # fmt: skip
+        "symbolic_moe": method_row(
+            "Symbolic-MoE",
+            per_task({q: r["final"] for q, r in sym["results"].items()}),
+            held_in,
+            held_out,
+            own,
+            f"{K} recruited per query from validation profiles, aggregated by {sym['aggregator']} (chosen on validation)",
+        ),  # fmt: skip
+    }
+    for spec in specs.values():
+        row = rows[spec.runs]
+        if spec.runs == "symbolic_moe":
+            row.notes += f"; {sym['model_loads']} model loads for {len(questions)} queries (batch by model)"
+        row.test_prompts_in_preparation = sum(p in {v["question"] for v in validation.values()} for p in questions.values())
+        report.rows.append(row)
+    own_hit = [
+        any(m in pool.own.get(task_of[q], []) for m in r["experts"]) for q, r in sym["results"].items() if task_of[q] in held_in
+    ]
+    report.meta = {
+        "symbolic": {
+            "k": K, "aggregator": sym["aggregator"], "aggregator_scores": moe.report.get("aggregator_scores"),
+            "best_single": best, "validation_accuracy": val_acc, "profiles": moe.profiles,
+            "model_loads": sym["model_loads"], "distinct_models": sym["distinct_models"],
+            "every_model_loads": every_stats.model_loads,
+            "recruited_own_model_share": sum(own_hit) / len(own_hit) if own_hit else None,
+            "seconds": time.perf_counter() - t0,
+        }
+    }  # fmt: skip
+    return report
