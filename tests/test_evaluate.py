@@ -359,3 +359,24 @@ def test_symbolic_moe_runs_in_the_evaluator_over_whole_model_experts(tmp_path, s
     # recruiting from validation profiles finds each task's model: the recruits' majority is far above one model
     assert rows["majority vote of the recruited"]["held_in_normalized"] > rows["best single model"]["held_in_normalized"] + 30
     assert sym["best_single"] == max(sym["validation_accuracy"], key=sym["validation_accuracy"].get)
+
+
+@pytest.mark.slow
+def test_one_more_held_out_task_computes_only_its_entries_and_no_validation_means_no_choice(user_pool, tmp_path):
+    p = user_pool
+    tasks = tmp_path / "tasks"
+    shutil.copytree(p["tasks"], tasks)
+    cache = tmp_path / "cache"
+    kw = dict(experts=["rev", "tailer", "shifter"], methods="base,experts,oracle,arrow,task_arithmetic", device="cpu",
+              grid=["task_arithmetic.lambda=0.5,1.0"], cache_dir=cache, limit=8, progress=False)  # fmt: skip
+    moerge.evaluate(p["registry"], tasks, **kw)
+    shutil.copytree(tasks / "flip", tasks / "flip2")
+    (tasks / "tasks.yaml").write_text((tasks / "tasks.yaml").read_text() + "  flip2: {role: held_out, group: paraphrases}\n")
+    again = moerge.evaluate(p["registry"], tasks, **kw)
+    assert again.meta["computed"] and all("/flip2/" in c for c in again.meta["computed"]), again.meta["computed"]
+    # without validation splits a grid cannot be chosen: the method says so instead of guessing
+    for t in ("reverse", "tail", "shift"):
+        (tasks / t / "validation.jsonl").unlink()
+    none = moerge.evaluate(p["registry"], tasks, **kw)
+    assert "task arithmetic" not in {r.name for r in none.rows} and "Arrow" in {r.name for r in none.rows}
+    assert "no validation data to choose lambda" in none.meta["skipped"]["task_arithmetic"]
