@@ -82,17 +82,22 @@ def test_router_beats_chance_on_its_validation_split(twin):
 
 
 def test_generate_and_explain_report_per_input_weights(twin):
+    """Margins over a split, not one prompt's outcome (issue 26: float rounding on another CPU
+    flipped the router's choice for the first ``max`` prompt)."""
     model, _, zoo = twin
-    prompts = [zoo.test_split("max")[0].prompt, zoo.test_split("reverse")[0].prompt]
+    tasks = ("max", "reverse")
+    examples = [e for t in tasks for e in zoo.test_split(t)[:20]]
+    prompts = [e.prompt for e in examples]
     routing = model.route(prompts)
-    assert routing.granularity == "sequence"
-    assert [model.experts[i] for i in routing.weights.argmax(1)] == ["max", "reverse"]
-    out = model.generate(prompts, max_new_tokens=6)
-    assert out[0] == zoo.test_split("max")[0].target
-    ex = model.explain(prompts[1], max_new_tokens=4)
+    assert routing.granularity == "sequence" and routing.weights.shape == (len(prompts), len(model.experts))
+    chosen = [model.experts[i] for i in routing.weights.argmax(1)]
+    assert sum(c == e.task for c, e in zip(chosen, examples, strict=True)) >= 0.8 * len(examples), chosen
+    out = model.generate(prompts, max_new_tokens=6)  # 24 / 40 measured with the short test router and rank 16; the base: ~0
+    assert sum(o == e.target for o, e in zip(out, examples, strict=True)) >= 0.4 * len(examples)
+    # explain reports the per-input weights the router gave: the top expert of its share is the routing's argmax
+    ex = model.explain(prompts[-1], max_new_tokens=4)
     share = ex.expert_share()
-    assert max(share, key=share.get) == "reverse"
-    assert "reverse" in ex.summary()
+    assert max(share, key=share.get) == chosen[-1] and chosen[-1] in ex.summary()
 
 
 def test_expert_order_does_not_change_the_routing(twin):
