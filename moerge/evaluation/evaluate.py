@@ -157,7 +157,7 @@ class _Pool:
 
     def data_key(self) -> dict[str, list[str]]:
         return {
-            r.name: [f"{t}:{self.tasks[t].hashes.get('train')}" for t in r.tasks if t in self.tasks.tasks] for r in self.records
+            n: [f"{t}:{self.tasks[t].hashes.get('train')}" for t in ts if t in self.tasks.tasks] for n, ts in self.trained.items()
         }
 
     def pool_key(self) -> list[list[str]]:
@@ -218,15 +218,8 @@ class _Run:
                  cache: ScoreCache, batch_size: int, progress: bool | None, routing: RoutingHook | None = None) -> None:  # fmt: skip
         from moerge.device import resolve_device, resolve_dtype
 
-        self.pool, self.specs, self.base, self.cache, self.batch_size, self.progress = (
-            pool,
-            specs,
-            base,
-            cache,
-            batch_size,
-            progress,
-        )
-        self.routing_hook = routing
+        self.pool, self.specs, self.base, self.cache = pool, specs, base, cache
+        self.batch_size, self.progress, self.routing_hook = batch_size, progress, routing
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.common = {
@@ -261,10 +254,9 @@ class _Run:
 
         pool = self.pool
         E = len(pool.names)
+        refs = pool.pool_key()
         keys = {(-1, t): self.key({"method": "base"}, t, "test") for t in tasks}
-        keys.update(
-            {(e, t): self.key({"method": "expert", "expert": pool.pool_key()[e]}, t, "test") for e in range(E) for t in tasks}
-        )
+        keys.update({(e, t): self.key({"method": "expert", "expert": refs[e]}, t, "test") for e in range(E) for t in tasks})
         got = {k: self.cache.get(v) for k, v in keys.items()}
         todo = [k for k, v in got.items() if v is None]
         if todo:
@@ -541,7 +533,6 @@ def evaluate(
         groups=task_set.held_out_groups(), own_experts={t: pool.own[t] for t in held_in},
     )  # fmt: skip
     own = report.own_scores()
-    experts_bytes, dense_bytes = _bytes(pool)
     meta: dict[str, Any] = {}
 
     def add(row: MethodRow, spec: MethodSpec) -> None:
@@ -572,6 +563,7 @@ def evaluate(
         )
         for r in singles:
             add(r, METHODS["experts"])
+    sizes: tuple[int, int] | None = None  # (every expert's LoRA factors, one dense ΔW per module), fp32 bytes
     for m, spec in specs.items():
         if spec.family not in ("router", "merge", "twin"):
             continue
@@ -587,14 +579,13 @@ def evaluate(
         )
         row.chosen = res["chosen"]
         row.routing_accuracy = res.get("routing_accuracy")
+        if spec.family in ("merge", "twin") and sizes is None:
+            sizes = _bytes(pool)  # loads every LoRA: only for a table with merges
         if spec.family == "merge":
-            row.stored_bytes, row.experts_bytes = dense_bytes, experts_bytes
+            row.experts_bytes, row.stored_bytes = sizes
         elif spec.family == "twin":
             st = res["stored"]
-            row.stored_bytes, row.experts_bytes = (
-                4 * (st["twin_params"] + st["shared_params"] + st["router_params"]),
-                experts_bytes,
-            )
+            row.stored_bytes, row.experts_bytes = 4 * (st["twin_params"] + st["shared_params"] + st["router_params"]), sizes[0]
         add(row, spec)
     report.meta = {
         "registry": str(reg.root),
