@@ -18,9 +18,11 @@ demo: install
 	$(BIN)/moerge demo
 
 test: install
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 lint: install
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/ruff check moerge tests examples
 	$(BIN)/ruff format --check moerge tests examples
 

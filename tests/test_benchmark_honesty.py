@@ -235,7 +235,7 @@ def test_explanation_diagnostics_pool_top1_choices_per_token_type_layer_and_vote
 def test_the_demo_prebuild_runs_beside_and_gives_its_thread_back(tmp_path):
     import torch
 
-    from moerge.zoo.prebuild import Background, cached, maybe_start
+    from moerge.bench.prebuild import Background, cached, maybe_start
 
     before = torch.get_num_threads()
     try:

@@ -443,7 +443,7 @@ def test_the_local_ray_listens_on_loopback_only():
         "    out = subprocess.run(['ss', '-ltnH'], capture_output=True, text=True).stdout\n"
         "    return {l.split()[3] for l in out.splitlines()}\n"
         "before = ls()\n"
-        "import ray\nfrom moerge.serving.workers import ensure_ray\nensure_ray(1)\n"
+        "import ray\nfrom moerge.runtime import ensure_ray\nensure_ray(1)\n"
         "ray.get(ray.remote(lambda: 1).remote())\n"
         "print(json.dumps(sorted(ls() - before)))\nray.shutdown()\n"
     )

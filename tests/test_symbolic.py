@@ -318,7 +318,7 @@ def test_batch_by_model_on_ray_runs_one_task_per_model_and_answers_as_in_process
     import ray
 
     from moerge.registry import Registry
-    from moerge.serving.workers import ensure_ray
+    from moerge.runtime import ensure_ray
     from moerge.symbolic import Recruitment
     from moerge.symbolic.execute import load_model_expert, run_batched, run_batched_ray
 

@@ -23,17 +23,7 @@ from typing import Any
 
 import torch
 
-TYPES = ("bos", "instruction", "separator", "input", "arrow", "answer")
-
-
-def token_types(prompt: str, target: str, sep: str = ":", arrow: str = "=>") -> list[str]:
-    """Labels of BOS + the words of ``prompt target``: instruction words up to ``sep``, the
-    items up to ``arrow``, then the answer."""
-    words = prompt.split()
-    if sep not in words or arrow not in words:
-        raise ValueError(f"prompt {prompt!r} is not '<instruction> {sep} <items> {arrow}'")
-    i, j = words.index(sep), len(words) - 1 - words[::-1].index(arrow)
-    return ["bos", *["instruction"] * i, "separator", *["input"] * (j - i - 1), "arrow", *["answer"] * len(target.split())]
+from moerge.composer.explain import TYPES, token_types  # noqa: F401  (re-exported: the breakdown labels with them)
 
 
 def _layer(module: str) -> int:

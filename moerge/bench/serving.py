@@ -284,8 +284,9 @@ def run_http(cfg: HttpConfig | None = None, progress: bool | None = None) -> dic
 
     from moerge import zoo as zoo_mod
     from moerge.bench.quality import ZOO_ROUTERS
+    from moerge.runtime import ensure_ray
     from moerge.serving.app import deploy
-    from moerge.serving.workers import composition_spec, ensure_ray
+    from moerge.serving.workers import composition_spec
 
     cfg = cfg or HttpConfig()
     z = zoo_mod.load(cfg.preset, progress=progress)

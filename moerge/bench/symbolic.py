@@ -150,7 +150,8 @@ def evaluate(
 
     from moerge.registry import Registry
     from moerge.symbolic import NearestQuestionAnnotator, SymbolicMoE
-    from moerge.zoo.symbolic import aggregate_template, load_pool
+    from moerge.symbolic.execute import compact_aggregate_prompt as aggregate_template
+    from moerge.zoo.symbolic import load_pool
 
     t0 = time.perf_counter()
     pool = pool or load_pool(zoo, progress=progress)

@@ -317,11 +317,14 @@ def compose(
 
     ``progress``: ``None`` (default) draws bars for preparation on a terminal and writes a plain
     line every few seconds elsewhere (:mod:`moerge.progress`); ``True`` always bars, ``False`` never."""
-    if getattr(get_router(router), "modality", "generation") == "embedding":  # router_retriever: an encoder
+    # the router is resolved once, here: its class, then its validated, typed config; everything
+    # below takes the instance (a bad name or setting fails before any model loads)
+    router_cls = get_router(router)
+    _check_own_options(router_cls, router_config)
+    rtr = make_router(router_cls, config, **router_config)
+    if getattr(router_cls, "modality", "generation") == "embedding":  # router_retriever: an encoder
         from moerge.composer.encoder import compose_encoder
 
-        _check_own_options(router, router_config)
-        rtr = make_router(router, config, **router_config)
         reg, records = resolve_experts(experts, registry)
         dev = str(resolve_device(device))  # "auto": CUDA, else MPS, else CPU (the encoder runs in float32)
         if not isinstance(base, (str, type(None))):
@@ -339,8 +342,6 @@ def compose(
     prints = {r.base_fingerprint for r in records if r.base_fingerprint}
     if len(prints) > 1:
         raise ValueError(f"the experts were trained on different base models (fingerprints {sorted(prints)})")
-    _check_own_options(router, router_config)
-    rtr = make_router(router, config, **router_config)  # a bad router or setting fails before any model loads
     if isinstance(base, torch.nn.Module):
         if tokenizer is None:
             raise ValueError("a loaded base model needs tokenizer=")
@@ -373,21 +374,20 @@ def compose(
     return composed
 
 
-def _check_own_options(router: str, router_config: dict[str, Any]) -> None:
+def _check_own_options(router_cls: type[Router], router_config: dict[str, Any]) -> None:
     """A keyword that is no setting of the router but close to one of compose()'s own options
     (``devices``, ``torch_dtype``…) is a misspelt option, not a router setting: say so."""
     import inspect
 
-    from moerge.routers import get_router
     from moerge.routers.base import did_you_mean
 
     own = [p for p in inspect.signature(compose).parameters if p not in ("router_config", "experts", "base", "router")]
-    settings = get_router(router).config_cls.model_fields
+    settings = router_cls.config_cls.model_fields
     for key in router_config:
         hint = "" if key in settings else did_you_mean(key.removeprefix("torch_"), own)
         if hint:
             match = hint.split("'")[1]
-            raise TypeError(f"compose() got {key!r}, which is not a setting of router {router!r}{hint}; pass {match}=")
+            raise TypeError(f"compose() got {key!r}, which is not a setting of router {router_cls.name!r}{hint}; pass {match}=")
 
 
 def load_composition(path: str | Path, **kwargs: Any) -> ComposedModel:

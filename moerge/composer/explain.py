@@ -201,13 +201,24 @@ def dense_from_calls(
     return {m: torch.cat(parts) for m, parts in per.items()}
 
 
+TYPES = ("bos", "instruction", "separator", "input", "arrow", "answer")
+
+
+def token_types(prompt: str, target: str, sep: str = ":", arrow: str = "=>") -> list[str]:
+    """Labels of BOS + the words of ``prompt target``: instruction words up to ``sep``, the
+    items up to ``arrow``, then the answer."""
+    words = prompt.split()
+    if sep not in words or arrow not in words:
+        raise ValueError(f"prompt {prompt!r} is not '<instruction> {sep} <items> {arrow}'")
+    i, j = words.index(sep), len(words) - 1 - words[::-1].index(arrow)
+    return ["bos", *["instruction"] * i, "separator", *["input"] * (j - i - 1), "arrow", *["answer"] * len(target.split())]
+
+
 def token_kinds(prompt: str, prompt_tokens: int, total: int, bos: bool, sep: str = ":", arrow: str = "=>") -> list[str]:
     """The type of each of ``total`` routed tokens: the prompt's ``prompt_tokens`` (BOS first
     when ``bos``), then generated ones (``answer``). Prompt tokens get the zoo's
-    ``<instruction> : <items> =>`` types (:func:`moerge.bench.diagnostics.token_types`) when the
+    ``<instruction> : <items> =>`` types (:func:`token_types`) when the
     prompt has that form and one token per word, else ``bos`` / ``prompt``."""
-    from moerge.bench.diagnostics import token_types
-
     words = prompt.split()
     if sep in words and arrow in words and prompt_tokens == len(words) + bos:
         head = token_types(prompt, "")[: len(words) + 1]

@@ -62,9 +62,10 @@ def get_router(name: str) -> type[Router]:
     return found
 
 
-def make_router(name: str, config: RouterConfig | Mapping[str, Any] | None = None, **overrides: Any) -> Router:
-    """A router by name, its config validated (a bad or unknown field is named in the error)."""
-    cls = get_router(name)
+def make_router(name: str | type[Router], config: RouterConfig | Mapping[str, Any] | None = None, **overrides: Any) -> Router:
+    """A router by name (or its class, already resolved), its config validated (a bad or unknown
+    field is named in the error)."""
+    cls = name if isinstance(name, type) else get_router(name)
     data = config.to_json() if isinstance(config, RouterConfig) else dict(config or {})
     data.update(overrides)
     known = sorted(cls.config_cls.model_fields)

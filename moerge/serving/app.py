@@ -878,7 +878,7 @@ def deploy(
     """Start the Ray Serve app (starting a local Ray and Serve if needed; loopback by
     default) and wait until its workers are loaded. ``options``: :class:`ServeSettings` fields
     (``replicas``, ``max_resident``, ``max_batch``, ``max_wait_s``, ``num_cpus``, ``limits`` …)."""
-    from moerge.serving.workers import ensure_ray
+    from moerge.runtime import ensure_ray
 
     settings = build_settings(
         model_or_config,

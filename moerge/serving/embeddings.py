@@ -346,8 +346,8 @@ def deploy_embeddings(
     **options: Any,
 ) -> Any:
     """Start the embeddings app (a local Ray and Serve if none runs; loopback unless ``api_key``)."""
+    from moerge.runtime import ensure_ray
     from moerge.serving.types import is_loopback
-    from moerge.serving.workers import ensure_ray
 
     settings = EmbeddingSettings(registry=str(registry), search={k: str(v) for k, v in (search or {}).items()}, **options)
     if not is_loopback(host) and not settings.api_key:

@@ -64,7 +64,7 @@ class RegistryService:
 
 
 def _cache_root() -> Path:
-    from moerge.zoo.build import default_cache_dir
+    from moerge.runtime import default_cache_dir
 
     return default_cache_dir() / "mirrors"
 

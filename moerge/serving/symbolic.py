@@ -104,9 +104,9 @@ def build_moe(settings: SymbolicSettings, progress: bool | None = False) -> Any:
     device = str(resolve_device(settings.device))
     annotator = make_annotator(reg, validation, settings.skills, settings.annotator, settings.instruction_sep, device)
     if settings.aggregate_template == "compact":
-        from moerge.zoo.symbolic import aggregate_template
+        from moerge.symbolic.execute import compact_aggregate_prompt
 
-        template: Any = aggregate_template
+        template: Any = compact_aggregate_prompt
     else:
         template = aggregate_prompt
     moe = SymbolicMoE(reg, names, annotator, aggregator=settings.aggregator, k=settings.k, seed=settings.seed,
@@ -350,8 +350,8 @@ def deploy_symbolic(
     ``options``: :class:`SymbolicSettings` fields. The settings are checked here — the models
     exist and are whole models, the validation set reads — before Ray starts."""
     from moerge.registry import Registry
+    from moerge.runtime import ensure_ray
     from moerge.serving.types import is_loopback
-    from moerge.serving.workers import ensure_ray
 
     val = read_validation(str(validation) if isinstance(validation, (str, Path)) else dict(validation))
     settings = SymbolicSettings(registry=str(registry), validation=val, **options)

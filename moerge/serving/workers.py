@@ -275,33 +275,6 @@ def spawn_workers(
     return out
 
 
-def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
-    """Start a local Ray (no dashboard, small object store) unless one is running or
-    ``RAY_ADDRESS`` points at a cluster. ``log_to_driver``: the workers' stderr (their
-    warnings and errors, see :func:`actor_logging`) is printed here."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=log_to_driver)
-        return
-    # A local Ray is a one-machine cluster: keep its GCS, raylet and worker ports on loopback.
-    # Ray binds them to the node's address, which it takes from the network unless it believes it
-    # cannot form clusters (its Windows/macOS rule, read here at call time); say so for this start.
-    from ray._private import ray_constants
-
-    clustered = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
-    if clustered is not None and os.environ.get("MOERGE_RAY_LOOPBACK", "1") != "0":
-        ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=80 * 1024**2, log_to_driver=log_to_driver)
-    finally:
-        if clustered is not None:
-            ray_constants.ENABLE_RAY_CLUSTER = clustered
-
-
 def composition_spec(
     registry: str,
     router: str,
@@ -345,6 +318,7 @@ class ExpertPool:
         workers: Sequence[Any] | None = None,
         router_data: Mapping[str, Sequence[Any]] | None = None,
     ) -> None:
+        from moerge.runtime import ensure_ray
         from moerge.serving.remote import local_paths
 
         self.config = config

@@ -42,6 +42,14 @@ def aggregate_prompt(question: str, responses: Sequence[str], answer_format: str
     return AGGREGATE_PROMPT.format(responses=body, question=question, answer_format=answer_format).strip()
 
 
+def compact_aggregate_prompt(question: str, responses: Sequence[str], answer_format: str = "", words: int = 10) -> str:
+    """A compact synthesis prompt for small word-level models (the zoo's aggregator): the
+    question, then each response's first ``words`` words separated by ``:``, then ``=>`` —
+    ``reverse the letters : a b c => c b a : a b c : C B A =>``. ``answer_format`` is ignored."""
+    body = " : ".join(" ".join(r.split()[:words]) for r in responses)
+    return f"{question} {body} =>"
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -193,7 +201,7 @@ def aggregate(
 ) -> tuple[dict[str, str], RunStats]:
     """The aggregator's final answer per query (one load over all queries). ``template`` builds
     its prompt: the paper's synthesis prompt by default; the zoo's tiny aggregator is trained on
-    a compact one (:func:`moerge.zoo.symbolic.aggregate_template`)."""
+    a compact one (:func:`compact_aggregate_prompt`)."""
     t = time.perf_counter()
     loaded = loader(aggregator)
     stats = RunStats(model_loads=1, distinct_models=1, load_s=time.perf_counter() - t)
@@ -237,7 +245,7 @@ def run_batched_ray(
     must be visible where the tasks run (a shared disk, or a node-local copy at the same path)."""
     import ray
 
-    from moerge.serving.workers import ensure_ray
+    from moerge.runtime import ensure_ray
 
     if max_resident < 1:
         raise ValueError(f"max_resident must be ≥ 1, got {max_resident}")

@@ -8,7 +8,6 @@ import copy
 import fcntl
 import json
 import logging
-import os
 import random
 import shutil
 import time
@@ -26,6 +25,7 @@ from moerge.progress import hf_bars, progress_bar
 from moerge.registry import Registry, config_fingerprint
 from moerge.registry.files import atomic_write_json
 from moerge.registry.importers import absolute_path
+from moerge.runtime import default_cache_dir
 from moerge.training import warmup_cosine
 from moerge.zoo import tasks as T
 from moerge.zoo.tokenizer import build_tokenizer
@@ -99,14 +99,6 @@ PRESETS: dict[str, Preset] = {
         target_val=0.99,
     ),
 }
-
-
-def default_cache_dir() -> Path:
-    """``$MOERGE_CACHE``, else ``$XDG_CACHE_HOME/moerge``, else ``~/.cache/moerge``."""
-    env = os.environ.get("MOERGE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "moerge"
 
 
 @dataclass

@@ -12,7 +12,7 @@ with skills per question, a mixed test set and an aggregator trained on the zoo.
   three correct, shuffled — and the target is the correct answer. It learns to pick the answer
   that fits the question; it is never shown a case with no correct candidate, so it cannot
   rebuild one (the demo reports how it does then). Its prompt is compact
-  (:func:`aggregate_template`): the zoo's word-level models cannot read the paper's English one.
+  (:func:`moerge.symbolic.execute.compact_aggregate_prompt`): the zoo's word-level models cannot read the paper's English one.
 * **Validation** — the zoo's validation split of each held-in task; each question's keywords
   are its task's skills (``moerge.zoo.tasks``). Profiles are built on it; the offline annotator
   labels new questions from it (the nearest validation questions' keywords).
@@ -39,13 +39,13 @@ import torch
 
 from moerge.progress import progress_bar
 from moerge.registry import Registry, config_fingerprint
+from moerge.symbolic.execute import compact_aggregate_prompt
 from moerge.zoo import tasks as T
 
 SYMBOLIC_FORMAT = 1
 AGGREGATOR = "aggregator"
 #: at most this many words of each response go into the aggregator's prompt (the zoo's base has
 #: 64 positions; a correct answer has ≤ 9 words)
-RESPONSE_WORDS = 10
 
 
 @dataclass(frozen=True)
@@ -100,14 +100,6 @@ class Pair(NamedTuple):
 
     prompt: str
     target: str
-
-
-def aggregate_template(question: str, responses: Sequence[str], answer_format: str = "") -> str:
-    """The zoo aggregator's prompt: the question, then the responses separated by ``:``, then
-    ``=>`` — ``reverse the letters : a b c => c b a : a b c : C B A =>``. ``answer_format`` is
-    ignored (the zoo's answers have one format)."""
-    body = " : ".join(" ".join(r.split()[:RESPONSE_WORDS]) for r in responses)
-    return f"{question} {body} =>"
 
 
 @dataclass
@@ -244,7 +236,7 @@ def _build(zoo: Any, p: SymbolicPreset, root: Path, progress: bool | None) -> No
             n_right = rng.choices([1, 2, 3], weights=[0.6, 0.25, 0.15])[0]
             picked = [e.target] * n_right + [rng.choice(wrong) if wrong else "" for _ in range(3 - n_right)]
             rng.shuffle(picked)
-            pairs.append(Pair(aggregate_template(e.prompt, picked), e.target))
+            pairs.append(Pair(compact_aggregate_prompt(e.prompt, picked), e.target))
     timings["aggregator_data_s"] = time.perf_counter() - t1
     t1 = time.perf_counter()
     agg = copy.deepcopy(base)

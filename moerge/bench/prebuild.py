@@ -6,7 +6,7 @@ thread; a second process doubles the work done). Builds are cached, locked and a
 demo's own ``load_*`` calls find them finished, wait on the lock while they build, or build
 them itself if this process failed (its log is kept beside the cache).
 
-    python -m moerge.zoo.prebuild [--cache DIR] [--retrieval PRESET] [--control PRESET]
+    python -m moerge.bench.prebuild [--cache DIR] [--retrieval PRESET] [--control PRESET]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Background:
         self.returncode: int | None = None  # the process's, once it has ended
         cache.mkdir(parents=True, exist_ok=True)
         self.log = cache / "prebuild.log"
-        args = [sys.executable, "-m", "moerge.zoo.prebuild", "--cache", str(cache)]
+        args = [sys.executable, "-m", "moerge.bench.prebuild", "--cache", str(cache)]
         args += ["--retrieval", retrieval] if retrieval else []
         args += ["--control", control] if control else []
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -89,7 +89,7 @@ def maybe_start(cache: Path, retrieval: str | None, control: str | None, threads
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m moerge.zoo.prebuild", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m moerge.bench.prebuild", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", default=None)
     ap.add_argument("--retrieval", default=None, help="a retrieval preset: its suite and the bench's cached scores")
     ap.add_argument("--control", default=None, help="a control preset")
@@ -97,9 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from moerge.cli import _quiet_hf
+    from moerge.runtime import quiet_hf
 
-    _quiet_hf()
+    quiet_hf()
     if a.control:  # the smaller first: the demo needs it last, but it is quick
         from moerge.zoo.control import load_control
 

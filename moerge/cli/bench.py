@@ -1,0 +1,375 @@
+"""``moerge bench``: quality and performance benchmarks."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from moerge.cli.options import DEVICE_OPTION, THREADS_OPTION, _device_settings, _fail, _parse_config, _rows, _threads
+from moerge.cli.root import main
+from moerge.runtime import quiet_hf
+
+
+@main.group()
+def bench() -> None:
+    """Performance benchmarks (ratios against a baseline measured in the same run)."""
+
+
+@bench.command("routing")
+@click.option("--hidden", default=512, show_default=True, type=int)
+@click.option("--layers", default=4, show_default=True, type=int)
+@click.option("--experts", default="4,8,16", show_default=True, help="Expert counts for PHATGOOSE top-k.")
+@click.option("--top-k", default=2, show_default=True, type=int)
+@click.option("--batch", default=8, show_default=True, type=int)
+@click.option("--seq", default=64, show_default=True, type=int, help="Forward: tokens per row.")
+@click.option("--repeats", default=5, show_default=True, type=int)
+@DEVICE_OPTION
+@click.option("--dtype", default="auto", show_default=True, help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16.")
+@THREADS_OPTION
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the result as JSON.")
+@click.option("--no-progress", is_flag=True)
+def bench_routing(hidden, layers, experts, top_k, batch, seq, repeats, device, dtype, threads, json_path, no_progress) -> None:  # noqa: ANN001
+    """Forward/generate time: base, single LoRA, PHATGOOSE top-k over E experts, every expert
+    computed (random weights of the given size; --hidden 2048 --layers 16 is ~0.8 B)."""
+    from moerge.bench import routing as rb
+
+    try:
+        counts = rb.parse_experts(experts)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--experts") from None
+    _device_settings(device, dtype, threads)
+    cfg = rb.BenchConfig(
+        hidden=hidden,
+        layers=layers,
+        experts=tuple(counts),
+        top_k=top_k,
+        batch=batch,
+        seq=seq,
+        repeats=repeats,
+        device=device,
+        dtype=dtype,
+    )
+    result = rb.run(cfg, progress=None if not no_progress else False)
+    click.echo(rb.markdown(result))
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(result, fh, indent=2)
+
+
+@bench.command("embedding")
+@click.option("--queries", default=1000, show_default=True, type=int)
+@click.option("--experts", default=6, show_default=True, type=int)
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--repeats", default=3, show_default=True, type=int)
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the result as JSON.")
+@click.option("--no-progress", is_flag=True)
+@THREADS_OPTION
+def bench_embedding(queries, experts, batch_size, repeats, json_path, no_progress, threads) -> None:  # noqa: ANN001
+    """Routed query embedding: mixed-expert batches vs PEFT set_adapter per query and per expert group."""
+    from moerge.bench import embedding
+    from moerge.device import set_threads
+
+    set_threads(threads)
+    result = embedding.run(
+        embedding.EmbedBenchConfig(queries=queries, experts=experts, batch_size=batch_size, repeats=repeats),
+        progress=None if not no_progress else False,
+    )
+    click.echo(embedding.table(result))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+
+
+@bench.command("symbolic")
+@click.option(
+    "--preset",
+    default="small",
+    show_default=True,
+    type=click.Choice(["small", "default"]),
+    help="Zoo preset (its dense fine-tunes are the pool).",
+)
+@click.option("--queries", default=48, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--k", default=3, show_default=True, type=click.IntRange(min=1), help="Experts recruited per query (with replacement)."
+)
+@click.option("--max-new-tokens", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Zoo cache folder (env MOERGE_CACHE).")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the result as JSON.")
+@click.option("--no-progress", is_flag=True)
+@THREADS_OPTION
+def bench_symbolic(preset, queries, k, max_new_tokens, cache_dir, json_path, no_progress, threads) -> None:  # noqa: ANN001
+    """Symbolic-MoE's batch-by-model run (each recruited model loaded once) vs loading the recruited models per query."""
+    quiet_hf()
+    from moerge.bench import symbolic
+    from moerge.device import set_threads
+
+    set_threads(threads)
+    cfg = symbolic.SymbolicBenchConfig(preset=preset, queries=queries, k=k, max_new_tokens=max_new_tokens)
+    result = symbolic.run(cfg, cache_dir=cache_dir, progress=None if not no_progress else False)
+    click.echo(symbolic.format_result(result))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+
+
+@bench.command("control")
+@click.option(
+    "--preset",
+    default="control",
+    show_default=True,
+    type=click.Choice(["control", "control-d128", "control-small"]),
+    help="The token-routing control suite (built once, cached).",
+)
+@click.option("--split", default="test", show_default=True, type=click.Choice(["test", "val"]), help="Mixed prompts to score.")
+@click.option(
+    "--routers",
+    default="phatgoose,arrow,retrieval,random",
+    show_default=True,
+    help="Comma-separated: phatgoose, arrow, retrieval, random (PHATGOOSE with random keys), or 'none'.",
+)
+@click.option(
+    "--merges", default="average,task_arithmetic,ties", show_default=True, help="Comma-separated static merges, or 'none'."
+)
+@click.option(
+    "--set", "settings", multiple=True, help="PHATGOOSE setting KEY=VALUE (repeatable), e.g. --set accumulate=32 --set steps=300."
+)
+@DEVICE_OPTION
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Cache folder (env MOERGE_CACHE).")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the result as JSON.")
+@click.option("--no-progress", is_flag=True)
+@THREADS_OPTION
+def bench_control(preset, split, routers, merges, settings, device, cache_dir, json_path, no_progress, threads) -> None:  # noqa: ANN001
+    """The positive control for token routing: single experts, static merges, PHATGOOSE, Arrow,
+    retrieval, random gates and the per-token oracle, scored per segment on mixed prompts, with
+    routing accuracy on item tokens."""
+    quiet_hf()
+    from moerge.bench import control as control_bench
+    from moerge.device import resolve_device, set_threads
+    from moerge.zoo.control import load_control
+
+    set_threads(threads)
+    router_names = {
+        "phatgoose": "PHATGOOSE",
+        "arrow": "Arrow",
+        "retrieval": "retrieval",
+        "random": "random gates (PHATGOOSE, keys replaced)",
+    }
+    merge_names = {"average": "uniform average", "task_arithmetic": "task arithmetic", "ties": "TIES"}
+    chosen_routers = [router_names[r] for r in _rows(routers, router_names, "--routers")]
+    chosen_merges = [merge_names[m] for m in _rows(merges, merge_names, "--merges")]
+    try:
+        dev = str(resolve_device(device))
+        suite = load_control(preset, cache_dir=cache_dir, progress=None if not no_progress else False)
+        result = control_bench.evaluate(
+            suite,
+            progress=None if not no_progress else False,
+            split=split,
+            routers=chosen_routers,
+            merges=chosen_merges,
+            phatgoose=_parse_config(settings),
+            device=dev,
+        )
+    except (KeyError, ValueError, OSError) as exc:
+        _fail(exc)
+    click.echo(control_bench.markdown(result))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+
+
+@bench.command("soak")
+@click.option("--requests", "n_requests", default=2000, show_default=True, type=int)
+@click.option("--concurrency", default=32, show_default=True, type=int)
+@click.option("--kills", default=3, show_default=True, type=int, help="Workers SIGKILLed during the run.")
+@click.option("--freezes", default=1, show_default=True, type=int, help="Workers SIGSTOPped (then thawed) during the run.")
+@click.option("--freeze-s", default=4.0, show_default=True, type=float)
+@click.option("--replicas", default=2, show_default=True, type=int)
+@click.option("--request-timeout", default=10.0, show_default=True, type=float, help="The server's per-request deadline.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the result as JSON.")
+def bench_soak(n_requests, concurrency, kills, freezes, freeze_s, replicas, request_timeout, json_path) -> None:  # noqa: ANN001
+    """Soak a real `moerge serve` (small zoo) at high concurrency while killing and freezing its
+    workers: every request must be answered or fail clearly within its deadline, none lost."""
+    from moerge.bench import soak
+
+    cfg = soak.SoakConfig(
+        requests=n_requests,
+        concurrency=concurrency,
+        kills=kills,
+        freezes=freezes,
+        freeze_s=freeze_s,
+        replicas=replicas,
+        request_timeout_s=request_timeout,
+    )
+    result = soak.run(cfg)
+    click.echo(soak.table(result))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    if result["lost"] or not result["healthy_at_end"] or result["exit_code"] != 0:
+        sys.exit(1)
+
+
+@bench.command("serving")
+@click.option("--mixed/--no-mixed", default=True, help="Mixed-expert batches vs single-expert, PEFT adapter_names, set_adapter.")
+@click.option("--http/--no-http", default=True, help="End to end over loopback HTTP on Ray Serve (the zoo).")
+@click.option("--hidden", default=512, show_default=True, type=int)
+@click.option("--layers", default=4, show_default=True, type=int)
+@click.option("--batch", default=32, show_default=True, type=int)
+@click.option("--new-tokens", default=32, show_default=True, type=int)
+@click.option("--repeats", default=3, show_default=True, type=int)
+@click.option("--preset", default="small", show_default=True, type=click.Choice(["small", "default"]), help="Zoo for HTTP.")
+@click.option("--requests", "n_requests", default=192, show_default=True, type=int, help="HTTP requests per workload.")
+@click.option("--concurrency", default=16, show_default=True, type=int)
+@click.option("--port", default=8765, show_default=True, type=int)
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the result as JSON.")
+@click.option("--png", default=None, type=click.Path(dir_okay=False), help="Plot mixed-batch throughput by distinct experts.")
+@click.option("--no-progress", is_flag=True)
+@click.option("--ks", default="1,2,4,8", show_default=True, help="Distinct experts per mixed batch (each must divide --batch).")
+@DEVICE_OPTION
+@click.option("--dtype", default="auto", show_default=True, help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16.")
+@click.option(
+    "--compile", "compiled", is_flag=True, help="Also time eager vs compiled decode steps against the weight-read floor."
+)
+@click.option("--compile-backend", default="inductor", show_default=True, help="torch.compile backend for --compile.")
+@THREADS_OPTION
+def bench_serving(
+    mixed,
+    http,
+    hidden,
+    layers,
+    batch,
+    new_tokens,
+    repeats,
+    preset,
+    n_requests,
+    concurrency,
+    port,
+    json_path,
+    png,
+    no_progress,
+    ks,
+    device,
+    dtype,
+    compiled,
+    compile_backend,
+    threads,
+) -> None:  # noqa: ANN001
+    """Serving throughput: mixed-expert batches (k distinct experts) against single-expert
+    batches, PEFT adapter_names and per-request set_adapter; with --compile, ms per decode step
+    eager vs compiled vs the physical floor; then HTTP req/s and p50/p99 latency."""
+    quiet_hf()
+    from moerge.bench import routing as rb
+    from moerge.bench import serving as sb
+
+    try:
+        k_list = tuple(rb.parse_experts(ks))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).replace("--experts", "--ks"), param_hint="--ks") from None
+    _device_settings(device, dtype, threads)
+    out: dict = {}
+    try:
+        if mixed:
+            out["mixed"] = sb.run_mixed(
+                sb.MixedConfig(
+                    hidden=hidden,
+                    layers=layers,
+                    batch=batch,
+                    new_tokens=new_tokens,
+                    repeats=repeats,
+                    ks=k_list,
+                    experts=max(k_list),
+                    device=device,
+                    dtype=dtype,
+                    compile=compiled,
+                    compile_backend=compile_backend,
+                ),
+                progress=None if not no_progress else False,
+            )
+            m = out["mixed"]["machine"]
+            click.echo(
+                f"mixed-expert batches: batch {batch}, {new_tokens} new tokens, hidden {hidden}, {layers} layers; "
+                f"{m['device']} ({m.get('name', '')}), {out['mixed']['dtype']}"
+            )
+            click.echo(f"{'variant':<32} {'k':>2} {'tok/s':>9} {'vs single':>10} {'vs PEFT':>8}")
+            for r in out["mixed"]["rows"]:
+                peft = "" if r["vs_peft_same_k"] is None else f"{r['vs_peft_same_k']:.2f}"
+                click.echo(f"{r['variant']:<32} {r['k']:>2} {r['tokens_per_s']:>9.1f} {r['vs_single']:>10.2f} {peft:>8}")
+            d = out["mixed"].get("decode")
+            if d:
+                click.echo(
+                    f"decode steps (batch {d['batch']}, k = {d['k']}): eager {d['eager_ms_per_step']} ms "
+                    f"({d['eager_x_floor']}× the {d['floor_ms']} ms floor of reading {d['weight_gb']} GB at {d['bandwidth_gb_s']} GB/s)"
+                )
+                if "compiled_ms_per_step" in d:
+                    click.echo(
+                        f"  compiled {d['compiled_ms_per_step']} ms ({d['compiled_x_floor']}× floor): "
+                        + (
+                            f"{d['compiled_speedup']}× eager "
+                            if d["compiled_speedup"]
+                            else "no ratio (a step time ≤ 0: timing noise) "
+                        )
+                        + f"(compile + graph capture {d['compile_s']} s)"
+                    )
+                else:
+                    click.echo(f"  compiled decode failed here: {d['compile_error']}")
+            if png:
+                click.echo(f"wrote {sb.plot_mixed(out['mixed'], png)}", err=True)
+        if http:
+            out["http"] = sb.run_http(
+                sb.HttpConfig(preset=preset, requests=n_requests, concurrency=concurrency, port=port),
+                progress=None if not no_progress else False,
+            )
+            click.echo(f"HTTP on loopback ({preset} zoo, app start {out['http']['startup_s']} s)")
+            click.echo(
+                f"{'workload':<24} {'conc':>4} {'req/s':>7} {'×c=1':>6} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6} {'experts':>8}"
+            )
+            for r in out["http"]["rows"]:
+                click.echo(
+                    f"{r['workload']:<24} {r['concurrency']:>4} {r['req_per_s']:>7.1f} {r['vs_concurrency_1']:>6.2f} "
+                    f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['mean_batch']:>6.1f} {r['mean_distinct_experts']:>8.1f}"
+                )
+    except (ValueError, RuntimeError, OSError) as exc:
+        _fail(exc)
+    if json_path:
+        from moerge.registry.files import atomic_write_json
+
+        atomic_write_json(Path(json_path), out)
+
+
+@bench.command("merging")
+@click.option("--twin/--no-twin", default=True, help="Twin-Merging batched vs per-sample materialised.")
+@click.option("--dense/--no-dense", default=True, help="Dense TIES of N models vs mergekit (needs mergekit).")
+@click.option("--batches", default="16,64", show_default=True, help="Batch sizes for the Twin-Merging comparison.")
+@click.option("--hidden", default=512, show_default=True, type=int)
+@click.option("--tasks", default=8, show_default=True, type=int, help="Twin vectors (tasks).")
+@click.option("--repeats", default=3, show_default=True, type=int)
+@click.option("--models", default=8, show_default=True, type=int, help="Dense models to merge.")
+@click.option("--params-m", default=100.0, show_default=True, type=float, help="Million parameters per dense model.")
+@click.option(
+    "--workdir", default=None, type=click.Path(file_okay=False), help="Where to build the dense models (default: a temp folder)."
+)
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the result as JSON.")
+@click.option("--no-progress", is_flag=True)
+def bench_merging(twin, dense, batches, hidden, tasks, repeats, models, params_m, workdir, json_path, no_progress) -> None:  # noqa: ANN001
+    """Twin-Merging's batched dynamic merge vs per-sample materialise; dense TIES vs mergekit (time, peak RSS)."""
+    quiet_hf()
+    from moerge.bench import merging as mb
+
+    try:
+        sizes = tuple(int(b) for b in batches.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {batches!r}", param_hint="--batches") from None
+    result = mb.MergeBenchResult()
+    tcfg = mb.TwinBenchConfig(hidden=hidden, tasks=tasks, batches=sizes, repeats=repeats)
+    dcfg = mb.DenseBenchConfig(models=models, params_m=params_m, workdir=workdir)
+    result.config = {"twin": tcfg.__dict__ if twin else None, "dense": dcfg.__dict__ if dense else None, "threads": _threads()}
+    if twin:
+        result.twin = mb.bench_twin(tcfg, progress=None if not no_progress else False)
+    if dense:
+        try:
+            result.dense = mb.bench_dense(dcfg, progress=None if not no_progress else False)
+        except RuntimeError as exc:
+            _fail(exc)
+    click.echo(mb.markdown(result))
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(result.to_json(), fh, indent=2)

@@ -1,0 +1,132 @@
+"""``moerge merge``: static merges of registered experts, from flags or a mergekit YAML."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from moerge.cli.options import _fail, _open
+from moerge.cli.root import main
+from moerge.runtime import quiet_hf
+
+
+@main.command("merge")
+@click.option(
+    "--method",
+    default="ties",
+    show_default=True,
+    help="average, task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune, svd.",
+)
+@click.option("--experts", default=None, help="Comma-separated registry names or PEFT-adapter / model folders.")
+@click.option(
+    "--config",
+    "config_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="A mergekit YAML (merge_method, base_model, models, parameters, dtype) instead of --method/--experts/--weights.",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write (must not exist or be empty).")
+@click.option(
+    "--registry",
+    "registry_path",
+    envvar="MOERGE_REGISTRY",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Registry holding the named experts (env MOERGE_REGISTRY).",
+)
+@click.option("--base", default=None, help="Base model folder or hub id (default: the experts' registered base).")
+@click.option("--weights", default=None, help="Comma-separated weight per expert, in --experts order.")
+@click.option("--density", default=None, type=float, help="Fraction kept (ties, dare_*, magnitude_prune).")
+@click.option("--lambda", "lambda_", default=None, type=float, help="Scale of the merged task vector.")
+@click.option("--majority-sign-method", default=None, type=click.Choice(["total", "frequency"]), help="TIES sign election.")
+@click.option("--seed", default=None, type=int, help="DARE mask seed.")
+@click.option(
+    "--flavor", default=None, type=click.Choice(["peft", "mergekit"]), help="Whose semantics where PEFT and mergekit differ."
+)
+@click.option(
+    "--rank",
+    default=None,
+    help="Rank of a LoRA output (default: the largest input rank), or 'auto': per module the smallest within --rank-tolerance.",
+)
+@click.option(
+    "--rank-tolerance", default=1e-2, show_default=True, type=float, help="--rank auto: the largest relative re-factoring error."
+)
+@click.option(
+    "--output", default=None, type=click.Choice(["lora", "model"]), help="LoRA experts: a LoRA (default) or a merged model."
+)
+@click.option("--no-progress", is_flag=True)
+def merge_cmd(
+    method,
+    experts,
+    config_path,
+    out,
+    registry_path,
+    base,
+    weights,
+    density,
+    lambda_,
+    majority_sign_method,
+    seed,
+    flavor,
+    rank,
+    rank_tolerance,
+    output,
+    no_progress,
+) -> None:  # noqa: ANN001
+    """Merge experts into one LoRA or one model with a static merge method, written to --out."""
+    quiet_hf()
+    import warnings
+
+    import moerge
+    from moerge.registry.importers import MoergeWarning
+
+    params = {"density": density, "lambda": lambda_, "majority_sign_method": majority_sign_method, "seed": seed, "flavor": flavor}
+    if config_path is not None:
+        given = [
+            f"--{k.replace('_', '-')}" for k, v in {**params, "experts": experts, "weights": weights, "base": base}.items() if v
+        ]
+        if given:
+            _fail(ValueError(f"--config gives the method, models and parameters; drop {', '.join(given)}"))
+    elif not experts:
+        _fail(ValueError("give --experts (with --method) or --config merge.yml"))
+    try:
+        reg = _open(registry_path) if registry_path else None
+        if config_path is not None:
+            from moerge.composer.mergekit import load_merge_config, plan_merge
+
+            plan = plan_merge(load_merge_config(Path(config_path)))
+            base, names, method, w = plan["base"], plan["experts"], plan["method"], plan["weights"]
+            params, dtype = plan["params"], plan["dtype"]
+        else:
+            names = [e.strip() for e in experts.split(",") if e.strip()]
+            dtype = None
+            w = [float(x) for x in weights.split(",")] if weights else None
+        if rank is not None and rank != "auto":
+            if not rank.isdigit():
+                raise ValueError(f"--rank must be a positive integer or 'auto', got {rank!r}")
+            rank = int(rank)
+        with warnings.catch_warnings():  # the re-factoring error is printed below
+            warnings.simplefilter("ignore", MoergeWarning)
+            path = moerge.merge(
+                base,
+                names,
+                method,
+                out,
+                registry=reg,
+                weights=w,
+                output=output,
+                rank=rank,
+                rank_tolerance=rank_tolerance,
+                dtype=dtype,
+                progress=None if not no_progress else False,
+                **params,
+            )
+    except (KeyError, ValueError, OSError, RuntimeError) as exc:
+        _fail(exc)
+    report = json.loads((path / "moerge_merge.json").read_text())
+    click.echo(f"merged {len(names)} experts with {method} into {path} ({report['output']}, {report['seconds']:.1f} s)")
+    if report["refactor_error"]:
+        auto = f" (auto: each module's smallest rank within {report['rank_tolerance']:g})" if report.get("module_ranks") else ""
+        click.echo(f"rank-{report['rank']} re-factoring{auto}: max relative error {max(report['refactor_error'].values()):.3f}")

@@ -1,0 +1,54 @@
+"""Process-level runtime shared by every layer that starts Ray work (serving, Symbolic-MoE's
+batched execution, benchmarks): kept low in the stack so none of them reaches up into another."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
+    """Start a local Ray (no dashboard, small object store) unless one is running or
+    ``RAY_ADDRESS`` points at a cluster. ``log_to_driver``: the workers' stderr (their
+    warnings and errors, see :func:`actor_logging`) is printed here."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=log_to_driver)
+        return
+    # A local Ray is a one-machine cluster: keep its GCS, raylet and worker ports on loopback.
+    # Ray binds them to the node's address, which it takes from the network unless it believes it
+    # cannot form clusters (its Windows/macOS rule, read here at call time); say so for this start.
+    from ray._private import ray_constants
+
+    clustered = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    if clustered is not None and os.environ.get("MOERGE_RAY_LOOPBACK", "1") != "0":
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=80 * 1024**2, log_to_driver=log_to_driver)
+    finally:
+        if clustered is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = clustered
+
+
+def default_cache_dir() -> Path:
+    """``$MOERGE_CACHE``, else ``$XDG_CACHE_HOME/moerge``, else ``~/.cache/moerge``."""
+    env = os.environ.get("MOERGE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "moerge"
+
+
+def quiet_hf() -> None:
+    """transformers' and PEFT's warnings and progress bars off (a CLI's own output is the report)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    import warnings
+
+    # PEFT calls a transformers helper that transformers 5 deprecated: nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
