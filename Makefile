@@ -1,4 +1,5 @@
-# The two set-up commands of the README: `make demo` (main job) and `make test` (test suite).
+# The two set-up commands of the README: `make demo` (main job: the tour) and `make test` (test suite);
+# `make bench` runs the full benchmark.
 # Both create .venv on first use and install moerge into it, with constraints.txt keeping pip on
 # the local CPU build of torch.
 PYTHON ?= python3
@@ -16,6 +17,9 @@ install: $(BIN)/.installed
 
 demo: install
 	$(BIN)/moerge demo
+
+bench: install
+	$(BIN)/moerge bench all
 
 test: install
 	$(BIN)/lint-imports --no-cache

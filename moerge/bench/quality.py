@@ -173,13 +173,21 @@ def evaluate_zoo(
     merges: Sequence[str] = (),
     progress: bool | None = None,
     device: DeviceLike = "cpu",
+    breakdown: bool = True,
+    cache_dir: str | Path | None = None,
 ) -> QualityReport:
     """The demo's table on the zoo, through :func:`moerge.evaluate`: the zoo's tasks exported in
     the task-set format (under the zoo's folder), its LoRA experts tagged with their own task,
     the base, every expert on every task, the oracle, the best single expert, then ``routers``
     (:data:`ZOO_ROUTERS`) and ``merges`` (:data:`ZOO_MERGES`), each hyper-parameter chosen on
     the validation split. What is the zoo's own: the method variants, the routing breakdown by
-    token type, and the meta the demo has always written (``meta.routers``, ``meta.merges``)."""
+    token type, and the meta the demo has always written (``meta.routers``, ``meta.merges``).
+
+    ``breakdown=False`` (the tour): routing accuracy is the evaluator's own (top-1 expert over
+    every held-in prompt token × module), cached like the answers, and PHATGOOSE's gate
+    signal-to-noise is not measured. ``cache_dir``: keep the evaluator's answers there (keyed
+    by expert weights, settings, tasks and device), so a rerun recomputes only what changed;
+    None: a scratch folder for this run."""
     import tempfile
 
     from moerge.evaluation import evaluate
@@ -192,12 +200,16 @@ def evaluate_zoo(
         ev = evaluate(
             zoo.registry, tasks, base=str(zoo.base_path), methods=specs, experts=zoo.held_in,
             expert_tasks={t: [t] for t in zoo.held_in}, device=device, dtype="float32", batch_size=256,
-            cache_dir=scratch, progress=progress, routing=_routing_hook(zoo, device, progress),
+            cache_dir=cache_dir or scratch, progress=progress,
+            routing=_routing_hook(zoo, device, progress) if breakdown else None,
         )  # fmt: skip
+    report_cache = ev.meta.get("cache", {})
     rows = [r for r in ev.rows if not r.name.startswith("expert:")]
     report = QualityReport(held_in=zoo.held_in, held_out=zoo.held_out, experts=zoo.held_in, matrix=ev.matrix, rows=[],
+                           routing_tokens="item tokens" if breakdown else "prompt tokens",
                            meta={"preset": zoo.preset.name, "n_test": zoo.preset.n_test, "zoo_build": zoo.meta.get("timings", {}),
-                                 "threads": torch.get_num_threads(), "evaluation": {k: ev.meta[k] for k in ("seconds", "tasks")}})  # fmt: skip
+                                 "threads": torch.get_num_threads(), "evaluation": {k: ev.meta[k] for k in ("seconds", "tasks")},
+                                 "eval_cache": {k: report_cache.get(k) for k in ("hits", "misses")}})  # fmt: skip
     methods, seconds = ev.meta["methods"], ev.meta["seconds"]
     n_templates = len(test_templates(zoo))
     chosen_alpha = methods.get("GLIDER", {}).get("chosen", {}).get("alpha")
@@ -210,7 +222,8 @@ def evaluate_zoo(
             continue
         if row.name in ZOO_ROUTERS:
             name, cfg, notes = ZOO_ROUTERS[row.name]
-            meta: dict[str, Any] = {"routing": res["routing"]["breakdown"], "router": name, "config": res["routing"]["config"],
+            routing = res.get("routing", {})  # the zoo's breakdown, when measured
+            meta: dict[str, Any] = {"routing": routing.get("breakdown"), "router": name, "config": routing.get("config"),
                                     "prepare_seconds": seconds.get(f"{row.name} build", 0.0), "seconds": seconds.get(row.name, 0.0)}  # fmt: skip
             if name == "glider":
                 alpha = res["chosen"]["alpha"]
@@ -225,19 +238,19 @@ def evaluate_zoo(
                 )
             else:
                 notes += "; prepared from the weights alone"
-            if "gate_snr" in res["routing"]:
-                meta["gate_snr"] = res["routing"]["gate_snr"]
+            if "gate_snr" in routing:
+                meta["gate_snr"] = routing["gate_snr"]
             row.notes = notes
             report.meta.setdefault("routers", {})[row.name] = meta
         elif row.name in GLIDER_PRESETS:
             row.notes = "the headline GLIDER with the preset's α"
-            report.meta.setdefault("routers", {})[row.name] = {"router": "glider", "alpha": GLIDER_PRESETS[row.name], "routing": res["routing"]["breakdown"]}  # fmt: skip
+            report.meta.setdefault("routers", {})[row.name] = {"router": "glider", "alpha": GLIDER_PRESETS[row.name], "routing": res.get("routing", {}).get("breakdown")}  # fmt: skip
         elif row.name in ZOO_MERGES:
             spec = ZOO_MERGES[row.name]
             meta = {"method": spec.runs, "chosen": call_params(spec, res["chosen"]),
                     "grid": [{"params": call_params(spec, v["params"]), "val_exact_match": 100 * v["mean"]} for v in res["validation"]],
                     "seconds": seconds.get(row.name, 0.0)}  # fmt: skip
-            if spec.family == "twin":
+            if spec.family == "twin" and "routing" in res:
                 meta.update(router=res["routing"]["router"], stored=res["routing"]["stored"])
             report.meta.setdefault("merges", {})[row.name] = meta
     report.meta["eval_seconds"] = time.perf_counter() - t0
@@ -252,7 +265,7 @@ def write_report(report: QualityReport, out_dir: str | Path, json_path: str | Pa
     md = out / "report.md"
     build = report.meta.get("zoo_build", {})
     md.write_text(
-        f"# moerge demo — zoo preset `{report.meta.get('preset')}`\n\n"
+        f"# moerge bench all — zoo preset `{report.meta.get('preset')}`\n\n"
         f"{report.markdown()}\n\n"
         "Held-in normalised: mean over held-in tasks of 100 × score / (the task's own expert's score). "
         f"Held-out: mean exact match over {', '.join(report.held_out)}.\n\n"

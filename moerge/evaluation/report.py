@@ -21,7 +21,7 @@ class MethodRow:
     held_in_normalized: float
     held_out_accuracy: float
     notes: str = ""
-    #: routers: share of held-in *input* tokens (× modules) whose top-1 expert is the task's own
+    #: routers: share of held-in tokens (× modules; which tokens: ``QualityReport.routing_tokens``) whose top-1 expert is the task's own
     routing_accuracy: float | None = None
     #: merges: bytes stored beyond the base (fp32), and the same for keeping every expert
     stored_bytes: int | None = None
@@ -45,6 +45,9 @@ class QualityReport:
     groups: dict[str, list[str]] | None = None
     #: task → the experts trained on it (default: the expert named as the task)
     own_experts: dict[str, list[str]] | None = None
+    #: which tokens the routing accuracy counts: the evaluator's own counts every prompt token; the
+    #: zoo's breakdown (``moerge bench all``) the item tokens between ``:`` and ``=>``
+    routing_tokens: str = "prompt tokens"
 
     def own_scores(self) -> dict[str, float]:
         """Each held-in task's own expert on it (the best of them when several): the 100 of the normalised score."""
@@ -68,14 +71,15 @@ class QualityReport:
         """Mean score (%) of ``row`` over each held-out group (None for an empty group)."""
         return {g: (100 * sum(row.per_task[t] for t in ts) / len(ts) if ts else None) for g, ts in self.held_out_groups().items()}
 
-    def markdown(self) -> str:
+    def markdown(self, names: Sequence[str] | None = None) -> str:
+        """The table (``names``: only these rows, in the report's order)."""
         groups = self.held_out_groups()
         lines = [
             "| method | held-in normalised (expert = 100) | held-out accuracy (%) | held-out: " + " / ".join(groups) + " (%) "
-            "| routing accuracy, held-in inputs (%) | stored (vs every expert) | notes |",
+            f"| routing accuracy, held-in {self.routing_tokens} (%) | stored (vs every expert) | notes |",
             "|---|---:|---:|---:|---:|---:|---|",
         ]
-        for r in self.rows:
+        for r in self.rows if names is None else [r for r in self.rows if r.name in names]:
             ra = "" if r.routing_accuracy is None else f"{100 * r.routing_accuracy:.1f}"
             st = "" if r.stored_bytes is None else f"{r.stored_bytes / 1024:.0f} KB ({r.stored_bytes / r.experts_bytes:.2f}×)"
             acc = " / ".join("–" if v is None else f"{v:.1f}" for v in self.group_accuracy(r).values())
