@@ -201,11 +201,13 @@ def evaluate(
     phatgoose: dict[str, Any] | None = None,
     device: str = "cpu",
     dtype: str = "float32",
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Every method on the suite's held-out ``split`` (``"test"``, or ``"val"`` for choosing
     settings). ``routers`` (labels of :data:`ROUTERS`) and ``merges`` (of :data:`CONTROL_MERGES`)
     default to all; ``phatgoose`` overrides PHATGOOSE's config (e.g. ``{"accumulate": 32}``).
-    ``device``/``dtype``: where the compositions run (the merges run in float32)."""
+    ``device``/``dtype``: where the compositions run (the merges run in float32). ``seed``: the
+    routers' own (PHATGOOSE's gate training, the random gates' draw); the suite has its own."""
     from moerge import compose
     from moerge.composer import merge
     from moerge.progress import progress_bar
@@ -257,11 +259,11 @@ def evaluate(
     composed = None
     for label in progress_bar(routers, desc="control: routers", progress=progress):
         name = ROUTERS[label]
-        cfg = dict(phatgoose or {}) if name == "phatgoose" else {}
+        cfg = {"seed": seed, **(phatgoose or {})} if name == "phatgoose" else {}
         model = compose(suite.base_path, reg.select(names=experts), name, data=suite.expert_data, progress=False,
                         device=device, dtype=dtype, **cfg)  # fmt: skip
         if label.startswith("random gates"):
-            g = torch.Generator().manual_seed(0)
+            g = torch.Generator().manual_seed(seed)
             model.router.keys = {
                 m: standardise(torch.randn(k.shape, generator=g)).to(k.device) for m, k in model.router.keys.items()
             }

@@ -19,18 +19,26 @@ from pathlib import Path
 from typing import Any
 
 
-def cached(cache: Path, retrieval: str | None, control: str | None) -> bool:
-    """Whether every named suite is already built under ``cache``."""
-    if retrieval is not None:
-        from moerge.zoo.retrieval import RETRIEVAL_PRESETS
+def _retrieval(preset: Any) -> Any:
+    from moerge.zoo.retrieval import RETRIEVAL_PRESETS
 
-        p = RETRIEVAL_PRESETS[retrieval]
+    return RETRIEVAL_PRESETS[preset] if isinstance(preset, str) else preset
+
+
+def _control(preset: Any) -> Any:
+    from moerge.zoo.control import CONTROL_PRESETS
+
+    return CONTROL_PRESETS[preset] if isinstance(preset, str) else preset
+
+
+def cached(cache: Path, retrieval: Any, control: Any) -> bool:
+    """Whether every named suite (a preset name or a preset, e.g. another seed's) is already built under ``cache``."""
+    if retrieval is not None:
+        p = _retrieval(retrieval)
         if not (cache / "retrieval" / f"{p.name}-{p.key()}" / "meta.json").exists():
             return False
     if control is not None:
-        from moerge.zoo.control import CONTROL_PRESETS
-
-        c = CONTROL_PRESETS[control]
+        c = _control(control)
         if not (cache / "control" / f"{c.name}-{c.key()}" / "meta.json").exists():
             return False
     return True
@@ -40,7 +48,7 @@ class Background:
     """The prebuild process, started beside the caller, which gives up one of its threads
     while it runs (:meth:`poll` gives it back once the process has ended)."""
 
-    def __init__(self, cache: Path, retrieval: str | None, control: str | None, threads: int) -> None:
+    def __init__(self, cache: Path, retrieval: Any, control: Any, threads: int) -> None:
         from moerge.device import set_threads
 
         self.threads = threads
@@ -48,8 +56,12 @@ class Background:
         cache.mkdir(parents=True, exist_ok=True)
         self.log = cache / "prebuild.log"
         args = [sys.executable, "-m", "moerge.bench.prebuild", "--cache", str(cache)]
-        args += ["--retrieval", retrieval] if retrieval else []
-        args += ["--control", control] if control else []
+        if retrieval is not None:
+            r = _retrieval(retrieval)
+            args += ["--retrieval", r.name, "--retrieval-seed", str(r.lora.seed)]
+        if control is not None:
+            c = _control(control)
+            args += ["--control", c.name, "--control-seed", str(c.seed)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         with open(self.log, "w") as log:
             self.proc: subprocess.Popen[Any] | None = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -81,7 +93,7 @@ class Background:
             set_threads(self.threads)
 
 
-def maybe_start(cache: Path, retrieval: str | None, control: str | None, threads: int) -> Background | None:
+def maybe_start(cache: Path, retrieval: Any, control: Any, threads: int) -> Background | None:
     """A :class:`Background` for the suites not yet built, when there are ≥ 2 threads to share."""
     if threads < 2 or (retrieval is None and control is None) or cached(cache, retrieval, control):
         return None
@@ -92,7 +104,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m moerge.bench.prebuild", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", default=None)
     ap.add_argument("--retrieval", default=None, help="a retrieval preset: its suite and the bench's cached scores")
+    ap.add_argument("--retrieval-seed", type=int, default=0, help="the retrieval suite's query LoRAs' seed")
     ap.add_argument("--control", default=None, help="a control preset")
+    ap.add_argument("--control-seed", type=int, default=0, help="the control suite's seed")
     a = ap.parse_args(argv)
     import torch
 
@@ -101,14 +115,21 @@ def main(argv: list[str] | None = None) -> None:
 
     quiet_hf()
     if a.control:  # the smaller first: the demo needs it last, but it is quick
+        from dataclasses import replace
+
         from moerge.zoo.control import load_control
 
-        load_control(a.control, cache_dir=a.cache, progress=False)
+        load_control(replace(_control(a.control), seed=a.control_seed), cache_dir=a.cache, progress=False)
         print(f"control suite {a.control!r} ready", flush=True)
     if a.retrieval:
-        from moerge.bench import retrieval as retrieval_bench
+        from dataclasses import replace
 
-        retrieval_bench.run(a.retrieval, cache_dir=a.cache, progress=False)
+        from moerge.bench import retrieval as retrieval_bench
+        from moerge.zoo.retrieval import load_suite
+
+        r = _retrieval(a.retrieval)
+        r = replace(r, lora=replace(r.lora, seed=a.retrieval_seed))
+        retrieval_bench.run(r.name, cache_dir=a.cache, progress=False, suite=load_suite(r, cache_dir=a.cache, progress=False))
         print(f"retrieval suite {a.retrieval!r} and its scores ready", flush=True)
 
 

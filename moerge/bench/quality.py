@@ -127,6 +127,10 @@ ZOO_MERGES: dict[str, MethodSpec] = {
 }
 
 
+#: the methods with a seed of their own (gate training, the Twin router's training, DARE's drop masks)
+SEEDED = ("phatgoose", "glider", "twin", "dare_ties")
+
+
 def router_specs(routers: Sequence[str]) -> list[MethodSpec]:
     """The demo's router rows as evaluator methods (GLIDER's α on validation; after the headline
     GLIDER, the paper's two presets)."""
@@ -175,6 +179,7 @@ def evaluate_zoo(
     device: DeviceLike = "cpu",
     breakdown: bool = True,
     cache_dir: str | Path | None = None,
+    seed: int = 0,
 ) -> QualityReport:
     """The demo's table on the zoo, through :func:`moerge.evaluate`: the zoo's tasks exported in
     the task-set format (under the zoo's folder), its LoRA experts tagged with their own task,
@@ -187,7 +192,8 @@ def evaluate_zoo(
     every held-in prompt token × module), cached like the answers, and PHATGOOSE's gate
     signal-to-noise is not measured. ``cache_dir``: keep the evaluator's answers there (keyed
     by expert weights, settings, tasks and device), so a rerun recomputes only what changed;
-    None: a scratch folder for this run."""
+    None: a scratch folder for this run. ``seed``: the methods' own seeds (PHATGOOSE's and
+    GLIDER's gate training, Twin-Merging's router, DARE's masks); the zoo has its own."""
     import tempfile
 
     from moerge.evaluation import evaluate
@@ -196,6 +202,8 @@ def evaluate_zoo(
     t0 = time.perf_counter()
     tasks = export_task_set(zoo.root / "tasks", zoo.preset)
     specs = [METHODS["base"], METHODS["experts"], METHODS["oracle"], *router_specs(routers), *(ZOO_MERGES[m] for m in merges)]
+    if seed:  # seed 0 is every method's default: the specs (and their cache keys) stay as they are
+        specs = [replace(s, fixed={**s.fixed, "seed": seed}) if s.router in SEEDED else s for s in specs]
     with tempfile.TemporaryDirectory(prefix="moerge-demo-") as scratch:  # shares answers between equal grid points in this run
         ev = evaluate(
             zoo.registry, tasks, base=str(zoo.base_path), methods=specs, experts=zoo.held_in,

@@ -1,0 +1,85 @@
+"""Same seed, same machine → the same figures (issue 26), and the spread arithmetic of
+``moerge bench all`` (mean ± sd over seeds; orderings claimed only beyond their paired spread)."""
+
+from __future__ import annotations
+
+import pytest
+
+from moerge.bench import spread
+
+
+def _run(values: dict[str, float]) -> spread.Figures:
+    return {"zoo": {name: {"held-in normalised": v} for name, v in values.items()}}
+
+
+def test_summary_is_mean_and_sample_sd_with_every_value_kept():
+    runs = [_run({"a": 10.0, "b": 1.0}), _run({"a": 12.0, "b": 2.0}), _run({"a": 14.0})]
+    s = spread.summarize(runs)["zoo"]
+    assert s["a"]["held-in normalised"] == {"values": [10.0, 12.0, 14.0], "mean": 12.0, "sd": 2.0, "n": 3}
+    assert s["b"]["held-in normalised"]["n"] == 2  # a cell counts the runs that have it
+    assert spread.cell(s["a"]["held-in normalised"]) == "12.0 ± 2.0"
+    assert "| a | 12.0 ± 2.0 |" in spread.markdown(spread.summarize(runs), "zoo")
+
+
+def test_an_ordering_is_claimed_only_when_every_seed_agrees_and_the_mean_exceeds_the_spread():
+    clear = [_run({"a": 10 + d, "b": 5.0}) for d in (0.0, 0.5, 1.0)]  # differences 5, 5.5, 6
+    assert spread.compare(clear, "zoo", "held-in normalised", "a", "b")["verdict"] == "a > b"
+    assert spread.compare(clear, "zoo", "held-in normalised", "b", "a")["verdict"] == "b < a"
+    mixed = [_run({"a": a, "b": 5.0}) for a in (6.0, 4.0, 7.0)]  # one seed the other way
+    assert spread.compare(mixed, "zoo", "held-in normalised", "a", "b")["verdict"] == "no difference measured"
+    noisy = [_run({"a": a, "b": 5.0}) for a in (5.1, 9.0, 5.2)]  # same sign, but sd (2.2) > mean (1.4)
+    got = spread.compare(noisy, "zoo", "held-in normalised", "a", "b")
+    assert got["verdict"] == "no difference measured" and got["diff_sd"] > abs(got["diff_mean"])
+    assert spread.compare(clear[:1], "zoo", "held-in normalised", "a", "b")["verdict"] == "one run: not tested"
+    assert spread.compare(clear, "zoo", "held-in normalised", "a", "nope") is None
+
+
+def test_figures_read_every_table_of_a_bench_all_run():
+    result = {
+        "methods": {
+            "GLIDER": {
+                "held_in_normalized": 90.0,
+                "held_out_accuracy": 0.25,
+                "routing_accuracy": 0.9,
+                "held_out_groups": {"unseen phrasings": 50.0, "compositions": None},
+            }
+        },  # fmt: skip
+        "retrieval": {
+            "methods": {
+                "single: a": {"ndcg_at_10": 70.0, "per_domain": {"a": 80.0, "b": 60.0}, "routing_accuracy": None},
+                "single: b": {"ndcg_at_10": 72.0, "per_domain": {"a": 70.0, "b": 74.0}, "routing_accuracy": None},
+                "RouterRetriever": {"ndcg_at_10": 73.0, "per_domain": {"a": 79.0, "b": 67.0}, "routing_accuracy": 60.0},
+            }
+        },  # fmt: skip
+        "symbolic": {"methods": {"Symbolic-MoE": {"accuracy": 80.0, "groups": {"ordering": 70.0}}}},
+        "token_control": {
+            "methods": {"PHATGOOSE": {"held_out_segment_accuracy": 90.0, "routing_accuracy_inputs": 60.0}},
+            "best_single": {"expert": "letters", "held_out_segment_accuracy": 26.0},
+        },  # fmt: skip
+    }
+    f = spread.figures(result)
+    assert f["zoo"]["GLIDER"] == {"held-in normalised": 90.0, "held-out (%)": 25.0, "held-out: unseen phrasings (%)": 50.0,
+                                  "routing (%)": 90.0}  # fmt: skip
+    assert f["retrieval"]["best single expert (on test)"]["mean nDCG@10"] == 72.0  # the single expert best on test
+    assert f["symbolic"]["Symbolic-MoE"] == {"overall (%)": 80.0, "ordering (%)": 70.0}
+    assert f["control"]["best single expert"] == {"held-out segments right (%)": 26.0}
+    claims = {(c["a"], c["b"]) for c in spread.orderings([f, f])}
+    assert ("RouterRetriever", "best single expert (on test)") in claims and ("PHATGOOSE", "best single expert") in claims
+
+
+@pytest.mark.slow
+def test_the_same_seed_twice_builds_the_same_zoo_and_the_same_table(tmp_path):
+    """The smallest zoo built twice from scratch with one seed (two caches): the same expert
+    weights, byte for byte, and the same answers, so every figure of the table is equal."""
+    from moerge import zoo as zoo_mod
+    from moerge.bench.quality import evaluate_zoo
+
+    tiny = zoo_mod.with_overrides("small", base_steps=40, n_train=200, n_val=16, n_test=16, lora_max_steps=20,
+                                  dense_max_steps=5, min_steps=10, eval_every=10, seed=3)  # fmt: skip
+    built = [zoo_mod.load(tiny, cache_dir=tmp_path / f"cache{i}", progress=False) for i in (0, 1)]
+    # every stored weight file's sha256 (adapter_config.json names the base's folder, which differs)
+    files = [{(r.name, f): h for r in z.registry.list() for f, h in r.files.items() if f.endswith(".safetensors")} for z in built]
+    assert files[0] == files[1] and len(files[0]) >= 8
+    reports = [evaluate_zoo(z, ["Arrow"], ["TIES"], progress=False, breakdown=False) for z in built]
+    rows = [{r.name: (r.per_task, r.routing_accuracy) for r in rep.rows} for rep in reports]
+    assert rows[0] == rows[1] and {"base", "oracle", "Arrow", "TIES"} <= set(rows[0])
