@@ -115,7 +115,10 @@ def compare(runs: Sequence[Figures], table: str, column: str, a: str, b: str) ->
     m, sd = mean_sd(diffs)
     same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
     claimed = len(diffs) > 1 and same_sign and abs(m) > sd
-    verdict = (f"{a} > {b}" if m > 0 else f"{a} < {b}") if claimed else "no difference measured" if len(diffs) > 1 else "one run: not tested"
+    if len(diffs) < 2:
+        verdict = "one run: not tested"
+    else:
+        verdict = (f"{a} > {b}" if m > 0 else f"{a} < {b}") if claimed else "no difference measured"
     return {"table": table, "column": column, "a": a, "b": b, "diff_mean": m, "diff_sd": sd, "n": len(diffs),
             "diffs": diffs, "verdict": verdict}  # fmt: skip
 
