@@ -1,6 +1,8 @@
-"""The README's snippets, run as written (issue 12: "the README's snippets all run as written").
+"""The README's and the docs' snippets, run as written (issue 12: "the README's snippets all run
+as written"; issue 26: the docs' too, and the docs build with ``mkdocs build --strict``).
 
-Every fenced ``python`` and ``bash`` block runs, except those marked just above with
+Every fenced ``python`` and ``bash`` block of README.md and of every page of ``docs/`` (in the
+order of ``mkdocs.yml``'s nav) runs, except those marked just above with
 ``<!-- readme-test: skip (reason) -->`` (a reason is required). The Python blocks run in order
 as one script (later blocks use names the first defines, as a reader would), in a fresh
 process whose zoo cache holds a copy of the small zoo — so artifacts the snippets prepare never
@@ -31,12 +33,36 @@ BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
 
+def nav_pages() -> list[Path]:
+    """The docs pages in the order of mkdocs.yml's nav."""
+    import yaml
+
+    out: list[Path] = []
+
+    def walk(item) -> None:  # noqa: ANN001
+        if isinstance(item, str):
+            out.append(ROOT / "docs" / item)
+        elif isinstance(item, dict):
+            for v in item.values():
+                walk(v)
+        elif isinstance(item, list):
+            for v in item:
+                walk(v)
+
+    walk(yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"])
+    return out
+
+
 def blocks() -> list[dict]:
     out = []
-    text = README.read_text()
-    for m in BLOCK.finditer(text):
-        mark = m["mark"] or ""
-        out.append({"lang": m["lang"], "body": m["body"], "mark": mark, "line": text[: m.start("body")].count("\n") + 1})
+    for path in [README, *nav_pages()]:
+        text = path.read_text()
+        for m in BLOCK.finditer(text):
+            mark = m["mark"] or ""
+            line = text[: m.start("body")].count("\n") + 1
+            out.append(
+                {"lang": m["lang"], "body": m["body"], "mark": mark, "line": line, "where": f"{path.relative_to(ROOT)}:{line}"}
+            )
     return out
 
 
@@ -49,7 +75,7 @@ def commands(body: str) -> list[str]:
 def test_every_skipped_block_says_why_and_the_runnable_ones_are_most():
     bs = [b for b in blocks() if b["lang"] in ("python", "bash")]
     skipped = [b for b in bs if b["mark"].startswith("skip")]
-    assert all(re.match(r"skip \(.+\)", b["mark"]) for b in skipped), [b["line"] for b in skipped]
+    assert all(re.match(r"skip \(.+\)", b["mark"]) for b in skipped), [b["where"] for b in skipped]
     assert len(skipped) <= 3 and len(bs) - len(skipped) >= 8
 
 
@@ -80,6 +106,15 @@ def sandbox(small_zoo, tmp_path_factory):
     return work, env
 
 
+def test_every_docs_page_is_in_the_nav_and_the_docs_build_strict(tmp_path):
+    pages = {p.relative_to(ROOT / "docs") for p in (ROOT / "docs").rglob("*.md")}
+    assert pages == {p.relative_to(ROOT / "docs") for p in nav_pages()}
+    r = subprocess.run([str(BIN / "mkdocs"), "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (tmp_path / "site" / "api" / "index.html").read_text().count("doc-heading") > 50  # the API reference rendered
+
+
 def _run(cmd, cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{cmd!r} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
@@ -89,7 +124,7 @@ def _run(cmd, cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProce
 def test_the_python_snippets_run_as_written(sandbox):
     work, env = sandbox
     code = [b for b in blocks() if b["lang"] == "python" and not b["mark"].startswith("skip")]
-    script = "\n\n".join(f"# README.md line {b['line']}\n{b['body']}" for b in code)
+    script = "\n\n".join(f"# {b['where']}\n{b['body']}" for b in code)
     (work / "readme_snippets.py").write_text(script)
     r = _run([sys.executable, "readme_snippets.py"], work, env, timeout=900)
     assert "a b c" in r.stdout  # the serving block prints its answers
