@@ -369,3 +369,19 @@ def test_bench_control_scores_chosen_rows_with_phatgoose_settings(tmp_path):
     assert bad.exit_code == 2 and "unknown row" in bad.output
     bad = CliRunner().invoke(main, [*args, "--set", "no_such_setting=1", "--device", "cpu"])
     assert bad.exit_code != 0 and "no_such_setting" in bad.output
+
+
+def test_bench_perf_runs_each_speed_benchmark_with_its_defaults(tmp_path, monkeypatch):
+    from moerge.cli import bench as bench_cli
+
+    calls = {}
+    for part in bench_cli.PERF_PARTS:
+        cmd = getattr(bench_cli, f"bench_{part}")
+        monkeypatch.setattr(cmd, "callback", lambda _part=part, **kw: calls.setdefault(_part, kw))
+    r = CliRunner().invoke(main, ["bench", "perf", "--json-dir", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert list(calls) == list(bench_cli.PERF_PARTS)
+    assert (
+        calls["symbolic"]["json_path"] == str(tmp_path / "symbolic.json") and calls["symbolic"]["queries"] == 48
+    )  # its defaults
+    assert "per-query model loading" in r.output and "per-request adapter switching" in r.output

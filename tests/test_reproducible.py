@@ -83,3 +83,28 @@ def test_the_same_seed_twice_builds_the_same_zoo_and_the_same_table(tmp_path):
     reports = [evaluate_zoo(z, ["Arrow"], ["TIES"], progress=False, breakdown=False) for z in built]
     rows = [{r.name: (r.per_task, r.routing_accuracy) for r in rep.rows} for rep in reports]
     assert rows[0] == rows[1] and {"base", "oracle", "Arrow", "TIES"} <= set(rows[0])
+
+
+def test_determinism_compares_weights_bitwise_and_the_table_by_its_largest_move():
+    from moerge.bench import determinism
+
+    a = {"weights": {"x": "h1", "y": "h2"}, "rows": {"base": {"per_task": {"t": 0.5, "u": 0.25}, "held_in_normalized": 40.0}}}
+    b = {"weights": {"x": "h1", "y": "other"}, "rows": {"base": {"per_task": {"t": 0.5, "u": 0.5}, "held_in_normalized": 42.5}}}
+    got = determinism.compare(a, b)
+    assert got["weights_equal"] == "1/2" and got["cells_changed"] == 1 and got["cells"] == 2
+    assert got["max_cell_move"] == 25.0 and got["max_row_move"] == 2.5
+    assert determinism.compare(a, a)["cells_changed"] == 0
+    result = {
+        "reference": "r",
+        "probes": {"r": {"capability": "AVX512", "threads": 2}, "p": {"capability": "AVX2", "threads": 2, **got}},
+    }
+    assert "| p | AVX2 | 2 | 1/2 | 1/2 | 25.0 | 2.5 |" in determinism.markdown(result)
+
+
+def test_bench_determinism_names_an_unknown_probe():
+    from click.testing import CliRunner
+
+    from moerge.cli import main
+
+    r = CliRunner().invoke(main, ["bench", "determinism", "--probe", "avx3"])
+    assert r.exit_code != 0 and "avx3" in r.output and "AVX2 kernels" in r.output

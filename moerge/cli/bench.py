@@ -484,3 +484,49 @@ def bench_all(
     click.echo(
         f"\nWrote {out_dir / 'report.md'}, {out_dir / 'results.json'} and each seed's report under {out_dir}/seed-N/ in {seconds:.0f} s."
     )
+
+
+@bench.command("determinism")
+@click.option("--probe", "probes", multiple=True, help="Only these probes (repeatable; default: all).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the result as JSON.")
+@click.option("--no-progress", is_flag=True)
+def bench_determinism(probes, seed, json_path, no_progress) -> None:  # noqa: ANN001
+    """Why one seed gives other figures on another machine: the smallest zoo built and scored under other kernels (AVX2, unvectorised) and thread counts, compared with this machine's defaults."""
+    quiet_hf()
+    from moerge.bench import determinism
+
+    unknown = [p for p in probes if p not in determinism.PROBES]
+    if unknown:
+        raise click.BadParameter(f"unknown probe(s) {unknown}; choose from {list(determinism.PROBES)}", param_hint="--probe")
+    result = determinism.run(probes or None, seed=seed, progress=None if not no_progress else False)
+    click.echo(determinism.markdown(result))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+
+
+#: ``moerge bench perf``'s parts: every speed benchmark, each a ratio against a baseline run beside it
+PERF_PARTS = {
+    "routing": "token routing top-k vs one LoRA (forward and decode)",
+    "serving": "mixed-expert batches vs per-request adapter switching; eager vs compiled decode; HTTP throughput",
+    "symbolic": "batch-by-model execution vs per-query model loading",
+    "merging": "Twin-Merging batched vs per-sample; streaming dense merges",
+    "embedding": "routed encoders in mixed batches vs one expert at a time",
+}
+
+
+@bench.command("perf")
+@click.option(
+    "--part", "parts", multiple=True, type=click.Choice(list(PERF_PARTS)), help="Only these parts (repeatable; default: all)."
+)
+@click.option("--json-dir", default=None, type=click.Path(file_okay=False), help="Write each part's JSON here (PART.json).")
+@click.pass_context
+def bench_perf(ctx: click.Context, parts: tuple[str, ...], json_dir: str | None) -> None:
+    """Every speed benchmark with its defaults — the slow baselines that exist only to give a ratio (per-query model loading, per-request adapter switching) live here, not in the tour or in `bench all`."""
+    commands = {"routing": bench_routing, "serving": bench_serving, "symbolic": bench_symbolic, "merging": bench_merging,
+                "embedding": bench_embedding}  # fmt: skip
+    if json_dir:
+        Path(json_dir).mkdir(parents=True, exist_ok=True)
+    for part in parts or PERF_PARTS:
+        click.echo(f"\n## {part}: {PERF_PARTS[part]}\n")
+        ctx.invoke(commands[part], json_path=str(Path(json_dir) / f"{part}.json") if json_dir else None)
