@@ -21,9 +21,13 @@ demo: install
 bench: install
 	$(BIN)/moerge bench all
 
+# two pytest-xdist workers (one torch thread each, tests/conftest.py): measured on 2 cores, the
+# suite takes about half the time of one process (docs/benchmarks.md); TEST_WORKERS=0 runs one
+TEST_WORKERS ?= 2
+
 test: install
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 lint: install
 	$(BIN)/lint-imports --no-cache

@@ -93,6 +93,9 @@ def test_zoo_tasks_lists_every_task():
         assert rows[t.name].split()[1] == "composed" and " | " in rows[t.name]
 
 
+# the tour and bench all score the same zoo: one xdist worker runs both, in this order, so bench all
+# reads the tour's cached answers (make test runs pytest-xdist with --dist loadgroup)
+@pytest.mark.xdist_group("small-zoo-tables")
 @pytest.mark.slow
 def test_demo_is_a_tour_with_one_table_per_family_and_a_cached_rerun(tmp_path, small_zoo):
     out = tmp_path / "demo"
@@ -146,6 +149,7 @@ def test_demo_is_a_tour_with_one_table_per_family_and_a_cached_rerun(tmp_path, s
         assert data2["methods"][name]["per_task"] == m["per_task"], name
 
 
+@pytest.mark.xdist_group("small-zoo-tables")
 @pytest.mark.slow
 def test_bench_all_writes_the_full_tables_breakdown_and_control(tmp_path, small_zoo):
     out = tmp_path / "demo"

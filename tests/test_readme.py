@@ -148,10 +148,19 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 
     raise AssertionError("the README's server did not come up: " + log.read_text()[-3000:])
 
 
-def test_the_cli_snippets_run_as_written(sandbox):
+def _pages_with_shell() -> list[str]:
+    return list(
+        dict.fromkeys(b["where"].split(":")[0] for b in blocks() if b["lang"] == "bash" and not b["mark"].startswith("skip"))
+    )
+
+
+@pytest.mark.parametrize("page", _pages_with_shell())
+def test_the_cli_snippets_run_as_written(sandbox, page):
+    """Each page's shell blocks in order (a page's later blocks may use what its earlier ones
+    made); pages apart, so pytest-xdist spreads them over its workers."""
     work, env = sandbox
     for b in blocks():
-        if b["lang"] != "bash" or b["mark"].startswith("skip"):
+        if b["lang"] != "bash" or b["mark"].startswith("skip") or not b["where"].startswith(f"{page}:"):
             continue
         lines = commands(b["body"])
         if b["mark"].startswith("in-repo"):

@@ -1,6 +1,7 @@
 """``moerge bench determinism``: why one seed gives other figures on another machine, measured.
 
-One probe builds the smallest zoo from scratch (a tiny base and eight LoRA experts, one seed)
+One probe builds a zoo from scratch (``tiny``: a few training steps; ``small``: the tests'
+preset — a base, eight LoRA and eight dense experts, one seed)
 in a fresh process under given settings, then scores base, experts, oracle, Arrow and TIES on
 it; the probes are compared with the first (the machine's defaults): how many experts' weights
 are bitwise equal, how far the table moved. The settings are the ones that differ between two
@@ -49,7 +50,8 @@ torch.set_num_threads(int(sys.argv[2]))
 from moerge import zoo as zoo_mod
 from moerge.bench.determinism import TINY
 from moerge.bench.quality import evaluate_zoo
-z = zoo_mod.load(zoo_mod.with_overrides("small", seed=int(sys.argv[3]), **TINY), cache_dir=sys.argv[1], progress=False)
+over = TINY if sys.argv[4] == "tiny" else {}
+z = zoo_mod.load(zoo_mod.with_overrides("small", seed=int(sys.argv[3]), **over), cache_dir=sys.argv[1], progress=False)
 weights = {r.name: h for r in z.registry.list() for f, h in r.files.items() if f.endswith(".safetensors")}
 rep = evaluate_zoo(z, ["Arrow"], ["TIES"], progress=False, breakdown=False)
 rows = {r.name: {"per_task": r.per_task, "held_in_normalized": r.held_in_normalized} for r in rep.rows}
@@ -58,11 +60,12 @@ print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "thread
 """
 
 
-def probe(env: Mapping[str, str], threads: int, seed: int = 0) -> dict[str, Any]:
-    """One probe in a fresh process (the kernel settings are read at start-up)."""
+def probe(env: Mapping[str, str], threads: int, seed: int = 0, size: str = "tiny") -> dict[str, Any]:
+    """One probe in a fresh process (the kernel settings are read at start-up). ``size``:
+    ``tiny`` (:data:`TINY`, seconds) or ``small`` (the small preset as the tests build it, a minute or two)."""
     with tempfile.TemporaryDirectory(prefix="moerge-determinism-") as cache:
         t = time.perf_counter()
-        r = subprocess.run([sys.executable, "-c", _PROBE, cache, str(threads), str(seed)], capture_output=True, text=True,
+        r = subprocess.run([sys.executable, "-c", _PROBE, cache, str(threads), str(seed), size], capture_output=True, text=True,
                            env={**os.environ, **env, "OMP_NUM_THREADS": str(threads)}, timeout=1800)  # fmt: skip
         if r.returncode != 0:
             raise RuntimeError(f"the probe failed ({r.returncode}): {r.stderr[-2000:]}")
@@ -88,17 +91,18 @@ def compare(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def run(names: Sequence[str] | None = None, seed: int = 0, progress: bool | None = None) -> dict[str, Any]:
+def run(names: Sequence[str] | None = None, seed: int = 0, size: str = "tiny", progress: bool | None = None) -> dict[str, Any]:
     from moerge.progress import progress_bar
 
     chosen = list(names or PROBES)
     results = {}
     for name in progress_bar(chosen, desc="determinism probes", progress=progress):
         env, threads = PROBES[name]
-        results[name] = probe(env, threads, seed)
+        results[name] = probe(env, threads, seed, size)
     ref = results[chosen[0]]
     return {
         "seed": seed,
+        "size": size,
         "reference": chosen[0],
         "probes": {
             n: {

@@ -489,9 +489,11 @@ def bench_all(
 @bench.command("determinism")
 @click.option("--probe", "probes", multiple=True, help="Only these probes (repeatable; default: all).")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--size", default="tiny", show_default=True, type=click.Choice(["tiny", "small"]),
+              help="tiny: a few training steps (seconds a probe); small: the tests' zoo (a minute or two a probe).")  # fmt: skip
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the result as JSON.")
 @click.option("--no-progress", is_flag=True)
-def bench_determinism(probes, seed, json_path, no_progress) -> None:  # noqa: ANN001
+def bench_determinism(probes, seed, size, json_path, no_progress) -> None:  # noqa: ANN001
     """Why one seed gives other figures on another machine: the smallest zoo built and scored under other kernels (AVX2, unvectorised) and thread counts, compared with this machine's defaults."""
     quiet_hf()
     from moerge.bench import determinism
@@ -499,7 +501,7 @@ def bench_determinism(probes, seed, json_path, no_progress) -> None:  # noqa: AN
     unknown = [p for p in probes if p not in determinism.PROBES]
     if unknown:
         raise click.BadParameter(f"unknown probe(s) {unknown}; choose from {list(determinism.PROBES)}", param_hint="--probe")
-    result = determinism.run(probes or None, seed=seed, progress=None if not no_progress else False)
+    result = determinism.run(probes or None, seed=seed, size=size, progress=None if not no_progress else False)
     click.echo(determinism.markdown(result))
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2))
