@@ -52,3 +52,17 @@ def quiet_hf() -> None:
 
     # PEFT calls a transformers helper that transformers 5 deprecated: nothing a user can act on
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def zoo_seed() -> int | None:
+    """``$MOERGE_ZOO_SEED``: the seed the embedded suites are built with when asked for by preset
+    name (the zoo, the retrieval, control and Symbolic-MoE suites; each seed cached apart), so
+    every process — a CLI, a server, a test's subprocess — builds the same ones. None: the presets'
+    own seed (0)."""
+    value = os.environ.get("MOERGE_ZOO_SEED", "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"MOERGE_ZOO_SEED must be an integer, got {value!r}") from None

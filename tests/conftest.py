@@ -20,22 +20,11 @@ if _THREADS:
     torch.set_num_threads(int(_THREADS))
     os.environ.setdefault("OMP_NUM_THREADS", _THREADS)  # the subprocesses tests start (CLI, servers)
 
-# MOERGE_TEST_SEED=N builds the small zoo and the reduced suites with another seed (in this
-# process; subprocesses build the usual ones): no test may depend on one build's outcomes.
-_SEED = int(os.environ.get("MOERGE_TEST_SEED", "0"))
-if _SEED:
-    from dataclasses import replace
-
-    from moerge.zoo import build as _build
-    from moerge.zoo import control as _control
-    from moerge.zoo import retrieval as _retrieval
-    from moerge.zoo import symbolic as _symbolic
-
-    _build.PRESETS["small"] = replace(_build.PRESETS["small"], seed=_SEED)
-    _control.CONTROL_PRESETS["control-small"] = replace(_control.CONTROL_PRESETS["control-small"], seed=_SEED)
-    _r = _retrieval.RETRIEVAL_PRESETS["retrieval-small"]
-    _retrieval.RETRIEVAL_PRESETS["retrieval-small"] = replace(_r, lora=replace(_r.lora, seed=_SEED))
-    _symbolic.SYMBOLIC_PRESETS["small"] = replace(_symbolic.SYMBOLIC_PRESETS["small"], seed=_SEED)
+# MOERGE_TEST_SEED=N builds the small zoo and the reduced suites with another seed, in this process
+# and in every subprocess a test starts (through $MOERGE_ZOO_SEED, which moerge reads when a suite
+# is asked for by name): no test may depend on one build's outcomes.
+if os.environ.get("MOERGE_TEST_SEED"):
+    os.environ["MOERGE_ZOO_SEED"] = os.environ["MOERGE_TEST_SEED"]
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -108,3 +108,17 @@ def test_bench_determinism_names_an_unknown_probe():
 
     r = CliRunner().invoke(main, ["bench", "determinism", "--probe", "avx3"])
     assert r.exit_code != 0 and "avx3" in r.output and "AVX2 kernels" in r.output
+
+
+def test_moerge_zoo_seed_selects_another_build_of_every_named_suite(monkeypatch):
+    from moerge.bench import prebuild
+    from moerge.runtime import zoo_seed
+
+    monkeypatch.delenv("MOERGE_ZOO_SEED", raising=False)
+    assert zoo_seed() is None and prebuild._control("control-small").seed == 0
+    monkeypatch.setenv("MOERGE_ZOO_SEED", "5")
+    assert zoo_seed() == 5 and prebuild._control("control-small").seed == 5
+    assert prebuild._retrieval("retrieval-small").lora.seed == 5
+    monkeypatch.setenv("MOERGE_ZOO_SEED", "five")
+    with pytest.raises(ValueError, match="MOERGE_ZOO_SEED"):
+        zoo_seed()

@@ -20,15 +20,29 @@ from typing import Any
 
 
 def _retrieval(preset: Any) -> Any:
+    """A retrieval preset by name ($MOERGE_ZOO_SEED applied, as load_suite does) or as given."""
+    from dataclasses import replace
+
+    from moerge.runtime import zoo_seed
     from moerge.zoo.retrieval import RETRIEVAL_PRESETS
 
-    return RETRIEVAL_PRESETS[preset] if isinstance(preset, str) else preset
+    if not isinstance(preset, str):
+        return preset
+    p = RETRIEVAL_PRESETS[preset]
+    return p if zoo_seed() is None else replace(p, lora=replace(p.lora, seed=zoo_seed()))
 
 
 def _control(preset: Any) -> Any:
+    """A control preset by name ($MOERGE_ZOO_SEED applied, as load_control does) or as given."""
+    from dataclasses import replace
+
+    from moerge.runtime import zoo_seed
     from moerge.zoo.control import CONTROL_PRESETS
 
-    return CONTROL_PRESETS[preset] if isinstance(preset, str) else preset
+    if not isinstance(preset, str):
+        return preset
+    p = CONTROL_PRESETS[preset]
+    return p if zoo_seed() is None else replace(p, seed=zoo_seed())
 
 
 def cached(cache: Path, retrieval: Any, control: Any) -> bool:

@@ -25,7 +25,7 @@ from moerge.progress import hf_bars, progress_bar
 from moerge.registry import Registry, config_fingerprint
 from moerge.registry.files import atomic_write_json
 from moerge.registry.importers import absolute_path
-from moerge.runtime import default_cache_dir
+from moerge.runtime import default_cache_dir, zoo_seed
 from moerge.training import warmup_cosine
 from moerge.zoo import tasks as T
 from moerge.zoo.tokenizer import build_tokenizer
@@ -191,9 +191,11 @@ def load(
     every figure in the README comes from; a zoo built elsewhere is cached apart (its weights
     differ in the last bits, so its tables may differ slightly)."""
     dev = resolve_device(device)
-    p = PRESETS[preset] if isinstance(preset, str) else preset
     if isinstance(preset, str) and preset not in PRESETS:
         raise KeyError(f"unknown zoo preset {preset!r}; choose one of {sorted(PRESETS)}")
+    p = PRESETS[preset] if isinstance(preset, str) else preset
+    if isinstance(preset, str) and zoo_seed() is not None:  # $MOERGE_ZOO_SEED: another build of the named preset
+        p = replace(p, seed=zoo_seed())
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     suffix = "" if dev.type == "cpu" else f"-{dev.type}"
     root = cache / "zoo" / f"{p.name}-{p.key()}{suffix}"

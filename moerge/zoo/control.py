@@ -209,12 +209,17 @@ def load_control(
     """The control suite for ``preset``, built on first use and cached under
     ``<cache>/control/<name>-<key>``. ``device`` is where a build trains (in float32; the
     figures in the README are the CPU's)."""
+    from dataclasses import replace
+
+    from moerge.runtime import zoo_seed
     from moerge.zoo.build import _locked, default_cache_dir
 
     if isinstance(preset, str):
         if preset not in CONTROL_PRESETS:
             raise KeyError(f"unknown control preset {preset!r}; choose one of {sorted(CONTROL_PRESETS)}")
         preset = CONTROL_PRESETS[preset]
+        if zoo_seed() is not None:  # $MOERGE_ZOO_SEED: another build of the named preset
+            preset = replace(preset, seed=zoo_seed())
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     root = cache / "control" / f"{preset.name}-{preset.key()}"
     with _locked(root.with_name(f".{root.name}.lock")):

@@ -198,6 +198,10 @@ def load_suite(
                 f"unknown retrieval preset {preset!r}{did_you_mean(preset, RETRIEVAL_PRESETS)}; known: {sorted(RETRIEVAL_PRESETS)}"
             )
         preset = RETRIEVAL_PRESETS[preset]
+        from moerge.runtime import zoo_seed
+
+        if zoo_seed() is not None:  # $MOERGE_ZOO_SEED: another build of the named preset (its query LoRAs' seed)
+            preset = replace(preset, lora=replace(preset.lora, seed=zoo_seed()))
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     root = cache / "retrieval" / f"{preset.name}-{preset.key()}"
     with _locked(cache / "retrieval" / f".{preset.name}-{preset.key()}.lock"):
