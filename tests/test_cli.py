@@ -93,6 +93,19 @@ def test_zoo_tasks_lists_every_task():
         assert rows[t.name].split()[1] == "composed" and " | " in rows[t.name]
 
 
+def _assert_merge_rows(data: dict, output: str) -> None:
+    """Every merge row printed, with its storage, and its settings the validation split's best."""
+    for name in ("uniform average", "task arithmetic", "TIES", "DARE-TIES", "Twin-Merging"):
+        m = data["methods"][name]
+        assert 0 < m["stored_bytes"] and m["experts_bytes"] > 0 and f"| {name} |" in output
+        meta = data["meta"]["merges"][name]
+        if name == "uniform average":  # nothing to choose: no validation pass, and the notes say so
+            assert meta["grid"] == [] and "(fixed)" in m["notes"]
+            continue
+        best = max(meta["grid"], key=lambda g: g["val_exact_match"])
+        assert meta["chosen"] == best["params"] and "chosen on validation" in m["notes"]  # the validation split's best
+
+
 # the tour and bench all score the same zoo: one xdist worker runs both, in this order, so bench all
 # reads the tour's cached answers (make test runs pytest-xdist with --dist loadgroup)
 @pytest.mark.xdist_group("small-zoo-tables")
@@ -118,15 +131,7 @@ def test_demo_is_a_tour_with_one_table_per_family_and_a_cached_rerun(tmp_path, s
     # GLIDER routes held-in prompts to their own expert (instruction embedding vs expert description), over the split
     assert data["methods"]["GLIDER"]["routing_accuracy"] > 0.8
     assert data["meta"]["routers"]["GLIDER"]["test_templates_in_preparation"]["expert_texts"] == 0
-    for name in ("uniform average", "task arithmetic", "TIES", "DARE-TIES", "Twin-Merging"):
-        m = data["methods"][name]
-        assert 0 < m["stored_bytes"] and m["experts_bytes"] > 0 and f"| {name} |" in r.output
-        meta = data["meta"]["merges"][name]
-        if name == "uniform average":  # nothing to choose: no validation pass, and the notes say so
-            assert meta["grid"] == [] and "(fixed)" in m["notes"]
-            continue
-        best = max(meta["grid"], key=lambda g: g["val_exact_match"])
-        assert meta["chosen"] == best["params"] and "chosen on validation" in m["notes"]  # the validation split's best
+    _assert_merge_rows(data, r.output)
     twin = data["methods"]["Twin-Merging"]  # the spec's claim on this zoo: a dynamic merge recovers the experts
     assert twin["held_in_normalized"] > 80 and twin["routing_accuracy"] > 0.8
     assert twin["held_in_normalized"] > max(data["methods"][n]["held_in_normalized"] for n in ("task arithmetic", "TIES")) + 20
@@ -210,16 +215,7 @@ def test_bench_all_writes_the_full_tables_breakdown_and_control(tmp_path, small_
     snr = data["meta"]["routers"]["PHATGOOSE"]["gate_snr"]
     assert -1 <= snr["different_experts"] <= 1 and -1 <= snr["same_expert_across_seeds"] <= 1
     assert data["meta"]["routers"]["GLIDER (templates shared)"]["test_templates_in_preparation"]["expert_texts"] > 0
-    for name in ("uniform average", "task arithmetic", "TIES", "DARE-TIES", "Twin-Merging"):
-        m = data["methods"][name]
-        assert 0 < m["stored_bytes"] and m["experts_bytes"] > 0 and f"| {name} |" in r.output
-        meta = data["meta"]["merges"][name]
-        if name == "uniform average":  # nothing to choose: no validation pass, and the notes say so
-            assert meta["grid"] == [] and "(fixed)" in m["notes"]
-            continue
-        assert "chosen on validation" in m["notes"]
-        best = max(meta["grid"], key=lambda g: g["val_exact_match"])
-        assert meta["chosen"] == best["params"]  # the validation split's best grid point
+    _assert_merge_rows(data, r.output)
     twin = data["methods"]["Twin-Merging"]
     # the spec's claim on this zoo: a dynamic merge recovers the experts; static merges do not
     assert twin["held_in_normalized"] > 80 and twin["routing_accuracy"] > 0.8

@@ -20,29 +20,17 @@ from typing import Any
 
 
 def _retrieval(preset: Any) -> Any:
-    """A retrieval preset by name ($MOERGE_ZOO_SEED applied, as load_suite does) or as given."""
-    from dataclasses import replace
+    """A retrieval preset by name (as load_suite resolves it) or as given."""
+    from moerge.zoo.retrieval import named_preset
 
-    from moerge.runtime import zoo_seed
-    from moerge.zoo.retrieval import RETRIEVAL_PRESETS
-
-    if not isinstance(preset, str):
-        return preset
-    p = RETRIEVAL_PRESETS[preset]
-    return p if zoo_seed() is None else replace(p, lora=replace(p.lora, seed=zoo_seed()))
+    return named_preset(preset) if isinstance(preset, str) else preset
 
 
 def _control(preset: Any) -> Any:
-    """A control preset by name ($MOERGE_ZOO_SEED applied, as load_control does) or as given."""
-    from dataclasses import replace
+    """A control preset by name (as load_control resolves it) or as given."""
+    from moerge.zoo.control import named_preset
 
-    from moerge.runtime import zoo_seed
-    from moerge.zoo.control import CONTROL_PRESETS
-
-    if not isinstance(preset, str):
-        return preset
-    p = CONTROL_PRESETS[preset]
-    return p if zoo_seed() is None else replace(p, seed=zoo_seed())
+    return named_preset(preset) if isinstance(preset, str) else preset
 
 
 def cached(cache: Path, retrieval: Any, control: Any) -> bool:

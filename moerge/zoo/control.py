@@ -200,6 +200,18 @@ class ControlSuite:
         return [held_in(rng, expert, self.preset.max_foreign) for _ in range(n)]
 
 
+def named_preset(name: str) -> ControlPreset:
+    """A control preset by name, with ``$MOERGE_ZOO_SEED`` (:func:`moerge.runtime.zoo_seed`) as
+    its seed when set."""
+    from dataclasses import replace
+
+    from moerge.runtime import zoo_seed
+
+    if name not in CONTROL_PRESETS:
+        raise KeyError(f"unknown control preset {name!r}; choose one of {sorted(CONTROL_PRESETS)}")
+    return CONTROL_PRESETS[name] if zoo_seed() is None else replace(CONTROL_PRESETS[name], seed=zoo_seed())
+
+
 def load_control(
     preset: str | ControlPreset = "control",
     cache_dir: str | Path | None = None,
@@ -209,17 +221,10 @@ def load_control(
     """The control suite for ``preset``, built on first use and cached under
     ``<cache>/control/<name>-<key>``. ``device`` is where a build trains (in float32; the
     figures in the README are the CPU's)."""
-    from dataclasses import replace
-
-    from moerge.runtime import zoo_seed
     from moerge.zoo.build import _locked, default_cache_dir
 
     if isinstance(preset, str):
-        if preset not in CONTROL_PRESETS:
-            raise KeyError(f"unknown control preset {preset!r}; choose one of {sorted(CONTROL_PRESETS)}")
-        preset = CONTROL_PRESETS[preset]
-        if zoo_seed() is not None:  # $MOERGE_ZOO_SEED: another build of the named preset
-            preset = replace(preset, seed=zoo_seed())
+        preset = named_preset(preset)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     root = cache / "control" / f"{preset.name}-{preset.key()}"
     with _locked(root.with_name(f".{root.name}.lock")):

@@ -180,6 +180,21 @@ def default_cache_dir() -> Path:
     return zoo_cache()
 
 
+def named_preset(name: str) -> RetrievalPreset:
+    """A retrieval preset by name, with ``$MOERGE_ZOO_SEED`` (:func:`moerge.runtime.zoo_seed`) as
+    its query LoRAs' seed when set."""
+    from moerge.runtime import zoo_seed
+
+    if name not in RETRIEVAL_PRESETS:
+        from moerge.hints import did_you_mean
+
+        raise KeyError(
+            f"unknown retrieval preset {name!r}{did_you_mean(name, RETRIEVAL_PRESETS)}; known: {sorted(RETRIEVAL_PRESETS)}"
+        )
+    p = RETRIEVAL_PRESETS[name]
+    return p if zoo_seed() is None else replace(p, lora=replace(p.lora, seed=zoo_seed()))
+
+
 def load_suite(
     preset: str | RetrievalPreset = "retrieval",
     cache_dir: str | Path | None = None,
@@ -191,17 +206,7 @@ def load_suite(
     from moerge.zoo.build import _locked
 
     if isinstance(preset, str):
-        if preset not in RETRIEVAL_PRESETS:
-            from moerge.hints import did_you_mean
-
-            raise KeyError(
-                f"unknown retrieval preset {preset!r}{did_you_mean(preset, RETRIEVAL_PRESETS)}; known: {sorted(RETRIEVAL_PRESETS)}"
-            )
-        preset = RETRIEVAL_PRESETS[preset]
-        from moerge.runtime import zoo_seed
-
-        if zoo_seed() is not None:  # $MOERGE_ZOO_SEED: another build of the named preset (its query LoRAs' seed)
-            preset = replace(preset, lora=replace(preset.lora, seed=zoo_seed()))
+        preset = named_preset(preset)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     root = cache / "retrieval" / f"{preset.name}-{preset.key()}"
     with _locked(cache / "retrieval" / f".{preset.name}-{preset.key()}.lock"):
