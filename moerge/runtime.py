@@ -27,8 +27,17 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     clustered = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
     if clustered is not None and os.environ.get("MOERGE_RAY_LOOPBACK", "1") != "0":
         ray_constants.ENABLE_RAY_CLUSTER = False
+    # address="local": a new instance for this process. Without it Ray joins the last cluster
+    # started on this machine (it reads /tmp/ray/ray_current_cluster) — another user's `moerge
+    # serve`, or a test's — and then refuses num_cpus (measured under two pytest-xdist workers).
     try:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=80 * 1024**2, log_to_driver=log_to_driver)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            object_store_memory=80 * 1024**2,
+            log_to_driver=log_to_driver,
+        )
     finally:
         if clustered is not None:
             ray_constants.ENABLE_RAY_CLUSTER = clustered

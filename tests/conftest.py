@@ -3,7 +3,9 @@ the `small` zoo (built once per machine into the moerge cache)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -136,3 +138,66 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# --- the order tests are handed out in (issue 26: `make test` within 10 minutes on 2 cores) -----------
+# pytest-xdist (`--dist loadgroup --no-loadscope-reorder`, see the Makefile) hands each worker the
+# next unit of work — one test, or every test of one xdist_group — in collection order. Two workers
+# idle when both wait for the small zoo's build (its lock), so the order is: the costliest unit that
+# needs the small zoo first (its worker builds the zoo), then every unit that does not need it,
+# costliest first (the other worker runs them meanwhile: the control and retrieval suites build
+# there), then the rest, costliest first (longest-processing-time-first keeps the tail short).
+# Costs are the seconds measured in the last run written to tests/durations.json
+# (MOERGE_TEST_DURATIONS=tests/durations.json make test); a test not in it counts one second.
+DURATIONS = Path(__file__).with_name("durations.json")
+
+
+def _plain(nodeid: str) -> str:
+    """A node id without the "@group" suffix pytest-xdist's loadgroup gives grouped tests."""
+    return re.sub(r"@[\w-]+$", "", nodeid)
+
+
+def _needs_small_zoo(item) -> bool:  # noqa: ANN001
+    return "small_zoo" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001
+    costs = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    units: dict[str, list] = {}
+    for item in items:
+        group = item.get_closest_marker("xdist_group")
+        units.setdefault(f"group:{group.args[0]}" if group else item.nodeid, []).append(item)
+
+    def cost(unit: list) -> float:  # node ids without pytest-xdist's "@group" suffix, as written below
+        return sum(costs.get(_plain(i.nodeid), 1.0) for i in unit)
+
+    zoo = sorted((u for u in units.values() if any(map(_needs_small_zoo, u))), key=cost, reverse=True)
+    free = sorted((u for u in units.values() if not any(map(_needs_small_zoo, u))), key=cost, reverse=True)
+    ordered = zoo[:1] + free + zoo[1:]
+    items[:] = [i for u in ordered for i in u]
+
+
+_timeline: dict[str, dict] = {}
+
+
+def pytest_runtest_logreport(report) -> None:  # noqa: ANN001
+    """With $MOERGE_TEST_DURATIONS set, each test's seconds (setup + call + teardown), its worker
+    and when it started, written at the end of the run (the file above orders the next run)."""
+    if not os.environ.get("MOERGE_TEST_DURATIONS"):
+        return
+    row = _timeline.setdefault(_plain(report.nodeid), {"seconds": 0.0, "start": report.start})
+    row["seconds"] += report.duration
+    row["worker"] = getattr(getattr(report, "node", None), "gateway", None) and report.node.gateway.id
+    row["stop"] = report.stop
+
+
+def pytest_sessionfinish(session) -> None:  # noqa: ANN001
+    path = os.environ.get("MOERGE_TEST_DURATIONS")
+    if not path or os.environ.get("PYTEST_XDIST_WORKER") or not _timeline:
+        return
+    t0 = min(r["start"] for r in _timeline.values())
+    Path(path).write_text(json.dumps({k: round(v["seconds"], 1) for k, v in sorted(_timeline.items())}, indent=0) + "\n")
+    rows = sorted(_timeline.items(), key=lambda kv: kv[1]["start"])
+    Path(path).with_suffix(".timeline.tsv").write_text(
+        "".join(f"{v['worker']}\t{v['start'] - t0:.1f}\t{v['stop'] - t0:.1f}\t{v['seconds']:.1f}\t{k}\n" for k, v in rows)
+    )

@@ -389,7 +389,7 @@ def test_the_server_tells_the_truth_about_its_workers_and_outlives_them(tmp_path
 
 
 @pytest.mark.slow
-def test_soak_with_workers_killed_and_frozen_loses_no_request():
+def test_soak_with_workers_killed_and_frozen_loses_no_request(small_zoo):  # the zoo it serves, built first
     """Issue 13's soak: 2,000 requests at concurrency 32 against `moerge serve` (two workers)
     while a worker is killed three times and frozen once: each request answered or failed with
     a message within its deadline, none lost; healthy at the end; exit 0 on SIGTERM."""

@@ -122,3 +122,11 @@ def test_moerge_zoo_seed_selects_another_build_of_every_named_suite(monkeypatch)
     monkeypatch.setenv("MOERGE_ZOO_SEED", "five")
     with pytest.raises(ValueError, match="MOERGE_ZOO_SEED"):
         zoo_seed()
+
+
+@pytest.mark.xdist_group("grouping-check")
+def test_xdist_groups_keep_their_tests_on_one_worker(request) -> None:
+    """`--dist loadgroup` renames a grouped test's node id to ``...@group`` on the worker; when it
+    does not (pytest 9.2 with pytest-xdist 3.8), groups are silently split over the workers."""
+    if request.config.getvalue("loadgroup"):
+        assert request.node.nodeid.endswith("@grouping-check"), request.node.nodeid

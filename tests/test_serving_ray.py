@@ -14,7 +14,8 @@ from conftest import free_port
 
 from moerge.serving import BASE, GenerationParams, ServeRequest
 
-pytestmark = pytest.mark.slow
+# one worker runs the module: one Ray cluster and one Serve app for all of it, not one per xdist worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray-serve")]
 GREEDY = GenerationParams(max_new_tokens=12)
 
 
@@ -23,7 +24,7 @@ def ray_cluster():
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024**2, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024**2, log_to_driver=False)
     yield
     from ray import serve
 
