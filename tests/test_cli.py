@@ -354,6 +354,7 @@ def test_serve_refuses_bad_device_settings_before_starting_anything():
         assert r.exit_code == 2 and message in r.output, (extra, r.output)
 
 
+@pytest.mark.xdist_group("small-zoo-tables")  # after bench all, which builds the same control-small suite
 def test_bench_control_scores_chosen_rows_with_phatgoose_settings(tmp_path):
     """`moerge bench control` on the reduced suite: the routers and merges asked for, PHATGOOSE
     with its settings (here gradient accumulation, few steps), the oracle, on the validation prompts."""
