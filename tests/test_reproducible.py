@@ -128,5 +128,5 @@ def test_moerge_zoo_seed_selects_another_build_of_every_named_suite(monkeypatch)
 def test_xdist_groups_keep_their_tests_on_one_worker(request) -> None:
     """`--dist loadgroup` renames a grouped test's node id to ``...@group`` on the worker; when it
     does not (pytest 9.2 with pytest-xdist 3.8), groups are silently split over the workers."""
-    if request.config.getvalue("loadgroup"):
+    if getattr(request.config.option, "loadgroup", False):  # set on pytest-xdist workers under --dist loadgroup
         assert request.node.nodeid.endswith("@grouping-check"), request.node.nodeid
