@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
@@ -75,3 +78,12 @@ def zoo_seed() -> int | None:
         return int(value)
     except ValueError:
         raise ValueError(f"MOERGE_ZOO_SEED must be an integer, got {value!r}") from None
+
+
+def seeded(preset: T) -> T:
+    """A named suite preset (a dataclass with a ``seed``) with :func:`zoo_seed` as its seed when
+    ``$MOERGE_ZOO_SEED`` is set; as given otherwise."""
+    from dataclasses import replace
+
+    seed = zoo_seed()
+    return preset if seed is None else replace(preset, seed=seed)

@@ -187,7 +187,8 @@ def pytest_runtest_logreport(report) -> None:  # noqa: ANN001
         return
     row = _timeline.setdefault(_plain(report.nodeid), {"seconds": 0.0, "start": report.start})
     row["seconds"] += report.duration
-    row["worker"] = getattr(getattr(report, "node", None), "gateway", None) and report.node.gateway.id
+    node = getattr(report, "node", None)  # the pytest-xdist worker that ran it; none without xdist
+    row["worker"] = node.gateway.id if node is not None else "main"
     row["stop"] = report.stop
 
 

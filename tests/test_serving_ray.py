@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 
 import pytest
@@ -23,8 +22,9 @@ GREEDY = GenerationParams(max_new_tokens=12)
 def ray_cluster():
     import ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024**2, log_to_driver=False)
+    from moerge.runtime import ensure_ray
+
+    ensure_ray(2, log_to_driver=False)  # a local Ray of its own, on loopback
     yield
     from ray import serve
 

@@ -25,7 +25,7 @@ from moerge.progress import hf_bars, progress_bar
 from moerge.registry import Registry, config_fingerprint
 from moerge.registry.files import atomic_write_json
 from moerge.registry.importers import absolute_path
-from moerge.runtime import default_cache_dir, zoo_seed
+from moerge.runtime import default_cache_dir, seeded
 from moerge.training import warmup_cosine
 from moerge.zoo import tasks as T
 from moerge.zoo.tokenizer import build_tokenizer
@@ -193,9 +193,7 @@ def load(
     dev = resolve_device(device)
     if isinstance(preset, str) and preset not in PRESETS:
         raise KeyError(f"unknown zoo preset {preset!r}; choose one of {sorted(PRESETS)}")
-    p = PRESETS[preset] if isinstance(preset, str) else preset
-    if isinstance(preset, str) and zoo_seed() is not None:  # $MOERGE_ZOO_SEED: another build of the named preset
-        p = replace(p, seed=zoo_seed())
+    p = seeded(PRESETS[preset]) if isinstance(preset, str) else preset  # $MOERGE_ZOO_SEED: another build
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     suffix = "" if dev.type == "cpu" else f"-{dev.type}"
     root = cache / "zoo" / f"{p.name}-{p.key()}{suffix}"

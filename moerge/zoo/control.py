@@ -203,13 +203,11 @@ class ControlSuite:
 def named_preset(name: str) -> ControlPreset:
     """A control preset by name, with ``$MOERGE_ZOO_SEED`` (:func:`moerge.runtime.zoo_seed`) as
     its seed when set."""
-    from dataclasses import replace
-
-    from moerge.runtime import zoo_seed
+    from moerge.runtime import seeded
 
     if name not in CONTROL_PRESETS:
         raise KeyError(f"unknown control preset {name!r}; choose one of {sorted(CONTROL_PRESETS)}")
-    return CONTROL_PRESETS[name] if zoo_seed() is None else replace(CONTROL_PRESETS[name], seed=zoo_seed())
+    return seeded(CONTROL_PRESETS[name])
 
 
 def load_control(

@@ -161,11 +161,9 @@ def load_pool(
     if isinstance(preset, str):
         if preset not in SYMBOLIC_PRESETS:
             raise KeyError(f"unknown symbolic pool preset {preset!r}; choose one of {sorted(SYMBOLIC_PRESETS)}")
-        preset = SYMBOLIC_PRESETS[preset]
-        from moerge.runtime import zoo_seed
+        from moerge.runtime import seeded
 
-        if zoo_seed() is not None:  # $MOERGE_ZOO_SEED: another build of the named preset
-            preset = replace(preset, seed=zoo_seed())
+        preset = seeded(SYMBOLIC_PRESETS[preset])  # $MOERGE_ZOO_SEED: another build of the named preset
     missing = [t for _, ts in preset.groups for t in ts if t not in zoo.held_in]
     if missing:
         raise ValueError(f"the pool's groups name tasks the zoo has no expert for: {missing}")
