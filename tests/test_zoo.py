@@ -159,6 +159,40 @@ def test_tokenizer_round_trip_and_left_padding(tmp_path):
 
 
 @pytest.mark.slow
+def test_pair_encoder_tokenises_each_example_once_and_batches_as_encode_pairs():
+    """A training loop's encoder (kept across steps) gives the batches a fresh encode_pairs gives,
+    with one tokenizer call per distinct prompt/target; prompt tokens carry no loss unless asked."""
+    import torch
+
+    from moerge.training import PairEncoder, encode_pairs
+
+    tok = build_tokenizer()
+    calls = []
+
+    class Counting:
+        def __getattr__(self, name):  # noqa: ANN001, ANN204
+            return getattr(tok, name)
+
+        def __call__(self, text, **kw):  # noqa: ANN001, ANN204
+            calls.append(text)
+            return tok(text, **kw)
+
+    pairs = [e for t in ("sort", "max") for e in sample(t, 6, seed=3)]
+    pairs = [(e.prompt, e.target) for e in pairs] + ["sort : c a b => a b c"]
+    for prompt_loss in (False, True):
+        enc = PairEncoder(Counting(), prompt_loss)
+        for step in range(4):  # the same examples, sampled in another order each step
+            batch_examples = pairs[step:] + pairs[:step]
+            got, want = enc(batch_examples), encode_pairs(tok, batch_examples, prompt_loss=prompt_loss)
+            assert all(torch.equal(got[k], want[k]) for k in ("input_ids", "attention_mask", "labels"))
+        assert len(calls) == 2 * (len(pairs) - 1) + 1  # prompt and target once per pair; the plain text once
+        calls.clear()
+        masked = (got["labels"] == -100) & (got["attention_mask"] == 1)
+        assert bool(masked.any()) != prompt_loss  # the prompt's tokens: no loss, unless prompt_loss
+    with pytest.raises(ValueError, match="at least one example"):
+        enc([])
+
+
 def test_small_zoo_quality_gate(small_zoo):
     """Each expert ≥ 90 % on its own task; the base far below; the full matrix is reported."""
     from moerge.bench.quality import evaluate_zoo

@@ -29,7 +29,7 @@ from moerge.adapters.lora import LoraExpert
 from moerge.progress import progress_bar
 from moerge.routers.base import ArtifactSpec, PrepareContext, Router, RouterConfig, Routing, register_router
 from moerge.routers.token import Score, TokenHook, standardise
-from moerge.training import TextPair, encode_pairs, warmup_constant
+from moerge.training import PairEncoder, TextPair, warmup_constant
 
 
 class PhatgooseConfig(RouterConfig):
@@ -96,7 +96,7 @@ def train_gates(
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_constant(max(1, cfg.warmup_steps)))
         rng = random.Random(cfg.seed)
-        examples = list(data)
+        examples, encode = list(data), PairEncoder(tokenizer)
         losses: list[float] = []
         model.train()
         with torch.enable_grad():
@@ -104,7 +104,7 @@ def train_gates(
                 opt.zero_grad(set_to_none=True)
                 total = 0.0
                 for _ in range(cfg.accumulate):  # the mean loss over the effective batch
-                    batch = encode_pairs(tokenizer, rng.sample(examples, min(cfg.batch_size, len(examples))))
+                    batch = encode(rng.sample(examples, min(cfg.batch_size, len(examples))))
                     loss = model(**{k: v.to(device) for k, v in batch.items()}).loss / cfg.accumulate
                     loss.backward()
                     total += loss.item()

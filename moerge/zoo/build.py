@@ -26,7 +26,7 @@ from moerge.registry import Registry, config_fingerprint
 from moerge.registry.files import atomic_write_json
 from moerge.registry.importers import absolute_path
 from moerge.runtime import default_cache_dir, seeded
-from moerge.training import warmup_cosine
+from moerge.training import PairEncoder, warmup_cosine
 from moerge.zoo import tasks as T
 from moerge.zoo.tokenizer import build_tokenizer
 from moerge.zoo.train import encode_for_training, generate_answers, make_base_model, train_loop
@@ -273,11 +273,11 @@ def _train_round(model, tok, train, p: Preset, *, lr, max_steps, seed, state, st
         params = [q for q in model.parameters() if q.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(10, max_steps))
-        state.update(opt=opt, sched=sched, params=params, rng=random.Random(seed))
+        state.update(opt=opt, sched=sched, params=params, rng=random.Random(seed), encoder=PairEncoder(tok, prompt_loss=False))
         torch.manual_seed(seed)
     model.train()
     for _ in progress_bar(range(steps), desc=desc, leave=False, progress=progress):
-        batch = encode_for_training(tok, state["rng"].sample(train, p.batch), prompt_loss=False)
+        batch = encode_for_training(tok, state["rng"].sample(train, p.batch), prompt_loss=False, encoder=state["encoder"])
         loss = model(**{k: v.to(module_device(model)) for k, v in batch.items()}).loss
         state["opt"].zero_grad(set_to_none=True)
         loss.backward()

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from moerge.device import module_device
 from moerge.progress import progress_bar
-from moerge.training import encode_pairs, warmup_cosine
+from moerge.training import PairEncoder, warmup_cosine
 from moerge.zoo.tasks import Example
 
 
@@ -35,10 +35,11 @@ def make_base_model(tokenizer: PreTrainedTokenizerFast, hidden: int, layers: int
 
 
 def encode_for_training(
-    tokenizer: PreTrainedTokenizerFast, examples: Sequence[Example], prompt_loss: bool
+    tokenizer: PreTrainedTokenizerFast, examples: Sequence[Example], prompt_loss: bool, encoder: PairEncoder | None = None
 ) -> dict[str, torch.Tensor]:
-    """Right-padded ids with labels; prompt tokens are masked out of the loss unless ``prompt_loss``."""
-    return encode_pairs(tokenizer, [(e.prompt, e.target) for e in examples], prompt_loss=prompt_loss)
+    """Right-padded ids with labels; prompt tokens are masked out of the loss unless ``prompt_loss``.
+    ``encoder``: a :class:`~moerge.training.PairEncoder` kept across a loop's steps (each example tokenised once)."""
+    return (encoder or PairEncoder(tokenizer, prompt_loss))([(e.prompt, e.target) for e in examples])
 
 
 def train_loop(
@@ -68,8 +69,9 @@ def train_loop(
     device = module_device(model)
     losses: list[float] = []
     bar = progress_bar(range(steps), desc=desc, leave=False, progress=progress)
+    encoder, pool = PairEncoder(tokenizer, prompt_loss), list(examples)
     for _ in bar:
-        batch = encode_for_training(tokenizer, rng.sample(list(examples), min(batch_size, len(examples))), prompt_loss)
+        batch = encode_for_training(tokenizer, rng.sample(pool, min(batch_size, len(pool))), prompt_loss, encoder)
         loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
