@@ -113,6 +113,20 @@ def test_expert_order_does_not_change_the_routing(twin):
     assert again.generate(prompts, max_new_tokens=6) == model.generate(prompts, max_new_tokens=6)
 
 
+def test_the_router_sees_the_shared_model_only_so_every_rank_shares_one(twin):
+    """Emb(x) comes from θ_s with the twin vectors off: another SVD rank gives the same features,
+    so it reuses the stored router (one router per θ_s in a grid over rank) and routes the same."""
+    model, reg, zoo = twin
+    other = moerge.compose(zoo.base_path, reg.select(names=model.experts), "twin", **{**FAST, "rank": 4})
+    assert [r.computed for r in other.prepared if r.producer == "twin-router"] == [[]]  # the stored router, not retrained
+    prompts = [zoo.test_split(t)[i].prompt for t in ("sort", "max", "tail") for i in range(3)]
+    torch.testing.assert_close(other.router.features(prompts), model.router.features(prompts), atol=0, rtol=0)
+    torch.testing.assert_close(other.router.weights(prompts), model.router.weights(prompts), atol=0, rtol=0)
+    moved = moerge.compose(zoo.base_path, reg.select(names=model.experts), "twin",
+                           **{**FAST, "shared_params": {"lambda": 0.5}}, data=zoo.expert_data)  # fmt: skip
+    assert [r.computed for r in moved.prepared if r.producer == "twin-router"] != [[]]  # another θ_s: its own router
+
+
 def test_group_wise_variant_shares_weights_inside_a_group():
     torch.manual_seed(0)
     w = torch.softmax(torch.randn(30, 4) * 3, dim=-1)

@@ -269,10 +269,15 @@ class TwinRouter(Router):
         return twins
 
     def _router_key(self) -> dict[str, Any]:
+        """What the router's training sees: the experts, the shared model θ_s (its features are
+        θ_s's, twin vectors off) and the router's own settings — not the twin vectors' rank or
+        keep, so a grid over rank trains one router per θ_s (format 3; format 2 keyed on the rank
+        too and trained the same router again for each)."""
         c = self.config
+        twin = self._twin_key(None, None)  # type: ignore[arg-type]
         return {
-            "format": 2,  # 2: classes in sorted-ref order (format 1 used the caller's order)
-            "twin": self._twin_key(None, None),  # type: ignore[arg-type]
+            "format": 3,  # 2: classes in sorted-ref order (format 1 used the caller's order); 3: without rank/keep
+            "twin": {k: twin[k] for k in ("experts", "shared_method", "shared_params")},
             **{k: getattr(c, k) for k in ("epochs", "lr", "batch_size", "dropout", "max_per_task", "val_fraction", "seed")},
         }
 
