@@ -257,3 +257,27 @@ def test_gate_training_accumulates_gradients_over_batches(small_zoo):
     assert calls == [4] * 15 and len(out.losses) == 3 and all(0 < x < 20 for x in out.losses)
     assert "accumulate" not in PhatgooseConfig().gate_key()  # gates trained before the option keep their key
     assert PhatgooseConfig(accumulate=5).gate_key()["accumulate"] == 5
+
+
+def test_the_embedder_encodes_each_distinct_text_once_and_returns_every_row():
+    """GLIDER embeds each prompt's instruction part: a few texts repeated over a batch. Each
+    distinct text goes through MiniLM once; every input still gets its row, in order."""
+    from moerge.routers.embedding import load_embedder
+
+    emb = load_embedder()
+    seen = []
+    encode = emb.model.encode
+
+    def counting(texts, **kw):  # noqa: ANN001, ANN202
+        seen.append(list(texts))
+        return encode(texts, **kw)
+
+    texts = ["sort :", "max of :", "sort :", "reverse :", "max of :", "sort :"]
+    emb.model.encode = counting
+    try:
+        got = emb.encode(texts)
+    finally:
+        del emb.model.encode
+    assert seen == [["sort :", "max of :", "reverse :"]] and got.shape == (6, emb.dim)
+    torch.testing.assert_close(got, emb.encode(["sort :", "max of :", "reverse :"])[[0, 1, 0, 2, 1, 0]], atol=0, rtol=0)
+    assert torch.allclose(got.norm(dim=-1), torch.ones(6), atol=1e-5)
