@@ -15,10 +15,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
+
+if TYPE_CHECKING:  # transformers loads in the functions that use it: `moerge zoo build --path` on a built zoo does not need it
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from moerge.device import DeviceLike, DTypeLike, module_device, resolve_device, resolve_dtype
 from moerge.progress import hf_bars, progress_bar
@@ -136,6 +138,8 @@ class Zoo:
         return [t.name for t in T.HELD_OUT]
 
     def tokenizer(self) -> PreTrainedTokenizerFast:
+        from transformers import AutoTokenizer
+
         tok = AutoTokenizer.from_pretrained(self.base_path)
         tok.padding_side = "left"
         return tok
@@ -144,6 +148,8 @@ class Zoo:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         with hf_bars():
+            from transformers import LlamaForCausalLM
+
             model = LlamaForCausalLM.from_pretrained(self.base_path, dtype=dt).to(device=dev, dtype=dt)
         model.eval()
         return model
