@@ -17,6 +17,7 @@ from moerge.device import DeviceLike, DTypeLike, module_device, module_dtype, pl
 from moerge.progress import hf_bars
 from moerge.registry import ExpertRecord, Registry, Selection
 from moerge.registry.files import atomic_write_json
+from moerge.registry.gguf import local_base
 from moerge.registry.importers import absolute_path
 from moerge.routers import PrepareContext, PrepareReport, Recorder, Router, Routing, get_router, make_router
 from moerge.routers.base import ExpertData
@@ -61,13 +62,14 @@ def resolve_experts(experts: Any, registry: Registry | None) -> tuple[Registry, 
 def load_base(
     base: str, tokenizer: Any = None, device: DeviceLike = "auto", dtype: DTypeLike = "auto"
 ) -> tuple[torch.nn.Module, Any]:
-    """A causal LM and its tokenizer from a folder or hub id (left padding, pad = EOS if unset),
+    """A causal LM and its tokenizer from a folder, a ``.gguf`` file or a hub id (left padding, pad = EOS if unset),
     loaded in ``dtype`` onto ``device`` (``"auto"``: CUDA, else MPS, else CPU; bfloat16 on CUDA
     where supported, else float32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    base = local_base(base)  # a .gguf file: its converted folder
     path = Path(base).expanduser()
     hint = "pass base= (Python) or --base (CLI) to load another"
     if not path.is_dir() and (path.is_absolute() or base.startswith((".", "~")) or path.exists()):
@@ -353,8 +355,9 @@ def compose(
                 module_dtype(model) if dtype in (None, "auto") else dtype,
             )
     else:
-        model, tokenizer = load_base(str(base), tokenizer, device=device, dtype=dtype)
-        base_id = str(base)
+        base = local_base(str(base))  # a .gguf file: its converted folder, which a saved composition names
+        model, tokenizer = load_base(base, tokenizer, device=device, dtype=dtype)
+        base_id = base
     dev = module_device(model)
     ctx = PrepareContext(registry=reg, model=model, tokenizer=tokenizer, data=data, describer=describer, progress=progress)
     reports = rtr.prepare(ctx, records)

@@ -31,6 +31,7 @@ from moerge.hints import did_you_mean
 from moerge.progress import hf_bars, progress_bar
 from moerge.registry import ExpertRecord, Registry, Selection
 from moerge.registry.files import TensorFolder, atomic_save_tensors, atomic_write_json, staging_dir
+from moerge.registry.gguf import local_base
 from moerge.registry.importers import MoergeWarning, absolute_path, detect_kind, resolve_source
 
 log = logging.getLogger(__name__)
@@ -227,7 +228,7 @@ def merge(
         )
     names = [n for _, _, n in resolved]
     w = _expert_weights(weights, names)
-    base_id = _base_of(resolved, base)
+    base_id = local_base(_base_of(resolved, base))  # a .gguf file: its converted folder
     kind = kinds.pop()
     if output is None:
         output = "lora" if kind == "lora" else "model"

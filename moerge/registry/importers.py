@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from moerge.registry import gguf
 from moerge.registry.files import PICKLE_SUFFIXES, TensorFolder, atomic_save_tensors, canonical_json, load_pickle_weights
 from moerge.registry.schema import LoraSpec
 
@@ -171,7 +172,8 @@ def _local_hub_snapshot(model_id: str) -> Path | None:
 
 
 def resolve_base(base: Any, *, allow_pickle: bool = False, required: bool = False) -> BaseInfo | None:
-    """Resolve ``base`` (a local folder, a hub id in the local HF cache, or a live ``PreTrainedModel``)."""
+    """Resolve ``base`` (a local folder, a ``.gguf`` file — see :mod:`moerge.registry.gguf` —, a
+    hub id in the local HF cache, or a live ``PreTrainedModel``)."""
     if base is None:
         return None
     if hasattr(base, "config") and hasattr(base, "state_dict"):
@@ -189,6 +191,8 @@ def resolve_base(base: Any, *, allow_pickle: bool = False, required: bool = Fals
             state=state,
         )
     base_id = str(base)
+    if gguf.is_gguf(base_id):  # a GGUF file: its converted folder (converted once, cached by content hash)
+        base_id = str(gguf.converted_folder(base_id))
     folder = Path(base_id).expanduser()
     if folder.is_dir():
         # stored absolute: a relative path means the folder as seen from here, and nowhere else
