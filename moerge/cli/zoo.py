@@ -56,11 +56,18 @@ def zoo_build(preset: str, cache_dir: str | None, rebuild: bool, path_only: bool
     help="With --export: the preset's splits.",
 )
 @click.option("--task", "only", multiple=True, help="With --export: only these tasks (repeatable).")
-def zoo_tasks(export_dir: str | None, preset: str, only: tuple[str, ...]) -> None:
+@click.option("--real", is_flag=True, help="The real-language suite for the real LM (SmolLM2) instead of the synthetic one.")
+@click.option("--seed", default=0, show_default=True, help="With --real: the seed of its entity splits.")
+def zoo_tasks(export_dir: str | None, preset: str, only: tuple[str, ...], real: bool, seed: int) -> None:
     """List the suite's tasks with one example each (``composed``: the segment compositions,
-    kept out of the demo's suite; see ``Preset.segment_share``), or export them."""
+    kept out of the demo's suite; see ``Preset.segment_share``), or export them. ``--real``: the
+    real-language suite built from packaged data (countries, languages, words, numbers, elements)."""
     from moerge.zoo import HELD_IN, HELD_OUT, sample
     from moerge.zoo.tasks import COMPOSED
+
+    if real:
+        _real_tasks(export_dir, only, seed)
+        return
 
     if export_dir is not None:
         from moerge.evaluation import load_task_set
@@ -78,3 +85,24 @@ def zoo_tasks(export_dir: str | None, preset: str, only: tuple[str, ...]) -> Non
         e = sample(t, 1, seed=0)[0]
         kind = "composed" if t in COMPOSED else "held-out" if t.held_out else "held-in"
         click.echo(f"{t.name:20s} {kind:8s} {e.prompt} {e.target}")
+
+
+def _real_tasks(export_dir: str | None, only: tuple[str, ...], seed: int) -> None:
+    from moerge.zoo import real_tasks as R
+
+    if export_dir is None:
+        splits = {f: R.split_family(f, seed) for f in {t.family for t in R.TASKS}}
+        for t in R.TASKS:
+            line = R.examples(t, "test", splits[t.family]["test"][:1], seed)[0]
+            click.echo(f"{t.name:20s} {t.role.replace('_', '-'):8s} {line['messages'][0]['content']}  → {line['targets'][0]}")
+        return
+    from moerge.evaluation import load_task_set
+
+    try:
+        root = R.export_real_task_set(export_dir, seed, tasks=list(only) or None)
+    except (KeyError, ImportError) as exc:
+        _fail(exc)
+    ts = load_task_set(root)
+    click.echo(
+        f"wrote {len(ts.held_in)} held-in and {len(ts.held_out)} held-out real-language tasks to {root} (sources: {root / 'NOTICE'})"
+    )

