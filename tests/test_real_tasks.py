@@ -75,3 +75,16 @@ def test_answers_are_right_and_the_build_is_deterministic(suite, tmp_path):
     assert other != R.split_family("country", 0)["test"]  # another seed, another split
     with pytest.raises(KeyError, match="unknown real-language task 'capitals'"):
         R.export_real_task_set(tmp_path / "bad", tasks=["capitals"])
+
+
+def test_the_real_preset_names_a_wrong_task_and_keys_on_what_it_trains():
+    from dataclasses import replace
+
+    from moerge.zoo.real import RealPreset
+
+    p = RealPreset()
+    assert p.held_in() == R.HELD_IN and RealPreset(tasks=("plural",)).held_in() == ("plural",)
+    with pytest.raises(KeyError, match="unknown held-in task 'capital_country'"):
+        RealPreset(tasks=("capital_country",)).held_in()  # a held-out task has no expert
+    assert p.key("a") != p.key("b") and p.key("a") != replace(p, steps=p.steps + 1).key("a")
+    assert p.key("a") == RealPreset(tasks=R.HELD_IN).key("a")  # () means every held-in task

