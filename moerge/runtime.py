@@ -4,6 +4,8 @@ batched execution, benchmarks): kept low in the stack so none of them reaches up
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -87,3 +89,18 @@ def seeded(preset: T) -> T:
 
     seed = zoo_seed()
     return preset if seed is None else replace(preset, seed=seed)
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created with its folder) while the block runs: one
+    process builds or converts something cached, the others wait and then find it built."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -13,19 +13,16 @@ Wherever moerge takes a base model (``compose``, ``moerge.evaluate``, merges, ``
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from moerge.progress import hf_bars
 from moerge.registry.files import atomic_write_json
-from moerge.runtime import default_cache_dir
+from moerge.runtime import default_cache_dir, locked
 
 #: the first four bytes of every GGUF file
 MAGIC = b"GGUF"
@@ -55,17 +52,6 @@ def _check_file(path: Path) -> None:
         raise ValueError(f"{path} does not start with the GGUF magic bytes (found {magic!r}): not a GGUF file")
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _digest(path: Path, cache: Path) -> str:
     """The file's SHA-256, remembered per (path, size, mtime) so a 5 GB file is read once."""
     st = path.stat()
@@ -78,7 +64,7 @@ def _digest(path: Path, cache: Path) -> str:
     if key in known:
         return known[key]
     digest = file_sha256(path)
-    with _locked(cache / "gguf" / ".hashes.lock"):
+    with locked(cache / "gguf" / ".hashes.lock"):
         try:
             known = json.loads(memo.read_text())
         except (OSError, ValueError):
@@ -99,7 +85,7 @@ def converted_folder(path: str | Path, cache_dir: str | Path | None = None) -> P
     digest = _digest(src, cache)
     if (done := _converted(cache, digest)) is not None:
         return done
-    with _locked(cache / "gguf" / f".{digest[:16]}.lock"):
+    with locked(cache / "gguf" / f".{digest[:16]}.lock"):
         if (done := _converted(cache, digest)) is not None:  # another process converted it while this one waited
             return done
         folder = cache / "gguf" / f"{src.stem}-{digest[:16]}"

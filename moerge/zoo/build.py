@@ -5,14 +5,11 @@ a registry with descriptions, skills and example prompts. Seeded and cached on d
 from __future__ import annotations
 
 import copy
-import fcntl
 import json
 import logging
 import random
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +24,7 @@ from moerge.progress import hf_bars, progress_bar
 from moerge.registry import Registry, config_fingerprint
 from moerge.registry.files import atomic_write_json
 from moerge.registry.importers import absolute_path
-from moerge.runtime import default_cache_dir, seeded
+from moerge.runtime import default_cache_dir, locked, seeded
 from moerge.training import PairEncoder, warmup_cosine
 from moerge.zoo import tasks as T
 from moerge.zoo.tokenizer import build_tokenizer
@@ -172,17 +169,6 @@ class Zoo:
         return [(e.prompt, e.target) for e in self.train_split(expert.removesuffix("-dense"))]
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def load(
     preset: str | Preset = "small",
     cache_dir: str | Path | None = None,
@@ -203,7 +189,7 @@ def load(
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     suffix = "" if dev.type == "cpu" else f"-{dev.type}"
     root = cache / "zoo" / f"{p.name}-{p.key()}{suffix}"
-    with _locked(cache / "zoo" / f".{p.name}-{p.key()}{suffix}.lock"):
+    with locked(cache / "zoo" / f".{p.name}-{p.key()}{suffix}.lock"):
         if rebuild and root.exists():
             shutil.rmtree(root)
         if not (root / "meta.json").exists():

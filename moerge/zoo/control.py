@@ -219,13 +219,14 @@ def load_control(
     """The control suite for ``preset``, built on first use and cached under
     ``<cache>/control/<name>-<key>``. ``device`` is where a build trains (in float32; the
     figures in the README are the CPU's)."""
-    from moerge.zoo.build import _locked, default_cache_dir
+    from moerge.runtime import locked
+    from moerge.zoo.build import default_cache_dir
 
     if isinstance(preset, str):
         preset = named_preset(preset)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     root = cache / "control" / f"{preset.name}-{preset.key()}"
-    with _locked(root.with_name(f".{root.name}.lock")):
+    with locked(root.with_name(f".{root.name}.lock")):
         if not (root / "meta.json").exists():
             _build(preset, root, progress, device)
     return ControlSuite(root, preset, json.loads((root / "meta.json").read_text()))

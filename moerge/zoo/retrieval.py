@@ -203,13 +203,13 @@ def load_suite(
 ) -> Suite:
     """The retrieval suite for ``preset``, built on first use (minutes on 2 cores) and cached
     under ``cache_dir`` (the zoo's cache by default); safe from several processes at once."""
-    from moerge.zoo.build import _locked
+    from moerge.runtime import locked
 
     if isinstance(preset, str):
         preset = named_preset(preset)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     root = cache / "retrieval" / f"{preset.name}-{preset.key()}"
-    with _locked(cache / "retrieval" / f".{preset.name}-{preset.key()}.lock"):
+    with locked(cache / "retrieval" / f".{preset.name}-{preset.key()}.lock"):
         if rebuild and root.exists():
             shutil.rmtree(root)
         if not (root / "meta.json").exists():

@@ -154,7 +154,7 @@ def load_pool(
 ) -> SymbolicPool:
     """The pool for ``zoo`` (preset: the zoo preset's name), built on first use and cached in
     ``root`` (default: ``<zoo cache>/symbolic/<zoo>-<key>``)."""
-    from moerge.zoo.build import _locked
+    from moerge.runtime import locked
 
     if preset is None:
         preset = zoo.preset.name if zoo.preset.name in SYMBOLIC_PRESETS else "small"
@@ -169,7 +169,7 @@ def load_pool(
         raise ValueError(f"the pool's groups name tasks the zoo has no expert for: {missing}")
     key = preset.key(zoo.root.name)
     folder = Path(root) if root is not None else zoo.root.parent.parent / "symbolic" / f"{zoo.root.name}-{key}"
-    with _locked(folder.with_name(f".{folder.name}.lock")):
+    with locked(folder.with_name(f".{folder.name}.lock")):
         if not (folder / "meta.json").exists():
             _build(zoo, preset, folder, progress)
     return SymbolicPool(folder, preset, json.loads((folder / "meta.json").read_text()))
