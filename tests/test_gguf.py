@@ -17,6 +17,7 @@ gguf = pytest.importorskip("gguf")
 import moerge  # noqa: E402
 from moerge.composer.compose import load_base  # noqa: E402
 from moerge.registry import gguf as G  # noqa: E402
+from moerge.registry.files import sha256_file  # noqa: E402
 
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -107,7 +108,7 @@ def test_a_gguf_file_converts_once_to_a_folder_that_answers_as_the_model_it_was_
     path, model, cache = tiny
     folder = G.converted_folder(path, cache)
     meta = json.loads((folder / "gguf.json").read_text())
-    assert meta["sha256"] == G.file_sha256(path) and folder.name.endswith(meta["sha256"][:16])
+    assert meta["sha256"] == sha256_file(path) and folder.name.endswith(meta["sha256"][:16])
     assert meta["architecture"] == "LlamaForCausalLM" and meta["source"] == str(path.resolve())
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
     loaded, tok = load_base(str(path), device="cpu", dtype="float32")
@@ -140,7 +141,7 @@ def test_a_gguf_base_is_taken_where_a_base_folder_is_and_recorded_by_its_hash(ti
         lora.save_pretrained(tmp_path / name)
         rec = reg.register(tmp_path / name, name, base=str(path), examples=["hello"])
     folder = G.converted_folder(path)
-    assert rec.base_model == str(folder) and G.source_of(rec.base_model)["sha256"] == G.file_sha256(path)
+    assert rec.base_model == str(folder) and G.source_of(rec.base_model)["sha256"] == sha256_file(path)
     composed = moerge.compose(str(path), reg.select(names=["one", "two"]), "arrow", device="cpu", dtype="float32")
     assert composed.spec.base == str(folder)  # a saved composition names the converted folder
     assert composed.generate(["the"], max_new_tokens=3) == composed.generate(["the"], max_new_tokens=3)

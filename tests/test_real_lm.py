@@ -20,6 +20,7 @@ import torch
 pytest.importorskip("gguf")
 
 import moerge  # noqa: E402
+from moerge.registry.files import sha256_file  # noqa: E402
 from moerge.zoo import real  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -71,7 +72,7 @@ def real_pool(tmp_path_factory):
 def test_the_gguf_converts_to_the_30_layer_instruct_model_with_its_chat_template(real_pool):
     reg, base, tok, chat, _ = real_pool
     meta = moerge.registry.gguf.source_of(reg.get("opposite").base_model)
-    assert meta["sha256"] == moerge.registry.gguf.file_sha256(GGUF) and meta["parameters"] == 134_515_008
+    assert meta["sha256"] == sha256_file(GGUF) and meta["parameters"] == 134_515_008
     assert base.config.num_hidden_layers == 30 and base.config.hidden_size == 576
     prompt = chat("What is the opposite of hot?")
     assert prompt.startswith("<|im_start|>") and prompt.endswith("<|im_start|>assistant\n")  # SmolLM2's template

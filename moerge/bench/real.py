@@ -8,6 +8,7 @@ what changed."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,6 @@ def run(
                       expert_tasks={t: [t] for t in pool.experts}, device=device, dtype=dtype, limit=limit,
                       batch_size=batch_size, cache_dir=pool.root / "eval-cache", out=out, json_path=json_path,
                       progress=progress)  # fmt: skip
-    report.meta["real"] = {"root": str(pool.root), "preset": pool.preset.__dict__ | {"tasks": list(pool.experts)},
+    report.meta["real"] = {"root": str(pool.root), "preset": asdict(pool.preset) | {"tasks": list(pool.experts)},
                            "experts": pool.meta.get("experts", {})}  # fmt: skip
     return report

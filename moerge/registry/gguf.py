@@ -13,7 +13,6 @@ Wherever moerge takes a base model (``compose``, ``moerge.evaluate``, merges, ``
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from moerge.progress import hf_bars
-from moerge.registry.files import atomic_write_json
+from moerge.registry.files import atomic_write_json, sha256_file
 from moerge.runtime import default_cache_dir, locked
 
 #: the first four bytes of every GGUF file
@@ -33,14 +32,6 @@ FORMAT = 1
 def is_gguf(base: Any) -> bool:
     """True for a path (str or Path) whose name ends in ``.gguf`` (any case)."""
     return isinstance(base, str | Path) and str(base).lower().endswith(".gguf")
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_file(path: Path) -> None:
@@ -63,7 +54,7 @@ def _digest(path: Path, cache: Path) -> str:
         known = {}
     if key in known:
         return known[key]
-    digest = file_sha256(path)
+    digest = sha256_file(path, chunk=1 << 22)
     with locked(cache / "gguf" / ".hashes.lock"):
         try:
             known = json.loads(memo.read_text())

@@ -106,15 +106,14 @@ def build_pool(preset: RealPreset | None = None, cache_dir: str | Path | None = 
     """Convert the base (once), write the suite, train and register the experts not yet trained
     (incremental: a new task trains its expert alone; each finished expert is kept even if a later
     one is interrupted). Safe to call from several processes at once (they wait on a lock)."""
-    from moerge.registry.gguf import converted_folder, file_sha256
+    from moerge.registry.gguf import converted_folder, source_of
     from moerge.runtime import default_cache_dir, locked, seeded
 
     p = seeded(preset or RealPreset())
     gguf_path = smollm2_gguf()
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     folder = converted_folder(gguf_path, cache)
-    sha = json.loads((folder / "gguf.json").read_text())["sha256"] if (folder / "gguf.json").exists() else file_sha256(gguf_path)
-    root = cache / "real" / f"{p.name}-{p.key(sha)}"
+    root = cache / "real" / f"{p.name}-{p.key(source_of(folder)['sha256'])}"
     with locked(root / ".lock"):
         meta = _build(p, root, gguf_path, folder, progress)
     return RealPool(root=root, preset=p, gguf=gguf_path, meta=meta)
