@@ -126,6 +126,24 @@ def small_zoo():
     return zoo.load("small", progress=False)
 
 
+def copy_with_registries(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy a built suite's folder (a zoo, a pool): its files as files, each registry in it (a
+    folder holding ``index.sqlite``) as a :meth:`~moerge.Registry.snapshot` — another test may be
+    writing artifacts into it meanwhile, and a plain copy of a live index can catch it half-written."""
+    import shutil
+
+    from moerge.registry import Registry
+
+    registries = [p.parent for p in src.rglob("index.sqlite")]
+
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        return [n for n in names if n in skip or Path(folder) / n in registries]
+
+    shutil.copytree(src, dst, ignore=ignore)
+    for reg in registries:
+        Registry(reg).snapshot(dst / reg.relative_to(src))
+
+
 def ids(batch: int = 3, length: int = 7, vocab: int = 64, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, length), generator=g)

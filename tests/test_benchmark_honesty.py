@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from moerge.registry import Registry
+
 
 def test_no_test_prompt_occurs_in_what_a_router_is_prepared_from(small_zoo):
     from moerge.bench.quality import ZOO_ROUTERS, preparation_texts
@@ -69,13 +71,12 @@ def test_routing_breakdown_counts_token_types_apart_and_votes_per_example(small_
     """The retrieval router decides once per prompt: every token of an example gets the same
     expert, so every token type's accuracy is the share of examples routed right, BOS is counted
     apart, and the vote equals it."""
-    import shutil
 
     import moerge
     from moerge.bench.diagnostics import routing_breakdown
 
     z = small_zoo
-    shutil.copytree(z.registry_path, tmp_path / "reg")  # artifacts go to a copy
+    Registry(z.registry_path).snapshot(tmp_path / "reg")  # artifacts go to a copy
     model = moerge.compose(z.base_path, moerge.Registry(tmp_path / "reg").select(names=z.held_in), "retrieval")
     examples = [e for t in ("sort", "max") for e in z.test_split(t)[:5]]
     own = [model.experts.index(t) for t in ("sort", "max") for _ in range(5)]

@@ -20,11 +20,10 @@ META = torch.device("meta")
 @pytest.fixture
 def own_registry(tmp_path, small_zoo):
     """A copy of the small zoo's registry, so artifacts prepared here do not leak into other tests."""
-    import shutil
 
     from moerge import Registry
 
-    shutil.copytree(small_zoo.registry_path, tmp_path / "reg")
+    Registry(small_zoo.registry_path).snapshot(tmp_path / "reg")
     return Registry(tmp_path / "reg")
 
 

@@ -27,6 +27,7 @@ from conftest import free_port, lora_config, peft_with_adapters
 
 import moerge
 from moerge.cli import main
+from moerge.registry import Registry
 from moerge.registry.importers import MoergeWarning
 
 
@@ -294,7 +295,7 @@ def test_serve_stops_cleanly_on_sigterm_after_answering_in_flight_streams_and_wo
     import httpx
 
     reg_path = tmp_path / "reg"
-    shutil.copytree(small_zoo.registry_path, reg_path)
+    Registry(small_zoo.registry_path).snapshot(reg_path)
     reg = moerge.Registry(reg_path)
     broken = small_zoo.held_in[0]
     for f in reg.path(reg.get(broken)).glob("*.safetensors"):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import copy_with_registries
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -84,15 +84,15 @@ def sandbox(small_zoo, tmp_path_factory):
     """An empty working folder and a zoo cache holding a copy of the small zoo."""
     root = tmp_path_factory.mktemp("readme")
     cache = root / "cache"
-    shutil.copytree(small_zoo.root, cache / "zoo" / small_zoo.root.name)
+    copy_with_registries(small_zoo.root, cache / "zoo" / small_zoo.root.name, skip=("eval-cache",))
     from moerge.zoo.retrieval import load_suite
 
     suite = load_suite("retrieval-small", progress=False)  # the retrieval snippets' suite, copied like the zoo
-    shutil.copytree(suite.root, cache / "retrieval" / suite.root.name, ignore=shutil.ignore_patterns("bench"))
+    copy_with_registries(suite.root, cache / "retrieval" / suite.root.name, skip=("bench",))
     from moerge.zoo.symbolic import load_pool
 
     pool = load_pool(small_zoo, progress=False)  # the Symbolic-MoE snippets' pool, copied like the zoo
-    shutil.copytree(pool.root, cache / "symbolic" / pool.root.name)
+    copy_with_registries(pool.root, cache / "symbolic" / pool.root.name)
     work = root / "work"
     work.mkdir()
     env = {

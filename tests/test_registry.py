@@ -162,6 +162,35 @@ def test_remove_one_version_or_all(tmp_path, lora_folder):
     assert reg.register(lora_folder, "e").version == 4
 
 
+def test_a_snapshot_copies_every_version_and_artifact_while_a_writer_waits(tmp_path, lora_folder):
+    import threading
+
+    reg = Registry(tmp_path / "reg")
+    reg.register(lora_folder, "e")
+    reg.register(lora_folder, "e")
+    reg.put_artifact("e", "phatgoose", {"steps": 100}, {"gate.0": torch.arange(4.0)})
+    # another process would be between transactions now: its WAL holds unmerged commits
+    copy = reg.snapshot(tmp_path / "copy")
+    assert [(r.name, r.version) for r in copy.list(all_versions=True)] == [
+        (r.name, r.version) for r in reg.list(all_versions=True)
+    ]
+    assert torch.equal(copy.get_artifact("e", "phatgoose", {"steps": 100})["gate.0"], torch.arange(4.0))
+    assert copy.verify()["ok"]
+    copy.put_artifact("e", "mine", {"v": 1}, {"x": 1})  # the copy is a registry of its own
+    assert reg.get_artifact("e", "mine", {"v": 1}) is None
+    with pytest.raises(FileExistsError, match="copy"):
+        reg.snapshot(tmp_path / "copy")
+    # a writer that starts during a snapshot waits for it, and its write lands after, in the source only
+    done = threading.Event()
+    with reg._write("a slow copy"):
+        t = threading.Thread(target=lambda: (reg.put_artifact("e", "late", {"v": 1}, {"y": 2}), done.set()))
+        t.start()
+        assert not done.wait(0.3)
+    t.join(10)
+    assert done.is_set() and reg.get_artifact("e", "late", {"v": 1}) == {"y": 2}
+    assert reg.snapshot(tmp_path / "copy2").get_artifact("e", "late", {"v": 1}) == {"y": 2}
+
+
 def test_artifacts_are_keyed_by_producer_and_config_hash(tmp_path, lora_folder):
     reg = Registry(tmp_path / "reg")
     reg.register(lora_folder, "e")

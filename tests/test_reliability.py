@@ -310,7 +310,7 @@ def test_the_server_tells_the_truth_about_its_workers_and_outlives_them(tmp_path
     import httpx
 
     reg_path = tmp_path / "reg"
-    shutil.copytree(small_zoo.registry_path, reg_path)
+    Registry(small_zoo.registry_path).snapshot(reg_path)
     port = free_port()
     log = tmp_path / "server.log"
     cmd = [sys.executable, "-c", "from moerge.cli import main; main()", "serve", "--registry", str(reg_path), "--port", str(port)]
@@ -417,7 +417,7 @@ def test_a_worker_on_a_node_without_the_registry_gets_experts_and_base_through_r
     there. It mirrors both through the head node's RegistryService (verified by sha256) and
     answers as a local worker would; an expert registered after it started is fetched on first use."""
     reg = tmp_path / "reg"
-    shutil.copytree(small_zoo.registry_path, reg)
+    Registry(small_zoo.registry_path).snapshot(reg)
     example = small_zoo.test_split("sort")[0]
     cache = tmp_path / "far-node-cache"
     script = Path(__file__).parent / "scripts" / "two_nodes.py"

@@ -24,11 +24,10 @@ def suite():
 @pytest.fixture()
 def reg_copy(suite, tmp_path):
     """A copy of the suite's registry (pilots stored by one test must not leak into another)."""
-    import shutil
 
     from moerge.registry import Registry
 
-    shutil.copytree(suite.root / "registry", tmp_path / "registry")
+    Registry(suite.root / "registry").snapshot(tmp_path / "registry")
     return Registry(tmp_path / "registry")
 
 

@@ -13,6 +13,7 @@ import torch
 
 import moerge
 from moerge.adapters import layers
+from moerge.registry import Registry
 from moerge.routers import (
     GliderConfig,
     PhatgooseConfig,
@@ -84,7 +85,7 @@ def test_router_configs_round_trip_and_bad_fields_are_named():
 
 @pytest.fixture
 def zoo_reg(tmp_path, small_zoo):
-    shutil.copytree(small_zoo.registry_path, tmp_path / "reg")
+    Registry(small_zoo.registry_path).snapshot(tmp_path / "reg")
     return moerge.Registry(tmp_path / "reg")
 
 

@@ -11,6 +11,7 @@ import time
 import pytest
 from conftest import free_port
 
+from moerge.registry import Registry
 from moerge.serving import BASE, GenerationParams, ServeRequest
 
 # one worker runs the module: one Ray cluster and one Serve app for all of it, not one per xdist worker
@@ -285,7 +286,6 @@ def test_internal_errors_answer_500_with_an_id():
 def test_embeddings_endpoint_in_openais_shape(server, tmp_path):
     """/v1/embeddings on Ray Serve with the real OpenAI client (which asks for base64): an
     expert, the base and ``auto``; an unknown model is a 404 naming it; /v1/search returns hits."""
-    import shutil
 
     import httpx
     import openai
@@ -297,7 +297,7 @@ def test_embeddings_endpoint_in_openais_shape(server, tmp_path):
     from moerge.zoo.retrieval import load_suite
 
     suite = load_suite("retrieval-small", progress=False)
-    shutil.copytree(suite.root / "registry", tmp_path / "registry")
+    Registry(suite.root / "registry").snapshot(tmp_path / "registry")
     reg = Registry(tmp_path / "registry")
     enc = compose(None, reg.select(names=suite.domains), router="router_retriever",
                   data={d: suite.data_path(d) for d in suite.domains})  # fmt: skip
@@ -333,7 +333,6 @@ def test_symbolic_moe_served_with_batch_windows(server, small_zoo, tmp_path):
     """model="symbolic-moe" on Ray Serve: concurrent requests inside one batch window are
     recruited together (each recruited model loaded once, then the aggregator), the OpenAI
     client gets the aggregator's answer, and bad requests get 4xx naming what was wrong."""
-    import shutil
 
     import httpx
     import openai
@@ -342,7 +341,7 @@ def test_symbolic_moe_served_with_batch_windows(server, small_zoo, tmp_path):
     from moerge.zoo.symbolic import load_pool
 
     pool = load_pool(small_zoo, progress=False)
-    shutil.copytree(pool.root / "registry", tmp_path / "registry")
+    Registry(pool.root / "registry").snapshot(tmp_path / "registry")
     port = int(server.url.rsplit(":", 1)[1])
     dep = deploy_symbolic(tmp_path / "registry", pool.validation(), port=port, route_prefix="/sym", name="moerge-sym-test",
                           models=pool.models, aggregator=pool.aggregator, instruction_sep=" : ", aggregate_template="compact",

@@ -6,9 +6,10 @@ per recruited model per window) — without Ray. The demo's rows are tested in t
 from __future__ import annotations
 
 import asyncio
-import shutil
 
 import pytest
+
+from moerge.registry import Registry
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +24,7 @@ def pool(small_zoo):
 @pytest.fixture
 def pool_registry(pool, tmp_path):
     """A copy of the pool's registry (profiles are written into it)."""
-    shutil.copytree(pool.root / "registry", tmp_path / "registry")
+    Registry(pool.root / "registry").snapshot(tmp_path / "registry")
     return tmp_path / "registry"
 
 

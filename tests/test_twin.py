@@ -4,14 +4,13 @@ chance on its validation split, the group-wise variant, caching in the registry,
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
 import moerge
 from moerge.adapters import load_lora, one_hot, use_weights
 from moerge.adapters import merge as K
+from moerge.registry import Registry
 from moerge.routers import make_router
 from moerge.routers.twin import group_weights, kmeans, per_sample_forward
 
@@ -21,7 +20,7 @@ FAST = dict(epochs=5, rank=16)  # router training kept short in tests
 @pytest.fixture(scope="module")
 def twin(tmp_path_factory, small_zoo):
     root = tmp_path_factory.mktemp("twin")
-    shutil.copytree(small_zoo.registry_path, root / "reg")
+    Registry(small_zoo.registry_path).snapshot(root / "reg")
     reg = moerge.Registry(root / "reg")
     model = moerge.compose(small_zoo.base_path, reg.select(names=small_zoo.held_in), "twin", data=small_zoo.expert_data, **FAST)
     return model, reg, small_zoo
@@ -170,7 +169,7 @@ def test_twin_config_errors_name_the_problem():
 
 
 def test_removing_an_expert_drops_group_artifacts_naming_it(twin, tmp_path, small_zoo):
-    shutil.copytree(small_zoo.registry_path, tmp_path / "reg")
+    Registry(small_zoo.registry_path).snapshot(tmp_path / "reg")
     reg = moerge.Registry(tmp_path / "reg")
     names = ["sort", "max", "min"]
     before = reg.list_group_artifacts()  # the shared zoo registry may already hold some (demo runs)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -175,7 +174,9 @@ def run(cfg: SoakConfig | None = None, progress: bool | None = None) -> dict[str
         bodies.append({"prompt": split[(i // len(tasks)) % len(split)].prompt, "expert": t, "max_new_tokens": cfg.max_new_tokens})
     with tempfile.TemporaryDirectory(prefix="moerge-soak-") as tmp:
         reg = Path(tmp) / "reg"
-        shutil.copytree(z.registry_path, reg)
+        from moerge.registry import Registry
+
+        Registry(z.registry_path).snapshot(reg)
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         log = Path(tmp) / "server.log"

@@ -146,7 +146,6 @@ def evaluate(
     answers it). Profiles are stored in the pool's registry (or a copy at ``registry_root``).
     ``annotate``: what the offline annotator embeds — ``"instruction"`` or ``"question"``.
     ``per_query``: also time the naive loop on the same recruitment."""
-    import shutil
 
     from moerge.registry import Registry
     from moerge.symbolic import NearestQuestionAnnotator, SymbolicMoE
@@ -158,7 +157,7 @@ def evaluate(
     build_s = time.perf_counter() - t0
     if registry_root is not None:
         if not Path(registry_root).exists():
-            shutil.copytree(pool.root / "registry", registry_root)
+            Registry(pool.root / "registry").snapshot(registry_root)
         reg = Registry(registry_root)
     else:
         reg = pool.registry

@@ -43,9 +43,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch loads where tensors are read or written: listing a registry needs none
+    import torch
 
 from moerge.hints import did_you_mean
 from moerge.registry import importers
@@ -796,6 +797,33 @@ class Registry:
             _failpoint("remove:after-commit")
         return targets
 
+    def snapshot(self, dest: str | Path) -> Registry:
+        """A consistent copy of the whole registry at ``dest`` (which must not exist): every expert,
+        version and artifact as of one moment. Other writers wait meanwhile (the copy holds the
+        write lock); readers do not. The index is copied with SQLite's online backup, never as
+        files — a plain copy of a live index can catch its write-ahead log half-written or gone."""
+        dest = Path(dest).expanduser()
+        if dest.exists():
+            raise FileExistsError(f"snapshot destination {dest} exists")
+        skip = {"index.sqlite", "index.sqlite-wal", "index.sqlite-shm", WRITER_FILE, ".staging"}
+        with staging_dir(dest.parent) as stage, self._write("taking a snapshot"):
+            for item in self.root.iterdir():
+                if item.name in skip:
+                    continue
+                if item.is_dir():
+                    shutil.copytree(item, stage / item.name, symlinks=True)
+                else:
+                    shutil.copy2(item, stage / item.name)
+            # from a reading connection: the writing one, in its transaction, would wait on itself
+            src, out = sqlite3.connect(self._db_path), sqlite3.connect(stage / "index.sqlite")
+            try:
+                src.backup(out)
+            finally:
+                src.close()
+                out.close()
+            stage.rename(dest)
+        return Registry(dest)
+
     def export(self, name: str, dest: str | Path, version: int | None = None, base: Any = None) -> Path:
         """Write an expert back out as a folder its ecosystem loads: a PEFT adapter folder
         (``PeftModel.from_pretrained``), an HF model folder (``from_pretrained``; a task vector is
@@ -815,6 +843,8 @@ class Registry:
                         f"base {base_info.id!r} has config fingerprint {base_info.fingerprint}, but {rec.ref} was "
                         f"registered against {rec.base_fingerprint}"
                     )
+                import torch
+
                 tau = self.load_tensors(rec)
                 out: dict[str, torch.Tensor] = {}
                 base_weights = base_info.tensors()
@@ -1087,6 +1117,8 @@ def _loose(raw: str) -> dict[str, Any]:
 
 def _write_artifact(stem: Path, producer: str, data: Any) -> Path:
     """Tensors → ``stem.safetensors``, anything else JSON-serialisable → ``stem.json`` (atomic)."""
+    import torch
+
     if isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
         path = stem.with_suffix(".safetensors")
         atomic_save_tensors(path, {k: v.detach().cpu().contiguous() for k, v in data.items()})
