@@ -12,9 +12,10 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch loads where weights are read
+    import torch
 
 from moerge.registry import gguf
 from moerge.registry.files import PICKLE_SUFFIXES, TensorFolder, atomic_save_tensors, canonical_json, load_pickle_weights
@@ -379,6 +380,8 @@ def stage_dense(folder: Path, stage: Path, base: BaseInfo | None, allow_pickle: 
     missing = sorted(ft_keys - base_keys)
     if missing:
         raise ShapeMismatchError(f"{folder}: weights {missing[:5]} are not in base model {base.id!r}")
+    import torch
+
     tau: dict[str, torch.Tensor] = {}
     base_weights = base.tensors(allow_pickle)
     for key in sorted(ft_keys):

@@ -7,7 +7,6 @@ The scheduling logic (:mod:`moerge.serving.batching`) and the engine
 modules."""
 
 from moerge.serving.batching import BatchQueue, Placement, Residency, group_requests, select_batch
-from moerge.serving.engine import ExpertEngine
 from moerge.serving.types import (
     BASE,
     BadRequest,
@@ -21,6 +20,7 @@ from moerge.serving.types import (
 )
 
 _LAZY = {
+    "ExpertEngine": "moerge.serving.engine",  # torch: loads where a model runs, not in the HTTP front
     "ExpertPool": "moerge.serving.workers",
     "ExpertWorker": "moerge.serving.workers",
     "WorkerConfig": "moerge.serving.workers",
