@@ -231,3 +231,10 @@ def test_small_zoo_registry_and_cache(small_zoo):
     assert again.root == small_zoo.root and time.perf_counter() - t0 < 10  # cached, not rebuilt
     timings = small_zoo.meta["timings"]
     assert timings["total_s"] > 0
+    # the build stored the routers' per-expert artifacts: composing them again computes nothing
+    from moerge.composer import compose
+    from moerge.zoo.build import PREPARED_ROUTERS
+
+    for name in PREPARED_ROUTERS:
+        model = compose(small_zoo.base_path, reg.select(names=small_zoo.held_in), name, data=small_zoo.expert_data)
+        assert model.prepared and all(not r.computed and r.cached for r in model.prepared), (name, model.prepared)

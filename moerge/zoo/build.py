@@ -369,7 +369,6 @@ def _build(p: Preset, root: Path, progress: bool, device: torch.device = torch.d
             **common,
         )
     _rewrite_base_ids(reg, absolute_path(tmp / "base"), absolute_path(root / "base"))
-    timings["total_s"] = time.perf_counter() - t0
     meta = {
         "preset": asdict(p),
         "format": ZOO_FORMAT,
@@ -379,11 +378,38 @@ def _build(p: Preset, root: Path, progress: bool, device: torch.device = torch.d
         "held_out": [t.name for t in T.HELD_OUT],
         "torch": torch.__version__,
     }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     if root.exists():
         shutil.rmtree(root)
     tmp.rename(root)
+    # 4. the routers' per-expert artifacts, stored in the registry beside the experts: every
+    # composition, server or copy of this registry finds them (meta.json last: a zoo is complete)
+    timings["routers"] = prepare_routers(Zoo(root=root, preset=p, meta=meta), progress=progress, device=device)
+    timings["total_s"] = time.perf_counter() - t0
+    atomic_write_json(root / "meta.json", meta)
     log.info("built zoo %s in %.1fs", root, timings["total_s"])
+
+
+#: the routers whose per-expert artifacts a zoo build prepares: PHATGOOSE's gates (GLIDER's too, with
+#: the same training settings), Arrow's prototypes, retrieval's example bank
+PREPARED_ROUTERS = ("phatgoose", "arrow", "retrieval")
+
+
+def prepare_routers(
+    zoo: Zoo, routers: tuple[str, ...] = PREPARED_ROUTERS, progress: bool | None = None, device: DeviceLike = "cpu"
+) -> dict[str, float]:
+    """Compute and store the held-in experts' artifacts of ``routers`` with their default settings
+    and the zoo's seed (what the tour, ``bench all``, ``moerge serve --zoo`` and the docs compose),
+    as :func:`moerge.compose` would the first time; artifacts already stored are kept. Seconds per router."""
+    from moerge.composer import compose
+
+    out = {}
+    experts = zoo.registry.select(names=zoo.held_in)
+    for name in progress_bar(routers, desc="routers", progress=progress):
+        t = time.perf_counter()
+        seed = {"seed": zoo.preset.seed} if name == "phatgoose" else {}
+        compose(zoo.base_path, experts, name, data=zoo.expert_data, progress=progress, device=device, dtype="float32", **seed)
+        out[name] = round(time.perf_counter() - t, 1)
+    return out
 
 
 def _fix_base_path(folder: Path, base: Path) -> None:
