@@ -80,6 +80,19 @@ def test_the_same_seed_twice_builds_the_same_zoo_and_the_same_table(tmp_path):
     # every stored weight file's sha256 (adapter_config.json names the base's folder, which differs)
     files = [{(r.name, f): h for r in z.registry.list() for f, h in r.files.items() if f.endswith(".safetensors")} for z in built]
     assert files[0] == files[1] and len(files[0]) >= 8
+    # and the routers' artifacts the build prepared (PHATGOOSE's trained gates among them), byte for byte
+    import hashlib
+
+    def artifacts(z):  # noqa: ANN001, ANN202
+        return {(n, a["producer"], a["config_hash"]): hashlib.sha256((z.registry_path / "experts" / n / "1" / a["file"]).read_bytes()).hexdigest()
+                for n in z.held_in for a in z.registry.list_artifacts(n)}  # fmt: skip
+
+    prepared = [artifacts(z) for z in built]
+    assert prepared[0] == prepared[1] and {k[1] for k in prepared[0]} == {
+        "phatgoose-gates",
+        "arrow-prototypes",
+        "retrieval-examples",
+    }
     reports = [evaluate_zoo(z, ["Arrow"], ["TIES"], progress=False, breakdown=False) for z in built]
     rows = [{r.name: (r.per_task, r.routing_accuracy) for r in rep.rows} for rep in reports]
     assert rows[0] == rows[1] and {"base", "oracle", "Arrow", "TIES"} <= set(rows[0])
