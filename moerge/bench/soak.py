@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moerge.registry import Registry
+
 
 @dataclass
 class SoakConfig:
@@ -174,8 +176,6 @@ def run(cfg: SoakConfig | None = None, progress: bool | None = None) -> dict[str
         bodies.append({"prompt": split[(i // len(tasks)) % len(split)].prompt, "expert": t, "max_new_tokens": cfg.max_new_tokens})
     with tempfile.TemporaryDirectory(prefix="moerge-soak-") as tmp:
         reg = Path(tmp) / "reg"
-        from moerge.registry import Registry
-
         Registry(z.registry_path).snapshot(reg)
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
