@@ -63,6 +63,17 @@ def test_segment_share_is_off_in_the_presets_and_leaves_their_keys_and_tokenizer
     assert "|" not in a and set(b) - set(a) == {"|"}
 
 
+def test_which_routers_a_build_prepares_is_part_of_the_preset():
+    from moerge.zoo.build import PREPARED_ROUTERS, PRESETS, Preset, with_overrides
+
+    assert all(p.prepared == PREPARED_ROUTERS for p in PRESETS.values())
+    assert with_overrides("small", prepared=PREPARED_ROUTERS).key() == "77abc8f65ec6ef08"  # the default keeps the key
+    fewer = {with_overrides("small", prepared=r).key() for r in [(), ("arrow",), ("phatgoose", "arrow")]}
+    assert len(fewer) == 3 and "77abc8f65ec6ef08" not in fewer  # another set is another build
+    with pytest.raises(ValueError, match=r"Preset.prepared: \['glider'\] cannot be prepared"):
+        Preset("x", prepared=("glider",))
+
+
 def test_oracle_schedule_routes_each_segment_of_a_composed_prompt_to_its_expert():
     from moerge.bench.control import oracle_schedule
     from moerge.zoo.tasks import COMPOSED

@@ -37,6 +37,12 @@ ZOO_FORMAT = 1
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+#: the routers whose per-expert artifacts a zoo build can prepare (each with its default settings):
+#: PHATGOOSE's gates (GLIDER's too, with the same training settings), Arrow's prototypes,
+#: retrieval's example bank
+PREPARED_ROUTERS = ("phatgoose", "arrow", "retrieval")
+
+
 @dataclass(frozen=True)
 class Preset:
     """Everything that determines a zoo build (its hash names the cache folder)."""
@@ -69,17 +75,29 @@ class Preset:
     #: gets ``|``. What the segment compositions (``tasks.COMPOSED``) need; 0 in the presets
     #: (measured: README, "Compositions across segments in the main zoo")
     segment_share: float = 0.0
+    #: the routers whose per-expert artifacts the build prepares and stores (:func:`prepare_routers`),
+    #: so that composing them later computes nothing; () prepares none
+    prepared: tuple[str, ...] = ("phatgoose", "arrow", "retrieval")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.segment_share <= 1.0:
             raise ValueError(
                 f"Preset.segment_share must be in [0, 1] (a share of each expert's examples), got {self.segment_share}"
             )
+        unknown = sorted(set(self.prepared) - set(PREPARED_ROUTERS))
+        if unknown:
+            raise ValueError(
+                f"Preset.prepared: {unknown} cannot be prepared by a zoo build; choose from {list(PREPARED_ROUTERS)}"
+            )
 
     def key(self) -> str:
         fields = asdict(self)
         if not fields["segment_share"]:  # zoos built before the option keep their key
             del fields["segment_share"]
+        if tuple(fields["prepared"]) == PREPARED_ROUTERS:  # likewise: the default set keeps the key
+            del fields["prepared"]
+        else:
+            fields["prepared"] = list(fields["prepared"])
         return config_fingerprint({**fields, "format": ZOO_FORMAT})
 
 
@@ -383,15 +401,10 @@ def _build(p: Preset, root: Path, progress: bool, device: torch.device = torch.d
     tmp.rename(root)
     # 4. the routers' per-expert artifacts, stored in the registry beside the experts: every
     # composition, server or copy of this registry finds them (meta.json last: a zoo is complete)
-    timings["routers"] = prepare_routers(Zoo(root=root, preset=p, meta=meta), progress=progress, device=device)
+    timings["routers"] = prepare_routers(Zoo(root=root, preset=p, meta=meta), p.prepared, progress=progress, device=device)
     timings["total_s"] = time.perf_counter() - t0
     atomic_write_json(root / "meta.json", meta)
     log.info("built zoo %s in %.1fs", root, timings["total_s"])
-
-
-#: the routers whose per-expert artifacts a zoo build prepares: PHATGOOSE's gates (GLIDER's too, with
-#: the same training settings), Arrow's prototypes, retrieval's example bank
-PREPARED_ROUTERS = ("phatgoose", "arrow", "retrieval")
 
 
 def prepare_routers(
