@@ -249,3 +249,25 @@ def test_small_zoo_registry_and_cache(small_zoo):
     for name in PREPARED_ROUTERS:
         model = compose(small_zoo.base_path, reg.select(names=small_zoo.held_in), name, data=small_zoo.expert_data)
         assert model.prepared and all(not r.computed and r.cached for r in model.prepared), (name, model.prepared)
+
+
+def test_finding_a_built_zoo_imports_neither_torch_nor_transformers(small_zoo):
+    """`moerge zoo build --path` on a built zoo (the docs' "$(moerge zoo build --path)") and
+    `import moerge` stay light: the heavy libraries load where tensors are read or written."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "import moerge\n"
+        "from moerge.cli import main\n"
+        "r = CliRunner().invoke(main, ['zoo', 'build', '--preset', 'small', '--path'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "print(r.output.strip())\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'ray') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    path, loaded = out.stdout.strip().splitlines()
+    assert path == str(small_zoo.root) and loaded == "[]"

@@ -25,9 +25,11 @@ def zoo() -> None:
 )
 def zoo_build(preset: str, cache_dir: str | None, rebuild: bool, path_only: bool) -> None:
     """Build (or find in the cache) a zoo and print where it is."""
-    quiet_hf()
     from moerge import zoo as zoo_mod
+    from moerge.zoo.build import is_built
 
+    if rebuild or not is_built(preset, cache_dir):  # a built zoo's folder is found without loading transformers
+        quiet_hf()
     z = zoo_mod.load(preset, cache_dir=cache_dir, rebuild=rebuild)
     if path_only:
         click.echo(str(z.root))
