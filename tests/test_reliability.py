@@ -410,6 +410,69 @@ def test_soak_with_workers_killed_and_frozen_loses_no_request(small_zoo):  # the
     assert r["answered"] > 0  # the server served through the faults
 
 
+def test_soak_faults_wait_for_a_live_worker_and_land_mid_traffic(monkeypatch):
+    """The soak's schedule on a machine where workers restart slowly: after each kill no worker
+    answers for a while (here 0.6 s, longer than the rest of the run takes). Every fault still
+    lands — on a worker that answers, with requests still to send — because the driver holds back
+    while a fault is due; nothing is skipped, every request is answered once."""
+    import asyncio
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from moerge.bench import soak
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers["content-length"]))
+            body = b'{"results": [{"text": "ok"}]}'
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # noqa: ANN002
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    down_until = [0.0]
+    faults_at: list[tuple[str, int]] = []  # (signal, requests done when it was sent)
+    res, lat = soak.SoakResult(config={}), []
+    monkeypatch.setattr(soak, "_health", lambda _url: {"workers": [] if time.monotonic() < down_until[0]
+                                                      else [{"state": "ok", "pid": 4242, "worker": 0}]})  # fmt: skip
+
+    def fake_kill(pid, sig):  # noqa: ANN001, ANN202
+        faults_at.append((sig, len(lat)))
+        if sig == soak.signal.SIGKILL:
+            down_until[0] = time.monotonic() + 0.6
+
+    monkeypatch.setattr(soak.os, "kill", fake_kill)
+    cfg = soak.SoakConfig(requests=200, concurrency=8, kills=3, freezes=1, freeze_s=0.1, startup_timeout_s=10)
+    stop, done = threading.Event(), []
+    injected = [threading.Event() for _ in soak._fault_order(cfg)]
+    t = threading.Thread(
+        target=soak._faults, args=(url, cfg, stop, done, lambda: len(lat) + res.lost, time.monotonic(), injected)
+    )
+    t.start()
+    try:
+        asyncio.run(
+            soak._drive(
+                url, [{"prompt": "p"}] * cfg.requests, cfg, res, lat, list(zip(soak._thresholds(cfg), injected, strict=True))
+            )
+        )
+    finally:
+        stop.set()
+        t.join(timeout=10)
+        server.shutdown()
+    assert len(done) == 4 and not any("skipped" in d for d in done), done
+    kills = [n for sig, n in faults_at if sig == soak.signal.SIGKILL]
+    assert len(kills) == 3 and all(n < cfg.requests for n in kills)  # mid-traffic: requests still to come
+    assert [sig for sig, _ in faults_at].count(soak.signal.SIGSTOP) == 1
+    assert res.answered == cfg.requests and res.lost == 0 and len(lat) == cfg.requests
+
+
 @pytest.mark.slow
 def test_a_worker_on_a_node_without_the_registry_gets_experts_and_base_through_ray(tmp_path, small_zoo):
     """No shared disk needed: a two-node Ray cluster (ray.cluster_utils.Cluster on this

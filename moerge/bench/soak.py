@@ -94,43 +94,88 @@ def _wait_ok(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> dic
     raise TimeoutError(f"the server was not healthy within {timeout:g} s: {log.read_text()[-2000:]}")
 
 
-def _faults(url: str, cfg: SoakConfig, stop: threading.Event, done: list[str], progress: Any, start_at: float) -> None:
-    """Kills and freezes at even steps of the run's progress (fault i when i+1 of n+1 parts
-    of the requests are done), each on a worker that answers."""
+def _fault_order(cfg: SoakConfig) -> list[str]:
     order = ["kill"] * cfg.kills
     for j in range(cfg.freezes):
         order.insert(min(len(order), 1 + 2 * j), "freeze")
-    for i, what in enumerate(order):
-        while progress() < cfg.requests * (i + 1) / (len(order) + 1):
-            if stop.wait(0.05):
-                return
-        workers = [w for w in _health(url).get("workers", []) if w.get("state") == "ok" and w.get("pid")]
-        if not workers:
-            done.append(f"{what}: skipped (no worker answered)")
-            continue
-        w = workers[i % len(workers)]
-        t = round(time.monotonic() - start_at, 1)
-        if what == "kill":
-            os.kill(w["pid"], signal.SIGKILL)
-            done.append(f"{t} s: killed worker {w['worker']}")
-        else:
-            os.kill(w["pid"], signal.SIGSTOP)
-            done.append(f"{t} s: froze worker {w['worker']} for {cfg.freeze_s:g} s")
-            stop.wait(cfg.freeze_s)
-            os.kill(w["pid"], signal.SIGCONT)
+    return order
 
 
-async def _drive(url: str, bodies: list[dict[str, Any]], cfg: SoakConfig, res: SoakResult, lat: list[float]) -> None:
+def _thresholds(cfg: SoakConfig) -> list[float]:
+    """Fault i is due when this many requests are done (even steps: i+1 of n+1 parts)."""
+    n = len(_fault_order(cfg))
+    return [cfg.requests * (i + 1) / (n + 1) for i in range(n)]
+
+
+def _faults(
+    url: str, cfg: SoakConfig, stop: threading.Event, done: list[str], progress: Any, start_at: float,
+    injected: list[threading.Event],
+) -> None:  # fmt: skip
+    """Kills and freezes at even steps of the run's progress, each on a worker that answers.
+
+    A fault waits (up to ``startup_timeout_s``) for a worker to answer — after a kill the pool may
+    still be restarting — and the driver issues at most ``concurrency`` requests past a fault's
+    step until it is injected (``injected``): so every fault lands mid-traffic on a live worker
+    however fast this machine restarts workers. Before, a slow restart let the requests run out
+    first and the last fault was skipped."""
+    try:
+        _inject(url, cfg, stop, done, progress, start_at, injected)
+    finally:  # whatever happens here, the driver is never left waiting on a fault
+        for ev in injected:
+            ev.set()
+
+
+def _inject(
+    url: str, cfg: SoakConfig, stop: threading.Event, done: list[str], progress: Any, start_at: float,
+    injected: list[threading.Event],
+) -> None:  # fmt: skip
+    for i, (what, due) in enumerate(zip(_fault_order(cfg), _thresholds(cfg), strict=True)):
+        try:
+            while progress() < due:
+                if stop.wait(0.05):
+                    return
+            deadline = time.monotonic() + cfg.startup_timeout_s
+            workers: list[dict[str, Any]] = []
+            while not workers and time.monotonic() < deadline and not stop.is_set():
+                workers = [w for w in _health(url).get("workers", []) if w.get("state") == "ok" and w.get("pid")]
+                if not workers:
+                    time.sleep(0.2)
+            if not workers:
+                done.append(f"{what}: skipped (no worker answered within {cfg.startup_timeout_s:g} s)")
+                continue
+            w = workers[i % len(workers)]
+            t = round(time.monotonic() - start_at, 1)
+            if what == "kill":
+                os.kill(w["pid"], signal.SIGKILL)
+                done.append(f"{t} s: killed worker {w['worker']}")
+            else:
+                os.kill(w["pid"], signal.SIGSTOP)
+                done.append(f"{t} s: froze worker {w['worker']} for {cfg.freeze_s:g} s")
+                injected[i].set()  # traffic flows on while the worker is frozen
+                stop.wait(cfg.freeze_s)
+                os.kill(w["pid"], signal.SIGCONT)
+        finally:
+            injected[i].set()
+
+
+async def _drive(
+    url: str, bodies: list[dict[str, Any]], cfg: SoakConfig, res: SoakResult, lat: list[float],
+    gates: list[tuple[float, threading.Event]] = (),
+) -> None:  # fmt: skip
+    """Send ``bodies`` at ``cfg.concurrency``; request j waits while a gate (step, event) with
+    j ≥ step + concurrency is not yet set (a fault due at that step, not yet injected)."""
     import httpx
 
     queue: asyncio.Queue = asyncio.Queue()
-    for b in bodies:
-        queue.put_nowait(b)
+    for j, b in enumerate(bodies):
+        queue.put_nowait((j, b))
     limit = cfg.request_timeout_s + cfg.grace_s
 
     async def worker(client: httpx.AsyncClient) -> None:
         while not queue.empty():
-            body = queue.get_nowait()
+            j, body = queue.get_nowait()
+            while any(j >= step + cfg.concurrency and not ev.is_set() for step, ev in gates):
+                await asyncio.sleep(0.02)
             t0 = time.perf_counter()
             try:
                 r = await client.post(f"{url}/v1/generate", json=body, timeout=limit)
@@ -192,12 +237,13 @@ def run(cfg: SoakConfig | None = None, progress: bool | None = None) -> dict[str
             res.startup_s = round(time.monotonic() - t0, 1)
             asyncio.run(_drive(url, bodies[: min(32, len(bodies))], cfg, SoakResult(config={}), []))  # warm-up: experts loaded
             stop, lat = threading.Event(), []
+            injected = [threading.Event() for _ in _fault_order(cfg)]
             start = time.monotonic()
             injector = threading.Thread(
-                target=_faults, args=(url, cfg, stop, res.faults, lambda: len(lat) + res.lost, start), daemon=True
+                target=_faults, args=(url, cfg, stop, res.faults, lambda: len(lat) + res.lost, start, injected), daemon=True
             )
             injector.start()
-            asyncio.run(_drive(url, bodies, cfg, res, lat))
+            asyncio.run(_drive(url, bodies, cfg, res, lat, list(zip(_thresholds(cfg), injected, strict=True))))
             res.wall_s = round(time.monotonic() - start, 1)
             stop.set()
             injector.join(timeout=cfg.freeze_s + 5)
