@@ -179,7 +179,27 @@ def _needs_small_zoo(item) -> bool:  # noqa: ANN001
     return "small_zoo" in getattr(item, "fixturenames", ())
 
 
+#: modules whose tests are spread over the workers on purpose: their module fixture is a cheap copy
+#: and their tests are heavy (one per docs page)
+SPREAD_MODULES = ("test_readme",)
+
+
+def _module_scoped(item) -> bool:  # noqa: ANN001
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    return any(d.scope in ("module", "class") for seq in defs.values() for d in seq)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001
+    # A module fixture is set up again whenever the test before came from another module: handed
+    # out test by test, a module's tests land between others' (and on both workers) and rebuild it
+    # (measured: the user pool's four trained LoRAs twice, the real LM's two experts three times,
+    # the Twin fixture ten times). So a module that uses one, and is not grouped already, is one
+    # unit: its tests in a row, on one worker.
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if getattr(item, "module", None) else ""
+        if module not in SPREAD_MODULES and _module_scoped(item) and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(f"module-{module}"))
     costs = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
     units: dict[str, list] = {}
     for item in items:

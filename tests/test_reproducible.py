@@ -150,3 +150,16 @@ def test_xdist_groups_keep_their_tests_on_one_worker(request) -> None:
     does not (pytest 9.2 with pytest-xdist 3.8), groups are silently split over the workers."""
     if getattr(request.config.option, "loadgroup", False):  # set on pytest-xdist workers under --dist loadgroup
         assert request.node.nodeid.endswith("@grouping-check"), request.node.nodeid
+
+
+@pytest.fixture(scope="module")
+def _module_resource() -> dict[str, int]:
+    return {"setups": 1}
+
+
+def test_a_module_fixture_keeps_its_module_on_one_worker(request, _module_resource) -> None:
+    """tests/conftest.py groups the tests of a module that uses a module fixture (unless already
+    grouped), so the fixture is set up once: the node id carries the module's group."""
+    if getattr(request.config.option, "loadgroup", False):
+        assert request.node.nodeid.endswith("@module-test_reproducible"), request.node.nodeid
+    assert _module_resource == {"setups": 1}
