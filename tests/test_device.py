@@ -334,3 +334,21 @@ def test_compiled_token_routed_composition_answers_as_eager(small_zoo, own_regis
     m.compile = True
     assert m.generate(prompts, max_new_tokens=6) == want
     assert not counters["graph_break"] and counters["stats"]["unique_graphs"] >= 1
+
+
+def test_auto_threads_takes_a_pinned_omp_num_threads_as_given(monkeypatch):
+    """`moerge demo` and `bench all` size their threads from the free cores unless the process is
+    pinned with $OMP_NUM_THREADS (a test worker is: two threads beside a busy worker slowed both)."""
+    from moerge import device
+
+    monkeypatch.setattr(device, "available_cores", lambda: 8)
+    monkeypatch.setattr(device, "busy_cores", lambda: 1.0)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert device.auto_threads() == 7 and device.auto_threads(limit=2) == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert device.auto_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3,1")  # OpenMP's nested form: the outer count
+    assert device.auto_threads() == 3 and device.auto_threads(limit=2) == 2
+    for junk in ("", "0", "many"):
+        monkeypatch.setenv("OMP_NUM_THREADS", junk)
+        assert device.auto_threads() == 7
