@@ -119,43 +119,36 @@ def _faults(
     however fast this machine restarts workers. Before, a slow restart let the requests run out
     first and the last fault was skipped."""
     try:
-        _inject(url, cfg, stop, done, progress, start_at, injected)
+        for i, (what, due) in enumerate(zip(_fault_order(cfg), _thresholds(cfg), strict=True)):
+            try:
+                while progress() < due:
+                    if stop.wait(0.05):
+                        return
+                deadline = time.monotonic() + cfg.startup_timeout_s
+                workers: list[dict[str, Any]] = []
+                while not workers and time.monotonic() < deadline and not stop.is_set():
+                    workers = [w for w in _health(url).get("workers", []) if w.get("state") == "ok" and w.get("pid")]
+                    if not workers:
+                        time.sleep(0.2)
+                if not workers:
+                    done.append(f"{what}: skipped (no worker answered within {cfg.startup_timeout_s:g} s)")
+                    continue
+                w = workers[i % len(workers)]
+                t = round(time.monotonic() - start_at, 1)
+                if what == "kill":
+                    os.kill(w["pid"], signal.SIGKILL)
+                    done.append(f"{t} s: killed worker {w['worker']}")
+                else:
+                    os.kill(w["pid"], signal.SIGSTOP)
+                    done.append(f"{t} s: froze worker {w['worker']} for {cfg.freeze_s:g} s")
+                    injected[i].set()  # traffic flows on while the worker is frozen
+                    stop.wait(cfg.freeze_s)
+                    os.kill(w["pid"], signal.SIGCONT)
+            finally:
+                injected[i].set()
     finally:  # whatever happens here, the driver is never left waiting on a fault
         for ev in injected:
             ev.set()
-
-
-def _inject(
-    url: str, cfg: SoakConfig, stop: threading.Event, done: list[str], progress: Any, start_at: float,
-    injected: list[threading.Event],
-) -> None:  # fmt: skip
-    for i, (what, due) in enumerate(zip(_fault_order(cfg), _thresholds(cfg), strict=True)):
-        try:
-            while progress() < due:
-                if stop.wait(0.05):
-                    return
-            deadline = time.monotonic() + cfg.startup_timeout_s
-            workers: list[dict[str, Any]] = []
-            while not workers and time.monotonic() < deadline and not stop.is_set():
-                workers = [w for w in _health(url).get("workers", []) if w.get("state") == "ok" and w.get("pid")]
-                if not workers:
-                    time.sleep(0.2)
-            if not workers:
-                done.append(f"{what}: skipped (no worker answered within {cfg.startup_timeout_s:g} s)")
-                continue
-            w = workers[i % len(workers)]
-            t = round(time.monotonic() - start_at, 1)
-            if what == "kill":
-                os.kill(w["pid"], signal.SIGKILL)
-                done.append(f"{t} s: killed worker {w['worker']}")
-            else:
-                os.kill(w["pid"], signal.SIGSTOP)
-                done.append(f"{t} s: froze worker {w['worker']} for {cfg.freeze_s:g} s")
-                injected[i].set()  # traffic flows on while the worker is frozen
-                stop.wait(cfg.freeze_s)
-                os.kill(w["pid"], signal.SIGCONT)
-        finally:
-            injected[i].set()
 
 
 async def _drive(

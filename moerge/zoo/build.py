@@ -75,7 +75,7 @@ class Preset:
     segment_share: float = 0.0
     #: the routers whose per-expert artifacts the build prepares and stores (:func:`prepare_routers`),
     #: so that composing them later computes nothing; () prepares none
-    prepared: tuple[str, ...] = ("phatgoose", "arrow", "retrieval")
+    prepared: tuple[str, ...] = PREPARED_ROUTERS
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.segment_share <= 1.0:
