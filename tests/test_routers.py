@@ -153,6 +153,49 @@ def test_glider_with_huge_alpha_is_static_topk_by_instruction_cosine(small_zoo, 
         assert torch.equal(idx.sort(-1).values, want[:, None, :].expand_as(idx))
 
 
+def test_glider_expert_texts_written_by_a_causal_lm_from_registered_examples(small_zoo, zoo_reg):
+    """GLIDER's expert texts written by a model (spec §2.3): the describing LM is shown the first k
+    registered example prompts, through its chat template; greedy, written once per expert; what
+    it wrote is what GLIDER embeds. A random tiny Llama over MiniLM's vocabulary writes nonsense,
+    which is enough to check the mechanics."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from moerge.routers import HFDescriber
+    from moerge.routers.embedding import default_embedder_path, load_embedder
+    from moerge.routers.glider import first_sentence
+
+    tok = AutoTokenizer.from_pretrained(default_embedder_path())
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}<assistant>"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0)  # fmt: skip
+    lm = LlamaForCausalLM(cfg).eval()
+    calls = []
+    generate = lm.generate
+    lm.generate = lambda **kw: calls.append(kw["input_ids"].shape) or generate(**kw)
+    describer = HFDescriber(lm, tok, k=2, max_new_tokens=12)
+    names = ["sort", "reverse", "max"]
+    records = [zoo_reg.get(n) for n in names]
+    assert all(len(r.examples) > 2 for r in records)  # the zoo registers examples; the describer sees two
+    request = describer.request(records[0].examples[:2])
+    assert request.startswith("<user> Here are 2 examples of the same kind of request") and request.endswith("<assistant>")
+    assert f"- {records[0].examples[0]}\n- {records[0].examples[1]}\n" in request and records[0].examples[2] not in request
+    texts = [describer(r) for r in records]
+    assert all(t and "\n" not in t for t in texts) and len(calls) == 3
+    assert [describer(r) for r in records] == texts and len(calls) == 3  # written once each
+    m = moerge.compose(small_zoo.base_path, zoo_reg.select(names=names), "glider", data=small_zoo.expert_data,
+                       expert_text="describer", describer=describer, **FAST)  # fmt: skip
+    assert m.router.expert_texts == texts and len(calls) == 3
+    embedder = load_embedder(m.router.config.embedder)
+    assert torch.allclose(m.router.expert_embeddings, embedder.encode(texts), atol=1e-5)
+    assert first_sentence("\n  Sort the letters. Then more.\nnext") == "Sort the letters."
+    with pytest.raises(ValueError, match="needs a describer"):
+        moerge.compose(small_zoo.base_path, zoo_reg.select(names=names), "glider", data=small_zoo.expert_data,
+                       expert_text="describer", **FAST)  # fmt: skip
+    with pytest.raises(ValueError, match="sort.*no registered examples"):
+        describer(records[0].model_copy(update={"examples": []}))
+
+
 def test_gate_training_lowers_the_experts_loss_and_freezes_everything_else(small_zoo):
     base, tok = small_zoo.load_base(), small_zoo.tokenizer()
     before = {n: p.clone() for n, p in base.state_dict().items()}

@@ -41,5 +41,5 @@ def run(
                       batch_size=batch_size, cache_dir=pool.root / "eval-cache", out=out, json_path=json_path,
                       progress=progress)  # fmt: skip
     report.meta["real"] = {"root": str(pool.root), "preset": asdict(pool.preset) | {"tasks": list(pool.experts)},
-                           "experts": pool.meta.get("experts", {})}  # fmt: skip
+                           "experts": pool.meta.get("experts", {}), "descriptions": pool.meta.get("descriptions", {})}  # fmt: skip
     return report

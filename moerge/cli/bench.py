@@ -567,4 +567,6 @@ def bench_real(methods, tasks, steps, limit, out, json_path, batch_size, device,
         _fail(exc)
     click.echo(report.markdown())
     click.echo(f"\nexperts: {json.dumps(report.meta['real']['experts'])}")
+    for task, d in report.meta["real"]["descriptions"].items():  # what GLIDER embeds for each expert
+        click.echo(f"  {task}: {d['text']}  (written by the base model from {len(d['from'])} training prompts)")
     click.echo(f"{torch_threads()} torch thread(s); {time.perf_counter() - t0:.0f} s; report in {out}")

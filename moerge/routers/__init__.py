@@ -15,7 +15,7 @@ from moerge.routers.base import (
     make_router,
     register_router,
 )
-from moerge.routers.glider import ALPHA_PRESETS, GliderConfig, GliderRouter
+from moerge.routers.glider import ALPHA_PRESETS, GliderConfig, GliderRouter, HFDescriber
 from moerge.routers.phatgoose import GateTraining, PhatgooseConfig, PhatgooseRouter, train_gates
 from moerge.routers.retrieval import RetrievalConfig, RetrievalRouter
 from moerge.routers.router_retriever import RouterRetrieverConfig, RouterRetrieverRouter
@@ -29,6 +29,7 @@ __all__ = [
     "GateTraining",
     "GliderConfig",
     "GliderRouter",
+    "HFDescriber",
     "PhatgooseConfig",
     "PhatgooseRouter",
     "PrepareContext",

@@ -15,11 +15,12 @@ Deviations from the released code, on purpose:
 * expert text is the registered description by default; ``expert_text="description+examples"``
   appends the instructions of its registered example prompts (a deterministic stand-in for the
   paper's LLM-written instruction), and a ``describer`` callable (e.g. :class:`HFDescriber`)
-  writes one with any causal LM.
+  has a causal LM write one from a few of the expert's registered examples.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -55,6 +56,74 @@ def expert_text(record: Any, mode: str, separator: str | None, describer: Callab
         return record.description
     shown = list(dict.fromkeys(instruction_part(e, separator) for e in record.examples))
     return record.description + (" For example: " + "; ".join(shown) + "." if shown else "")
+
+
+#: what the describing LM is asked (spec §2.3: shown a few examples of an expert's training task, an
+#: LLM writes a one-sentence instruction naming the task and the skill it needs; the paper's own
+#: prompt is not published)
+DESCRIBE_PROMPT = (
+    "Here are {k} examples of the same kind of request:\n{examples}\n"
+    "Write one instruction sentence that describes this kind of request and the knowledge needed to answer it. "
+    "Do not answer them."
+)
+
+
+def first_sentence(text: str) -> str:
+    """The first non-empty line of ``text`` up to the end of its first sentence."""
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    m = re.search(r"[.!?](\s|$)", line)
+    return line[: m.start() + 1] if m else line
+
+
+class HFDescriber:
+    """A ``describer`` for ``expert_text="describer"``: a Hugging Face causal LM is shown ``k`` of
+    an expert's registered example prompts and writes its one-sentence instruction (spec §2.3; the
+    paper used GPT-4-turbo on 3 examples; here any local model, e.g. the base itself). Decoding is
+    greedy, so one model and one set of examples give one text; each is written once per
+    describer (``texts``: examples → what the model wrote), through the model's chat template
+    when its tokenizer has one."""
+
+    def __init__(self, model: Any, tokenizer: Any, k: int = 3, max_new_tokens: int = 48, prompt: str = DESCRIBE_PROMPT):
+        if k < 1 or max_new_tokens < 1:
+            raise ValueError(f"k and max_new_tokens must be ≥ 1, got {k} and {max_new_tokens}")
+        self.model, self.tokenizer, self.k, self.max_new_tokens, self.prompt = model, tokenizer, k, max_new_tokens, prompt
+        self.texts: dict[tuple[str, ...], str] = {}
+
+    def __call__(self, record: Any) -> str:
+        examples = tuple(record.examples[: self.k])
+        if not examples:
+            raise ValueError(f"expert {record.ref} has no registered examples to describe it from (register it with examples=)")
+        return self.describe(examples)
+
+    def request(self, examples: Sequence[str]) -> str:
+        """The text the model is given for ``examples`` (its chat template applied when it has one)."""
+        listed = "\n".join(f"- {e}" for e in examples)
+        text = self.prompt.format(k=len(examples), examples=listed)
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+        return text
+
+    @torch.no_grad()
+    def describe(self, examples: Sequence[str]) -> str:
+        key = tuple(examples)
+        if key not in self.texts:
+            enc = self.tokenizer(self.request(examples), return_tensors="pt", add_special_tokens=False)
+            device = next(self.model.parameters()).device
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+            out = self.model.generate(
+                input_ids=enc["input_ids"].to(device),
+                attention_mask=enc["attention_mask"].to(device),
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+            text = first_sentence(self.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+            if not text:
+                raise ValueError(f"the describing model wrote nothing for the examples {list(key)}")
+            self.texts[key] = text
+        return self.texts[key]
 
 
 class GliderConfig(PhatgooseConfig):

