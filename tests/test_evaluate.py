@@ -335,6 +335,47 @@ def test_chat_examples_are_rendered_with_the_base_tokenizers_template(tmp_path, 
     assert ts["a"].split("test")[0].render(render) == "user : reverse the letters : a b =>"
 
 
+def test_glider_reads_a_chat_examples_user_message_and_other_methods_the_rendered_prompt(tmp_path):
+    """GLIDER's global router embeds what the user asked, not the chat template's system prompt
+    around it (on the real suite: 98.4 % of held-in test prompts to their own expert by the user
+    message, 70.9 % by the rendered prompt, docs/zoo.md). Plain prompts are their own query, and
+    a plain-prompt pool's cache keys are unchanged."""
+    from types import SimpleNamespace
+
+    from moerge.evaluation.evaluate import _Run
+    from moerge.evaluation.methods import METHODS
+
+    rows = {"a": [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "reverse : a b"}], "target": "b a"},
+                  {"messages": [{"role": "user", "content": "reverse : c d"}], "target": "d c"}],
+            "b": [{"prompt": "sort : b a =>", "target": "a b"}]}  # fmt: skip
+    ts = load_task_set(_tiny_task_set(tmp_path / "t", "tasks: {a: {role: held_in}, b: {role: held_in}}\n", rows))
+    assert [e.query for e in ts["a"].split("test")] == ["reverse : a b", "reverse : c d"] and ts["b"].split("test")[
+        0
+    ].query is None
+
+    def run_over(tasks):  # noqa: ANN001, ANN202
+        run = _Run.__new__(_Run)
+        rendered = {(t, "test"): [f"<sys>{e.query}<end>" if e.query else e.prompt for e in ts[t].split("test")] for t in tasks}
+        queries = {(t, "test"): [e.query for e in ts[t].split("test")] for t in tasks}
+        run.specs, run.pool = (
+            METHODS,
+            SimpleNamespace(prompts=rendered, queries=queries, pool_key=lambda: "p", data_key=lambda: "d"),
+        )
+        return run
+
+    chat = run_over(["a", "b"])
+    assert chat._queries("glider", [("a", "test", None), ("b", "test", None)]) == [
+        "reverse : a b",
+        "reverse : c d",
+        "sort : b a =>",
+    ]
+    assert chat._queries("glider", [("a", "test", 1)]) == ["reverse : a b"]
+    assert chat._queries("phatgoose", [("a", "test", None)]) is None  # token routers read the prompt they generate from
+    assert chat.method_key("glider", {})["query"] == "user message" and "query" not in chat.method_key("phatgoose", {})
+    plain = run_over(["b"])
+    assert plain._queries("glider", [("b", "test", None)]) is None and "query" not in plain.method_key("glider", {})
+
+
 @pytest.mark.slow
 def test_symbolic_moe_runs_in_the_evaluator_over_whole_model_experts(tmp_path, small_zoo):
     from moerge.zoo.export import export_task_set

@@ -143,6 +143,15 @@ class TaskExample:
         """The first right answer (what a router trained on (prompt, target) pairs sees)."""
         return self.targets[0]
 
+    @property
+    def query(self) -> str | None:
+        """What an instruction embedding (GLIDER's global router) reads for a chat example: its
+        last user message, without the template's system prompt and markers; None for a plain
+        prompt (the prompt itself is the query)."""
+        if self.messages is None:
+            return None
+        return next((c for r, c in reversed(self.messages) if r == "user"), None)
+
     def render(self, chat_template: Callable[[list[dict[str, str]]], str] | None) -> str:
         if self.prompt is not None:
             return self.prompt
