@@ -88,3 +88,60 @@ def test_the_real_preset_names_a_wrong_task_and_keys_on_what_it_trains():
         RealPreset(tasks=("capital_country",)).held_in()  # a held-out task has no expert
     assert p.key("a") != p.key("b") and p.key("a") != replace(p, steps=p.steps + 1).key("a")
     assert p.key("a") == RealPreset(tasks=R.HELD_IN).key("a")  # () means every held-in task
+    assert p.key("a") != replace(p, describer="written").key("a")  # who wrote the registered descriptions
+
+
+def test_the_descriptions_benchmark_scores_each_source_of_expert_text_by_routing(monkeypatch, tmp_path):
+    """`moerge bench real --descriptions` without the real model: a describer that returns the
+    hand-written text of the task its examples come from must route exactly as the hand-written
+    texts do (every seed, sd 0); the examples it is shown are training prompts only; an embedder
+    of word counts stands in for MiniLM."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from moerge.bench import real as real_bench
+    from moerge.routers import embedding, glider
+    from moerge.routers.embedding import default_embedder_path
+
+    class Words:
+        def encode(self, texts):  # noqa: ANN001, ANN202
+            out = torch.zeros(len(texts), 512)
+            for i, t in enumerate(texts):
+                for w in re.findall(r"[a-z]+", t.lower()):
+                    out[i, hash(w) % 512] += 1
+            return out
+
+    tok = AutoTokenizer.from_pretrained(default_embedder_path())
+    tok.chat_template = "{% for m in messages %}system prompt {{ m['content'] }}{% endfor %}"
+    monkeypatch.setattr(embedding, "load_embedder", lambda name: Words())
+    import sys
+
+    import moerge.composer.compose  # noqa: F401 - the module (the package exports a function of its name)
+
+    monkeypatch.setattr(sys.modules["moerge.composer.compose"], "load_base", lambda *a, **k: (None, tok))
+    monkeypatch.setattr("moerge.zoo.real.base_folder", lambda cache=None: "unused")
+    shown_to_describer = []
+    train = {t: set() for t in R.HELD_IN}
+    written = {t.name: t.description for t in R.TASKS}
+
+    def describe(self, examples):  # noqa: ANN001, ANN202
+        shown_to_describer.append(list(examples))
+        (task,) = {t for t in R.HELD_IN for e in examples if e in train[t]}
+        return written[task]
+
+    monkeypatch.setattr(glider.HFDescriber, "describe", describe)
+    ts = load_task_set(R.export_real_task_set(tmp_path / "t", tasks=R.HELD_IN))
+    for t in R.HELD_IN:
+        train[t] = {e.messages[0][1] for e in ts.tasks[t].splits["train"]}
+    r = real_bench.descriptions(seeds=(0, 1), k=2, progress=False)
+    assert r["n"] == {s: sum(len(ts.tasks[t].splits[s]) for t in R.HELD_IN) for s in ("validation", "test")}
+    assert len(shown_to_describer) == 2 * len(R.HELD_IN) and all(len(s) == 2 for s in shown_to_describer)
+    for split in ("validation", "test"):
+        acc = r["model"]["accuracy"][split]
+        assert acc["values"] == [r["written"]["accuracy"][split]] * 2 and acc["sd"] == 0.0
+        assert 0 < r["written"]["accuracy"][split] <= 100
+    assert r["model"]["runs"]["0"]["shown"] != r["model"]["runs"]["1"]["shown"]  # each seed draws its own examples
+    table = real_bench.descriptions_table(r)
+    assert "| written by the base model |" in table and "mean ± sd over 2 draws of 2 training prompts" in table
+    with pytest.raises(ValueError, match="at least one seed"):
+        real_bench.descriptions(seeds=())

