@@ -89,6 +89,10 @@ def test_the_real_preset_names_a_wrong_task_and_keys_on_what_it_trains():
     assert p.key("a") != p.key("b") and p.key("a") != replace(p, steps=p.steps + 1).key("a")
     assert p.key("a") == RealPreset(tasks=R.HELD_IN).key("a")  # () means every held-in task
     assert p.key("a") != replace(p, describer="written").key("a")  # who wrote the registered descriptions
+    with pytest.raises(ValueError, match="describer must be 'model' or 'written'"):
+        RealPreset(describer="gpt")
+    with pytest.raises(ValueError, match="describe_k must be ≥ 1"):
+        RealPreset(describe_k=0)
 
 
 def test_the_descriptions_benchmark_scores_each_source_of_expert_text_by_routing(monkeypatch, tmp_path):

@@ -68,6 +68,14 @@ class RealPreset:
     describer: Literal["model", "written"] = "model"
     describe_k: int = 3
 
+    def __post_init__(self) -> None:
+        if self.describer not in ("model", "written"):
+            raise ValueError(f"RealPreset.describer must be 'model' or 'written', got {self.describer!r}")
+        if self.describe_k < 1:
+            raise ValueError(
+                f"RealPreset.describe_k must be ≥ 1 (training prompts shown to the describing model), got {self.describe_k}"
+            )
+
     def held_in(self) -> tuple[str, ...]:
         from moerge.zoo.real_tasks import HELD_IN
 
