@@ -45,6 +45,17 @@ def run(
     return report
 
 
+def _held_in_suite() -> Any:
+    """The real suite's held-in tasks as ``moerge bench real`` exports them (seed 0), read into memory."""
+    import tempfile
+
+    from moerge.evaluation import load_task_set
+    from moerge.zoo.real_tasks import HELD_IN, export_real_task_set
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_task_set(export_real_task_set(Path(tmp) / "tasks", seed=0, tasks=HELD_IN))
+
+
 def descriptions(
     seeds: Sequence[int] = (0, 1, 2),
     k: int = 3,
@@ -61,27 +72,23 @@ def descriptions(
     cosine); the accuracy is the share sent to its own task's expert. Neither the describer nor
     the texts see a validation or test prompt. Needs no trained expert."""
     import random
-    import tempfile
     import time
 
     import torch
 
+    from moerge.bench.spread import mean_sd
     from moerge.composer.compose import load_base
-    from moerge.evaluation import load_task_set
     from moerge.progress import progress_bar
     from moerge.routers.embedding import DEFAULT_EMBEDDER, load_embedder
     from moerge.routers.glider import HFDescriber
-    from moerge.zoo.real import base_folder
-    from moerge.zoo.real_tasks import HELD_IN, TASKS, export_real_task_set
+    from moerge.zoo.real import base_folder, render_chat
+    from moerge.zoo.real_tasks import HELD_IN, TASKS
 
     if not seeds or k < 1:
         raise ValueError(f"descriptions need at least one seed and k ≥ 1, got seeds={list(seeds)}, k={k}")
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:  # the suite as `moerge bench real` exports it (seed 0)
-        ts = load_task_set(export_real_task_set(Path(tmp) / "tasks", seed=0, tasks=HELD_IN))
-        user = {
-            (t, s): [e.messages[0][1] for e in ts.tasks[t].splits[s]] for t in HELD_IN for s in ("train", "validation", "test")
-        }
+    ts = _held_in_suite()
+    user = {(t, s): [e.query for e in ts.tasks[t].splits[s]] for t in HELD_IN for s in ("train", "validation", "test")}
     embedder = load_embedder(DEFAULT_EMBEDDER)
     queries = {s: torch.nn.functional.normalize(embedder.encode([q for t in HELD_IN for q in user[t, s]]), dim=-1)
                for s in ("validation", "test")}  # fmt: skip
@@ -95,9 +102,8 @@ def descriptions(
     base, tok = load_base(str(base_folder(cache_dir)), device="cpu", dtype="float32")
     # the same prompts as the evaluator hands them to a router today: rendered with the chat template
     # (its system prompt and markers around the user message)
-    rendered = {s: torch.nn.functional.normalize(embedder.encode([
-        tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-        for t in HELD_IN for q in user[t, s]]), dim=-1) for s in queries}  # fmt: skip
+    rendered = {s: torch.nn.functional.normalize(embedder.encode([render_chat(tok, e) for t in HELD_IN for e in ts.tasks[t].splits[s]]), dim=-1)
+                for s in queries}  # fmt: skip
     describer = HFDescriber(base, tok, k=k)
     runs: dict[str, Any] = {}
     for seed in progress_bar(list(seeds), desc="descriptions by the base model", progress=progress):
@@ -106,8 +112,7 @@ def descriptions(
         runs[str(seed)] = {"texts": texts, "shown": shown, "accuracy": routed(texts)}
 
     def spread(values: list[float]) -> dict[str, Any]:
-        mean = sum(values) / len(values)
-        sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+        mean, sd = mean_sd(values)
         return {"mean": mean, "sd": sd, "values": values}
 
     return {
@@ -156,28 +161,25 @@ def base_knowledge(
     sentence, both normalised as the suite says). An expert is trained on other entities than the
     test's, so it can teach the answer's form, and bring out what the base knows; the contains
     score bounds what that can reach."""
-    import tempfile
     import time
 
     import torch
 
     from moerge.composer.compose import load_base
-    from moerge.evaluation import load_task_set
     from moerge.evaluation.evaluate import _generate_plain
     from moerge.evaluation.metrics import metric_fn
     from moerge.progress import progress_bar
-    from moerge.zoo.real import base_folder
-    from moerge.zoo.real_tasks import HELD_IN, export_real_task_set
+    from moerge.zoo.real import base_folder, render_chat
+    from moerge.zoo.real_tasks import HELD_IN
 
     t0 = time.perf_counter()
     base, tok = load_base(str(base_folder(cache_dir)), device="cpu", dtype="float32")
     out: dict[str, Any] = {"tasks": {}, "max_new_tokens": max_new_tokens, "limit": limit}
-    with tempfile.TemporaryDirectory() as tmp:
-        ts = load_task_set(export_real_task_set(Path(tmp) / "tasks", seed=0, tasks=HELD_IN))
+    ts = _held_in_suite()
     for name in progress_bar(list(HELD_IN), desc="the base on each task", progress=progress):
         task = ts.tasks[name]
         examples = task.split("test")[:limit]
-        prompts = [e.render(lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)) for e in examples]
+        prompts = [render_chat(tok, e) for e in examples]
         answers = [a.split("\n")[0] for a in _generate_plain(base, tok, prompts, max_new_tokens, batch_size)]
         scores = {m: metric_fn(m, task.spec.normalize) for m in ("exact_match", "contains")}
         out["tasks"][name] = {

@@ -156,11 +156,11 @@ def _build(p: RealPreset, root: Path, gguf_path: Path, folder: Path, progress: b
 
         ts = load_task_set(root / "tasks")
         base, tok = load_base(str(folder), device="cpu", dtype="float32")
-        examples = {t: [e.messages[0][1] for e in ts.tasks[t].splits["train"][:8]] for t in todo}
+        examples = {t: [e.query for e in ts.tasks[t].splits["train"][:8]] for t in todo}
         descriptions = _descriptions(p, base, tok, examples, meta, meta_path, progress)  # by the base, before any training
         for i, task in enumerate(todo):
             t0 = time.perf_counter()
-            pairs = [_Pair(_render(tok, e), e.targets[0]) for e in ts.tasks[task].splits["train"]]
+            pairs = [_Pair(render_chat(tok, e), e.targets[0]) for e in ts.tasks[task].splits["train"]]
             cfg = LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, target_modules=list(p.target_modules), lora_dropout=0.0)
             model = get_peft_model(base, cfg)
             losses = train_loop(model, tok, pairs, steps=p.steps, batch_size=p.batch, lr=p.lr, seed=p.seed * 1000 + i,
@@ -203,6 +203,6 @@ class _Pair(NamedTuple):
     target: str
 
 
-def _render(tok: Any, example: Any) -> str:
+def render_chat(tok: Any, example: Any) -> str:
     """The prompt as ``moerge eval`` renders it: the base's chat template, generation prompt added."""
     return example.render(lambda msgs: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
