@@ -378,3 +378,25 @@ def test_window_batcher_runs_concurrent_jobs_together_and_gives_every_job_the_er
         return await asyncio.gather(full.submit("p", size=2), full.submit("q"))
 
     assert asyncio.run(two()) == ["P", "Q"] and windows[2] == ["p"] and windows[3] == ["q"]
+
+
+def test_conversations_render_with_the_template_given_else_the_tokenizers_and_errors_say_the_way_out():
+    from moerge.serving.types import BadRequest
+    from moerge.serving.workers import render_conversations
+    from moerge.zoo.control import build_tokenizer
+
+    tok = build_tokenizer()  # a word-level tokenizer without a chat template
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a b"}]
+    with pytest.raises(BadRequest, match="no chat template.*--chat-template"):
+        render_conversations(tok, [chat])
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    assert render_conversations(tok, [chat, chat[1:]], template) == [
+        "<system>be brief<user>a b<assistant>",
+        "<user>a b<assistant>",
+    ]
+    tok.chat_template = template.replace("<", "[")  # the tokenizer's own, unless one is given
+    assert render_conversations(tok, [chat[1:]]) == ["[user>a b[assistant>"]
+    assert render_conversations(tok, [chat[1:]], template) == ["<user>a b<assistant>"]
+    strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('conversations start with the user') }}{% endif %}"
+    with pytest.raises(BadRequest, match="cannot render these messages.*start with the user"):
+        render_conversations(tok, [chat], strict)

@@ -109,6 +109,10 @@ def test_a_worker_killed_mid_traffic_loses_no_request(ray_cluster, small_zoo):
         pool.shutdown()
 
 
+#: a chat template for the zoo (whose word-level tokenizer has none): the user messages, as the prompt
+CHAT_TEMPLATE = "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
+
+
 @pytest.fixture(scope="module")
 def server(ray_cluster, small_zoo, tmp_path_factory):
     from moerge.serving import Limits
@@ -129,6 +133,7 @@ def server(ray_cluster, small_zoo, tmp_path_factory):
         max_resident=8,
         max_batch=16,
         limits=Limits(max_prompt_chars=400),
+        chat_template=CHAT_TEMPLATE,  # the zoo's tokenizer has none
     )
     yield dep
     dep.shutdown()
@@ -242,6 +247,52 @@ def test_streaming_with_the_openai_client_matches_the_whole_answer(server, small
     assert events[-1] == "[DONE]"
     parsed = [json.loads(e) for e in events[:-1]]
     assert parsed[-1]["result"]["text"] == target and sum("text" in e for e in parsed) >= 2
+
+
+def test_chat_completions_with_the_openai_client_render_the_template_and_route_on_the_user_message(server, small_zoo):
+    """/v1/chat/completions as OpenAI's client sends it: the conversation rendered with the chat
+    template (here: the user messages), so the answer is the completion of the rendered prompt;
+    "auto" routes on the last user message, not the system prompt; a stream's deltas join to
+    the whole answer, the first carrying the role; bad conversations get a 400 that says why."""
+    import httpx
+    from openai import BadRequestError, OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    task, prompt, _ = _rows(small_zoo, 1)[2]
+    system = {"role": "system", "content": "You are a helpful assistant. Answer briefly."}
+    plain = client.completions.create(model=task, prompt=prompt, max_tokens=12, temperature=0)
+    chat = client.chat.completions.create(
+        model=task, messages=[system, {"role": "user", "content": prompt}], max_tokens=12, temperature=0
+    )
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content == plain.choices[0].text
+    assert (
+        chat.choices[0].finish_reason == plain.choices[0].finish_reason and chat.usage.prompt_tokens == plain.usage.prompt_tokens
+    )
+    # routed: the decision is the router's on the user message alone (the system prompt is not read)
+    routed = client.chat.completions.create(
+        model="auto", messages=[system, {"role": "user", "content": prompt}], max_completion_tokens=12, temperature=0
+    )
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        decision = c.post("/v1/route", json={"prompt": prompt}).json()["decisions"][0]["experts"]
+    assert routed.choices[0].model_extra["experts"] == decision
+    parts = [{"type": "text", "text": prompt[:5]}, {"type": "text", "text": prompt[5:]}]  # content as text parts
+    assert client.chat.completions.create(model=task, messages=[{"role": "user", "content": parts}], max_tokens=12,
+                                          temperature=0).choices[0].message.content == plain.choices[0].text  # fmt: skip
+    chunks = list(client.chat.completions.create(model=task, messages=[{"role": "user", "content": prompt}], max_tokens=12,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert chunks[0].object == "chat.completion.chunk" and deltas[0].role == "assistant"
+    assert "".join(d.content or "" for d in deltas) == plain.choices[0].text
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    for messages, needle in (
+        ([system], "no user message"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "only text content parts"),
+        ([{"role": "tool", "content": prompt}], "role"),
+        ([], "messages"),
+    ):
+        with pytest.raises(BadRequestError, match=needle):
+            client.chat.completions.create(model=task, messages=messages, max_tokens=4)
 
 
 def test_http_bounded_load_batches_across_requests(server, small_zoo):

@@ -66,6 +66,12 @@ from moerge.runtime import quiet_hf
     help="JSONL {expert, prompt, target}: PHATGOOSE/GLIDER gate training, retrieval's example bank.",
 )
 @click.option(
+    "--chat-template",
+    default=None,
+    type=click.Path(dir_okay=False, exists=True),
+    help="A Jinja chat template file for /v1/chat/completions [default: the base tokenizer's own].",
+)
+@click.option(
     "--request-timeout",
     default=60.0,
     show_default=True,
@@ -131,6 +137,7 @@ def serve(
     threads,
     base,
     data,
+    chat_template,
     request_timeout,
     api_key,
     drain_timeout,
@@ -146,13 +153,15 @@ def serve(
     symbolic_models,
 ) -> None:  # noqa: ANN001
     """Serve experts over HTTP on Ray Serve until interrupted (POST /v1/generate, /v1/route,
-    /v1/completions; GET /v1/experts, /healthz). With --embeddings: an encoder's experts
+    /v1/completions, /v1/chat/completions; GET /v1/experts, /healthz). With --embeddings: an encoder's experts
     (POST /v1/embeddings, /v1/search; GET /v1/models, /healthz). With --symbolic: Symbolic-MoE
     over whole models (model "symbolic-moe"; questions arriving within --max-wait-ms are recruited
     together and answered batch-by-model)."""
     quiet_hf()
     symbolic_given = [n for n, v in (("--validation", validation), ("--skills", skills), ("--annotator", annotator),
                                      ("--aggregator", aggregator), ("--model", symbolic_models)) if v]  # fmt: skip
+    if chat_template and (embeddings or symbolic):
+        _fail(ValueError("--chat-template goes with the generation server (not --embeddings or --symbolic)"))
     if symbolic:
         _serve_symbolic(registry_path, zoo_preset, validation, skills, annotator, aggregator, symbolic_models, max_batch,
                         max_wait_ms, num_cpus, host, port, device, dtype, gpus_per_worker, threads, request_timeout, api_key,
@@ -215,6 +224,7 @@ def serve(
             compile=compiled,
             request_timeout_s=request_timeout,
             api_key=api_key,
+            chat_template=Path(chat_template).read_text() if chat_template else None,
         )
         click.echo("starting Ray Serve and loading workers …", err=True)
         from moerge.runtime import ensure_ray

@@ -2,8 +2,10 @@
 :class:`ExpertWorker` actors.
 
 Endpoints: ``POST /v1/generate``, ``POST /v1/route``, ``GET /v1/experts``, ``GET /healthz``,
-``GET /v1/stats`` and the OpenAI-style ``POST /v1/completions`` (``model`` names an expert, a
-composition, ``__base__``, or ``auto`` for the server's router), so OpenAI clients work unchanged.
+``GET /v1/stats`` and the OpenAI-style ``POST /v1/completions`` and ``POST /v1/chat/completions``
+(``model`` names an expert, a composition, ``__base__``, or ``auto`` for the server's router; a
+chat is rendered with the base's chat template and routed on its last user message), so OpenAI
+clients work unchanged.
 
 Serve's ``@serve.batch`` batches the routing decisions of concurrent requests (one embedder
 call for many prompts). Expert batching happens in the workers, not in Serve: Serve would
@@ -18,7 +20,7 @@ import logging
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -82,6 +84,9 @@ class ServeSettings:
     request_timeout_s: float = 60.0
     #: required as ``Authorization: Bearer <key>`` on every endpoint but /healthz and /readyz
     api_key: str | None = None
+    #: a Jinja chat template for /v1/chat/completions instead of the base tokenizer's own (as
+    #: vLLM's --chat-template; for a base without one, or to change it)
+    chat_template: str | None = None
     #: serve the registry (and a base folder) to workers on nodes that cannot see it, through Ray
     share_registry: bool = True
     registry_service: Any = None
@@ -151,6 +156,54 @@ class CompletionBody(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream_options: dict[str, Any] | None = None
+
+
+class ChatMessage(BaseModel):
+    """One message of a chat request; ``content`` as a string or OpenAI's list of text parts."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise BadRequest(f"only text content parts are supported, got type {part.get('type')!r}")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatBody(BaseModel):
+    """OpenAI's chat completions request: the conversation is rendered with the base's chat
+    template; fields we do not use (user, logprobs, tools …) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream_options: dict[str, Any] | None = None
+
+    def conversation(self) -> list[dict[str, str]]:
+        return [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in self.messages]
+
+    def query(self) -> str:
+        """What a sequence router reads: the last user message."""
+        users = [m.text() for m in self.messages if m.role == "user"]
+        if not users:
+            raise BadRequest("'messages' holds no user message")
+        return users[-1]
 
 
 def stop_cut(text: str, stops: list[str], final: bool) -> tuple[int, int]:
@@ -391,7 +444,7 @@ class MoergeServer:
         ``resolve``: also look their experts up now (a stream must fail before it starts)."""
         todo = [i for i, r in enumerate(route) if r]
         if todo:
-            decided = await asyncio.gather(*(self._decide(requests[i].prompt) for i in todo))
+            decided = await asyncio.gather(*(self._decide(requests[i].query or requests[i].prompt) for i in todo))
             for i, (experts, comp) in zip(todo, decided, strict=True):
                 requests[i].experts, requests[i].composition = experts, comp
         for r in requests:
@@ -679,6 +732,51 @@ class MoergeServer:
 
         return await self._guard(handler, request)
 
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> JSONResponse:
+        async def handler() -> dict[str, Any]:
+            body = _parse(ChatBody, await _json(request, self.limits.max_body_bytes))
+            if body.n != 1:
+                raise BadRequest(f"n={body.n} is not supported; send n=1")
+            query = body.query()
+            (prompt,) = await self.pool.arender_chat([body.conversation()], self.settings.chat_template)
+            experts, comp, route = self._target(body.model)
+            max_tokens = body.max_completion_tokens or body.max_tokens or GenerationParams().max_new_tokens
+            params = GenerationParams(max_tokens, body.temperature, body.top_p, body.seed)
+            reqs = [ServeRequest(prompt, experts, comp, params, query=query)]
+            stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+            if body.stream:
+                await self._prepare(reqs, [route], resolve=True)
+                events = self._sse_completions(body, reqs, stops, chat=True)
+                return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+            (r,) = await self._serve(reqs, [route])
+            text, reason = r.text, r.finish_reason
+            cut, _ = stop_cut(text, stops, final=True)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+            return {
+                "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": None,
+                        "finish_reason": reason,
+                        "experts": r.to_json()["experts"],
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": r.prompt_tokens,
+                    "completion_tokens": r.completion_tokens,
+                    "total_tokens": r.prompt_tokens + r.completion_tokens,
+                },
+            }
+
+        return await self._guard(handler, request)
+
     # ----------------------------------------------------------------------------- streaming
 
     async def _sse_generate(self, gid: str, reqs: list[ServeRequest]) -> Any:
@@ -693,18 +791,29 @@ class MoergeServer:
                 yield sse({"id": gid, "index": i, "result": item.to_json()})
         yield sse("[DONE]")
 
-    async def _sse_completions(self, body: CompletionBody, reqs: list[ServeRequest], stops: list[str]) -> Any:
+    async def _sse_completions(
+        self, body: CompletionBody | ChatBody, reqs: list[ServeRequest], stops: list[str], chat: bool = False
+    ) -> Any:
         """``/v1/completions`` with ``stream``: OpenAI's ``text_completion`` chunks as the batch
         decodes (stop sequences honoured across pieces), a last chunk per choice with its
-        ``finish_reason``, a usage chunk if ``stream_options.include_usage``, then ``[DONE]``."""
-        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        ``finish_reason``, a usage chunk if ``stream_options.include_usage``, then ``[DONE]``.
+        ``chat``: ``/v1/chat/completions``' ``chat.completion.chunk`` (the text as ``delta.content``,
+        the first chunk of a choice with ``delta.role``)."""
+        cid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
+        kind = "chat.completion.chunk" if chat else "text_completion"
         held = [""] * len(reqs)
         finished = [False] * len(reqs)
+        started = [False] * len(reqs)
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
 
         def chunk(i: int, text: str, reason: str | None = None, **extra: Any) -> str:
-            choice = {"index": i, "text": text, "logprobs": None, "finish_reason": reason, **extra}
-            return sse({"id": cid, "object": "text_completion", "created": created, "model": body.model, "choices": [choice]})
+            if chat:
+                delta = {"content": text} if started[i] else {"role": "assistant", "content": text}
+                started[i] = True
+                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason, **extra}
+            else:
+                choice = {"index": i, "text": text, "logprobs": None, "finish_reason": reason, **extra}
+            return sse({"id": cid, "object": kind, "created": created, "model": body.model, "choices": [choice]})
 
         async for i, item in self._streams(reqs):
             if finished[i]:  # cut by a stop sequence: the rest of its decode is dropped, its usage counted
@@ -736,7 +845,7 @@ class MoergeServer:
             yield sse(
                 {
                     "id": cid,
-                    "object": "text_completion",
+                    "object": kind,
                     "created": created,
                     "model": body.model,
                     "choices": [],

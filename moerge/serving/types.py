@@ -107,6 +107,9 @@ class ServeRequest:
     params: GenerationParams = field(default_factory=GenerationParams)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     arrived: float = field(default_factory=time.monotonic)
+    #: what a sequence router reads when it chooses the experts (a chat request's last user
+    #: message, not the whole rendered conversation); None: the prompt
+    query: str | None = None
 
     @property
     def expert_names(self) -> frozenset[str]:

@@ -30,7 +30,7 @@ from typing import Any
 from moerge.hints import did_you_mean
 from moerge.registry import Registry
 from moerge.serving.batching import BatchQueue, Placement, group_requests
-from moerge.serving.types import BASE, BadRequest, Limits, ServeRequest, ServeResult, ServingError, UnknownExpert
+from moerge.serving.types import BASE, BadRequest, Limits, ServeRequest, ServeResult, ServingError, Unavailable, UnknownExpert
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +229,18 @@ class ExpertWorker:
     async def usage(self, composition: str, prompts: Sequence[str]) -> list[list[tuple[str, float]]]:
         return await asyncio.to_thread(self.engine.usage, composition, list(prompts))
 
+    def render_chat(
+        self, conversations: Sequence[Sequence[Mapping[str, Any]]], template: str | None = None
+    ) -> tuple[list[str], str | None]:
+        """Each conversation (OpenAI-style ``{"role", "content"}`` messages) as the prompt the base
+        expects: its tokenizer's chat template (or ``template``, a Jinja string), generation prompt
+        added. Returns (prompts, None), or ([], why) for a client's error (no template, or one that
+        refuses these messages), which the ingress answers 400."""
+        try:
+            return render_conversations(self.engine.tokenizer, conversations, template), None
+        except BadRequest as exc:
+            return [], exc.message
+
     def _reset_restarts(self) -> None:
         _restart_counter().unlink(missing_ok=True)
         self.restarts = 0
@@ -251,6 +263,28 @@ class ExpertWorker:
 
     def ping(self) -> int:
         return os.getpid()
+
+
+def render_conversations(
+    tokenizer: Any, conversations: Sequence[Sequence[Mapping[str, Any]]], template: str | None = None
+) -> list[str]:
+    """Conversations rendered with ``template`` or else ``tokenizer``'s chat template (generation
+    prompt added); a :class:`BadRequest` naming the way out when there is neither or it fails."""
+    template = template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise BadRequest(
+            "the base model's tokenizer has no chat template: send the rendered prompt to /v1/completions, "
+            "or start the server with a template (moerge serve --chat-template FILE)"
+        )
+    out = []
+    for messages in conversations:
+        try:
+            out.append(
+                tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=False, add_generation_prompt=True)
+            )
+        except Exception as exc:  # a Jinja error, or the template's own raise_exception (e.g. roles out of order)
+            raise BadRequest(f"the chat template cannot render these messages: {type(exc).__name__}: {exc}") from None
+    return out
 
 
 def spawn_workers(
@@ -441,6 +475,25 @@ class ExpertPool:
         usage = await self.workers[w].usage.remote(comp, list(prompts))
         router = self.config.compositions[comp].get("router")
         return [{"experts": u, "granularity": "token-share", "composition": comp, "router": router} for u in usage]
+
+    async def arender_chat(self, conversations: Sequence[Sequence[Mapping[str, Any]]], template: str | None = None) -> list[str]:
+        """Conversations rendered by a worker, with the tokenizer it loaded with the base (so a
+        cluster node without the registry renders as the workers do); a dead worker is skipped."""
+        from ray.exceptions import RayActorError
+
+        tried: list[int] = []
+        while True:
+            w = self.placement.choose((), exclude=tried)
+            try:
+                prompts, error = await self.workers[w].render_chat.remote(list(map(list, conversations)), template)
+            except RayActorError:
+                tried.append(w)
+                if len(tried) < len(self.workers):
+                    continue
+                raise Unavailable("no worker can render the chat template now (every worker died); retry") from None
+            if error is not None:
+                raise BadRequest(error)
+            return prompts
 
     # ---------------------------------------------------------------------------- serving
 
