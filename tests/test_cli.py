@@ -303,6 +303,24 @@ def test_bench_routing_runs_and_reports_ratios(tmp_path):
     assert bad.exit_code != 0 and "--experts" in bad.output
 
 
+def test_bench_routing_and_mixed_batches_run_on_a_pretrained_base_folder(tmp_path, llama_folder):
+    """--base: the timings on a saved model (the real LM is `--base real`) with random experts on
+    its projections; the report names the model and its own size, not the random Llama's."""
+    out = tmp_path / "routing.json"
+    args = ["bench", "routing", "--base", str(llama_folder), "--experts", "2", "--batch", "2", "--seq", "4", "--repeats", "1"]
+    r = CliRunner().invoke(main, [*args, "--json", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert data["config"]["hidden"] == 32 and data["config"]["layers"] == 2 and str(llama_folder) in data["model"]
+    assert {row["name"] for row in data["rows"]} >= {"single LoRA", "PHATGOOSE top-2, E=2"} and str(llama_folder) in r.output
+    args = ["bench", "serving", "--no-http", "--base", str(llama_folder), "--ks", "1,2", "--batch", "2", "--new-tokens", "2"]
+    r = CliRunner().invoke(main, [*args, "--repeats", "1", "--json", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["mixed"]["config"]["hidden"] == 32 and "hidden 32, 2 layers" in r.output
+    bad = CliRunner().invoke(main, ["bench", "routing", "--base", str(tmp_path / "nope"), "--no-progress"])
+    assert bad.exit_code != 0 and "nope" in bad.output and "Traceback" not in bad.output
+
+
 def test_bench_serving_mixed_batches_report_ratios_and_plot(tmp_path):
     out, png = tmp_path / "serving.json", tmp_path / "mixed.png"
     args = ["bench", "serving", "--no-http", "--hidden", "32", "--layers", "1", "--batch", "8", "--new-tokens", "2"]

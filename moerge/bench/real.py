@@ -210,3 +210,129 @@ def knowledge_table(r: dict[str, Any]) -> str:
             f"| `{task}` | {v['n']} | {v['exact_match']:.1f} | {v['contains']:.1f} | {ex['prompt']} | {ex['answer'].replace('|', '/')} |"
         )
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ serving
+
+
+def serving(
+    preset: Any = None,
+    concurrency: Sequence[int] = (1, 8, 32),
+    requests: int = 32,
+    router: str = "retrieval",
+    replicas: int = 1,
+    max_batch: int = 16,
+    max_wait_ms: float = 20.0,
+    threads: int | None = None,
+    port: int = 8766,
+    cache_dir: str | Path | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """The real LM's experts served by ``moerge serve``'s app and asked through the ``openai``
+    client over loopback HTTP, as a user's application would: each held-in test question as a
+    chat (the user message alone; the server renders the base's chat template). Per concurrency,
+    ``requests`` questions (the tasks in turn) named to their own expert, then once more with
+    ``model="auto"`` at the highest concurrency (the server's ``router`` reads the user message);
+    every answer scored as ``moerge eval`` scores it (the task's metric, normalisation and stop
+    strings), with requests/s, completion tokens/s and p50/p99 latency. The experts come from
+    :func:`moerge.zoo.real.build_pool` (trained once, cached)."""
+    import asyncio
+    import os
+    import statistics
+    import time
+
+    from openai import AsyncOpenAI
+
+    from moerge.evaluation import load_task_set
+    from moerge.evaluation.metrics import cut_at_stop, metric_fn
+    from moerge.progress import progress_bar
+    from moerge.runtime import ensure_ray
+    from moerge.serving.app import deploy
+    from moerge.zoo.real import build_pool
+
+    if not concurrency or min(concurrency) < 1 or requests < 1:
+        raise ValueError(f"concurrency levels and requests must be ≥ 1, got {list(concurrency)} and {requests}")
+    pool = build_pool(preset, cache_dir=cache_dir, progress=progress)
+    ts = load_task_set(pool.tasks_path, pool.experts)
+    tests = {t: ts.tasks[t].split("test") for t in pool.experts}
+    rows = [(t, tests[t][i // len(pool.experts)]) for i in range(requests) for t in [pool.experts[i % len(pool.experts)]]
+            if i // len(pool.experts) < len(tests[t])]  # fmt: skip
+    scorers = {t: metric_fn(ts.tasks[t].spec.metric, ts.tasks[t].spec.normalize) for t in pool.experts}
+    bank = {t: [e.query for e in ts.tasks[t].split("train")] for t in pool.experts}  # retrieval's bank: user messages
+
+    ensure_ray()
+    t0 = time.perf_counter()
+    dep = deploy(str(pool.registry_path), router=router, data=bank, port=port, name="moerge-bench-real", replicas=replicas,
+                 max_batch=max_batch, max_wait_s=max_wait_ms / 1000, threads=threads)  # fmt: skip
+    startup = time.perf_counter() - t0
+
+    async def drive(model_of: Any, conc: int, rows: list[tuple[str, Any]] = rows) -> dict[str, Any]:
+        client = AsyncOpenAI(base_url=f"{dep.url}/v1", api_key="unused", max_retries=0, timeout=600)
+        sem = asyncio.Semaphore(conc)
+        lat: list[float] = []
+        out: list[dict[str, Any]] = []
+
+        async def one(task: str, ex: Any) -> None:
+            spec = ts.tasks[task].spec
+            async with sem:
+                t = time.perf_counter()
+                r = await client.chat.completions.create(model=model_of(task), messages=[{"role": "user", "content": ex.query}],
+                                                         max_tokens=spec.max_new_tokens, temperature=0)  # fmt: skip
+                lat.append(time.perf_counter() - t)
+            text = r.choices[0].message.content or ""
+            experts = [e["name"] for e in (r.choices[0].model_extra or {}).get("experts", [])]
+            out.append({"task": task, "question": ex.query, "answer": text, "tokens": r.usage.completion_tokens,
+                        "right": scorers[task](cut_at_stop(text, spec.stop), ex.targets), "experts": experts})  # fmt: skip
+
+        start = time.perf_counter()
+        try:
+            await asyncio.gather(*(one(t, e) for t, e in rows))
+        finally:
+            await client.close()
+        wall = time.perf_counter() - start
+        lat.sort()
+        return {
+            "requests": len(out),
+            "concurrency": conc,
+            "accuracy": round(100 * sum(o["right"] for o in out) / len(out), 1),
+            "per_task": {t: round(100 * statistics.mean(o["right"] for o in out if o["task"] == t), 1) for t in pool.experts},
+            "routed_to_own_expert": round(100 * statistics.mean(o["experts"][:1] == [o["task"]] for o in out), 1),
+            "req_per_s": round(len(out) / wall, 2),
+            "completion_tokens_per_s": round(sum(o["tokens"] for o in out) / wall, 1),
+            "p50_s": round(lat[len(lat) // 2], 2),
+            "p99_s": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 2),
+            "examples": out[:3],
+        }
+
+    workloads = [("explicit", c) for c in sorted(set(concurrency))] + [(f"auto ({router})", max(concurrency))]
+    results = []
+    try:
+        # warm-up, not measured: one question per expert loads every expert into the worker(s)
+        asyncio.run(drive(lambda t: t, len(pool.experts), [(t, tests[t][-1]) for t in pool.experts]))
+        for name, conc in progress_bar(workloads, desc="real LM over HTTP", progress=progress):
+            model_of = (lambda t: t) if name == "explicit" else (lambda t: "auto")
+            results.append({"workload": name, **asyncio.run(drive(model_of, conc))})
+    finally:
+        dep.shutdown()
+    base = next(r["req_per_s"] for r in results if r["workload"] == "explicit" and r["concurrency"] == min(concurrency))
+    for r in results:
+        r["vs_lowest_concurrency"] = round(r["req_per_s"] / base, 2)
+    return {"experts": pool.experts, "pool": str(pool.root), "startup_s": round(startup, 1), "router": router,
+            "replicas": replicas, "max_batch": max_batch, "max_wait_ms": max_wait_ms, "threads": threads,
+            "cpus": os.cpu_count(), "rows": results}  # fmt: skip
+
+
+def serving_table(r: dict[str, Any]) -> str:
+    """The markdown of :func:`serving`: one row per workload."""
+    lines = [
+        f"The real LM served ({len(r['experts'])} experts, {r['replicas']} worker(s), batches up to {r['max_batch']}; "
+        f"app start {r['startup_s']} s), asked with the openai client over loopback HTTP\n",
+        "| workload | concurrency | n | exact match (%) | routed to its own expert (%) | req/s | ×lowest | completion tok/s | p50 s | p99 s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for w in r["rows"]:
+        lines.append(
+            f"| {w['workload']} | {w['concurrency']} | {w['requests']} | {w['accuracy']:.1f} | {w['routed_to_own_expert']:.1f} | "
+            f"{w['req_per_s']:.2f} | {w['vs_lowest_concurrency']:.2f} | {w['completion_tokens_per_s']:.1f} | {w['p50_s']:.2f} | {w['p99_s']:.2f} |"
+        )
+    return "\n".join(lines)

