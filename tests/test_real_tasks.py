@@ -216,7 +216,8 @@ def test_bench_real_serving_prints_the_table_and_refuses_bad_levels(monkeypatch,
     from moerge.cli import main
 
     row = {"workload": "explicit", "concurrency": 8, "requests": 32, "accuracy": 40.6, "routed_to_own_expert": 100.0,
-           "req_per_s": 1.25, "vs_lowest_concurrency": 2.5, "completion_tokens_per_s": 9.9, "p50_s": 5.1, "p99_s": 9.0}  # fmt: skip
+           "req_per_s": 1.25, "vs_lowest_concurrency": 2.5, "completion_tokens_per_s": 9.9, "p50_s": 5.1, "p99_s": 9.0,
+           "same_as_peft": "32/32"}  # fmt: skip
     got = {}
 
     def fake(preset, levels, n, **kw):  # noqa: ANN001, ANN003, ANN202
@@ -228,7 +229,7 @@ def test_bench_real_serving_prints_the_table_and_refuses_bad_levels(monkeypatch,
     r = CliRunner().invoke(main, [*args, "--json", str(tmp_path / "s.json")])
     assert r.exit_code == 0, r.output
     assert got["levels"] == [1, 8] and got["n"] == 32 and got["tasks"] == ("capital",) and got["router"] == "retrieval"
-    assert "| explicit | 8 | 32 | 40.6 | 100.0 | 1.25 | 2.50 | 9.9 | 5.10 | 9.00 |" in r.output
+    assert "| explicit | 8 | 32 | 40.6 | 32/32 | 100.0 | 1.25 | 2.50 | 9.9 | 5.10 | 9.00 |" in r.output
     assert json.loads((tmp_path / "s.json").read_text())["rows"] == [row]
     r = CliRunner().invoke(main, ["bench", "real", "--serving", "--concurrency", "1,eight"])
     assert r.exit_code != 0 and "--concurrency" in r.output and "'1,eight'" in r.output

@@ -302,6 +302,7 @@ def serving(
             "p50_s": round(lat[len(lat) // 2], 2),
             "p99_s": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 2),
             "examples": out[:3],
+            "answers": out,
         }
 
     workloads = [("explicit", c) for c in sorted(set(concurrency))] + [(f"auto ({router})", max(concurrency))]
@@ -317,9 +318,51 @@ def serving(
     base = next(r["req_per_s"] for r in results if r["workload"] == "explicit" and r["concurrency"] == min(concurrency))
     for r in results:
         r["vs_lowest_concurrency"] = round(r["req_per_s"] / base, 2)
+    # the same questions answered in this process by PEFT (each expert's adapter on the base,
+    # greedy, through the chat template): what the server should have said
+    reference = _peft_answers(pool, rows, ts, progress)
+    for r in results:
+        same = [" ".join(a["answer"].split()) == " ".join(reference[a["question"], a["task"]].split()) for a in r["answers"]]
+        r["same_as_peft"] = f"{sum(same)}/{len(same)}"
+        del r["answers"]
     return {"experts": pool.experts, "pool": str(pool.root), "startup_s": round(startup, 1), "router": router,
             "replicas": replicas, "max_batch": max_batch, "max_wait_ms": max_wait_ms, "threads": threads,
             "cpus": os.cpu_count(), "rows": results}  # fmt: skip
+
+
+def _peft_answers(pool: Any, rows: Sequence[tuple[str, Any]], ts: Any, progress: bool | None) -> dict[tuple[str, str], str]:
+    """(question, task) → the answer of PEFT's ``PeftModel`` with that task's expert, greedy, one
+    batch per expert (left padding), through the base's chat template."""
+    import torch
+    from peft import PeftModel
+
+    from moerge.composer.compose import load_base
+    from moerge.progress import progress_bar
+
+    base, tok = load_base(str(pool.gguf), device="cpu", dtype="float32")
+    tok.padding_side = "left"
+    model = None
+    out: dict[tuple[str, str], str] = {}
+    for task in progress_bar(list(dict.fromkeys(t for t, _ in rows)), desc="PEFT reference", progress=progress):
+        folder = str(pool.root / "lora" / task)
+        if model is None:
+            model = PeftModel.from_pretrained(base, folder, adapter_name=task).eval()
+        else:
+            model.load_adapter(folder, adapter_name=task)
+        model.set_adapter(task)
+        exs = [e for t, e in rows if t == task]
+        chats = [[{"role": "user", "content": e.query}] for e in exs]  # the conversation the client sent
+        enc = tok(
+            [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats],
+            return_tensors="pt",
+            padding=True,
+        )  # fmt: skip  (encoded as the server encodes a prompt)
+        with torch.inference_mode():
+            ids = model.generate(**enc, max_new_tokens=ts.tasks[task].spec.max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id or tok.eos_token_id)  # fmt: skip
+        for e, row in zip(exs, ids[:, enc["input_ids"].shape[1] :], strict=True):
+            out[e.query, task] = tok.decode(row, skip_special_tokens=True)
+    return out
 
 
 def serving_table(r: dict[str, Any]) -> str:
@@ -327,12 +370,12 @@ def serving_table(r: dict[str, Any]) -> str:
     lines = [
         f"The real LM served ({len(r['experts'])} experts, {r['replicas']} worker(s), batches up to {r['max_batch']}; "
         f"app start {r['startup_s']} s), asked with the openai client over loopback HTTP\n",
-        "| workload | concurrency | n | exact match (%) | routed to its own expert (%) | req/s | ×lowest | completion tok/s | p50 s | p99 s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| workload | concurrency | n | exact match (%) | same answer as PEFT | routed to its own expert (%) | req/s | ×lowest | completion tok/s | p50 s | p99 s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for w in r["rows"]:
         lines.append(
-            f"| {w['workload']} | {w['concurrency']} | {w['requests']} | {w['accuracy']:.1f} | {w['routed_to_own_expert']:.1f} | "
+            f"| {w['workload']} | {w['concurrency']} | {w['requests']} | {w['accuracy']:.1f} | {w.get('same_as_peft', '–')} | {w['routed_to_own_expert']:.1f} | "
             f"{w['req_per_s']:.2f} | {w['vs_lowest_concurrency']:.2f} | {w['completion_tokens_per_s']:.1f} | {w['p50_s']:.2f} | {w['p99_s']:.2f} |"
         )
     return "\n".join(lines)
