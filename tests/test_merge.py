@@ -405,6 +405,24 @@ def test_bench_merging_runs_both_parts_and_reports_ratios(tmp_path):
     assert "ratio moerge / mergekit" in res.output and "speed-up" in res.output
 
 
+def test_bench_merging_builds_its_dense_family_on_a_pretrained_base(tmp_path, llama_folder):
+    """--base: the dense family is the base's folder and copies of the tensors it stores, each
+    perturbed with its own seed (what `bench merging --base real` merges with both tools)."""
+    from safetensors.torch import load_file
+
+    from moerge.bench import merging as mb
+
+    base, experts, n = mb.build_dense_family(tmp_path, mb.DenseBenchConfig(models=2, base=str(llama_folder)), progress=False)
+    want = load_file(llama_folder / "model.safetensors")
+    assert n == sum(v.numel() for v in want.values()) and (base / "config.json").exists()
+    got = [load_file(e / "model.safetensors") for e in experts]
+    assert all(g.keys() == want.keys() for g in got)
+    moved = [max(float((g[k] - want[k]).abs().max()) for k in want) for g in got]
+    assert all(0 < m < 0.1 for m in moved) and not torch.equal(got[0]["lm_head.weight"], got[1]["lm_head.weight"])
+    with pytest.raises(RuntimeError, match="no .safetensors"):
+        mb.build_dense_family(tmp_path / "x", mb.DenseBenchConfig(models=1, base=str(tmp_path / "x-empty")), progress=False)
+
+
 def test_svd_merge_takes_merges_rank_and_equals_the_truncated_sum(lora_family):
     """``merge(..., "svd", rank=r)``: the rank argument is the kernel's; the folded result is the
     best rank-r approximation of Σ ΔW per module."""

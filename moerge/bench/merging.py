@@ -43,6 +43,8 @@ class TwinBenchConfig:
     new_tokens: int = 16
     repeats: int = 3
     seed: int = 0
+    #: a pretrained model instead of the random Llama (:attr:`moerge.bench.routing.BenchConfig.base`)
+    base: str | None = None
 
 
 @dataclass
@@ -53,6 +55,9 @@ class DenseBenchConfig:
     seed: int = 0
     workdir: str | None = None
     keep: bool = False
+    #: a pretrained model's folder (or ``.gguf``, or ``"real"``) as the base of the family, instead
+    #: of a random Llama of ``params_m`` million parameters
+    base: str | None = None
 
 
 @dataclass
@@ -80,7 +85,7 @@ def bench_twin(cfg: TwinBenchConfig, progress: bool | None = None) -> list[dict[
     from moerge.adapters import layers
     from moerge.routers.twin import materialised_weights, per_sample_forward
 
-    model = build_model(BenchConfig(hidden=cfg.hidden, layers=cfg.layers, seq=cfg.seq, seed=cfg.seed))
+    model = build_model(BenchConfig(hidden=cfg.hidden, layers=cfg.layers, seq=cfg.seq, seed=cfg.seed, base=cfg.base))
     attach(model, random_experts(model, cfg.tasks, cfg.rank, cfg.seed))
     wrapped = layers(model)
     dense_twins = {n: torch.einsum("e,eor,eri->eoi", m.scaling, m.lora_B, m.lora_A) for n, m in wrapped.items()}
@@ -88,7 +93,7 @@ def bench_twin(cfg: TwinBenchConfig, progress: bool | None = None) -> list[dict[
     gen_kw = dict(max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens, do_sample=False, pad_token_id=0)
     rows = []
     for batch in cfg.batches:
-        ids = torch.randint(3, 2000, (batch, cfg.seq), generator=g)
+        ids = torch.randint(3, min(2000, model.config.vocab_size), (batch, cfg.seq), generator=g)
         enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         w = torch.softmax(torch.randn(batch, cfg.tasks, generator=g) * 2, dim=-1)
 
@@ -192,15 +197,32 @@ def _llama_config(params_m: float) -> Any:
 
 
 def build_dense_family(root: Path, cfg: DenseBenchConfig, progress: bool | None = None) -> tuple[Path, list[Path], int]:
-    """Save a random base and ``cfg.models`` perturbed copies (θ_0 + 0.01·noise) under ``root``."""
-    from safetensors.torch import save_file
+    """Save a random base (or take ``cfg.base``'s folder) and ``cfg.models`` perturbed copies
+    (θ_0 + 0.01·noise, of the tensors the base's folder stores) under ``root``."""
+    from safetensors.torch import load_file, save_file
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(cfg.seed)
-    base = LlamaForCausalLM(_llama_config(cfg.params_m))
-    n_params = sum(p.numel() for p in base.parameters())
-    base.save_pretrained(root / "base")
-    state = {k: v.detach().contiguous() for k, v in base.state_dict().items()}
+    if cfg.base:
+        from moerge.registry.gguf import local_base
+
+        if cfg.base == "real":
+            from moerge.zoo.real import base_folder
+
+            folder = Path(base_folder())
+        else:
+            folder = Path(str(local_base(cfg.base)))
+        shards = sorted(folder.glob("*.safetensors"))
+        if not shards:
+            raise RuntimeError(f"--base {cfg.base!r}: no .safetensors weights in {folder}")
+        state = {k: v for f in shards for k, v in load_file(f).items()}
+        n_params = sum(v.numel() for v in state.values())
+        shutil.copytree(folder, root / "base", ignore=shutil.ignore_patterns(".lock", "*.json.tmp"))
+    else:
+        base = LlamaForCausalLM(_llama_config(cfg.params_m))
+        n_params = sum(p.numel() for p in base.parameters())
+        base.save_pretrained(root / "base")
+        state = {k: v.detach().contiguous() for k, v in base.state_dict().items()}
     experts = []
     for i in range(cfg.models):
         g = torch.Generator().manual_seed(cfg.seed * 1000 + i + 1)
@@ -214,30 +236,49 @@ def build_dense_family(root: Path, cfg: DenseBenchConfig, progress: bool | None 
     return root / "base", experts, n_params
 
 
-_OURS = """
-import json, resource, sys, time
-import moerge
-a = json.loads(sys.argv[1])
-base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-t0 = time.perf_counter()
-moerge.merge(a["base"], a["experts"], "ties", a["out"], density=a["density"], flavor="mergekit")
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_mb": peak, "import_rss_mb": base_rss, "merge_rss_mb": peak - base_rss}))
+#: the child's own peak RSS in MB: Linux's VmHWM belongs to the process's memory map, which exec
+#: starts afresh; getrusage's ru_maxrss would carry the parent's peak at fork into the child (measured:
+#: both tools "peaked" at the benchmark process's 6 GB), so it is only the fallback elsewhere
+_PEAK = """
+def peak_mb():
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 """
 
-_MERGEKIT = """
-import json, resource, sys, time
+_OURS = (
+    _PEAK
+    + """
+import json, sys, time
+import moerge
+a = json.loads(sys.argv[1])
+base_rss = peak_mb()
+t0 = time.perf_counter()
+moerge.merge(a["base"], a["experts"], "ties", a["out"], density=a["density"], flavor="mergekit")
+peak = peak_mb()
+print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_mb": peak, "import_rss_mb": base_rss, "merge_rss_mb": peak - base_rss}))
+"""
+)
+
+_MERGEKIT = (
+    _PEAK
+    + """
+import json, sys, time
 from mergekit.config import MergeConfiguration
 from mergekit.merge import MergeOptions, run_merge
 a = json.loads(sys.argv[1])
-base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+base_rss = peak_mb()
 cfg = {"merge_method": "ties", "base_model": a["base"], "dtype": "float32",
        "models": [{"model": e, "parameters": {"weight": 1.0, "density": a["density"]}} for e in a["experts"]]}
 t0 = time.perf_counter()
 run_merge(MergeConfiguration.model_validate(cfg), a["out"], MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = peak_mb()
 print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_mb": peak, "import_rss_mb": base_rss, "merge_rss_mb": peak - base_rss}))
 """
+)
 
 
 def _run(script: str, args: dict[str, Any]) -> dict[str, float]:

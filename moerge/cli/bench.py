@@ -379,7 +379,12 @@ def bench_serving(
 )
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the result as JSON.")
 @click.option("--no-progress", is_flag=True)
-def bench_merging(twin, dense, batches, hidden, tasks, repeats, models, params_m, workdir, json_path, no_progress) -> None:  # noqa: ANN001
+@click.option(
+    "--base",
+    default=None,
+    help="A pretrained model for both parts instead of random Llamas: folder, .gguf, hub id (Twin only), or 'real' (SmolLM2).",
+)
+def bench_merging(twin, dense, batches, hidden, tasks, repeats, models, params_m, workdir, json_path, no_progress, base) -> None:  # noqa: ANN001
     """Twin-Merging's batched dynamic merge vs per-sample materialise; dense TIES vs mergekit (time, peak RSS)."""
     quiet_hf()
     from moerge.bench import merging as mb
@@ -389,11 +394,14 @@ def bench_merging(twin, dense, batches, hidden, tasks, repeats, models, params_m
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {batches!r}", param_hint="--batches") from None
     result = mb.MergeBenchResult()
-    tcfg = mb.TwinBenchConfig(hidden=hidden, tasks=tasks, batches=sizes, repeats=repeats)
-    dcfg = mb.DenseBenchConfig(models=models, params_m=params_m, workdir=workdir)
+    tcfg = mb.TwinBenchConfig(hidden=hidden, tasks=tasks, batches=sizes, repeats=repeats, base=base)
+    dcfg = mb.DenseBenchConfig(models=models, params_m=params_m, workdir=workdir, base=base)
     result.config = {"twin": tcfg.__dict__ if twin else None, "dense": dcfg.__dict__ if dense else None, "threads": _threads()}
     if twin:
-        result.twin = mb.bench_twin(tcfg, progress=None if not no_progress else False)
+        try:
+            result.twin = mb.bench_twin(tcfg, progress=None if not no_progress else False)
+        except OSError as exc:
+            _fail(exc)
     if dense:
         try:
             result.dense = mb.bench_dense(dcfg, progress=None if not no_progress else False)
