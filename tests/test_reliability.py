@@ -390,15 +390,19 @@ def test_the_server_tells_the_truth_about_its_workers_and_outlives_them(tmp_path
 
 @pytest.mark.slow
 def test_soak_with_workers_killed_and_frozen_loses_no_request(small_zoo):  # the zoo it serves, built first
-    """Issue 13's soak: 2,000 requests at concurrency 32 against `moerge serve` (two workers)
-    while a worker is killed three times and frozen once: each request answered or failed with
-    a message within its deadline, none lost; healthy at the end; exit 0 on SIGTERM."""
+    """Issue 13's soak, at half its 2,000 requests: 1,000 at concurrency 32 against `moerge serve`
+    (two workers) while a worker is killed three times and frozen once: each request answered or
+    failed with a message within its deadline, none lost; healthy at the end; exit 0 on SIGTERM.
+    Every fault still lands mid-traffic (the driver holds back while one is due, the next test);
+    the full 2,000 is `moerge bench soak`'s default (docs/serving.md). Half the requests took the
+    test from 81 to ~55 s of a 2-core CI run."""
     from moerge.bench import soak
 
-    r = soak.run(soak.SoakConfig(requests=2000, concurrency=32, kills=3, freezes=1))
+    n = 1000
+    r = soak.run(soak.SoakConfig(requests=n, concurrency=32, kills=3, freezes=1))
     print(soak.table(r))
-    assert r["requests"] == 2000 and r["lost"] == 0, r["lost_examples"]
-    assert r["answered"] + sum(r["failed_clearly"].values()) == 2000
+    assert r["requests"] == n and r["lost"] == 0, r["lost_examples"]
+    assert r["answered"] + sum(r["failed_clearly"].values()) == n
     assert len(r["faults"]) == 4 and not any("skipped" in f for f in r["faults"]), r["faults"]
     assert r["healthy_at_end"] and r["exit_code"] == 0
     assert r["max_ms"] <= 1000 * (r["config"]["request_timeout_s"] + r["config"]["grace_s"])

@@ -23,7 +23,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -155,6 +155,9 @@ class ControlSuite:
     root: Path
     preset: ControlPreset
     meta: dict[str, Any]
+    #: each expert's training split, drawn once (gate training, retrieval's bank and the build all ask for
+    #: it: drawn anew each time, 28 draws of 88,000 examples cost ~5 s of `bench all`, profiled)
+    _train: dict[str, list[Example]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def base_path(self) -> Path:
@@ -176,8 +179,10 @@ class ControlSuite:
         return tok
 
     def train_split(self, expert: str) -> list[Example]:
-        rng = random.Random(f"control:{expert}:train:{self.preset.seed}")
-        return [held_in(rng, expert, self.preset.max_foreign) for _ in range(self.preset.n_train)]
+        if expert not in self._train:
+            rng = random.Random(f"control:{expert}:train:{self.preset.seed}")
+            self._train[expert] = [held_in(rng, expert, self.preset.max_foreign) for _ in range(self.preset.n_train)]
+        return list(self._train[expert])
 
     def expert_data(self, expert: str) -> list[tuple[str, str]]:
         """(prompt, target) pairs the expert was trained on: what PHATGOOSE's gates train on."""
