@@ -395,7 +395,7 @@ def test_soak_with_workers_killed_and_frozen_loses_no_request(small_zoo):  # the
     failed with a message within its deadline, none lost; healthy at the end; exit 0 on SIGTERM.
     Every fault still lands mid-traffic (the driver holds back while one is due, the next test);
     the full 2,000 is `moerge bench soak`'s default (docs/serving.md). Half the requests took the
-    test from 81 to ~55 s of a 2-core CI run."""
+    test from 81 to 65 s of a 2-core `.ci/run`."""
     from moerge.bench import soak
 
     n = 1000
