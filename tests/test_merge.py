@@ -220,7 +220,7 @@ def test_merge_config_cli_and_its_errors(dense_family, tmp_path):
     refused(f"merge_method: ties\nbase_model: {base}\nslices: []\nmodels: [{{model: {base}}}]", "'slices' .*not supported")
     refused(f"merge_metod: ties\nbase_model: {base}", "did you mean 'merge_method'")
     refused(f"merge_method: tie\nbase_model: {base}\nmodels: [{{model: {base}}}]", "did you mean 'ties'")
-    refused(f"merge_method: slerp\nmodels: [{{model: {base}}}]", "moerge runs mergekit configs for")
+    refused(f"merge_method: arcee_fusion\nmodels: [{{model: {base}}}]", "moerge runs mergekit configs for")
     refused(f"merge_method: ties\nmodels: [{{model: {root / 'ft0'}}}]", "needs base_model")
     refused(
         f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {root / 'ft0'}, parameters: {{density: [0.1, 0.9]}}}}]",
@@ -437,3 +437,235 @@ def test_svd_merge_takes_merges_rank_and_equals_the_truncated_sum(lora_family):
     expected = base.get_submodule(mod).weight + K.truncated_svd(total, 2)
     torch.testing.assert_close(folded.get_submodule(mod).weight, expected, atol=1e-5, rtol=1e-5)
     assert folded.merge_report.params["rank"] == 2
+
+
+# --------------------------------------- mergekit's other methods, tensor for tensor (issue 28)
+
+#: (method, moerge params, mergekit models' parameters (per model), mergekit global parameters, experts)
+MERGEKIT_MORE = {
+    "breadcrumbs": ("breadcrumbs", {"density": 0.6, "gamma": 0.05}, {"density": 0.6, "gamma": 0.05}, {}, 3),
+    "breadcrumbs-normalised-rescaled": (
+        "breadcrumbs",
+        {"density": 0.5, "gamma": 0.1, "normalize": True, "rescale": True, "lambda": 0.8},
+        {"density": 0.5, "gamma": 0.1},
+        {"normalize": True, "rescale": True, "lambda": 0.8},
+        3,
+    ),
+    "breadcrumbs_ties": ("breadcrumbs_ties", {"density": 0.7, "gamma": 0.02}, {"density": 0.7, "gamma": 0.02}, {}, 3),
+    "breadcrumbs_ties-normalised": (
+        "breadcrumbs_ties",
+        {"density": 0.4, "normalize": True},
+        {"density": 0.4},
+        {"normalize": True},
+        3,
+    ),
+    "della-at-density-1": ("della", {"density": 1.0}, {"density": 1.0}, {}, 3),  # the drop is unseeded in mergekit
+    "della_linear-at-density-1": ("della_linear", {"density": 1.0, "normalize": True}, {"density": 1.0}, {"normalize": True}, 3),
+    "sce": ("sce", {"select_topk": 0.3}, {}, {"select_topk": 0.3}, 3),
+    "sce-all-entries": ("sce", {}, {}, {}, 3),
+    "slerp": ("slerp", {"t": 0.3}, {}, {"t": 0.3}, 1),
+    "nearswap": ("nearswap", {"t": 0.01}, {}, {"t": 0.01}, 1),
+    "model_stock": ("model_stock", {}, {}, {}, 3),
+    "model_stock-filter-wise": ("model_stock", {"filter_wise": True}, {}, {"filter_wise": True}, 2),
+}
+_WEIGHTED = {"breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
+
+
+@pytest.mark.parametrize("name", sorted(MERGEKIT_MORE))
+def test_mergekits_other_methods_give_mergekits_tensors(dense_family, name):
+    method, params, per_model, mk_global, n = MERGEKIT_MORE[name]
+    root = dense_family
+    weights = [0.5, 1.0, 0.7][:n] if method in _WEIGHTED else None
+    mk_models = [
+        {"model": str(root / f"ft{i}"), "parameters": {**({"weight": weights[i]} if weights else {}), **per_model}}
+        for i in range(n)
+    ]
+    if method in ("slerp", "nearswap"):  # mergekit lists the base among the two models
+        mk_models.insert(0, {"model": str(root / "base")})
+    theirs = _mergekit(root, method, mk_models, root / "mk", **mk_global)
+    path = moerge.merge(root / "base", [root / f"ft{i}" for i in range(n)], method, root / "ours", weights=weights, **params)
+    ours = load_file(path / "model.safetensors")
+    assert set(ours) == set(theirs)
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-5, rtol=0)
+    base = load_file(root / "base" / "model.safetensors")
+    assert any(not torch.equal(ours[k], base[k]) for k in base)  # the merge moved the weights
+
+
+def _more_yaml(root: Path, name: str) -> dict:
+    ft = [str(root / f"ft{i}") for i in range(3)]
+    base = str(root / "base")
+    if name == "breadcrumbs_ties-per-model":
+        models = [{"model": m, "parameters": {"weight": w, "density": d, "gamma": g}}
+                  for m, w, d, g in zip(ft, [0.5, 1.0, 0.7], [0.5, 0.7, 0.9], [0.02, 0.05, 0.0], strict=True)]  # fmt: skip
+        return {"merge_method": "breadcrumbs_ties", "base_model": base, "models": models, "parameters": {"normalize": True}}
+    if name == "della-at-density-1":
+        models = [{"model": m, "parameters": {"weight": w, "density": 1.0}} for m, w in zip(ft, [0.5, 1.0, 0.7], strict=True)]
+        return {"merge_method": "della", "base_model": base, "models": models, "parameters": {"lambda": 1.1}}
+    if name == "sce":
+        return {
+            "merge_method": "sce",
+            "base_model": base,
+            "models": [{"model": m} for m in ft],
+            "parameters": {"select_topk": 0.5},
+        }
+    if name == "slerp-base-listed":
+        return {
+            "merge_method": "slerp",
+            "base_model": base,
+            "models": [{"model": base}, {"model": ft[1]}],
+            "parameters": {"t": 0.6},
+        }
+    if name == "nearswap":
+        return {
+            "merge_method": "nearswap",
+            "base_model": base,
+            "models": [{"model": base}, {"model": ft[0]}],
+            "parameters": {"t": 0.02},
+        }
+    if name == "model_stock-filter-wise":
+        return {"merge_method": "model_stock", "base_model": base, "models": [{"model": m} for m in ft],
+                "parameters": {"filter_wise": True}}  # fmt: skip
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["breadcrumbs_ties-per-model", "della-at-density-1", "sce", "slerp-base-listed", "nearswap", "model_stock-filter-wise"],
+)
+def test_a_mergekit_yaml_with_mergekits_other_methods_gives_mergekits_tensors(dense_family, name):
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    root = dense_family
+    file = root / f"{name}.yml"
+    file.write_text(yaml.safe_dump({**_more_yaml(root, name), "dtype": "float32"}))
+    run_merge(
+        MergeConfiguration.model_validate(yaml.safe_load(file.read_text())),
+        str(root / "mk"),
+        MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False),
+    )
+    theirs = load_file(root / "mk" / "model.safetensors")
+    ours = load_file(moerge.merge_from_config(file, root / "ours") / "model.safetensors")
+    assert set(ours) == set(theirs)
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-5, rtol=0)
+
+
+def test_mergekits_other_methods_refuse_bad_input_by_name(dense_family, tmp_path):
+    root = dense_family
+    base, ft = root / "base", [root / f"ft{i}" for i in range(3)]
+
+    def refused(match: str, **kw) -> None:
+        with pytest.raises((ValueError, moerge.composer.MergeConfigError), match=match):
+            moerge.merge(base, kw.pop("experts", ft), kw.pop("method"), tmp_path / "x", **kw)
+
+    refused("exactly one expert, got 3", method="slerp", t=0.5)
+    refused("t must be in \\[0, 1\\]", method="slerp", experts=ft[:1], t=1.5)
+    refused("needs \\['t'\\]", method="nearswap", experts=ft[:1])
+    refused("at least two experts", method="model_stock", experts=ft[:1])
+    refused("takes no weights", method="model_stock", weights=[1, 1, 1])
+    refused("takes no weights", method="sce", weights=[1, 1, 1])
+    refused("density ± epsilon must lie in \\(0, 1\\)", method="della", density=0.1, epsilon=0.2)
+    refused("does not take \\['gama'\\] \\(gama: did you mean 'gamma'", method="breadcrumbs", density=0.5, gama=0.1)
+
+    def refused_yaml(text: str, match: str) -> None:
+        with pytest.raises(moerge.composer.MergeConfigError, match=match):
+            moerge.merge_from_config(text)
+
+    refused_yaml(
+        f"merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {base}}}, {{model: {ft[0]}}}]", "needs parameters.t"
+    )
+    refused_yaml(
+        f"merge_method: slerp\nbase_model: {base}\nparameters: {{t: 0.5}}\nmodels: [{{model: {ft[0]}}}, {{model: {ft[1]}}}]",
+        "needs exactly 1 model\\(s\\) besides base_model, got 2",
+    )
+    refused_yaml(f"merge_method: model_stock\nbase_model: {base}\nmodels: [{{model: {ft[0]}}}]", "at least 2 model")
+    refused_yaml(
+        f"merge_method: sce\nbase_model: {base}\nmodels: [{{model: {ft[0]}, parameters: {{weight: 0.5}}}}]",
+        "takes no per-model parameters",
+    )
+    refused_yaml(f"merge_method: slerp\nmodels: [{{model: {base}}}, {{model: {ft[0]}}}]", "needs base_model")
+    refused_yaml(
+        f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {ft[0]}, parameters: {{gamma: 0.1}}}}]",
+        "unknown parameter 'gamma' for ties",
+    )
+    refused_yaml(f"merge_method: slerp\nbase_model: {base}\nparameters: {{t: [0, 1]}}\nmodels: [{{model: {ft[0]}}}]",
+                 "per-layer gradient")  # fmt: skip
+
+
+def test_della_keeps_entries_with_a_probability_rising_with_their_magnitude():
+    """DELLA's MagPrune in distribution (mergekit draws it unseeded, so no tensor parity): per
+    row the smallest entry is kept with probability density − ε, the largest density + ε, and
+    the expected share kept is the density; a seed gives the same draw."""
+    from moerge.adapters.merge import MERGE_METHODS, della_keep_probabilities, tensor_generator
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(64, 101, generator=g)
+    p = della_keep_probabilities(t, 0.4, 0.1)
+    order = t.abs().argsort(dim=1)
+    assert torch.allclose(p.gather(1, order[:, :1]), torch.full((64, 1), 0.3))
+    assert torch.allclose(p.gather(1, order[:, -1:]), torch.full((64, 1), 0.5))
+    assert (p.gather(1, order).diff(dim=1) > 0).all() and abs(p.mean().item() - 0.4) < 1e-6
+    taus = [torch.randn(64, 101, generator=g) for _ in range(2)]
+    kept = [(MERGE_METHODS["della_linear"](taus[:1], density=0.4, epsilon=0.1, rescale=False,
+                                           generator=tensor_generator(s, "w")) != 0).float() for s in range(200)]  # fmt: skip
+    share = torch.stack(kept).mean(0)  # per entry over 200 seeded draws
+    big, small = taus[0].abs() > taus[0].abs().quantile(0.9), taus[0].abs() < taus[0].abs().quantile(0.1)
+    assert abs(share.mean().item() - 0.4) < 0.01 and share[big].mean() > share[small].mean() + 0.1
+    a = MERGE_METHODS["della"](taus, density=0.4, generator=tensor_generator(3, "w"))
+    assert torch.equal(a, MERGE_METHODS["della"](taus, density=0.4, generator=tensor_generator(3, "w")))
+
+
+def test_lora_experts_merge_with_the_task_vector_methods_and_slerp_is_refused_by_name(lora_family):
+    """NearSwap, Model Stock, breadcrumbs and SCE are functions of ΔW, so LoRA experts merge
+    with them (the folded ΔW equals the kernel on the experts' ΔW, an expert without the module
+    counting as ΔW = 0); SLERP needs whole weights and is refused by name."""
+    from transformers import AutoModelForCausalLM
+
+    from moerge.adapters import load_lora
+    from moerge.adapters.merge import MERGE_METHODS
+
+    base_dir, folders = lora_family
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    loras = [load_lora(f) for f in folders]
+    v = "model.layers.0.self_attn.v_proj"  # adapted by experts 0 and 2
+    for method, params, experts in [
+        ("model_stock", {}, [0, 2]),
+        ("breadcrumbs", {"density": 0.6, "gamma": 0.05}, [0, 1, 2]),
+        ("sce", {"select_topk": 0.5}, [0, 1, 2]),
+        ("nearswap", {"t": 0.001}, [2]),
+    ]:
+        merged = moerge.merge(base_dir, [folders[i] for i in experts], method, output="model", **params)
+        shape = base.get_parameter(v + ".weight").shape
+        deltas = [loras[i].modules[v].delta() if v in loras[i].modules else torch.zeros(shape) for i in experts]
+        want = MERGE_METHODS[method](deltas, None, **params)
+        got = merged.get_parameter(v + ".weight").detach() - base.get_parameter(v + ".weight").detach()
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="slerp interpolates whole weights"):
+        moerge.merge(base_dir, folders[:1], "slerp", output="model", t=0.5)
+
+
+def test_cli_merge_takes_the_other_methods_parameters_with_set(dense_family):
+    from click.testing import CliRunner
+
+    from moerge.cli import main
+
+    root = dense_family
+    args = ["merge", "--experts", f"{root / 'ft0'},{root / 'ft1'}", "--base", str(root / "base"), "--no-progress"]
+    r = CliRunner().invoke(
+        main, [*args, "--method", "breadcrumbs", "--density", "0.6", "--set", "gamma=0.05", "--out", str(root / "a")]
+    )
+    assert r.exit_code == 0, r.output
+    api = moerge.merge(root / "base", [root / "ft0", root / "ft1"], "breadcrumbs", root / "b", density=0.6, gamma=0.05)
+    a, b = load_file(root / "a" / "model.safetensors"), load_file(api / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    r = CliRunner().invoke(main, [*args, "--method", "model_stock", "--set", "filter_wise=true", "--out", str(root / "c")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((root / "c" / "moerge_merge.json").read_text())["params"] == {"filter_wise": True}
+    r = CliRunner().invoke(main, [*args, "--method", "sce", "--set", "select_topk", "--out", str(root / "d")])
+    assert r.exit_code == 2 and "NAME=VALUE" in r.output
+    r = CliRunner().invoke(main, [*args, "--method", "slerp", "--set", "t=0.5", "--out", str(root / "e")])
+    assert r.exit_code == 2 and "exactly one expert, got 2" in r.output

@@ -15,7 +15,20 @@ parameters follow PEFT (``peft.utils.merge_utils``) and mergekit, so users recog
                     then task arithmetic (Yu et al. 2024); seeded
 ``dare_ties``       the same drop-and-rescale, then TIES' sign election and disjoint merge
 ``svd``             best rank-``rank`` approximation of Σ w_i τ_i (1-D tensors pass through)
+``breadcrumbs``     drop each τ_i's ``gamma`` largest and its smallest entries, keeping
+                    ``density`` of them (Davari & Belilovsky 2023), then task arithmetic
+``breadcrumbs_ties`` the same sparsifier, then TIES' sign election and disjoint merge
+``della``           drop entries with a probability that falls with their magnitude's rank
+                    (``density`` ± ``epsilon``; Deep et al. 2024), rescale, TIES' election; seeded
+``della_linear``    the same drop, then task arithmetic
+``sce``             keep the ``select_topk`` entries of highest variance across experts, elect
+                    signs, weigh each τ_i by its mean square (Wan et al. 2024)
 =================  ====================================================================
+
+The interpolations (SLERP, NearSwap, Model Stock) are in :mod:`moerge.adapters.merge_interp`.
+The methods that only mergekit defines (breadcrumbs, DELLA, SCE and the interpolations) follow
+mergekit's code (``mergekit.sparsify``, ``mergekit.merge_methods``), checked tensor for tensor
+against it.
 
 Where PEFT and mergekit disagree, ``flavor`` picks whose semantics to follow (default PEFT):
 
@@ -64,6 +77,9 @@ class MergeMethod:
     params: tuple[str, ...]
     required: tuple[str, ...]
     random: bool
+    #: the kernel needs the base tensor θ_0 itself (``base=``), not only the task tensors: it
+    #: is defined on whole weights (SLERP), so a LoRA's ΔW, which has no base, cannot take it
+    needs_base: bool = False
 
     def __call__(self, task_tensors: TaskTensors, weights: Any = None, **params: Any) -> torch.Tensor:
         return self.fn(task_tensors, weights, **params)
@@ -84,9 +100,10 @@ def register_merge(name: str) -> Callable[[Callable[..., torch.Tensor]], Callabl
         MERGE_METHODS[name] = MergeMethod(
             name=name,
             fn=fn,
-            params=tuple(p.name for p in kw),
-            required=tuple(p.name for p in kw if p.default is inspect.Parameter.empty),
+            params=tuple(p.name for p in kw if p.name != "base"),
+            required=tuple(p.name for p in kw if p.default is inspect.Parameter.empty and p.name != "base"),
             random="generator" in sig.parameters,
+            needs_base="base" in sig.parameters,
         )
         return fn
 
@@ -357,6 +374,202 @@ def svd(task_tensors: TaskTensors, weights: Any = None, *, rank: int, lambda_: f
     return truncated_svd(merged, rank)
 
 
+# ------------------------------------------------ mergekit's other sparsifiers and SCE
+
+
+def _per_expert(value: Density, n: int, name: str) -> list[float]:
+    """One float per expert: a number for all, or a sequence in expert order."""
+    if isinstance(value, int | float):
+        return [float(value)] * n
+    out = [float(v) for v in value]
+    if len(out) != n:
+        raise ValueError(f"{len(out)} values of {name} for {n} experts")
+    return out
+
+
+def _l1_rescaled(tensor: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``kept`` scaled back to ``tensor``'s L1 norm (mergekit's ``rescale``); unchanged when
+    either norm is below 1e-7."""
+    before, after = tensor.abs().sum(), kept.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return kept
+    return kept * (before / after)
+
+
+def outlier_mask(tensor: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs' mask: with the entries sorted by magnitude, the ``gamma`` share of the
+    largest is dropped, then the smallest, so that ``int(density·n)`` entries remain (fewer
+    large ones are dropped when both cannot hold). As mergekit's ``magnitude_outliers``."""
+    n = tensor.numel()
+    keep = int(density * n)
+    top = int(gamma * n)
+    bottom = max(0, n - keep - top)
+    order = torch.sort(tensor.abs().reshape(-1).float(), descending=False).indices
+    mask = torch.zeros(n, dtype=tensor.dtype, device=tensor.device)
+    mask[order[bottom : bottom + keep]] = 1
+    return mask.view_as(tensor)
+
+
+def della_keep_probabilities(tensor: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's MagPrune: each row's entries ranked by magnitude; the smallest is kept with
+    probability ``density − epsilon``, the largest with ``density + epsilon``, linearly between
+    (a 1-D tensor is one row). As mergekit's ``della_magprune``."""
+    if not (0 < density - epsilon and density + epsilon < 1):
+        raise ValueError(f"della: density ± epsilon must lie in (0, 1), got density {density} and epsilon {epsilon}")
+    rows = tensor.unsqueeze(0) if tensor.dim() < 2 else tensor
+    ranks = torch.argsort(rows.abs(), dim=1, descending=False).argsort(dim=1).float() + 1
+    low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    share = ((ranks - low) / (high - low)).clamp(0, 1)
+    return ((density - epsilon) + share * 2 * epsilon).view_as(tensor)
+
+
+def _sparsified(stacked: torch.Tensor, density: Density, rescale: bool, mask_of: Callable[..., torch.Tensor],
+                **per_expert: Density) -> torch.Tensor:  # fmt: skip
+    """Each expert's task tensor through ``mask_of(tensor, density, **its own values)``, L1-rescaled
+    when ``rescale``; a density ≥ 1 keeps the tensor whole, ≤ 0 zeroes it (mergekit's rules)."""
+    n = stacked.shape[0]
+    ds = _per_expert(density, n, "density")
+    own = {k: _per_expert(v, n, k) for k, v in per_expert.items()}
+    out = []
+    for i, t in enumerate(stacked):
+        if ds[i] >= 1:
+            out.append(t)
+            continue
+        if ds[i] <= 0:
+            out.append(torch.zeros_like(t))
+            continue
+        kept = t * mask_of(t, ds[i], **{k: v[i] for k, v in own.items()})
+        out.append(_l1_rescaled(t, kept) if rescale else kept)
+    return torch.stack(out)
+
+
+def _linear_sum(stacked: torch.Tensor, weights: Any, normalize: bool) -> torch.Tensor:
+    """Σ w_i τ_i, divided by Σ w_i when ``normalize`` (a sum below 1e-8 divides by 1)."""
+    w = _weights(weights, stacked.shape[0], stacked)
+    mixed = (stacked * w).sum(0)
+    if not normalize:
+        return mixed
+    total = w.sum()
+    return mixed / (total if total.abs() >= 1e-8 else 1.0)
+
+
+@register_merge("breadcrumbs")
+def breadcrumbs(
+    task_tensors: TaskTensors,
+    weights: Any = None,
+    *,
+    density: Density,
+    gamma: Density = 0.01,
+    normalize: bool = False,
+    rescale: bool = False,
+    lambda_: float = 1.0,
+) -> torch.Tensor:
+    """Model Breadcrumbs: each τ_i without its ``gamma`` largest and its smallest entries
+    (``density`` kept), then λ · Σ w_i τ_i (÷ Σ w_i when ``normalize``)."""
+    x = _sparsified(_stack(task_tensors), density, rescale, outlier_mask, gamma=gamma)
+    return lambda_ * _linear_sum(x, weights, normalize)
+
+
+@register_merge("breadcrumbs_ties")
+def breadcrumbs_ties(
+    task_tensors: TaskTensors,
+    weights: Any = None,
+    *,
+    density: Density,
+    gamma: Density = 0.01,
+    majority_sign_method: SignMethod = "total",
+    normalize: bool = False,
+    rescale: bool = False,
+    lambda_: float = 1.0,
+) -> torch.Tensor:
+    """Breadcrumbs' sparsifier, then TIES' sign election on the weighted tensors and the
+    disjoint merge (mergekit's semantics)."""
+    x = _sparsified(_stack(task_tensors), density, rescale, outlier_mask, gamma=gamma)
+    return lambda_ * _elect_and_merge(x, weights, majority_sign_method, "mergekit", normalize)
+
+
+def _della_mask(generator: torch.Generator | None) -> Callable[..., torch.Tensor]:
+    def mask_of(t: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+        probs = della_keep_probabilities(t, density, epsilon)
+        if generator is not None and generator.device != probs.device:  # the same draw on every device
+            return torch.bernoulli(probs.cpu(), generator=generator).to(probs.device, t.dtype)
+        return torch.bernoulli(probs, generator=generator).to(t.dtype)
+
+    return mask_of
+
+
+@register_merge("della")
+def della(
+    task_tensors: TaskTensors,
+    weights: Any = None,
+    *,
+    density: Density,
+    epsilon: Density = 0.15,
+    majority_sign_method: SignMethod = "total",
+    normalize: bool = True,
+    rescale: bool = True,
+    lambda_: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """DELLA: MagPrune (:func:`della_keep_probabilities`), L1 rescale, then TIES' sign election
+    and disjoint merge, ÷ the agreeing weights when ``normalize`` (mergekit's defaults)."""
+    x = _sparsified(_stack(task_tensors), density, rescale, _della_mask(generator), epsilon=epsilon)
+    return lambda_ * _elect_and_merge(x, weights, majority_sign_method, "mergekit", normalize)
+
+
+@register_merge("della_linear")
+def della_linear(
+    task_tensors: TaskTensors,
+    weights: Any = None,
+    *,
+    density: Density,
+    epsilon: Density = 0.15,
+    normalize: bool = False,
+    rescale: bool = True,
+    lambda_: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """DELLA's MagPrune and rescale, then λ · Σ w_i τ_i (÷ Σ w_i when ``normalize``)."""
+    x = _sparsified(_stack(task_tensors), density, rescale, _della_mask(generator), epsilon=epsilon)
+    return lambda_ * _linear_sum(x, weights, normalize)
+
+
+def variance_mask(stacked: torch.Tensor, share: float) -> torch.Tensor:
+    """SCE's selection: 1 on the ``int(share·m)`` entries whose variance across experts is
+    largest, m being how many entries vary at all (mergekit's ``sce_mask``)."""
+    if share >= 1:
+        return torch.ones_like(stacked[0])
+    if share <= 0:
+        return torch.zeros_like(stacked[0])
+    var = torch.var(stacked, dim=0, unbiased=False)
+    k = int(torch.count_nonzero(var) * share)
+    mask = torch.zeros_like(var)
+    if k > 0:
+        mask.view(-1)[torch.topk(var.abs().view(-1), k=k, largest=True).indices] = 1
+    return mask
+
+
+@register_merge("sce")
+def sce(task_tensors: TaskTensors, weights: Any = None, *, select_topk: float = 1.0) -> torch.Tensor:
+    """SCE (Select, Calculate, Erase): keep the ``select_topk`` share of entries that vary most
+    across experts; weigh each τ_i by its mean square over the sum of them; elect a sign per
+    entry (sum); average the agreeing entries by those weights. It sets its own weights, so it
+    takes none."""
+    if weights is not None:
+        raise ValueError("sce weighs each expert by its task tensor's mean square; it takes no weights")
+    if not 0 <= select_topk <= 1:
+        raise ValueError(f"sce: select_topk must be in [0, 1], got {select_topk}")
+    x = _stack(task_tensors)
+    if select_topk < 1:
+        x = x * variance_mask(x, select_topk).unsqueeze(0)
+    agree = (x.sign() == majority_sign(x, "total")).to(x.dtype)
+    w = x.square().reshape(x.shape[0], -1).mean(dim=1)
+    total = w.sum()
+    w = torch.full_like(w, 1 / w.numel()) if total.abs() < 1e-6 else w / total
+    w = w.view(-1, *([1] * (x.dim() - 1))) * agree
+    return (x * w).sum(0) / w.sum(0).clamp(min=1e-6)
+
+
 def truncated_svd(matrix: torch.Tensor, rank: int) -> torch.Tensor:
     """U_r Σ_r V_rᵀ of a matrix (a 1-D tensor is returned as is; >2-D tensors are flattened
     to [shape[0], rest])."""
@@ -413,3 +626,7 @@ def merge_lora_deltas(
         shape = (ref.B.shape[0], ref.A.shape[1])
         deltas = [e.modules[mod].delta() if mod in e.modules else torch.zeros(shape) for e in loras]
         yield mod, kernel(deltas, weights, **kernel_kwargs(method, params, mod)), []
+
+
+# the interpolation family registers its kernels beside these (it imports the helpers above)
+from moerge.adapters import merge_interp  # noqa: E402, F401

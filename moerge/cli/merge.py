@@ -17,7 +17,8 @@ from moerge.runtime import quiet_hf
     "--method",
     default="ties",
     show_default=True,
-    help="average, task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune, svd.",
+    help="average, task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune, svd; mergekit's breadcrumbs, "
+    "breadcrumbs_ties, della, della_linear, sce, slerp, nearswap, model_stock.",
 )
 @click.option("--experts", default=None, help="Comma-separated registry names or PEFT-adapter / model folders.")
 @click.option(
@@ -56,6 +57,14 @@ from moerge.runtime import quiet_hf
 @click.option(
     "--output", default=None, type=click.Choice(["lora", "model"]), help="LoRA experts: a LoRA (default) or a merged model."
 )
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Any other parameter of the method (repeatable): gamma, epsilon (breadcrumbs, della), select_topk (sce), "
+    "t (slerp, nearswap), filter_wise (model_stock), normalize, rescale …",
+)
 @click.option("--no-progress", is_flag=True)
 def merge_cmd(
     method,
@@ -73,6 +82,7 @@ def merge_cmd(
     rank,
     rank_tolerance,
     output,
+    settings,
     no_progress,
 ) -> None:  # noqa: ANN001
     """Merge experts into one LoRA or one model with a static merge method, written to --out."""
@@ -83,10 +93,15 @@ def merge_cmd(
     from moerge.registry.importers import MoergeWarning
 
     params = {"density": density, "lambda": lambda_, "majority_sign_method": majority_sign_method, "seed": seed, "flavor": flavor}
+    for item in settings:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            _fail(ValueError(f"--set takes NAME=VALUE, got {item!r}"))
+        params[name.strip().replace("-", "_")] = _value(value.strip())
     if config_path is not None:
-        given = [
-            f"--{k.replace('_', '-')}" for k, v in {**params, "experts": experts, "weights": weights, "base": base}.items() if v
-        ]
+        flags = {"density": density, "lambda": lambda_, "majority_sign_method": majority_sign_method, "seed": seed}
+        flags.update({"flavor": flavor, "experts": experts, "weights": weights, "base": base, "set": settings})
+        given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v]
         if given:
             _fail(ValueError(f"--config gives the method, models and parameters; drop {', '.join(given)}"))
     elif not experts:
@@ -130,3 +145,16 @@ def merge_cmd(
     if report["refactor_error"]:
         auto = f" (auto: each module's smallest rank within {report['rank_tolerance']:g})" if report.get("module_ranks") else ""
         click.echo(f"rank-{report['rank']} re-factoring{auto}: max relative error {max(report['refactor_error'].values()):.3f}")
+
+
+def _value(text: str) -> bool | int | float | str:
+    """A --set value as YAML reads a scalar: true/false, a number, else the text."""
+    lower = text.lower()
+    if lower in ("true", "false"):
+        return lower == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text

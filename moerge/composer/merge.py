@@ -180,8 +180,10 @@ def merge(
     **params: Any,
 ) -> Any:
     """Merge ``experts`` onto ``base`` with ``method`` (``average``, ``task_arithmetic``,
-    ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``, ``svd``) and its ``params``
-    (``density``, ``majority_sign_method``, ``lambda``, ``seed``, ``flavor``, ``rank`` …).
+    ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``, ``svd``; mergekit's
+    ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear``, ``sce``, ``slerp``,
+    ``nearswap``, ``model_stock``) and its ``params`` (``density``, ``majority_sign_method``,
+    ``lambda``, ``seed``, ``flavor``, ``rank``, ``gamma``, ``epsilon``, ``select_topk``, ``t`` …).
 
     ``experts``: a Registry, ``registry.select(...)``, or a list of registry names (with
     ``registry=``) or PEFT-adapter / model folders — all LoRA or all dense. ``weights``: one per
@@ -246,6 +248,12 @@ def merge(
             load_lora(it, name=n, registry=reg, device=dev) if isinstance(it, ExpertRecord) else load_lora(it, name=n, device=dev)
             for _, it, n in resolved
         ]
+        if m.needs_base:
+            raise ValueError(
+                f"{m.name} interpolates whole weights and a LoRA's ΔW has no base to interpolate from: merge dense "
+                "experts with it (fold each LoRA into the base first), or use a method defined on task vectors "
+                "(nearswap, model_stock, task_arithmetic, ties …)"
+            )
         if rank == "auto" and output != "lora":
             raise ValueError("rank='auto' applies to a LoRA output; output='model' keeps the exact merge")
         result = _merge_lora(
@@ -531,7 +539,8 @@ def _merge_dense(
                 continue
             b_dev = b.to(device)
             taus = [s.task_tensor(key, b_dev) for s in sources]
-            merged = kernel(taus, weights, **kernel_kwargs(method, params, key))
+            own = {"base": b_dev.float()} if kernel.needs_base else {}
+            merged = kernel(taus, weights, **kernel_kwargs(method, params, key), **own)
             writer.add(key, (b_dev.float() + merged).to(out_dtype or b.dtype).cpu())
             report.tensors += 1
             del taus, merged

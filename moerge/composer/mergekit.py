@@ -4,7 +4,8 @@
 The subset we share with mergekit is accepted with mergekit's meaning, so a file written for
 ``mergekit-yaml`` gives the same tensors here (tested against mergekit on the same file)::
 
-    merge_method: ties            # linear, task_arithmetic, ties, dare_ties, dare_linear
+    merge_method: ties            # linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs,
+                                  # breadcrumbs_ties, della, della_linear, sce, slerp, nearswap, model_stock
     base_model: ./base            # a folder, a hub id in the local cache, or a registry name
     models:
       - model: ./ft-a
@@ -14,7 +15,7 @@ The subset we share with mergekit is accepted with mergekit's meaning, so a file
     parameters: {normalize: true, lambda: 1.0}   # global; per-model values override them
     dtype: float32                # the written weights' dtype (out_dtype wins)
 
-moerge additions: ``seed`` (DARE masks are seeded here; mergekit draws them unseeded), and
+moerge additions: ``seed`` (DARE's and DELLA's masks are seeded here; mergekit draws them unseeded), and
 models may be experts of a moerge registry (LoRA experts then merge in ΔW space into a LoRA).
 What mergekit has and moerge does not — slices, per-module configs, per-layer gradients and
 filters, ``model+lora`` references, tokenizer merging, other methods — is refused by name.
@@ -35,11 +36,25 @@ METHODS: dict[str, tuple[str, bool, bool]] = {
     "ties": ("ties", True, False),
     "dare_ties": ("dare_ties", False, True),
     "dare_linear": ("dare_linear", False, True),
+    "breadcrumbs": ("breadcrumbs", False, False),
+    "breadcrumbs_ties": ("breadcrumbs_ties", False, False),
+    "della": ("della", True, True),
+    "della_linear": ("della_linear", False, True),
 }
+#: mergekit methods with parameters of their own → (moerge kernel, their global parameters, the
+#: fewest and most models besides base_model); none takes per-model parameters
+OWN_METHODS: dict[str, tuple[str, frozenset[str], int, int | None]] = {
+    "sce": ("sce", frozenset({"select_topk", "int8_mask"}), 1, None),
+    "slerp": ("slerp", frozenset({"t"}), 1, 1),
+    "nearswap": ("nearswap", frozenset({"t"}), 1, 1),
+    "model_stock": ("model_stock", frozenset({"filter_wise"}), 2, None),
+}
+#: the sparsifiers' own per-model parameters, by method
+SPARSIFIER_PARAMS = {"breadcrumbs": "gamma", "breadcrumbs_ties": "gamma", "della": "epsilon", "della_linear": "epsilon"}
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "seed"}
 UNSUPPORTED_TOP = {"slices", "modules", "tokenizer", "chat_template"}
-GLOBAL_PARAMS = {"normalize", "lambda", "rescale", "int8_mask", "weight", "density", "seed"}
-MODEL_PARAMS = {"weight", "density"}
+GLOBAL_PARAMS = {"normalize", "lambda", "rescale", "int8_mask", "weight", "density", "seed", "gamma", "epsilon"}
+MODEL_PARAMS = {"weight", "density", "gamma", "epsilon"}
 DTYPES = {"float32", "float16", "bfloat16", "fp32", "fp16", "bf16"}
 
 
@@ -102,18 +117,26 @@ def plan_merge(config: Mapping[str, Any]) -> dict[str, Any]:
         if key not in TOP_KEYS:
             raise MergeConfigError(f"unknown merge config key {key!r}{did_you_mean(key, sorted(TOP_KEYS))}")
     method = cfg.get("merge_method")
-    if method not in METHODS:
-        hint = did_you_mean(str(method), sorted(METHODS)) if method else ""
-        raise MergeConfigError(f"merge_method {method!r}{hint}: moerge runs mergekit configs for {sorted(METHODS)}")
-    kernel, normalize_default, rescale_default = METHODS[method]
+    known = sorted({*METHODS, *OWN_METHODS})
+    if method not in known:
+        hint = did_you_mean(str(method), known) if method else ""
+        raise MergeConfigError(f"merge_method {method!r}{hint}: moerge runs mergekit configs for {known}")
     if cfg.get("tokenizer_source") not in (None, "base"):
         raise MergeConfigError(
             "tokenizer_source: moerge copies the base model's tokenizer ('base'); merging tokenizers is not supported"
         )
+    if method in OWN_METHODS:
+        return _plan_own(cfg, method)
+    kernel, normalize_default, rescale_default = METHODS[method]
+    own_param = SPARSIFIER_PARAMS.get(method)
+    allowed_global = {k for k in GLOBAL_PARAMS if k not in ("gamma", "epsilon") or k == own_param}
+    allowed_model = {k for k in MODEL_PARAMS if k not in ("gamma", "epsilon") or k == own_param}
     glob = dict(cfg.get("parameters") or {})
     for key, value in glob.items():
-        if key not in GLOBAL_PARAMS:
-            raise MergeConfigError(f"unknown parameter {key!r} in parameters{did_you_mean(key, sorted(GLOBAL_PARAMS))}")
+        if key not in allowed_global:
+            raise MergeConfigError(
+                f"unknown parameter {key!r} in parameters for {method}{did_you_mean(key, sorted(allowed_global))}"
+            )
         glob[key] = _scalar(value, f"parameters.{key}")
     models = cfg.get("models")
     if not isinstance(models, list) or not models:
@@ -126,6 +149,7 @@ def plan_merge(config: Mapping[str, Any]) -> dict[str, Any]:
     experts: list[str] = []
     weights: list[float] = []
     densities: list[float] = []
+    owns: list[float] = []  # gamma or epsilon, per model
     for i, entry in enumerate(models):
         where = f"models[{i}]"
         ref = _model_ref(entry, where)
@@ -134,14 +158,19 @@ def plan_merge(config: Mapping[str, Any]) -> dict[str, Any]:
         if extra:
             raise MergeConfigError(f"{where}: unknown keys {sorted(extra)} (a model entry has 'model' and 'parameters')")
         for key in own:
-            if key not in MODEL_PARAMS:
-                raise MergeConfigError(f"{where}.parameters: unknown parameter {key!r}{did_you_mean(key, sorted(MODEL_PARAMS))}")
+            if key not in allowed_model:
+                raise MergeConfigError(
+                    f"{where}.parameters: unknown parameter {key!r} for {method}{did_you_mean(key, sorted(allowed_model))}"
+                )
         if base is not None and _same(ref, base) and method != "linear":
             continue  # mergekit lists the base among the models; its task vector is zero
         params = {**{k: glob[k] for k in MODEL_PARAMS if k in glob}, **own}
         experts.append(ref)
         weights.append(float(_scalar(params.get("weight", 1.0), f"{where}.parameters.weight")))
         densities.append(float(_scalar(params.get("density", 1.0), f"{where}.parameters.density")))
+        if own_param:
+            default = 0.01 if own_param == "gamma" else 0.15  # mergekit's
+            owns.append(float(_scalar(params.get(own_param, default), f"{where}.parameters.{own_param}")))
     if not experts:
         raise MergeConfigError("merge config lists no model besides base_model")
     normalize = bool(glob.get("normalize", normalize_default))
@@ -165,6 +194,10 @@ def plan_merge(config: Mapping[str, Any]) -> dict[str, Any]:
         if method in ("ties", "dare_ties", "dare_linear"):
             params["density"] = densities if len(set(densities)) > 1 else densities[0]
             params["flavor"] = "mergekit"
+        elif own_param:
+            params["density"] = densities if len(set(densities)) > 1 else densities[0]
+            params[own_param] = owns if len(set(owns)) > 1 else owns[0]
+            params["normalize"], params["rescale"] = normalize, rescale
         elif any(d != 1.0 for d in densities):
             raise MergeConfigError(f"{method} takes no density (mergekit ignores it; remove it or use ties/dare_*)")
         if method in ("ties", "dare_ties"):
@@ -173,12 +206,54 @@ def plan_merge(config: Mapping[str, Any]) -> dict[str, Any]:
             raise MergeConfigError("rescale: false (DARE without rescaling) is not supported; moerge rescales to the L1 norm")
         if lam != 1.0:
             params["lambda"] = lam
-        if method.startswith("dare"):
+        if method.startswith(("dare", "della")):
             params["seed"] = int(cfg.get("seed", glob.get("seed", 0)))
     dtype = cfg.get("out_dtype") or cfg.get("dtype")
     if dtype is not None and dtype not in DTYPES:
         raise MergeConfigError(f"dtype {dtype!r}: moerge writes one of {sorted(DTYPES)}")
     return {"base": base, "experts": experts, "method": kernel, "weights": weights, "dtype": dtype, "params": params}
+
+
+def _plan_own(cfg: dict[str, Any], method: str) -> dict[str, Any]:
+    """The plan for a method of :data:`OWN_METHODS` (SCE, SLERP, NearSwap, Model Stock)."""
+    kernel, allowed, fewest, most = OWN_METHODS[method]
+    base = cfg.get("base_model")
+    if base is None:
+        raise MergeConfigError(f"merge_method {method!r} needs base_model")
+    base = _model_ref(base, "base_model")
+    params: dict[str, Any] = {}
+    for key, value in dict(cfg.get("parameters") or {}).items():
+        if key not in allowed:
+            raise MergeConfigError(f"unknown parameter {key!r} in parameters for {method}{did_you_mean(key, sorted(allowed))}")
+        if key != "int8_mask":  # the mask's storage type only: no effect on the result
+            params[key] = _scalar(value, f"parameters.{key}")
+    if method in ("slerp", "nearswap") and "t" not in params:
+        raise MergeConfigError(f"merge_method {method!r} needs parameters.t")
+    models = cfg.get("models")
+    if not isinstance(models, list) or not models:
+        raise MergeConfigError("merge config needs 'models': a list of {model: ..., parameters: {...}}")
+    experts = []
+    for i, entry in enumerate(models):
+        where = f"models[{i}]"
+        ref = _model_ref(entry, where)
+        if isinstance(entry, Mapping):
+            extra = set(entry) - {"model", "parameters"}
+            if extra:
+                raise MergeConfigError(f"{where}: unknown keys {sorted(extra)} (a model entry has 'model' and 'parameters')")
+            if entry.get("parameters"):
+                raise MergeConfigError(
+                    f"{where}.parameters: {method} takes no per-model parameters (got {sorted(entry['parameters'])}); "
+                    f"it takes {sorted(allowed)} under the top-level parameters"
+                )
+        if not _same(ref, base):
+            experts.append(ref)
+    if len(experts) < fewest or (most is not None and len(experts) > most):
+        want = f"exactly {fewest}" if most == fewest else f"at least {fewest}"
+        raise MergeConfigError(f"merge_method {method!r} needs {want} model(s) besides base_model, got {len(experts)}")
+    dtype = cfg.get("out_dtype") or cfg.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise MergeConfigError(f"dtype {dtype!r}: moerge writes one of {sorted(DTYPES)}")
+    return {"base": base, "experts": experts, "method": kernel, "weights": None, "dtype": dtype, "params": params}
 
 
 def merge_from_config(

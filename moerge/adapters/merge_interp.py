@@ -1,0 +1,112 @@
+"""Merge kernels that interpolate between models rather than add task vectors: SLERP, NearSwap
+and Model Stock, with mergekit's meaning (``mergekit.merge_methods.slerp``, ``nearswap``,
+``model_stock``; checked tensor for tensor against mergekit on the same models).
+
+=================  ====================================================================
+``slerp``           the great-circle interpolation from the base (``t = 0``) to the one
+                    expert (``t = 1``) over each whole tensor; nearly parallel tensors
+                    (|cos| > ``dot_threshold``) are interpolated linearly
+``nearswap``        per entry, move from the base towards the expert by
+                    min(1, ``t`` / |θ_1 − θ_0|): entries that differ by less than ``t`` take
+                    the expert's value, others move ``t`` towards it
+``model_stock``     θ_0 + t · mean(τ_i) with t = k·cos / (1 + (k − 1)·cos), cos the mean
+                    pairwise cosine of the k ≥ 2 task tensors (Jang et al. 2024); per row
+                    with ``filter_wise``
+=================  ====================================================================
+
+NearSwap and Model Stock are functions of the task tensors τ_i = θ_i − θ_0 alone, so they also
+merge LoRA experts (on ΔW = s·B·A). SLERP needs the weights themselves (``base=``): a LoRA's ΔW
+has no base to interpolate from, and it is refused for LoRA experts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from moerge.adapters.merge import TaskTensors, _stack, register_merge
+
+
+def _one_expert(task_tensors: TaskTensors, weights: Any, method: str) -> torch.Tensor:
+    x = _stack(task_tensors)
+    if x.shape[0] != 1:
+        raise ValueError(f"{method} interpolates between the base and exactly one expert, got {x.shape[0]} experts")
+    if weights is not None:
+        raise ValueError(f"{method} takes t, not per-expert weights")
+    return x[0]
+
+
+def _check_t(t: float, method: str) -> float:
+    if not 0.0 <= float(t) <= 1.0:
+        raise ValueError(f"{method}: t must be in [0, 1], got {t}")
+    return float(t)
+
+
+@register_merge("slerp")
+def slerp(
+    task_tensors: TaskTensors,
+    weights: Any = None,
+    *,
+    t: float,
+    base: torch.Tensor,
+    dot_threshold: float = 0.9995,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """θ_m − θ_0 for θ_m = sin((1−t)Ω)/sin Ω · θ_0 + sin(tΩ)/sin Ω · θ_1, Ω the angle between the
+    flattened θ_0 and θ_1 (float32, or float64 for float64 inputs); ``(1−t)·θ_0 + t·θ_1`` where
+    |cos Ω| > ``dot_threshold``. A norm below ``eps`` counts as 1."""
+    t = _check_t(t, "slerp")
+    tau = _one_expert(task_tensors, weights, "slerp")
+    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    v0 = base.to(dtype).reshape(-1)
+    v1 = (base.to(dtype) + tau.to(dtype)).reshape(-1)
+    if v0.numel() == 0:
+        return tau
+    n0, n1 = torch.linalg.vector_norm(v0), torch.linalg.vector_norm(v1)
+    n0 = torch.where(n0 > eps, n0, 1)
+    n1 = torch.where(n1 > eps, n1, 1)
+    dot = ((v0 / n0) * (v1 / n1)).sum().clamp(-1, 1)
+    linear = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    c0 = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    c1 = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+    return (c0 * v0 + c1 * v1 - v0).reshape(base.shape)
+
+
+@register_merge("nearswap")
+def nearswap(task_tensors: TaskTensors, weights: Any = None, *, t: float) -> torch.Tensor:
+    """min(1, t / max(|τ|, 1e-6)) · τ per entry: the base's entries within ``t`` of the
+    expert's take the expert's value; the others move ``t`` towards it."""
+    if float(t) < 0:
+        raise ValueError(f"nearswap: t must be ≥ 0, got {t}")
+    tau = _one_expert(task_tensors, weights, "nearswap")
+    return (float(t) / tau.abs().clamp(min=1e-6)).clamp(min=0, max=1) * tau
+
+
+@register_merge("model_stock")
+def model_stock(task_tensors: TaskTensors, weights: Any = None, *, filter_wise: bool = False) -> torch.Tensor:
+    """t · mean(τ_i), t = k·cos / (1 + (k−1)·cos) from the mean pairwise cosine of the k task
+    tensors — over each whole tensor, or per row (``filter_wise``). Where the denominator
+    vanishes (|·| < 1e-6) the base is kept (t = 0)."""
+    x = _stack(task_tensors)
+    k = x.shape[0]
+    if k < 2:
+        raise ValueError(f"model_stock needs at least two experts beside the base, got {k}")
+    if weights is not None:
+        raise ValueError("model_stock sets its own interpolation from the experts' angles; it takes no weights")
+    if filter_wise:
+        rows = x.unsqueeze(1) if x.dim() == 2 else x  # a 1-D tensor is one row
+    else:
+        rows = x.reshape(k, 1, -1)
+    cosines = []
+    for i in range(k):
+        for j in range(i + 1, k):
+            norms = torch.linalg.vector_norm(rows[i], dim=-1) * torch.linalg.vector_norm(rows[j], dim=-1)
+            cosines.append(((rows[i] * rows[j]).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    denominator = 1 + (k - 1) * cos
+    singular = denominator.abs() < 1e-6
+    ratio = torch.where(singular, torch.zeros_like(cos), k * cos / torch.where(singular, torch.ones_like(cos), denominator))
+    return (ratio * rows.mean(dim=0)).reshape(x.shape[1:])
