@@ -669,3 +669,18 @@ def test_cli_merge_takes_the_other_methods_parameters_with_set(dense_family):
     assert r.exit_code == 2 and "NAME=VALUE" in r.output
     r = CliRunner().invoke(main, [*args, "--method", "slerp", "--set", "t=0.5", "--out", str(root / "e")])
     assert r.exit_code == 2 and "exactly one expert, got 2" in r.output
+
+
+def test_the_evaluator_runs_mergekits_other_merges_by_name_with_valid_grids():
+    """Every merge the evaluator knows takes its grid and fixed settings (each grid point passes
+    the kernel's parameter check); mergekit's other merges run by name, not by default."""
+    from moerge.adapters.merge import merge_params
+    from moerge.evaluation.methods import DEFAULT_METHODS, METHODS, call_params, resolve_methods
+
+    merges = [m for m in METHODS.values() if m.family == "merge"]
+    assert {"breadcrumbs", "breadcrumbs_ties", "della", "sce", "model_stock"} <= {m.name for m in merges}
+    for spec in merges:
+        for point in spec.points():
+            merge_params(spec.runs, call_params(spec, point))
+    assert not {"breadcrumbs", "della", "sce", "model_stock"} & set(DEFAULT_METHODS)
+    assert list(resolve_methods("sce,model_stock")) == ["sce", "model_stock"]

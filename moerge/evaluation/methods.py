@@ -30,6 +30,9 @@ class MethodSpec:
     #: the router or merge method it runs (default: ``name``): a variant of a method is a
     #: spec of its own, e.g. ``MethodSpec("glider-presets", "router", ..., router="glider")``
     router: str = ""
+    #: in the default set (``moerge eval`` without ``--methods``): the methods of the papers'
+    #: tables; mergekit's other merges are run by name
+    default: bool = True
 
     @property
     def runs(self) -> str:
@@ -86,6 +89,50 @@ METHODS: dict[str, MethodSpec] = {
             grid={"density": (0.3, 0.5), "lambda": (0.5, 1.0)},
             fixed={"seed": 0},
         ),
+        # mergekit's other merges over task vectors (LoRA experts merge in ΔW space); run by name
+        MethodSpec(
+            "breadcrumbs",
+            "merge",
+            "breadcrumbs",
+            "drop each ΔW's largest (γ) and smallest entries, then λ·Σ",
+            grid={"density": (0.5, 0.9), "lambda": (0.5, 1.0)},
+            fixed={"gamma": 0.01},
+            default=False,
+        ),
+        MethodSpec(
+            "breadcrumbs_ties",
+            "merge",
+            "breadcrumbs-TIES",
+            "breadcrumbs' sparsifier, then TIES' sign election",
+            grid={"density": (0.5, 0.9), "lambda": (0.5, 1.0)},
+            fixed={"gamma": 0.01},
+            default=False,
+        ),
+        MethodSpec(
+            "della",
+            "merge",
+            "DELLA",
+            "drop by magnitude rank (density ± ε), rescale, then TIES",
+            grid={"density": (0.3, 0.5), "lambda": (0.5, 1.0)},
+            fixed={"epsilon": 0.1, "seed": 0},
+            default=False,
+        ),
+        MethodSpec(
+            "sce",
+            "merge",
+            "SCE",
+            "keep the entries varying most across experts, elect signs, weigh by mean square",
+            grid={"select_topk": (0.1, 0.5, 1.0)},
+            default=False,
+        ),
+        MethodSpec(
+            "model_stock",
+            "merge",
+            "Model Stock",
+            "θ₀ + t·mean(ΔW), t from the experts' mean pairwise cosine",
+            grid={"filter_wise": (False, True)},
+            default=False,
+        ),
         MethodSpec(
             "twin",
             "twin",
@@ -102,7 +149,7 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 #: what ``moerge eval`` runs by default: every method over LoRA experts
-DEFAULT_METHODS: tuple[str, ...] = tuple(n for n, m in METHODS.items() if m.family != "symbolic")
+DEFAULT_METHODS: tuple[str, ...] = tuple(n for n, m in METHODS.items() if m.family != "symbolic" and m.default)
 
 
 def resolve_methods(names: Iterable[str | MethodSpec] | str | None) -> dict[str, MethodSpec]:
