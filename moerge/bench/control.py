@@ -260,6 +260,8 @@ def evaluate(
     for label in progress_bar(routers, desc="control: routers", progress=progress):
         name = ROUTERS[label]
         cfg = {"seed": seed, **(phatgoose or {})} if name == "phatgoose" else {}
+        if name == "retrieval":
+            cfg = {"max_examples": suite.preset.retrieval_examples}
         model = compose(suite.base_path, reg.select(names=experts), name, data=suite.expert_data, progress=False,
                         device=device, dtype=dtype, **cfg)  # fmt: skip
         if label.startswith("random gates"):
@@ -308,6 +310,7 @@ def evaluate(
         "best_single": {"expert": best, **methods[f"expert: {best}"]},
         "test_prompts": len(test),
         "chance_routing": round(100 / len(experts), 1),
+        "retrieval_examples": suite.preset.retrieval_examples,
         "build": suite.meta.get("timings", {}),
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -336,4 +339,5 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + (
         f"\n\n{result['test_prompts']} held-out prompts of three segments from three vocabularies; "
         f"routing chance {result['chance_routing']} %."
+        + (f" Retrieval's bank: {n} examples per expert." if (n := result.get("retrieval_examples", 1000)) != 1000 else "")
     )
