@@ -467,8 +467,19 @@ MERGEKIT_MORE = {
     "nearswap": ("nearswap", {"t": 0.01}, {}, {"t": 0.01}, 1),
     "model_stock": ("model_stock", {}, {}, {}, 3),
     "model_stock-filter-wise": ("model_stock", {"filter_wise": True}, {}, {"filter_wise": True}, 2),
+    "nuslerp": ("nuslerp", {}, {}, {}, 2),
+    "nuslerp-per-row": ("nuslerp", {"flatten": False}, {}, {"nuslerp_flatten": False}, 2),
+    "nuslerp-per-column": (
+        "nuslerp",
+        {"flatten": False, "row_wise": True},
+        {},
+        {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+        2,
+    ),
+    "multislerp": ("multislerp", {}, {}, {}, 3),
+    "multislerp-unnormalised": ("multislerp", {"normalize_weights": False}, {}, {"normalize_weights": False}, 3),
 }
-_WEIGHTED = {"breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
+_WEIGHTED = {"breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "nuslerp", "multislerp"}
 
 
 @pytest.mark.parametrize("name", sorted(MERGEKIT_MORE))
@@ -523,6 +534,12 @@ def _more_yaml(root: Path, name: str) -> dict:
             "models": [{"model": base}, {"model": ft[0]}],
             "parameters": {"t": 0.02},
         }
+    if name == "nuslerp-per-row":
+        models = [{"model": m, "parameters": {"weight": w}} for m, w in zip(ft[:2], [0.3, 0.9], strict=True)]
+        return {"merge_method": "nuslerp", "base_model": base, "models": models, "parameters": {"nuslerp_flatten": False}}
+    if name == "multislerp":
+        models = [{"model": m, "parameters": {"weight": w}} for m, w in zip(ft, [0.5, 1.0, 0.7], strict=True)]
+        return {"merge_method": "multislerp", "base_model": base, "models": models}
     if name == "model_stock-filter-wise":
         return {"merge_method": "model_stock", "base_model": base, "models": [{"model": m} for m in ft],
                 "parameters": {"filter_wise": True}}  # fmt: skip
@@ -531,7 +548,16 @@ def _more_yaml(root: Path, name: str) -> dict:
 
 @pytest.mark.parametrize(
     "name",
-    ["breadcrumbs_ties-per-model", "della-at-density-1", "sce", "slerp-base-listed", "nearswap", "model_stock-filter-wise"],
+    [
+        "breadcrumbs_ties-per-model",
+        "della-at-density-1",
+        "sce",
+        "slerp-base-listed",
+        "nearswap",
+        "model_stock-filter-wise",
+        "nuslerp-per-row",
+        "multislerp",
+    ],
 )
 def test_a_mergekit_yaml_with_mergekits_other_methods_gives_mergekits_tensors(dense_family, name):
     import yaml
@@ -582,6 +608,11 @@ def test_mergekits_other_methods_refuse_bad_input_by_name(dense_family, tmp_path
         "needs exactly 1 model\\(s\\) besides base_model, got 2",
     )
     refused_yaml(f"merge_method: model_stock\nbase_model: {base}\nmodels: [{{model: {ft[0]}}}]", "at least 2 model")
+    refused_yaml(f"merge_method: nuslerp\nmodels: [{{model: {ft[0]}}}, {{model: {ft[1]}}}]", "needs base_model .*task vectors")
+    refused_yaml(
+        f"merge_method: nuslerp\nbase_model: {base}\nmodels: [{{model: {ft[0]}, parameters: {{weight: 1}}}}, {{model: {ft[1]}}}]",
+        "models\\[1\\].parameters.weight: nuslerp needs a weight per model",
+    )
     refused_yaml(
         f"merge_method: sce\nbase_model: {base}\nmodels: [{{model: {ft[0]}, parameters: {{weight: 0.5}}}}]",
         "takes no per-model parameters",
@@ -636,6 +667,8 @@ def test_lora_experts_merge_with_the_task_vector_methods_and_slerp_is_refused_by
         ("breadcrumbs", {"density": 0.6, "gamma": 0.05}, [0, 1, 2]),
         ("sce", {"select_topk": 0.5}, [0, 1, 2]),
         ("nearswap", {"t": 0.001}, [2]),
+        ("nuslerp", {}, [0, 2]),
+        ("multislerp", {}, [0, 1, 2]),
     ]:
         merged = moerge.merge(base_dir, [folders[i] for i in experts], method, output="model", **params)
         shape = base.get_parameter(v + ".weight").shape
@@ -678,7 +711,7 @@ def test_the_evaluator_runs_mergekits_other_merges_by_name_with_valid_grids():
     from moerge.evaluation.methods import DEFAULT_METHODS, METHODS, call_params, resolve_methods
 
     merges = [m for m in METHODS.values() if m.family == "merge"]
-    assert {"breadcrumbs", "breadcrumbs_ties", "della", "sce", "model_stock"} <= {m.name for m in merges}
+    assert {"breadcrumbs", "breadcrumbs_ties", "della", "sce", "model_stock", "multislerp"} <= {m.name for m in merges}
     for spec in merges:
         for point in spec.points():
             merge_params(spec.runs, call_params(spec, point))

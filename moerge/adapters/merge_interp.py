@@ -12,10 +12,15 @@ and Model Stock, with mergekit's meaning (``mergekit.merge_methods.slerp``, ``ne
 ``model_stock``     θ_0 + t · mean(τ_i) with t = k·cos / (1 + (k − 1)·cos), cos the mean
                     pairwise cosine of the k ≥ 2 task tensors (Jang et al. 2024); per row
                     with ``filter_wise``
+``nuslerp``         the spherical interpolation of two experts' task tensors at
+                    t = w₂ / (w₁ + w₂), per tensor, row or column
+``multislerp``      the weighted barycentre of the task tensors on the sphere (tangent-space
+                    mean, exponential map), scaled by their weighted mean norm
 =================  ====================================================================
 
-NearSwap and Model Stock are functions of the task tensors τ_i = θ_i − θ_0 alone, so they also
-merge LoRA experts (on ΔW = s·B·A). SLERP needs the weights themselves (``base=``): a LoRA's ΔW
+NearSwap, Model Stock, NuSLERP and Multi-SLERP (the last two as mergekit runs them with a
+``base_model``) are functions of the task tensors τ_i = θ_i − θ_0 alone, so they also merge
+LoRA experts (on ΔW = s·B·A). SLERP needs the weights themselves (``base=``): a LoRA's ΔW
 has no base to interpolate from, and it is refused for LoRA experts.
 """
 
@@ -110,3 +115,77 @@ def model_stock(task_tensors: TaskTensors, weights: Any = None, *, filter_wise: 
     singular = denominator.abs() < 1e-6
     ratio = torch.where(singular, torch.zeros_like(cos), k * cos / torch.where(singular, torch.ones_like(cos), denominator))
     return (ratio * rows.mean(dim=0)).reshape(x.shape[1:])
+
+
+def _two_weights(weights: Any, n: int, method: str) -> list[float]:
+    if weights is None:
+        return [1.0] * n
+    w = [float(x) for x in torch.as_tensor(weights).flatten().tolist()]
+    if len(w) != n:
+        raise ValueError(f"{method}: {len(w)} weights for {n} experts")
+    return w
+
+
+@register_merge("nuslerp")
+def nuslerp(
+    task_tensors: TaskTensors, weights: Any = None, *, flatten: bool = True, row_wise: bool = False, eps: float = 1e-8
+) -> torch.Tensor:
+    """The spherical interpolation of two experts' task tensors at t = w₂ / (w₁ + w₂) (½ when
+    the weights sum to ~0): over each whole tensor (``flatten``, mergekit's default), else per
+    row, or per column with ``row_wise`` (mergekit's ``nuslerp_flatten``/``nuslerp_row_wise``).
+    Collinear pairs (1 − cos² ≤ eps²) are interpolated linearly."""
+    x = _stack(task_tensors)
+    if x.shape[0] != 2:
+        raise ValueError(f"nuslerp interpolates exactly two experts, got {x.shape[0]}")
+    w = _two_weights(weights, 2, "nuslerp")
+    t = 0.5 if abs(sum(w)) < 1e-6 else w[1] / sum(w)
+    v0, v1 = x[0], x[1]
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+
+    def unit(v: torch.Tensor) -> torch.Tensor:
+        return v / torch.norm(v, dim=-1, keepdim=True).clamp(min=1e-7)
+
+    cos = torch.sum(unit(v0) * unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
+    collinear = (1 - cos.square()) <= eps**2
+    theta = torch.acos(torch.where(collinear, 0, cos))
+    out = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    out = torch.where(collinear, (1 - t) * v0 + t * v1, out)
+    if row_wise and not flatten:
+        out = out.transpose(0, -1)
+    return out.reshape(shape)
+
+
+@register_merge("multislerp")
+def multislerp(
+    task_tensors: TaskTensors, weights: Any = None, *, normalize_weights: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """Barycentric interpolation of the experts' task tensors on the sphere: project each onto
+    the unit sphere, take the weighted mean direction, average in its tangent space, map back
+    (exponential map) and scale by the weighted mean norm (mergekit's ``multislerp`` with a
+    base). One expert is returned as it is; two whose weighted directions cancel are averaged
+    linearly; more raise."""
+    x = _stack(task_tensors)
+    if x.shape[0] == 1:
+        return x[0]
+    flat = x.reshape(x.shape[0], -1)
+    w = torch.tensor(_two_weights(weights, x.shape[0], "multislerp"), dtype=x.dtype, device=x.device)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(0)
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if x.shape[0] == 2:
+            return x[0] * w[0] + x[1] * w[1]
+        raise ValueError("multislerp: the experts' weighted directions cancel (antipodal task tensors); change the weights")
+    mean = mean / mean_norm
+    tangent = units - (units * mean).sum(-1, keepdim=True) * mean
+    step = (tangent * w.view(-1, 1)).sum(0)
+    step_norm = torch.norm(step) + eps
+    out = mean * torch.cos(step_norm) + step * (torch.sin(step_norm) / step_norm)
+    return (out * (norms.squeeze(-1) * w).sum()).view(x.shape[1:])

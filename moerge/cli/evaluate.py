@@ -25,7 +25,7 @@ from moerge.runtime import quiet_hf
 @click.option(
     "--methods",
     default=None,
-    help="Comma-separated methods [default: all of the papers' tables]: base,experts,oracle,phatgoose,glider,arrow,retrieval,average,task_arithmetic,ties,dare_ties,twin; by name, mergekit's breadcrumbs,breadcrumbs_ties,della,sce,model_stock; or, over whole-model experts, symbolic_moe,majority_vote,best_single.",
+    help="Comma-separated methods [default: all of the papers' tables]: base,experts,oracle,phatgoose,glider,arrow,retrieval,average,task_arithmetic,ties,dare_ties,twin; by name, mergekit's breadcrumbs,breadcrumbs_ties,della,sce,model_stock,multislerp; or, over whole-model experts, symbolic_moe,majority_vote,best_single.",
 )
 @click.option("--expert", "experts", multiple=True, help="Evaluate only these experts (repeatable; default: every LoRA expert).")
 @click.option(

@@ -18,7 +18,7 @@ from moerge.runtime import quiet_hf
     default="ties",
     show_default=True,
     help="average, task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune, svd; mergekit's breadcrumbs, "
-    "breadcrumbs_ties, della, della_linear, sce, slerp, nearswap, model_stock.",
+    "breadcrumbs_ties, della, della_linear, sce, slerp, nearswap, model_stock, nuslerp, multislerp.",
 )
 @click.option("--experts", default=None, help="Comma-separated registry names or PEFT-adapter / model folders.")
 @click.option(
@@ -63,7 +63,7 @@ from moerge.runtime import quiet_hf
     multiple=True,
     metavar="NAME=VALUE",
     help="Any other parameter of the method (repeatable): gamma, epsilon (breadcrumbs, della), select_topk (sce), "
-    "t (slerp, nearswap), filter_wise (model_stock), normalize, rescale …",
+    "t (slerp, nearswap), filter_wise (model_stock), flatten and row_wise (nuslerp), normalize_weights (multislerp) …",
 )
 @click.option("--no-progress", is_flag=True)
 def merge_cmd(

@@ -182,7 +182,7 @@ def merge(
     """Merge ``experts`` onto ``base`` with ``method`` (``average``, ``task_arithmetic``,
     ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``, ``svd``; mergekit's
     ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear``, ``sce``, ``slerp``,
-    ``nearswap``, ``model_stock``) and its ``params`` (``density``, ``majority_sign_method``,
+    ``nearswap``, ``model_stock``, ``nuslerp``, ``multislerp``) and its ``params`` (``density``, ``majority_sign_method``,
     ``lambda``, ``seed``, ``flavor``, ``rank``, ``gamma``, ``epsilon``, ``select_topk``, ``t`` …).
 
     ``experts``: a Registry, ``registry.select(...)``, or a list of registry names (with

@@ -5,7 +5,8 @@ The subset we share with mergekit is accepted with mergekit's meaning, so a file
 ``mergekit-yaml`` gives the same tensors here (tested against mergekit on the same file)::
 
     merge_method: ties            # linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs,
-                                  # breadcrumbs_ties, della, della_linear, sce, slerp, nearswap, model_stock
+                                  # breadcrumbs_ties, della, della_linear, sce, slerp, nearswap,
+                                  # model_stock, nuslerp, multislerp (the last two with base_model)
     base_model: ./base            # a folder, a hub id in the local cache, or a registry name
     models:
       - model: ./ft-a
@@ -41,14 +42,18 @@ METHODS: dict[str, tuple[str, bool, bool]] = {
     "della": ("della", True, True),
     "della_linear": ("della_linear", False, True),
 }
-#: mergekit methods with parameters of their own → (moerge kernel, their global parameters, the
-#: fewest and most models besides base_model); none takes per-model parameters
-OWN_METHODS: dict[str, tuple[str, frozenset[str], int, int | None]] = {
-    "sce": ("sce", frozenset({"select_topk", "int8_mask"}), 1, None),
-    "slerp": ("slerp", frozenset({"t"}), 1, 1),
-    "nearswap": ("nearswap", frozenset({"t"}), 1, 1),
-    "model_stock": ("model_stock", frozenset({"filter_wise"}), 2, None),
+#: mergekit methods with parameters of their own → (moerge kernel, their global parameters, whether
+#: each model takes a ``weight``, the fewest and most models besides base_model)
+OWN_METHODS: dict[str, tuple[str, frozenset[str], bool, int, int | None]] = {
+    "sce": ("sce", frozenset({"select_topk", "int8_mask"}), False, 1, None),
+    "slerp": ("slerp", frozenset({"t"}), False, 1, 1),
+    "nearswap": ("nearswap", frozenset({"t"}), False, 1, 1),
+    "model_stock": ("model_stock", frozenset({"filter_wise"}), False, 2, None),
+    "nuslerp": ("nuslerp", frozenset({"nuslerp_flatten", "nuslerp_row_wise"}), True, 2, 2),
+    "multislerp": ("multislerp", frozenset({"normalize_weights", "eps"}), True, 1, None),
 }
+#: mergekit's parameter names that moerge's kernels spell otherwise
+RENAMED = {"nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise"}
 #: the sparsifiers' own per-model parameters, by method
 SPARSIFIER_PARAMS = {"breadcrumbs": "gamma", "breadcrumbs_ties": "gamma", "della": "epsilon", "della_linear": "epsilon"}
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "seed"}
@@ -216,44 +221,52 @@ def plan_merge(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def _plan_own(cfg: dict[str, Any], method: str) -> dict[str, Any]:
     """The plan for a method of :data:`OWN_METHODS` (SCE, SLERP, NearSwap, Model Stock)."""
-    kernel, allowed, fewest, most = OWN_METHODS[method]
+    kernel, allowed, weighted, fewest, most = OWN_METHODS[method]
     base = cfg.get("base_model")
     if base is None:
-        raise MergeConfigError(f"merge_method {method!r} needs base_model")
+        without = " (mergekit can run it on the whole weights without one; moerge merges task vectors)"
+        raise MergeConfigError(f"merge_method {method!r} needs base_model" + (without if weighted else ""))
     base = _model_ref(base, "base_model")
     params: dict[str, Any] = {}
     for key, value in dict(cfg.get("parameters") or {}).items():
         if key not in allowed:
             raise MergeConfigError(f"unknown parameter {key!r} in parameters for {method}{did_you_mean(key, sorted(allowed))}")
         if key != "int8_mask":  # the mask's storage type only: no effect on the result
-            params[key] = _scalar(value, f"parameters.{key}")
+            params[RENAMED.get(key, key)] = _scalar(value, f"parameters.{key}")
     if method in ("slerp", "nearswap") and "t" not in params:
         raise MergeConfigError(f"merge_method {method!r} needs parameters.t")
     models = cfg.get("models")
     if not isinstance(models, list) or not models:
         raise MergeConfigError("merge config needs 'models': a list of {model: ..., parameters: {...}}")
-    experts = []
+    experts, weights = [], []
     for i, entry in enumerate(models):
         where = f"models[{i}]"
         ref = _model_ref(entry, where)
+        own = {}
         if isinstance(entry, Mapping):
             extra = set(entry) - {"model", "parameters"}
             if extra:
                 raise MergeConfigError(f"{where}: unknown keys {sorted(extra)} (a model entry has 'model' and 'parameters')")
-            if entry.get("parameters"):
+            own = dict(entry.get("parameters") or {})
+            bad = sorted(set(own) - ({"weight"} if weighted else set()))
+            if bad:
+                takes = "only 'weight' per model" if weighted else "no per-model parameters"
                 raise MergeConfigError(
-                    f"{where}.parameters: {method} takes no per-model parameters (got {sorted(entry['parameters'])}); "
-                    f"it takes {sorted(allowed)} under the top-level parameters"
+                    f"{where}.parameters: {method} takes {takes} (got {bad}); it takes {sorted(allowed)} under the top-level parameters"
                 )
         if not _same(ref, base):
             experts.append(ref)
+            if weighted:
+                if "weight" not in own:
+                    raise MergeConfigError(f"{where}.parameters.weight: {method} needs a weight per model")
+                weights.append(float(_scalar(own["weight"], f"{where}.parameters.weight")))
     if len(experts) < fewest or (most is not None and len(experts) > most):
         want = f"exactly {fewest}" if most == fewest else f"at least {fewest}"
         raise MergeConfigError(f"merge_method {method!r} needs {want} model(s) besides base_model, got {len(experts)}")
     dtype = cfg.get("out_dtype") or cfg.get("dtype")
     if dtype is not None and dtype not in DTYPES:
         raise MergeConfigError(f"dtype {dtype!r}: moerge writes one of {sorted(DTYPES)}")
-    return {"base": base, "experts": experts, "method": kernel, "weights": None, "dtype": dtype, "params": params}
+    return {"base": base, "experts": experts, "method": kernel, "weights": weights or None, "dtype": dtype, "params": params}
 
 
 def merge_from_config(

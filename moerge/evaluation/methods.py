@@ -134,6 +134,13 @@ METHODS: dict[str, MethodSpec] = {
             default=False,
         ),
         MethodSpec(
+            "multislerp",
+            "merge",
+            "Multi-SLERP",
+            "the experts' ΔW averaged on the sphere (tangent-space mean), scaled by their mean norm",
+            default=False,
+        ),
+        MethodSpec(
             "twin",
             "twin",
             "Twin-Merging",
