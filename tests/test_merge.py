@@ -223,8 +223,16 @@ def test_merge_config_cli_and_its_errors(dense_family, tmp_path):
     refused(f"merge_method: arcee_fusion\nmodels: [{{model: {base}}}]", "moerge runs mergekit configs for")
     refused(f"merge_method: ties\nmodels: [{{model: {root / 'ft0'}}}]", "needs base_model")
     refused(
-        f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {root / 'ft0'}, parameters: {{density: [0.1, 0.9]}}}}]",
-        "per-layer gradient",
+        f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {root / 'ft0'}, parameters: {{density: {{filter: mlp}}}}}}]",
+        "models\\[0\\].parameters.density\\[0\\]: a condition is \\{filter: NAME, value: V\\}",
+    )
+    refused(
+        f"merge_method: ties\nbase_model: {base}\nparameters: {{normalize: [true, false]}}\nmodels: [{{model: {root / 'ft0'}}}]",
+        "parameters.normalize: .* this parameter takes one value",
+    )
+    refused(
+        f"merge_method: ties\nbase_model: {base}\nparameters: {{density: [0.1, abc]}}\nmodels: [{{model: {root / 'ft0'}}}]",
+        "neither a number nor a gradient",
     )
     refused(
         f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {root / 'ft0'}, parameters: {{densty: 0.5}}}}]",
@@ -622,8 +630,11 @@ def test_mergekits_other_methods_refuse_bad_input_by_name(dense_family, tmp_path
         f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {ft[0]}, parameters: {{gamma: 0.1}}}}]",
         "unknown parameter 'gamma' for ties",
     )
-    refused_yaml(f"merge_method: slerp\nbase_model: {base}\nparameters: {{t: [0, 1]}}\nmodels: [{{model: {ft[0]}}}]",
-                 "per-layer gradient")  # fmt: skip
+    refused_yaml(
+        f"merge_method: task_arithmetic\nbase_model: {base}\nparameters: {{normalize: true}}\n"
+        f"models: [{{model: {ft[0]}, parameters: {{weight: [0.2, 0.8]}}}}]",
+        "normalize: true takes one weight per model",
+    )
 
 
 def test_della_keeps_entries_with_a_probability_rising_with_their_magnitude():
@@ -679,6 +690,10 @@ def test_lora_experts_merge_with_the_task_vector_methods_and_slerp_is_refused_by
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="slerp interpolates whole weights"):
         moerge.merge(base_dir, folders[:1], "slerp", output="model", t=0.5)
+    from moerge.adapters.merge import Setting
+
+    with pytest.raises(ValueError, match="per-layer gradients and filters .* apply to dense experts"):
+        moerge.merge(base_dir, folders, "ties", density=Setting.gradient([0.2, 0.8]))
 
 
 def test_cli_merge_takes_the_other_methods_parameters_with_set(dense_family):
@@ -717,3 +732,93 @@ def test_the_evaluator_runs_mergekits_other_merges_by_name_with_valid_grids():
             merge_params(spec.runs, call_params(spec, point))
     assert not {"breadcrumbs", "della", "sce", "model_stock"} & set(DEFAULT_METHODS)
     assert list(resolve_methods("sce,model_stock")) == ["sce", "model_stock"]
+
+
+@pytest.fixture
+def deep_family(tmp_path: Path) -> Path:
+    """A 4-layer tiny Llama and three fine-tunes: a gradient over 4 layers takes values between
+    its points (layers at t = 0, ⅓, ⅔, 1)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg)
+    base.save_pretrained(tmp_path / "base")
+    for i in range(3):
+        m = LlamaForCausalLM(cfg)
+        m.load_state_dict(base.state_dict())
+        g = torch.Generator().manual_seed(20 + i)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+        m.save_pretrained(tmp_path / f"ft{i}")
+    return tmp_path
+
+
+GRADIENT_CONFIGS = {
+    # the canonical SLERP config: t per layer, one gradient for attention, another for the MLP
+    "slerp-filters-and-gradients": lambda b, ft: {
+        "merge_method": "slerp",
+        "base_model": b,
+        "models": [{"model": b}, {"model": ft[0]}],
+        "parameters": {
+            "t": [
+                {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                {"value": 0.5},
+            ]
+        },  # fmt: skip
+    },
+    "ties-density-gradient-per-model": lambda b, ft: {
+        "merge_method": "ties",
+        "base_model": b,
+        "models": [
+            {"model": ft[0], "parameters": {"weight": 0.6, "density": [0.2, 0.9]}},
+            {"model": ft[1], "parameters": {"weight": [1.0, 0.3], "density": {"filter": "mlp", "value": 0.3}}},
+            {"model": ft[2], "parameters": {"weight": 0.8}},
+        ],
+        "parameters": {"density": 0.5, "lambda": [{"filter": "q_proj", "value": 1.3}, {"value": [0.8, 1.0]}]},
+    },
+    "breadcrumbs-gamma-filter": lambda b, ft: {
+        "merge_method": "breadcrumbs",
+        "base_model": b,
+        "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.6}} for m in ft],
+        "parameters": {"gamma": [{"filter": "down_proj", "value": 0.1}, {"value": 0.02}]},
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRADIENT_CONFIGS))
+def test_per_layer_gradients_and_filters_give_mergekits_tensors(deep_family, name):
+    """mergekit's gradients (a list spread over the layers, interpolated) and filters (the first
+    condition matching the tensor's name), globally and per model, on the same YAML file."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    root = deep_family
+    cfg = GRADIENT_CONFIGS[name](str(root / "base"), [str(root / f"ft{i}") for i in range(3)])
+    file = root / f"{name}.yml"
+    file.write_text(yaml.safe_dump({**cfg, "dtype": "float32"}))
+    run_merge(
+        MergeConfiguration.model_validate(yaml.safe_load(file.read_text())),
+        str(root / "mk"),
+        MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False),
+    )
+    theirs = load_file(root / "mk" / "model.safetensors")
+    ours = load_file(moerge.merge_from_config(file, root / "ours") / "model.safetensors")
+    assert set(ours) == set(theirs)
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-5, rtol=0, msg=k)
+
+
+def test_a_setting_resolves_filters_in_order_and_interpolates_over_the_layers():
+    from moerge.adapters.merge import Setting
+
+    s = Setting((("self_attn", (0.0, 0.5, 0.3, 0.7, 1.0)), ("mlp", 0.9), (None, 0.5)))
+    at = {i: s.at(f"model.layers.{i}.self_attn.q_proj.weight", 4) for i in range(4)}
+    assert at[0] == 0.0 and at[3] == 1.0 and abs(at[1] - (0.5 + (0.3 - 0.5) / 3)) < 1e-12  # t = ⅓: 4/3 of the way
+    assert s.at("model.layers.2.mlp.up_proj.weight", 4) == 0.9 and s.at("model.norm.weight", 4) == 0.5
+    assert Setting.gradient([0.2, 0.8]).at("model.embed_tokens.weight", 4) == 0.2  # outside the layers: t = 0
+    assert Setting((("mlp", 1.0),), default=0.3).at("lm_head.weight", 4) == 0.3

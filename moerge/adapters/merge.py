@@ -46,6 +46,7 @@ Where PEFT and mergekit disagree, ``flavor`` picks whose semantics to follow (de
 from __future__ import annotations
 
 import inspect
+import re
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -134,7 +135,8 @@ def merge_params(method: str, params: Mapping[str, Any], also: Sequence[str] = (
     if missing:
         raise ValueError(f"merge method {method!r} needs {missing}")
     if "density" in out:
-        ds = [out["density"]] if isinstance(out["density"], int | float) else list(out["density"])
+        ds = [out["density"]] if isinstance(out["density"], int | float | Setting) else list(out["density"])
+        ds = [x for d in ds for x in (d.values() if isinstance(d, Setting) else [d])]
         if not all(isinstance(d, int | float) and 0.0 <= float(d) <= 1.0 for d in ds):
             raise ValueError(f"density must be in [0, 1] (one number, or one per expert), got {out['density']}")
     if "majority_sign_method" in out and out["majority_sign_method"] not in _SIGN_ALIASES:
@@ -595,9 +597,85 @@ def rank_for(shape: Sequence[int], rank: int | None = None, keep: float | None =
     return max(1, min(full, int(keep * full)))
 
 
-def kernel_kwargs(method: str, params: Mapping[str, Any], key: str) -> dict[str, Any]:
-    """Validated params as the kernel takes them: ``seed`` becomes a per-tensor generator."""
-    kw = {k: v for k, v in params.items() if k != "seed"}
+# ------------------------------------------------- parameters that vary over a model's tensors
+
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A merge parameter that varies over a model's tensors, as mergekit's configs write it: a
+    *gradient* (values spread evenly over the layers and interpolated linearly between them) and
+    *filters* (the first condition whose ``filter`` is in the tensor's name, or has none, gives
+    the value). ``conditions``: ``(filter or None, value)`` pairs in order, a value being a number
+    or a tuple of numbers (a gradient). ``default``: the value where no condition matches.
+
+    The tensor of layer i of L takes the gradient at t = i / (L − 1) (t = 1 for one layer);
+    tensors outside the layers (embeddings, the final norm, the head) take t = 0, as in mergekit."""
+
+    conditions: tuple[tuple[str | None, Any], ...]
+    default: Any = None
+
+    @classmethod
+    def gradient(cls, values: Sequence[float]) -> Setting:
+        return cls(((None, tuple(values)),))
+
+    def values(self) -> list[Any]:
+        """Every number it can take (its gradients' end points and the default)."""
+        out = []
+        for _, v in self.conditions:
+            out.extend(v if isinstance(v, tuple) else [v])
+        return out + ([] if self.default is None else [self.default])
+
+    def at(self, key: str, layers: int | None) -> Any:
+        """The value for the tensor named ``key`` of a model with ``layers`` layers."""
+        for filt, value in self.conditions:
+            if filt is None or filt == "*" or filt in key:
+                if not isinstance(value, tuple):
+                    return value
+                return _interpolate(value, layer_position(key, layers))
+        return self.default
+
+
+def layer_position(key: str, layers: int | None) -> float:
+    """t of the tensor ``key`` in a model of ``layers`` layers (see :class:`Setting`)."""
+    m = LAYER_INDEX.search(key)
+    if m is None or not layers:
+        return 0.0
+    return int(m.group(1)) / (layers - 1) if layers > 1 else 1.0
+
+
+def _interpolate(values: tuple[Any, ...], t: float) -> Any:
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        return values[int(t * (len(values) - 1))]
+    scaled = t * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * values[i0] + frac * values[i1]
+
+
+def resolve_settings(value: Any, key: str, layers: int | None) -> Any:
+    """``value`` for the tensor ``key``: a :class:`Setting` resolved, in a list each element."""
+    if isinstance(value, Setting):
+        return value.at(key, layers)
+    if isinstance(value, list | tuple) and any(isinstance(v, Setting) for v in value):
+        return [v.at(key, layers) if isinstance(v, Setting) else v for v in value]
+    return value
+
+
+def has_settings(params: Mapping[str, Any], weights: Any = None) -> bool:
+    """Whether any parameter (or weight) varies over the tensors."""
+    items = [*params.values(), weights]
+    return any(isinstance(v, Setting) or (isinstance(v, list | tuple) and any(isinstance(x, Setting) for x in v)) for v in items)
+
+
+def kernel_kwargs(method: str, params: Mapping[str, Any], key: str, layers: int | None = None) -> dict[str, Any]:
+    """Validated params as the kernel takes them for the tensor ``key``: ``seed`` becomes a
+    per-tensor generator; a :class:`Setting` (a gradient or filters) its value for ``key`` in a
+    model of ``layers`` layers (a parameter no condition sets is left to the kernel's default)."""
+    kw = {k: resolve_settings(v, key, layers) for k, v in params.items() if k != "seed"}
+    kw = {k: v for k, v in kw.items() if v is not None}
     if get_merge(method).random:
         kw["generator"] = tensor_generator(int(params.get("seed", 0)), key)
     return kw

@@ -25,7 +25,14 @@ from typing import Any, Literal
 import torch
 
 from moerge.adapters.lora import LoraExpert, LoraFactors, load_lora, lowrank_from_delta, lowrank_from_factors
-from moerge.adapters.merge import get_merge, kernel_kwargs, merge_lora_deltas, merge_params
+from moerge.adapters.merge import (
+    get_merge,
+    has_settings,
+    kernel_kwargs,
+    merge_lora_deltas,
+    merge_params,
+    resolve_settings,
+)
 from moerge.device import DeviceLike, resolve_device, resolve_dtype
 from moerge.hints import did_you_mean
 from moerge.progress import hf_bars, progress_bar
@@ -229,7 +236,10 @@ def merge(
             f"LoRA {[n for k, _, n in resolved if k == 'lora']}, dense {[n for k, _, n in resolved if k == 'dense']}"
         )
     names = [n for _, _, n in resolved]
-    w = _expert_weights(weights, names)
+    varying = has_settings(params, weights)  # gradients or filters (a mergekit config's): resolved per tensor
+    w = list(weights) if varying and weights is not None and not isinstance(weights, Mapping) else _expert_weights(weights, names)
+    if varying and w is not None and len(w) != len(names):
+        raise ValueError(f"{len(w)} weights for {len(names)} experts ({names})")
     base_id = local_base(_base_of(resolved, base))  # a .gguf file: its converted folder
     kind = kinds.pop()
     if output is None:
@@ -248,6 +258,11 @@ def merge(
             load_lora(it, name=n, registry=reg, device=dev) if isinstance(it, ExpertRecord) else load_lora(it, name=n, device=dev)
             for _, it, n in resolved
         ]
+        if varying:
+            raise ValueError(
+                "per-layer gradients and filters (a parameter that varies over the tensors) apply to dense experts; "
+                "give LoRA experts one value per parameter"
+            )
         if m.needs_base:
             raise ValueError(
                 f"{m.name} interpolates whole weights and a LoRA's ΔW has no base to interpolate from: merge dense "
@@ -509,12 +524,25 @@ class ShardWriter:
         )
 
 
+def _num_layers(folder: Path) -> int | None:
+    """The model's layer count from its config (what a gradient is spread over), if it says."""
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get("text_config", cfg)
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(cfg.get(name), int):
+            return cfg[name]
+    return None
+
+
 def _merge_dense(
     base_id: str,
     sources: list[DenseSource],
     method: str,
     params: dict[str, Any],
-    weights: torch.Tensor | None,
+    weights: torch.Tensor | list[Any] | None,
     out: Path | None,
     report: MergeReport,
     progress: bool,
@@ -529,6 +557,7 @@ def _merge_dense(
     base_w = TensorFolder(info.folder)
     kernel = get_merge(method)
     keys = base_w.keys()
+    layers = _num_layers(info.folder)
 
     def write(stage: Path) -> None:
         writer = ShardWriter(stage, shard_bytes)
@@ -540,7 +569,10 @@ def _merge_dense(
             b_dev = b.to(device)
             taus = [s.task_tensor(key, b_dev) for s in sources]
             own = {"base": b_dev.float()} if kernel.needs_base else {}
-            merged = kernel(taus, weights, **kernel_kwargs(method, params, key), **own)
+            w = weights
+            if isinstance(weights, list):  # some vary over the tensors
+                w = torch.tensor([float(x) for x in resolve_settings(weights, key, layers)])
+            merged = kernel(taus, w, **kernel_kwargs(method, params, key, layers), **own)
             writer.add(key, (b_dev.float() + merged).to(out_dtype or b.dtype).cpu())
             report.tensors += 1
             del taus, merged

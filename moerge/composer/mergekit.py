@@ -18,8 +18,12 @@ The subset we share with mergekit is accepted with mergekit's meaning, so a file
 
 moerge additions: ``seed`` (DARE's and DELLA's masks are seeded here; mergekit draws them unseeded), and
 models may be experts of a moerge registry (LoRA experts then merge in ΔW space into a LoRA).
-What mergekit has and moerge does not — slices, per-module configs, per-layer gradients and
-filters, ``model+lora`` references, tokenizer merging, other methods — is refused by name.
+Any parameter may vary over the tensors as mergekit writes it (dense experts): a gradient (a list
+of numbers spread over the layers) or filters (``[{filter: self_attn, value: [0, 0.5, 1]},
+{value: 0.5}]``: the first condition whose filter is in the tensor's name; one without a filter
+matches every tensor), except the ones read once for the whole merge (``normalize``,
+``rescale``, ``seed``). What mergekit has and moerge does not — slices, per-module configs,
+``model+lora`` references, tokenizer merging, other methods — is refused by name.
 """
 
 from __future__ import annotations
@@ -88,12 +92,66 @@ def load_merge_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     return dict(data)
 
 
+#: parameters read once for the whole merge (how weights are normalised, the seed): one value each
+PLAN_TIME = {"normalize", "rescale", "int8_mask", "seed"}
+
+
 def _scalar(value: Any, where: str) -> Any:
     if isinstance(value, bool | int | float | str):
         return value
     raise MergeConfigError(
-        f"{where}: {value!r} is a per-layer gradient or filter; moerge merges every tensor with one value (give a number)"
+        f"{where}: {value!r} is a per-layer gradient or filter; this parameter takes one value (give a number)"
     )
+
+
+def _setting(value: Any, where: str) -> Any:
+    """A parameter as mergekit writes it: a number, a gradient (a list of numbers spread over the
+    layers), or filters (``{filter: self_attn, value: ...}`` conditions, in order; one without a
+    filter matches every tensor) — a :class:`~moerge.adapters.merge.Setting` for the last two."""
+    from moerge.adapters.merge import Setting
+
+    if isinstance(value, bool | int | float | str):
+        return value
+
+    def gradient_or_number(v: Any, at: str) -> Any:
+        if isinstance(v, bool | int | float):
+            return v
+        if isinstance(v, list) and v and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v):
+            return tuple(v)
+        raise MergeConfigError(f"{at}: {v!r} is neither a number nor a gradient (a list of numbers)")
+
+    if isinstance(value, Mapping):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise MergeConfigError(f"{where}: {value!r} is neither a number, a gradient nor a list of filters")
+    if all(not isinstance(v, Mapping) for v in value):
+        return Setting(((None, gradient_or_number(value, where)),))
+    conditions = []
+    for j, cond in enumerate(value):
+        at = f"{where}[{j}]"
+        if not isinstance(cond, Mapping) or "value" not in cond or set(cond) - {"filter", "value"}:
+            raise MergeConfigError(f"{at}: a condition is {{filter: NAME, value: V}} (filter optional), got {cond!r}")
+        filt = cond.get("filter")
+        if filt is not None and not isinstance(filt, str):
+            raise MergeConfigError(f"{at}.filter: a part of a tensor name, got {filt!r}")
+        conditions.append((filt, gradient_or_number(cond["value"], f"{at}.value")))
+    return Setting(tuple(conditions))
+
+
+def _per_model(own: Any, glob: Any, default: float, where: str) -> Any:
+    """A model's value of a per-model parameter: its own (where its filters match), else the
+    global one, else mergekit's ``default`` — a number, or a Setting that tries them in order."""
+    from moerge.adapters.merge import Setting
+
+    mine = _setting(own, where) if own is not None else None
+    if mine is not None and not isinstance(mine, Setting):
+        return float(mine)
+    fallback = glob if glob is not None else default
+    if mine is None:
+        return fallback if isinstance(fallback, Setting) else float(fallback)
+    rest = fallback.conditions if isinstance(fallback, Setting) else ((None, float(fallback)),)
+    last = fallback.default if isinstance(fallback, Setting) else None
+    return Setting(mine.conditions + rest, default if last is None else last)
 
 
 def _model_ref(entry: Any, where: str) -> str:
@@ -142,7 +200,7 @@ def plan_merge(config: Mapping[str, Any]) -> dict[str, Any]:
             raise MergeConfigError(
                 f"unknown parameter {key!r} in parameters for {method}{did_you_mean(key, sorted(allowed_global))}"
             )
-        glob[key] = _scalar(value, f"parameters.{key}")
+        glob[key] = _scalar(value, f"parameters.{key}") if key in PLAN_TIME else _setting(value, f"parameters.{key}")
     models = cfg.get("models")
     if not isinstance(models, list) or not models:
         raise MergeConfigError("merge config needs 'models': a list of {model: ..., parameters: {...}}")
@@ -169,21 +227,22 @@ def plan_merge(config: Mapping[str, Any]) -> dict[str, Any]:
                 )
         if base is not None and _same(ref, base) and method != "linear":
             continue  # mergekit lists the base among the models; its task vector is zero
-        params = {**{k: glob[k] for k in MODEL_PARAMS if k in glob}, **own}
         experts.append(ref)
-        weights.append(float(_scalar(params.get("weight", 1.0), f"{where}.parameters.weight")))
-        densities.append(float(_scalar(params.get("density", 1.0), f"{where}.parameters.density")))
+        weights.append(_per_model(own.get("weight"), glob.get("weight"), 1.0, f"{where}.parameters.weight"))
+        densities.append(_per_model(own.get("density"), glob.get("density"), 1.0, f"{where}.parameters.density"))
         if own_param:
             default = 0.01 if own_param == "gamma" else 0.15  # mergekit's
-            owns.append(float(_scalar(params.get(own_param, default), f"{where}.parameters.{own_param}")))
+            owns.append(_per_model(own.get(own_param), glob.get(own_param), default, f"{where}.parameters.{own_param}"))
     if not experts:
         raise MergeConfigError("merge config lists no model besides base_model")
     normalize = bool(glob.get("normalize", normalize_default))
     rescale = bool(glob.get("rescale", rescale_default))
-    lam = float(glob.get("lambda", 1.0))
+    lam = glob.get("lambda", 1.0)
+    lam = lam if not isinstance(lam, int | float) else float(lam)
+    varying_weights = any(not isinstance(w, float) for w in weights)
     params: dict[str, Any] = {}
     if method == "linear":
-        if not normalize and abs(sum(weights) - 1.0) > 1e-6:
+        if not normalize and (varying_weights or abs(sum(weights) - 1.0) > 1e-6):
             raise MergeConfigError(
                 "linear with normalize: false and weights that do not sum to 1 scales the whole model; moerge merges task "
                 "vectors, so give weights summing to 1 or normalize: true"
@@ -194,6 +253,8 @@ def plan_merge(config: Mapping[str, Any]) -> dict[str, Any]:
             raise MergeConfigError("linear takes no lambda in mergekit")
     else:
         if method in ("task_arithmetic", "dare_linear") and normalize:
+            if varying_weights:
+                raise MergeConfigError(f"{method} with normalize: true takes one weight per model, not a gradient or filters")
             total = sum(weights)
             weights = [w / (total if abs(total) >= 1e-8 else 1.0) for w in weights]
         if method in ("ties", "dare_ties", "dare_linear"):
@@ -232,7 +293,7 @@ def _plan_own(cfg: dict[str, Any], method: str) -> dict[str, Any]:
         if key not in allowed:
             raise MergeConfigError(f"unknown parameter {key!r} in parameters for {method}{did_you_mean(key, sorted(allowed))}")
         if key != "int8_mask":  # the mask's storage type only: no effect on the result
-            params[RENAMED.get(key, key)] = _scalar(value, f"parameters.{key}")
+            params[RENAMED.get(key, key)] = _setting(value, f"parameters.{key}")
     if method in ("slerp", "nearswap") and "t" not in params:
         raise MergeConfigError(f"merge_method {method!r} needs parameters.t")
     models = cfg.get("models")
@@ -259,7 +320,8 @@ def _plan_own(cfg: dict[str, Any], method: str) -> dict[str, Any]:
             if weighted:
                 if "weight" not in own:
                     raise MergeConfigError(f"{where}.parameters.weight: {method} needs a weight per model")
-                weights.append(float(_scalar(own["weight"], f"{where}.parameters.weight")))
+                w = _setting(own["weight"], f"{where}.parameters.weight")
+                weights.append(w if not isinstance(w, int | float) else float(w))
     if len(experts) < fewest or (most is not None and len(experts) > most):
         want = f"exactly {fewest}" if most == fewest else f"at least {fewest}"
         raise MergeConfigError(f"merge_method {method!r} needs {want} model(s) besides base_model, got {len(experts)}")
