@@ -217,7 +217,8 @@ def test_merge_config_cli_and_its_errors(dense_family, tmp_path):
             moerge.merge_from_config(text)
 
     base = str(root / "base")
-    refused(f"merge_method: ties\nbase_model: {base}\nslices: []\nmodels: [{{model: {base}}}]", "'slices' .*not supported")
+    refused(f"merge_method: ties\nbase_model: {base}\nmodules: {{}}\nmodels: [{{model: {base}}}]", "'modules' .*not supported")
+    refused(f"merge_method: ties\nbase_model: {base}\nslices: []\nmodels: [{{model: {base}}}]", "passthrough only")
     refused(f"merge_metod: ties\nbase_model: {base}", "did you mean 'merge_method'")
     refused(f"merge_method: tie\nbase_model: {base}\nmodels: [{{model: {base}}}]", "did you mean 'ties'")
     refused(f"merge_method: arcee_fusion\nmodels: [{{model: {base}}}]", "moerge runs mergekit configs for")
@@ -822,3 +823,93 @@ def test_a_setting_resolves_filters_in_order_and_interpolates_over_the_layers():
     assert s.at("model.layers.2.mlp.up_proj.weight", 4) == 0.9 and s.at("model.norm.weight", 4) == 0.5
     assert Setting.gradient([0.2, 0.8]).at("model.embed_tokens.weight", 4) == 0.2  # outside the layers: t = 0
     assert Setting((("mlp", 1.0),), default=0.3).at("lm_head.weight", 4) == 0.3
+
+
+PASSTHROUGH_CONFIGS = {
+    # a frankenmerge: two layer ranges of two models, 5 layers from models of 4
+    "stack": lambda ft: [
+        {"sources": [{"model": ft[0], "layer_range": [0, 3]}]},
+        {"sources": [{"model": ft[1], "layer_range": [2, 4]}]},
+    ],  # fmt: skip
+    # the same model twice, its second copy's attention output and MLP down-projection scaled
+    # over the slice's layers (mergekit's way to dampen duplicated blocks)
+    "self-stack-scaled": lambda ft: [
+        {"sources": [{"model": ft[2], "layer_range": [0, 4]}]},
+        {
+            "sources": [
+                {
+                    "model": ft[2],
+                    "layer_range": [1, 4],
+                    "parameters": {
+                        "scale": [
+                            {"filter": "o_proj", "value": [0.0, 0.5]},
+                            {"filter": "down_proj", "value": 0.25},
+                            {"value": 1.0},
+                        ]
+                    },
+                }
+            ]
+        },
+    ],  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("name", sorted(PASSTHROUGH_CONFIGS))
+def test_passthrough_slices_stack_layers_as_mergekit_does(deep_family, name):
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+    from transformers import AutoModelForCausalLM
+
+    root = deep_family
+    cfg = {"merge_method": "passthrough", "slices": PASSTHROUGH_CONFIGS[name]([str(root / f"ft{i}") for i in range(3)]),
+           "dtype": "float32"}  # fmt: skip
+    file = root / f"{name}.yml"
+    file.write_text(yaml.safe_dump(cfg))
+    run_merge(
+        MergeConfiguration.model_validate(yaml.safe_load(file.read_text())),
+        str(root / "mk"),
+        MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False),
+    )
+    theirs = load_file(root / "mk" / "model.safetensors")
+    path = moerge.merge_from_config(file, root / "ours")
+    ours = load_file(path / "model.safetensors")
+    assert set(ours) == set(theirs)
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], atol=0, rtol=0, msg=k)
+    layers = sum(s["sources"][0]["layer_range"][1] - s["sources"][0]["layer_range"][0] for s in cfg["slices"])
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.num_hidden_layers == layers == json.loads((root / "mk" / "config.json").read_text())["num_hidden_layers"]
+    out = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 6)
+    if name == "stack":  # the shell form writes the same tensors
+        from click.testing import CliRunner
+
+        from moerge.cli import main
+
+        r = CliRunner().invoke(main, ["merge", "--config", str(file), "--out", str(root / "cli"), "--no-progress"])
+        assert r.exit_code == 0 and "stacked 2 slices" in r.output, r.output
+        cli = load_file(root / "cli" / "model.safetensors")
+        assert all(torch.equal(cli[k], ours[k]) for k in ours)
+
+
+def test_passthrough_refuses_what_it_cannot_stack(deep_family):
+    root = deep_family
+    ft0 = root / "ft0"
+
+    def refused(text: str, match: str) -> None:
+        with pytest.raises((moerge.composer.MergeConfigError, ValueError), match=match):
+            moerge.merge_from_config(text, root / "x")
+
+    refused(f"merge_method: passthrough\nslices: [{{sources: [{{model: {ft0}, layer_range: [2, 9]}}]}}]",
+            "slices\\[0\\].layer_range: \\[2, 9\\] is not a range of .* 4 layers")  # fmt: skip
+    refused(f"merge_method: passthrough\nslices: [{{sources: [{{model: {ft0}, layer_range: [0, 2]}}, {{model: {ft0}, layer_range: [0, 2]}}]}}]",
+            "exactly one source per slice")  # fmt: skip
+    refused(f"merge_method: slerp\nslices: [{{sources: [{{model: {ft0}, layer_range: [0, 2]}}]}}]", "passthrough only")
+    refused(
+        f"merge_method: passthrough\nslices: [{{sources: [{{model: {ft0}, layer_range: [0]}}]}}]",
+        "layer_range: \\[start, stop\\]",
+    )
+    refused(f"merge_method: passthrough\nslices: [{{sources: [{{model: {ft0}, layer_range: [0, 2], parameters: {{weight: 1}}}}]}}]",
+            "takes only 'scale'")  # fmt: skip
+    refused(f"merge_method: passthrough\nmodels: [{{model: {ft0}}}]", "passthrough needs 'slices'|drop models")

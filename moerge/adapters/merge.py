@@ -629,11 +629,13 @@ class Setting:
 
     def at(self, key: str, layers: int | None) -> Any:
         """The value for the tensor named ``key`` of a model with ``layers`` layers."""
+        return self.at_t(key, layer_position(key, layers))
+
+    def at_t(self, key: str, t: float) -> Any:
+        """The value for the tensor named ``key`` at position ``t`` ∈ [0, 1] of a gradient."""
         for filt, value in self.conditions:
             if filt is None or filt == "*" or filt in key:
-                if not isinstance(value, tuple):
-                    return value
-                return _interpolate(value, layer_position(key, layers))
+                return value if not isinstance(value, tuple) else _interpolate(value, t)
         return self.default
 
 

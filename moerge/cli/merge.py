@@ -112,6 +112,12 @@ def merge_cmd(
             from moerge.composer.mergekit import load_merge_config, plan_merge
 
             plan = plan_merge(load_merge_config(Path(config_path)))
+            if plan["method"] == "passthrough":
+                from moerge.composer.mergekit import run_passthrough
+
+                path = run_passthrough(plan, out, progress=None if not no_progress else False)
+                click.echo(f"stacked {len(plan['slices'])} slices with passthrough into {path}")
+                return
             base, names, method, w = plan["base"], plan["experts"], plan["method"], plan["weights"]
             params, dtype = plan["params"], plan["dtype"]
         else:

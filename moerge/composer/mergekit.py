@@ -22,7 +22,9 @@ Any parameter may vary over the tensors as mergekit writes it (dense experts): a
 of numbers spread over the layers) or filters (``[{filter: self_attn, value: [0, 0.5, 1]},
 {value: 0.5}]``: the first condition whose filter is in the tensor's name; one without a filter
 matches every tensor), except the ones read once for the whole merge (``normalize``,
-``rescale``, ``seed``). What mergekit has and moerge does not — slices, per-module configs,
+``rescale``, ``seed``). ``passthrough`` over ``slices`` stacks layer ranges of models
+(:mod:`moerge.composer.passthrough`). What mergekit has and moerge does not — slices for other
+methods, per-module configs,
 ``model+lora`` references, tokenizer merging, other methods — is refused by name.
 """
 
@@ -60,8 +62,8 @@ OWN_METHODS: dict[str, tuple[str, frozenset[str], bool, int, int | None]] = {
 RENAMED = {"nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise"}
 #: the sparsifiers' own per-model parameters, by method
 SPARSIFIER_PARAMS = {"breadcrumbs": "gamma", "breadcrumbs_ties": "gamma", "della": "epsilon", "della_linear": "epsilon"}
-TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "seed"}
-UNSUPPORTED_TOP = {"slices", "modules", "tokenizer", "chat_template"}
+TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "seed"}
+UNSUPPORTED_TOP = {"modules", "tokenizer", "chat_template"}
 GLOBAL_PARAMS = {"normalize", "lambda", "rescale", "int8_mask", "weight", "density", "seed", "gamma", "epsilon"}
 MODEL_PARAMS = {"weight", "density", "gamma", "epsilon"}
 DTYPES = {"float32", "float16", "bfloat16", "fp32", "fp16", "bf16"}
@@ -180,7 +182,9 @@ def plan_merge(config: Mapping[str, Any]) -> dict[str, Any]:
         if key not in TOP_KEYS:
             raise MergeConfigError(f"unknown merge config key {key!r}{did_you_mean(key, sorted(TOP_KEYS))}")
     method = cfg.get("merge_method")
-    known = sorted({*METHODS, *OWN_METHODS})
+    if method == "passthrough" or "slices" in cfg:
+        return _plan_slices(cfg, method)
+    known = sorted({*METHODS, *OWN_METHODS, "passthrough"})
     if method not in known:
         hint = did_you_mean(str(method), known) if method else ""
         raise MergeConfigError(f"merge_method {method!r}{hint}: moerge runs mergekit configs for {known}")
@@ -280,6 +284,50 @@ def plan_merge(config: Mapping[str, Any]) -> dict[str, Any]:
     return {"base": base, "experts": experts, "method": kernel, "weights": weights, "dtype": dtype, "params": params}
 
 
+def _plan_slices(cfg: dict[str, Any], method: Any) -> dict[str, Any]:
+    """The plan for ``passthrough`` over ``slices`` (layer stacking; :mod:`moerge.composer.passthrough`)."""
+    from moerge.composer.passthrough import Slice
+
+    if method != "passthrough":
+        raise MergeConfigError(
+            f"slices with merge_method {method!r}: moerge stacks slices with passthrough only (one source per slice); "
+            "merging slices layer range by layer range is not supported"
+        )
+    if cfg.get("models") is not None or cfg.get("base_model") is not None:
+        raise MergeConfigError("passthrough stacks 'slices' (each {sources: [{model, layer_range}]}); drop models/base_model")
+    for key in ("parameters", "seed", "tokenizer_source"):
+        if cfg.get(key) not in (None, {}, "base"):
+            raise MergeConfigError(f"{key}: passthrough takes its parameters (scale) per slice source")
+    slices = cfg.get("slices")
+    if not isinstance(slices, list) or not slices:
+        raise MergeConfigError("passthrough needs 'slices': a list of {sources: [{model: ..., layer_range: [start, stop]}]}")
+    out = []
+    for i, sl in enumerate(slices):
+        where = f"slices[{i}]"
+        if not isinstance(sl, Mapping) or set(sl) - {"sources", "parameters"}:
+            raise MergeConfigError(f"{where}: a slice is {{sources: [{{model, layer_range}}]}}, got {sl!r}")
+        sources = sl.get("sources")
+        if not isinstance(sources, list) or len(sources) != 1:
+            raise MergeConfigError(f"{where}.sources: passthrough takes exactly one source per slice")
+        src, at = sources[0], f"{where}.sources[0]"
+        if not isinstance(src, Mapping) or set(src) - {"model", "layer_range", "parameters"}:
+            raise MergeConfigError(f"{at}: a source is {{model, layer_range, parameters}}, got {src!r}")
+        lr = src.get("layer_range")
+        if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in lr)):
+            raise MergeConfigError(f"{at}.layer_range: [start, stop] (whole numbers), got {lr!r}")
+        params = {**dict(sl.get("parameters") or {}), **dict(src.get("parameters") or {})}
+        bad = sorted(set(params) - {"scale"})
+        if bad:
+            raise MergeConfigError(f"{at}.parameters: passthrough takes only 'scale', got {bad}")
+        scale = _setting(params["scale"], f"{at}.parameters.scale") if "scale" in params else None
+        out.append(Slice(_model_ref(src, at), lr[0], lr[1], scale))
+    dtype = cfg.get("out_dtype") or cfg.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise MergeConfigError(f"dtype {dtype!r}: moerge writes one of {sorted(DTYPES)}")
+    return {"base": None, "experts": [s.model for s in out], "method": "passthrough", "weights": None, "dtype": dtype,
+            "params": {}, "slices": out}  # fmt: skip
+
+
 def _plan_own(cfg: dict[str, Any], method: str) -> dict[str, Any]:
     """The plan for a method of :data:`OWN_METHODS` (SCE, SLERP, NearSwap, Model Stock)."""
     kernel, allowed, weighted, fewest, most = OWN_METHODS[method]
@@ -340,6 +388,8 @@ def merge_from_config(
     from moerge.composer.merge import merge
 
     plan = plan_merge(load_merge_config(config))
+    if plan["method"] == "passthrough":
+        return run_passthrough(plan, out, progress=options.get("progress"))
     return merge(
         plan["base"],
         plan["experts"],
@@ -351,3 +401,20 @@ def merge_from_config(
         **options,
         **plan["params"],
     )
+
+
+def run_passthrough(plan: Mapping[str, Any], out: str | Path | None, progress: bool | None = None) -> Any:
+    """Write a passthrough plan's stacked model to ``out`` (its path), or load it (without ``out``)."""
+    from moerge.composer.merge import _load_model, _tmp_root
+    from moerge.composer.passthrough import stack_layers
+    from moerge.device import resolve_dtype
+    from moerge.registry.files import staging_dir
+
+    dtype = None if plan["dtype"] is None else resolve_dtype(plan["dtype"], "cpu")
+    if out is not None:
+        return stack_layers(plan["slices"], out, dtype=dtype, progress=progress)
+    with staging_dir(_tmp_root()) as stage:
+        stack_layers(plan["slices"], stage / "model", dtype=dtype, progress=progress)
+        model, tok = _load_model(str(stage / "model"))
+    model.tokenizer = tok
+    return model
