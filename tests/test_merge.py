@@ -221,7 +221,7 @@ def test_merge_config_cli_and_its_errors(dense_family, tmp_path):
     refused(f"merge_method: ties\nbase_model: {base}\nslices: []\nmodels: [{{model: {base}}}]", "passthrough only")
     refused(f"merge_metod: ties\nbase_model: {base}", "did you mean 'merge_method'")
     refused(f"merge_method: tie\nbase_model: {base}\nmodels: [{{model: {base}}}]", "did you mean 'ties'")
-    refused(f"merge_method: arcee_fusion\nmodels: [{{model: {base}}}]", "moerge runs mergekit configs for")
+    refused(f"merge_method: ram\nmodels: [{{model: {base}}}]", "moerge runs mergekit configs for")
     refused(f"merge_method: ties\nmodels: [{{model: {root / 'ft0'}}}]", "needs base_model")
     refused(
         f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {root / 'ft0'}, parameters: {{density: {{filter: mlp}}}}}}]",
@@ -487,6 +487,8 @@ MERGEKIT_MORE = {
     ),
     "multislerp": ("multislerp", {}, {}, {}, 3),
     "multislerp-unnormalised": ("multislerp", {"normalize_weights": False}, {}, {"normalize_weights": False}, 3),
+    "karcher": ("karcher", {}, {}, {}, 3),
+    "arcee_fusion": ("arcee_fusion", {}, {}, {}, 1),
 }
 _WEIGHTED = {"breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "nuslerp", "multislerp"}
 
@@ -500,7 +502,7 @@ def test_mergekits_other_methods_give_mergekits_tensors(dense_family, name):
         {"model": str(root / f"ft{i}"), "parameters": {**({"weight": weights[i]} if weights else {}), **per_model}}
         for i in range(n)
     ]
-    if method in ("slerp", "nearswap"):  # mergekit lists the base among the two models
+    if method in ("slerp", "nearswap", "arcee_fusion", "karcher"):  # mergekit lists the base among the models
         mk_models.insert(0, {"model": str(root / "base")})
     theirs = _mergekit(root, method, mk_models, root / "mk", **mk_global)
     path = moerge.merge(root / "base", [root / f"ft{i}" for i in range(n)], method, root / "ours", weights=weights, **params)
@@ -549,6 +551,8 @@ def _more_yaml(root: Path, name: str) -> dict:
     if name == "multislerp":
         models = [{"model": m, "parameters": {"weight": w}} for m, w in zip(ft, [0.5, 1.0, 0.7], strict=True)]
         return {"merge_method": "multislerp", "base_model": base, "models": models}
+    if name == "karcher-no-base":  # every model averaged alike; moerge takes the first as its base
+        return {"merge_method": "karcher", "models": [{"model": m} for m in [base, *ft]], "parameters": {"max_iter": 20}}
     if name == "model_stock-filter-wise":
         return {"merge_method": "model_stock", "base_model": base, "models": [{"model": m} for m in ft],
                 "parameters": {"filter_wise": True}}  # fmt: skip
@@ -566,6 +570,7 @@ def _more_yaml(root: Path, name: str) -> dict:
         "model_stock-filter-wise",
         "nuslerp-per-row",
         "multislerp",
+        "karcher-no-base",
     ],
 )
 def test_a_mergekit_yaml_with_mergekits_other_methods_gives_mergekits_tensors(dense_family, name):
@@ -689,7 +694,7 @@ def test_lora_experts_merge_with_the_task_vector_methods_and_slerp_is_refused_by
         got = merged.get_parameter(v + ".weight").detach() - base.get_parameter(v + ".weight").detach()
         assert want.abs().sum() > 0
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="slerp interpolates whole weights"):
+    with pytest.raises(ValueError, match="slerp reads whole weights"):
         moerge.merge(base_dir, folders[:1], "slerp", output="model", t=0.5)
     from moerge.adapters.merge import Setting
 

@@ -16,12 +16,17 @@ and Model Stock, with mergekit's meaning (``mergekit.merge_methods.slerp``, ``ne
                     t = w₂ / (w₁ + w₂), per tensor, row or column
 ``multislerp``      the weighted barycentre of the task tensors on the sphere (tangent-space
                     mean, exponential map), scaled by their weighted mean norm
+``karcher``         the Karcher mean of the base's and the experts' whole weights on the
+                    sphere (equal weights), scaled by their mean norm
+``arcee_fusion``    one expert's task-tensor entries whose importance |τ|·KL(softmax θ_1 ‖
+                    softmax θ_0) reaches median + 1.5·IQR
 =================  ====================================================================
 
 NearSwap, Model Stock, NuSLERP and Multi-SLERP (the last two as mergekit runs them with a
 ``base_model``) are functions of the task tensors τ_i = θ_i − θ_0 alone, so they also merge
 LoRA experts (on ΔW = s·B·A). SLERP needs the weights themselves (``base=``): a LoRA's ΔW
-has no base to interpolate from, and it is refused for LoRA experts.
+has no base to interpolate from, and it is refused for LoRA experts; so are Karcher and Arcee
+Fusion, which read the whole weights too.
 """
 
 from __future__ import annotations
@@ -189,3 +194,72 @@ def multislerp(
     step_norm = torch.norm(step) + eps
     out = mean * torch.cos(step_norm) + step * (torch.sin(step_norm) / step_norm)
     return (out * (norms.squeeze(-1) * w).sum()).view(x.shape[1:])
+
+
+@register_merge("karcher")
+def karcher(
+    task_tensors: TaskTensors, weights: Any = None, *, base: torch.Tensor, max_iter: int = 10, tol: float = 1e-5
+) -> torch.Tensor:
+    """θ_m − θ_0 for θ_m the Karcher (Riemannian) mean of the base and the experts' whole weights
+    on the unit sphere, with equal weights, scaled by their mean norm (mergekit's ``karcher``:
+    the base is one of the models averaged). Directions of norm ≤ ``tol`` are left out."""
+    if weights is not None:
+        raise ValueError("karcher averages the models with equal weights; it takes no weights")
+    x = _stack(task_tensors)
+    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    models = [base] + [base + tau for tau in x]
+    alphas = [1.0 / len(models)] * len(models)
+    norms = [torch.linalg.vector_norm(m.to(dtype)) for m in models]
+    units = [torch.zeros_like(m) if n.item() == 0.0 else (m / n).to(m.dtype) for m, n in zip(models, norms, strict=True)]
+    valid = [i for i, n in enumerate(norms) if n.item() > tol]
+    if not valid:
+        return -base
+    total = sum(alphas[i] for i in valid)
+    a = [alphas[i] / total for i in valid]
+    u = [units[i] for i in valid]
+    mean = torch.zeros_like(u[0])
+    for ai, ui in zip(a, u, strict=True):
+        mean += ai * ui
+    mean_norm = torch.linalg.vector_norm(mean.to(dtype))
+    mean = u[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for ai, ui in zip(a, u, strict=True):
+            dot = torch.clamp(torch.dot(mean.flatten(), ui.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            tangent += ai * (theta / torch.sin(theta)) * (ui - dot * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent.to(dtype))
+        if tangent_norm.item() < tol:
+            break
+        mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(mean.dtype)
+        unit_norm = torch.linalg.vector_norm(mean.to(dtype))
+        if unit_norm.item() > tol:
+            mean = (mean / unit_norm).to(mean.dtype)
+    scale = sum(ai * n for ai, n in zip(alphas, norms, strict=True))
+    return scale * mean - base
+
+
+@register_merge("arcee_fusion")
+def arcee_fusion(
+    task_tensors: TaskTensors, weights: Any = None, *, base: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Arcee Fusion: keep the entries of the one expert's task tensor whose importance
+    |θ_1 − θ_0| · KL(softmax θ_1 ‖ softmax θ_0) (per row) reaches median + 1.5·IQR of the
+    tensor's importances (mergekit's ``arcee_fusion``). Above 10⁶ entries the quantiles come from
+    a sample of 10⁶ (seeded here; mergekit draws it unseeded)."""
+    import torch.nn.functional as F
+
+    tau = _one_expert(task_tensors, weights, "arcee_fusion")
+    params = base + tau
+    p = F.softmax(params, dim=-1) + 1e-8
+    q = F.softmax(base, dim=-1) + 1e-8
+    importance = (params - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    flat = importance.reshape(-1)
+    if flat.numel() > 1_000_000:
+        picks = torch.randint(flat.numel(), (1_000_000,), generator=generator, device="cpu").to(flat.device)
+        flat = flat[picks]
+    ordered, _ = torch.sort(flat)
+    q1, median, q3 = ordered[(torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long().to(ordered.device)]
+    return tau * (importance >= median + 1.5 * (q3 - q1)).to(tau.dtype)

@@ -189,7 +189,7 @@ def merge(
     """Merge ``experts`` onto ``base`` with ``method`` (``average``, ``task_arithmetic``,
     ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``, ``svd``; mergekit's
     ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear``, ``sce``, ``slerp``,
-    ``nearswap``, ``model_stock``, ``nuslerp``, ``multislerp``) and its ``params`` (``density``, ``majority_sign_method``,
+    ``nearswap``, ``model_stock``, ``nuslerp``, ``multislerp``, ``karcher``, ``arcee_fusion``) and its ``params`` (``density``, ``majority_sign_method``,
     ``lambda``, ``seed``, ``flavor``, ``rank``, ``gamma``, ``epsilon``, ``select_topk``, ``t`` …).
 
     ``experts``: a Registry, ``registry.select(...)``, or a list of registry names (with
@@ -265,7 +265,7 @@ def merge(
             )
         if m.needs_base:
             raise ValueError(
-                f"{m.name} interpolates whole weights and a LoRA's ΔW has no base to interpolate from: merge dense "
+                f"{m.name} reads whole weights (slerp interpolates them) and a LoRA's ΔW has no base: merge dense "
                 "experts with it (fold each LoRA into the base first), or use a method defined on task vectors "
                 "(nearswap, model_stock, task_arithmetic, ties …)"
             )

@@ -6,7 +6,8 @@ The subset we share with mergekit is accepted with mergekit's meaning, so a file
 
     merge_method: ties            # linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs,
                                   # breadcrumbs_ties, della, della_linear, sce, slerp, nearswap,
-                                  # model_stock, nuslerp, multislerp (the last two with base_model)
+                                  # model_stock, karcher, arcee_fusion, nuslerp, multislerp (the last
+                                  # two with base_model), passthrough over slices
     base_model: ./base            # a folder, a hub id in the local cache, or a registry name
     models:
       - model: ./ft-a
@@ -57,6 +58,8 @@ OWN_METHODS: dict[str, tuple[str, frozenset[str], bool, int, int | None]] = {
     "model_stock": ("model_stock", frozenset({"filter_wise"}), False, 2, None),
     "nuslerp": ("nuslerp", frozenset({"nuslerp_flatten", "nuslerp_row_wise"}), True, 2, 2),
     "multislerp": ("multislerp", frozenset({"normalize_weights", "eps"}), True, 1, None),
+    "karcher": ("karcher", frozenset({"max_iter", "tol"}), False, 1, None),
+    "arcee_fusion": ("arcee_fusion", frozenset(), False, 1, 1),
 }
 #: mergekit's parameter names that moerge's kernels spell otherwise
 RENAMED = {"nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise"}
@@ -329,9 +332,12 @@ def _plan_slices(cfg: dict[str, Any], method: Any) -> dict[str, Any]:
 
 
 def _plan_own(cfg: dict[str, Any], method: str) -> dict[str, Any]:
-    """The plan for a method of :data:`OWN_METHODS` (SCE, SLERP, NearSwap, Model Stock)."""
+    """The plan for a method of :data:`OWN_METHODS` (SCE, SLERP, NearSwap, Model Stock …)."""
     kernel, allowed, weighted, fewest, most = OWN_METHODS[method]
     base = cfg.get("base_model")
+    models = cfg.get("models")
+    if base is None and method == "karcher" and isinstance(models, list) and models:
+        base = models[0].get("model") if isinstance(models[0], Mapping) else models[0]  # every model is averaged alike
     if base is None:
         without = " (mergekit can run it on the whole weights without one; moerge merges task vectors)"
         raise MergeConfigError(f"merge_method {method!r} needs base_model" + (without if weighted else ""))
