@@ -6,10 +6,12 @@ artifacts written here never touch the shared cache)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
 import torch
+from conftest import lora_config, peft_with_adapters
 
 import moerge
 from moerge.adapters import layers
@@ -325,3 +327,54 @@ def test_the_embedder_encodes_each_distinct_text_once_and_returns_every_row():
     assert seen == [["sort :", "max of :", "reverse :"]] and got.shape == (6, emb.dim)
     torch.testing.assert_close(got, emb.encode(["sort :", "max of :", "reverse :"])[[0, 1, 0, 2, 1, 0]], atol=0, rtol=0)
     assert torch.allclose(got.norm(dim=-1), torch.ones(6), atol=1e-5)
+
+
+def test_arrow_equals_peft_create_arrow_model_on_the_same_adapters(small_zoo, tmp_path):
+    """moerge's Arrow against PEFT's (``create_arrow_model``, 0.21) on three LoRAs on the zoo's
+    base: the same prototypes (PEFT's power iteration converges here: each ΔW has one dominant
+    direction) and the same logits, at top-k 1, 2 and 3 — which differ from each other, so the
+    comparison tells the routings apart."""
+    from peft import ArrowConfig, create_arrow_model
+    from peft.tuners.lora.arrow import ArrowLoraLinearLayer
+    from transformers import LlamaForCausalLM
+
+    base = tmp_path / "base"
+    shutil.copytree(small_zoo.base_path, base)
+    reg = moerge.Registry(tmp_path / "reg")
+    folders = []
+    for i in range(3):
+        m = peft_with_adapters(
+            LlamaForCausalLM.from_pretrained(base), {"default": lora_config(["q_proj", "v_proj"], r=4)}, seed=i
+        )
+        with torch.no_grad():  # one dominant singular direction per ΔW
+            for n, p in m.named_parameters():
+                if "lora_A" in n:
+                    p[0].mul_(10)
+                elif "lora_B" in n:
+                    p[:, 0].mul_(10)
+        m.save_pretrained(tmp_path / f"a{i}")
+        cfg = json.loads((tmp_path / f"a{i}" / "adapter_config.json").read_text())
+        (tmp_path / f"a{i}" / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(base)}))
+        folders.append(str(tmp_path / f"a{i}"))
+        reg.register(tmp_path / f"a{i}", name=f"e{i}")
+    prompts = _prompts(small_zoo)
+    enc = small_zoo.tokenizer()(prompts, return_tensors="pt", padding=True)
+    outputs = {}
+    for k in (1, 2, 3):
+        cfg = ArrowConfig(top_k=k, router_temperature=1.0, rng_seed=0)
+        theirs = create_arrow_model(LlamaForCausalLM.from_pretrained(base).eval(), folders, cfg).eval()
+        with torch.no_grad():
+            want = theirs(**enc).logits
+        ours = moerge.compose(base, reg.select(names=["e0", "e1", "e2"]), "arrow", top_k=k)
+        got = ours.forward(prompts).logits
+        mask = enc["attention_mask"].bool()
+        torch.testing.assert_close(got[mask], want[mask], atol=2e-4, rtol=0)
+        outputs[k] = got[mask]
+        if k == 2:
+            layers = {n.split(".lora_arrow")[0].removeprefix("base_model.model."): m
+                      for n, m in theirs.named_modules() if isinstance(m, ArrowLoraLinearLayer)}  # fmt: skip
+            assert set(layers) == set(ours.router.keys)
+            for name, layer in layers.items():
+                cos = torch.nn.functional.cosine_similarity(layer.prototypes.float(), ours.router.keys[name].float(), dim=-1)
+                assert (cos.abs() > 1 - 1e-5).all(), name  # the same directions, up to sign
+    assert (outputs[1] - outputs[2]).abs().max() > 1e-2 and (outputs[2] - outputs[3]).abs().max() > 1e-2
