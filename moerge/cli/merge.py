@@ -90,6 +90,7 @@ def merge_cmd(
     import warnings
 
     import moerge
+    from moerge.evaluation.methods import parse_value
     from moerge.registry.importers import MoergeWarning
 
     params = {"density": density, "lambda": lambda_, "majority_sign_method": majority_sign_method, "seed": seed, "flavor": flavor}
@@ -97,7 +98,7 @@ def merge_cmd(
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
             _fail(ValueError(f"--set takes NAME=VALUE, got {item!r}"))
-        params[name.strip().replace("-", "_")] = _value(value.strip())
+        params[name.strip().replace("-", "_")] = parse_value(value.strip())
     if config_path is not None:
         flags = {"density": density, "lambda": lambda_, "majority_sign_method": majority_sign_method, "seed": seed}
         flags.update({"flavor": flavor, "experts": experts, "weights": weights, "base": base, "set": settings})
@@ -151,16 +152,3 @@ def merge_cmd(
     if report["refactor_error"]:
         auto = f" (auto: each module's smallest rank within {report['rank_tolerance']:g})" if report.get("module_ranks") else ""
         click.echo(f"rank-{report['rank']} re-factoring{auto}: max relative error {max(report['refactor_error'].values()):.3f}")
-
-
-def _value(text: str) -> bool | int | float | str:
-    """A --set value as YAML reads a scalar: true/false, a number, else the text."""
-    lower = text.lower()
-    if lower in ("true", "false"):
-        return lower == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
