@@ -918,3 +918,28 @@ def test_passthrough_refuses_what_it_cannot_stack(deep_family):
     refused(f"merge_method: passthrough\nslices: [{{sources: [{{model: {ft0}, layer_range: [0, 2], parameters: {{weight: 1}}}}]}}]",
             "takes only 'scale'")  # fmt: skip
     refused(f"merge_method: passthrough\nmodels: [{{model: {ft0}}}]", "passthrough needs 'slices'|drop models")
+
+
+def test_cat_equals_peft_add_weighted_adapter_cat_factor_for_factor(lora_family, tmp_path):
+    """PEFT's ``cat`` combination: the experts' factors side by side (weight and scaling in A),
+    rank Σ r, zero-padded where an expert lacks the module — the same tensors, and so the exact
+    weighted sum of the experts' ΔW (no re-factoring error)."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    base_dir, folders = lora_family
+    weights = [0.5, 1.5, -0.7]
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), folders[0], adapter_name="e0")
+    for i in (1, 2):
+        peft.load_adapter(folders[i], adapter_name=f"e{i}")
+    peft.add_weighted_adapter(["e0", "e1", "e2"], weights, "merged", combination_type="cat")
+    theirs = get_peft_model_state_dict(peft, adapter_name="merged")
+    path = moerge.merge(base_dir, folders, "cat", tmp_path / "cat", weights=weights)
+    ours = load_file(path / "adapter_model.safetensors")
+    assert set(ours) == set(theirs) and json.loads((path / "adapter_config.json").read_text())["r"] == 4 + 2 + 4
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-6, rtol=0, msg=k)
+    report = json.loads((path / "moerge_merge.json").read_text())
+    assert report["refactor_error"] == {} and report["rank"] == 10
+    with pytest.raises(ValueError, match="its rank is the sum of theirs"):
+        moerge.merge(base_dir, folders, "cat", rank=4)

@@ -15,6 +15,8 @@ parameters follow PEFT (``peft.utils.merge_utils``) and mergekit, so users recog
                     then task arithmetic (Yu et al. 2024); seeded
 ``dare_ties``       the same drop-and-rescale, then TIES' sign election and disjoint merge
 ``svd``             best rank-``rank`` approximation of Σ w_i τ_i (1-D tensors pass through)
+``cat``             Σ w_i τ_i; LoRA experts' factors concatenated (rank Σ r_i, exact), PEFT's
+                    ``add_weighted_adapter(combination_type="cat")``
 ``breadcrumbs``     drop each τ_i's ``gamma`` largest and its smallest entries, keeping
                     ``density`` of them (Davari & Belilovsky 2023), then task arithmetic
 ``breadcrumbs_ties`` the same sparsifier, then TIES' sign election and disjoint merge
@@ -66,7 +68,7 @@ _SIGN_ALIASES = {"sum": "total", "count": "frequency", "total": "total", "freque
 
 TaskTensors = Sequence[torch.Tensor] | torch.Tensor
 #: linear methods: a LoRA result can be re-factored from the experts' stacked factors directly
-FACTOR_FORM = frozenset({"average", "task_arithmetic", "svd"})
+FACTOR_FORM = frozenset({"average", "task_arithmetic", "svd", "cat"})
 
 
 @dataclass(frozen=True)
@@ -309,6 +311,14 @@ def task_arithmetic(task_tensors: TaskTensors, weights: Any = None, *, lambda_: 
     """λ · Σ w_i τ_i."""
     x = _stack(task_tensors)
     return lambda_ * (x * _weights(weights, x.shape[0], x)).sum(0)
+
+
+@register_merge("cat")
+def cat(task_tensors: TaskTensors, weights: Any = None) -> torch.Tensor:
+    """Σ w_i τ_i. For LoRA experts the merged LoRA is PEFT's ``cat`` combination: the experts'
+    factors side by side (A = [w_i·s_i·A_i], B = [B_i]), rank Σ r_i, exact — no re-factoring."""
+    x = _stack(task_tensors)
+    return (x * _weights(weights, x.shape[0], x)).sum(0)
 
 
 @register_merge("magnitude_prune")

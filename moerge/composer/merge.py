@@ -187,7 +187,7 @@ def merge(
     **params: Any,
 ) -> Any:
     """Merge ``experts`` onto ``base`` with ``method`` (``average``, ``task_arithmetic``,
-    ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``, ``svd``; mergekit's
+    ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``, ``svd``, ``cat``; mergekit's
     ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear``, ``sce``, ``slerp``,
     ``nearswap``, ``model_stock``, ``nuslerp``, ``multislerp``, ``karcher``, ``arcee_fusion``) and its ``params`` (``density``, ``majority_sign_method``,
     ``lambda``, ``seed``, ``flavor``, ``rank``, ``gamma``, ``epsilon``, ``select_topk``, ``t`` …).
@@ -339,6 +339,10 @@ def _merge_lora(
     if method == "svd":  # its rank is the output rank; the factor-form terms are the exact sum
         rank = int(params["rank"])
         params = {k: v for k, v in params.items() if k != "rank"}
+    if method == "cat":
+        if rank is not None:
+            raise ValueError("cat keeps every expert's factors: its rank is the sum of theirs (drop rank=)")
+        rank = sum(max(f.rank for f in e.modules.values()) for e in loras)
     auto = rank == "auto"
     target_rank = None if auto else (rank or max(f.rank for e in loras for f in e.modules.values()))
     report.rank = target_rank if output == "lora" else None
@@ -365,6 +369,11 @@ def _merge_lora(
     factors: dict[str, LoraFactors] = {}
     for mod, delta, terms in bar:
         tol = tolerance if auto else None
+        if method == "cat":  # side by side, exactly (PEFT's layout: the weight and scaling in A)
+            A = torch.cat([(c * t.scaling) * t.A.float() for c, t in terms])
+            factors[mod] = LoraFactors(A, torch.cat([t.B.float() for _, t in terms], dim=1), 1.0)
+            report.tensors += 1
+            continue
         if delta is None:
             f = lowrank_from_factors(terms, target_rank, tolerance=tol)
             full = sum(c * t.delta() for c, t in terms) if _small(terms) else None
