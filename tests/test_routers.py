@@ -378,3 +378,26 @@ def test_arrow_equals_peft_create_arrow_model_on_the_same_adapters(small_zoo, tm
                 cos = torch.nn.functional.cosine_similarity(layer.prototypes.float(), ours.router.keys[name].float(), dim=-1)
                 assert (cos.abs() > 1 - 1e-5).all(), name  # the same directions, up to sign
     assert (outputs[1] - outputs[2]).abs().max() > 1e-2 and (outputs[2] - outputs[3]).abs().max() > 1e-2
+
+    # GenKnowSub (PEFT's use_gks): two general LoRAs' mean factors subtracted from every expert's
+    general = []
+    for i in range(2):
+        m = peft_with_adapters(
+            LlamaForCausalLM.from_pretrained(base), {"default": lora_config(["q_proj", "v_proj"], r=4)}, seed=10 + i
+        )
+        m.save_pretrained(tmp_path / f"g{i}")
+        general.append(str(tmp_path / f"g{i}"))
+        reg.register(tmp_path / f"g{i}", name=f"g{i}")
+    cfg = ArrowConfig(top_k=2, router_temperature=1.0, rng_seed=0, use_gks=True)
+    theirs = create_arrow_model(LlamaForCausalLM.from_pretrained(base).eval(), folders, cfg, general_adapter_paths=general).eval()
+    with torch.no_grad():
+        want = theirs(**enc).logits
+    ours = moerge.compose(base, reg.select(names=["e0", "e1", "e2"]), "arrow", top_k=2, general=["g0", "g1"])
+    got = ours.forward(prompts).logits
+    torch.testing.assert_close(got[mask], want[mask], atol=2e-4, rtol=0)
+    assert (got[mask] - outputs[2]).abs().max() > 1e-3  # the subtraction changed the answer
+    m = peft_with_adapters(LlamaForCausalLM.from_pretrained(base), {"default": lora_config(["q_proj", "v_proj"], r=2)})
+    m.save_pretrained(tmp_path / "g-r2")
+    reg.register(tmp_path / "g-r2", name="g-r2")
+    with pytest.raises(ValueError, match="GenKnowSub: the general LoRAs \\['g-r2'\\] do not adapt .* with e0's rank 4"):
+        moerge.compose(base, reg.select(names=["e0", "e1"]), "arrow", general=["g0", "g-r2"])
