@@ -221,7 +221,7 @@ def test_merge_config_cli_and_its_errors(dense_family, tmp_path):
     refused(f"merge_method: ties\nbase_model: {base}\nslices: []\nmodels: [{{model: {base}}}]", "passthrough only")
     refused(f"merge_metod: ties\nbase_model: {base}", "did you mean 'merge_method'")
     refused(f"merge_method: tie\nbase_model: {base}\nmodels: [{{model: {base}}}]", "did you mean 'ties'")
-    refused(f"merge_method: ram\nmodels: [{{model: {base}}}]", "moerge runs mergekit configs for")
+    refused(f"merge_method: ramplus\nmodels: [{{model: {base}}}]", "did you mean 'ramplus_tl'")
     refused(f"merge_method: ties\nmodels: [{{model: {root / 'ft0'}}}]", "needs base_model")
     refused(
         f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {root / 'ft0'}, parameters: {{density: {{filter: mlp}}}}}}]",
@@ -491,6 +491,38 @@ MERGEKIT_MORE = {
     "arcee_fusion": ("arcee_fusion", {}, {}, {}, 1),
 }
 _WEIGHTED = {"breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "nuslerp", "multislerp"}
+
+
+@pytest.fixture
+def sparse_family(tmp_path: Path) -> Path:
+    """A tiny Llama base and three fine-tunes that each move a random half of the entries (so
+    entries moved by one, several or no fine-tune all occur, as RAM distinguishes them)."""
+    tiny_llama(0).save_pretrained(tmp_path / "base")
+    for i in range(3):
+        m = tiny_llama(0)
+        g = torch.Generator().manual_seed(30 + i)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=g) * (torch.rand(p.shape, generator=g) < 0.5))
+        m.save_pretrained(tmp_path / f"ft{i}")
+    return tmp_path
+
+
+@pytest.mark.parametrize("method,params", [("ram", {}), ("ramplus_tl", {}), ("ramplus_tl", {"r": 0.5, "alpha": 0.8})])
+def test_ram_gives_mergekits_tensors(sparse_family, method, params):
+    root = sparse_family
+    mk_models = [{"model": str(root / f"ft{i}")} for i in range(3)]
+    theirs = _mergekit(root, method, mk_models, root / "mk", **params)
+    ours = load_file(
+        moerge.merge(root / "base", [root / f"ft{i}" for i in range(3)], method, root / "ours", **params) / "model.safetensors"
+    )
+    base = load_file(root / "base" / "model.safetensors")
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-6, rtol=0, msg=k)
+    mean = load_file(
+        moerge.merge(root / "base", [root / f"ft{i}" for i in range(3)], "average", root / "mean") / "model.safetensors"
+    )
+    assert any((ours[k] - mean[k]).abs().max() > 1e-3 for k in base)  # not the plain mean: unique entries kept whole
 
 
 @pytest.mark.parametrize("name", sorted(MERGEKIT_MORE))

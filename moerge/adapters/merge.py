@@ -25,6 +25,8 @@ parameters follow PEFT (``peft.utils.merge_utils``) and mergekit, so users recog
 ``della_linear``    the same drop, then task arithmetic
 ``sce``             keep the ``select_topk`` entries of highest variance across experts, elect
                     signs, weigh each τ_i by its mean square (Wan et al. 2024)
+``ram``             an entry one expert moved keeps its value, one several moved their mean
+``ramplus_tl``      RAM with each expert's unique entries scaled up by its shared/unique ratio
 =================  ====================================================================
 
 The interpolations (SLERP, NearSwap, Model Stock) are in :mod:`moerge.adapters.merge_interp`.
@@ -580,6 +582,43 @@ def sce(task_tensors: TaskTensors, weights: Any = None, *, select_topk: float = 
     w = torch.full_like(w, 1 / w.numel()) if total.abs() < 1e-6 else w / total
     w = w.view(-1, *([1] * (x.dim() - 1))) * agree
     return (x * w).sum(0) / w.sum(0).clamp(min=1e-6)
+
+
+def _ram_masks(x: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(entries that moved, how many experts moved each entry, moved by several, by one)."""
+    moved = x.abs() > epsilon
+    counts = moved.sum(dim=0, keepdim=True)
+    return moved, counts, counts > 1, counts == 1
+
+
+@register_merge("ram")
+def ram(task_tensors: TaskTensors, weights: Any = None, *, epsilon: float = 1e-5) -> torch.Tensor:
+    """RAM (Reinforced Agent Merging): an entry only one expert moved (|τ| > ``epsilon``) takes
+    that expert's value whole; one several moved takes their mean (mergekit's ``ram``)."""
+    if weights is not None:
+        raise ValueError("ram takes no weights")
+    stacked = _stack(task_tensors)
+    x = stacked.reshape(stacked.shape[0], -1)
+    _, counts, shared, unique = _ram_masks(x, epsilon)
+    kept = x * (x.abs() > epsilon)
+    return ((kept * unique) + (kept * shared / counts.clamp(min=1))).sum(dim=0).reshape(stacked.shape[1:])
+
+
+@register_merge("ramplus_tl")
+def ramplus_tl(
+    task_tensors: TaskTensors, weights: Any = None, *, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5
+) -> torch.Tensor:
+    """RAM+ (tensor-local): as :func:`ram`, with each expert's unique entries scaled by
+    1 + r·min(max(ρ, 0), α), ρ its shared-to-unique entry ratio in the tensor (mergekit's ``ramplus_tl``)."""
+    if weights is not None:
+        raise ValueError("ramplus_tl takes no weights")
+    stacked = _stack(task_tensors)
+    x = stacked.reshape(stacked.shape[0], -1)
+    moved, counts, shared, unique = _ram_masks(x, epsilon)
+    rho = (moved & shared).sum(dim=1) / (moved & unique).sum(dim=1).clamp(min=epsilon)
+    boost = 1 + r * rho.clamp(min=0, max=alpha)
+    kept = x * moved
+    return ((kept * unique * boost.unsqueeze(-1)) + (kept * shared / counts.clamp(min=1))).sum(dim=0).reshape(stacked.shape[1:])
 
 
 def truncated_svd(matrix: torch.Tensor, rank: int) -> torch.Tensor:

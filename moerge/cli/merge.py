@@ -18,7 +18,8 @@ from moerge.runtime import quiet_hf
     default="ties",
     show_default=True,
     help="average, task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune, svd; mergekit's breadcrumbs, "
-    "breadcrumbs_ties, della, della_linear, sce, slerp, nearswap, model_stock, nuslerp, multislerp, karcher, arcee_fusion.",
+    "breadcrumbs_ties, della, della_linear, sce, slerp, nearswap, model_stock, nuslerp, multislerp, karcher, arcee_fusion, "
+    "ram, ramplus_tl, cat.",
 )
 @click.option("--experts", default=None, help="Comma-separated registry names or PEFT-adapter / model folders.")
 @click.option(

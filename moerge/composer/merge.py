@@ -189,7 +189,8 @@ def merge(
     """Merge ``experts`` onto ``base`` with ``method`` (``average``, ``task_arithmetic``,
     ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``, ``svd``, ``cat``; mergekit's
     ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear``, ``sce``, ``slerp``,
-    ``nearswap``, ``model_stock``, ``nuslerp``, ``multislerp``, ``karcher``, ``arcee_fusion``) and its ``params`` (``density``, ``majority_sign_method``,
+    ``nearswap``, ``model_stock``, ``nuslerp``, ``multislerp``, ``karcher``, ``arcee_fusion``, ``ram``,
+    ``ramplus_tl``) and its ``params`` (``density``, ``majority_sign_method``,
     ``lambda``, ``seed``, ``flavor``, ``rank``, ``gamma``, ``epsilon``, ``select_topk``, ``t`` …).
 
     ``experts``: a Registry, ``registry.select(...)``, or a list of registry names (with

@@ -6,8 +6,8 @@ The subset we share with mergekit is accepted with mergekit's meaning, so a file
 
     merge_method: ties            # linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs,
                                   # breadcrumbs_ties, della, della_linear, sce, slerp, nearswap,
-                                  # model_stock, karcher, arcee_fusion, nuslerp, multislerp (the last
-                                  # two with base_model), passthrough over slices
+                                  # model_stock, karcher, arcee_fusion, ram, ramplus_tl, nuslerp,
+                                  # multislerp (the last two with base_model), passthrough over slices
     base_model: ./base            # a folder, a hub id in the local cache, or a registry name
     models:
       - model: ./ft-a
@@ -60,6 +60,8 @@ OWN_METHODS: dict[str, tuple[str, frozenset[str], bool, int, int | None]] = {
     "multislerp": ("multislerp", frozenset({"normalize_weights", "eps"}), True, 1, None),
     "karcher": ("karcher", frozenset({"max_iter", "tol"}), False, 1, None),
     "arcee_fusion": ("arcee_fusion", frozenset(), False, 1, 1),
+    "ram": ("ram", frozenset({"epsilon"}), False, 1, None),
+    "ramplus_tl": ("ramplus_tl", frozenset({"r", "alpha", "epsilon"}), False, 1, None),
 }
 #: mergekit's parameter names that moerge's kernels spell otherwise
 RENAMED = {"nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise"}
