@@ -203,21 +203,30 @@ def magnitude_mask(tensor: torch.Tensor, density: float, flavor: Flavor = "peft"
 Density = float | Sequence[float]
 
 
-def _densities(density: Density, n: int) -> list[float]:
-    """One density per expert: a number for all, or a sequence in expert order (mergekit's
-    per-model ``density``)."""
-    if isinstance(density, int | float):
-        return [float(density)] * n
-    out = [float(d) for d in density]
+def _per_expert(value: Density, n: int, name: str = "density") -> list[float]:
+    """One float per expert: a number for all, or a sequence in expert order (mergekit's
+    per-model ``density``, ``gamma``, ``epsilon``)."""
+    if isinstance(value, int | float):
+        return [float(value)] * n
+    out = [float(v) for v in value]
     if len(out) != n:
-        raise ValueError(f"{len(out)} densities for {n} experts")
+        raise ValueError(f"{len(out)} values of {name} for {n} experts")
     return out
+
+
+def _l1_rescaled(tensor: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``kept`` scaled back to ``tensor``'s L1 norm (mergekit's ``rescale``); unchanged when
+    either norm is below 1e-7."""
+    before, after = tensor.abs().sum(), kept.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return kept
+    return kept * (before / after)
 
 
 def trim(stacked: torch.Tensor, density: Density, flavor: Flavor = "peft") -> torch.Tensor:
     """Keep each expert's top-``density`` entries by magnitude (row by row; ``density`` may
     be one per expert)."""
-    ds = _densities(density, stacked.shape[0])
+    ds = _per_expert(density, stacked.shape[0])
     if min(ds) >= 1:
         return stacked
     out = []
@@ -237,7 +246,7 @@ def drop_and_rescale(
     """DARE: keep each entry with probability ``density`` (one Bernoulli mask per expert, drawn
     in order from ``generator``), then rescale — by 1/density (PEFT, the DARE paper) or back to
     the tensor's L1 norm (mergekit). ``density`` may be one per expert."""
-    ds = _densities(density, stacked.shape[0])
+    ds = _per_expert(density, stacked.shape[0])
     if min(ds) >= 1:
         return stacked
     out = []
@@ -251,13 +260,7 @@ def drop_and_rescale(
         else:
             mask = torch.bernoulli(torch.full_like(t, density), generator=generator)
         kept = t * mask
-        if flavor == "peft":
-            kept = kept / density
-        else:
-            before, after = t.abs().sum(), kept.abs().sum()
-            if before >= 1e-7 and after >= 1e-7:
-                kept = kept * (before / after)
-        out.append(kept)
+        out.append(kept / density if flavor == "peft" else _l1_rescaled(t, kept))
     return torch.stack(out)
 
 
@@ -319,8 +322,7 @@ def task_arithmetic(task_tensors: TaskTensors, weights: Any = None, *, lambda_: 
 def cat(task_tensors: TaskTensors, weights: Any = None) -> torch.Tensor:
     """Σ w_i τ_i. For LoRA experts the merged LoRA is PEFT's ``cat`` combination: the experts'
     factors side by side (A = [w_i·s_i·A_i], B = [B_i]), rank Σ r_i, exact — no re-factoring."""
-    x = _stack(task_tensors)
-    return (x * _weights(weights, x.shape[0], x)).sum(0)
+    return task_arithmetic(task_tensors, weights)
 
 
 @register_merge("magnitude_prune")
@@ -391,23 +393,10 @@ def svd(task_tensors: TaskTensors, weights: Any = None, *, rank: int, lambda_: f
 # ------------------------------------------------ mergekit's other sparsifiers and SCE
 
 
-def _per_expert(value: Density, n: int, name: str) -> list[float]:
-    """One float per expert: a number for all, or a sequence in expert order."""
-    if isinstance(value, int | float):
-        return [float(value)] * n
-    out = [float(v) for v in value]
-    if len(out) != n:
-        raise ValueError(f"{len(out)} values of {name} for {n} experts")
-    return out
-
-
-def _l1_rescaled(tensor: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """``kept`` scaled back to ``tensor``'s L1 norm (mergekit's ``rescale``); unchanged when
-    either norm is below 1e-7."""
-    before, after = tensor.abs().sum(), kept.abs().sum()
-    if before < 1e-7 or after < 1e-7:
-        return kept
-    return kept * (before / after)
+def no_weights(weights: Any, method: str, why: str = "") -> None:
+    """Refuse per-expert weights for a method that sets its own (``why``: how)."""
+    if weights is not None:
+        raise ValueError(f"{method} {why + '; it ' if why else ''}takes no weights")
 
 
 def outlier_mask(tensor: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -569,8 +558,7 @@ def sce(task_tensors: TaskTensors, weights: Any = None, *, select_topk: float = 
     across experts; weigh each τ_i by its mean square over the sum of them; elect a sign per
     entry (sum); average the agreeing entries by those weights. It sets its own weights, so it
     takes none."""
-    if weights is not None:
-        raise ValueError("sce weighs each expert by its task tensor's mean square; it takes no weights")
+    no_weights(weights, "sce", "weighs each expert by its task tensor's mean square")
     if not 0 <= select_topk <= 1:
         raise ValueError(f"sce: select_topk must be in [0, 1], got {select_topk}")
     x = _stack(task_tensors)
@@ -595,12 +583,11 @@ def _ram_masks(x: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Ten
 def ram(task_tensors: TaskTensors, weights: Any = None, *, epsilon: float = 1e-5) -> torch.Tensor:
     """RAM (Reinforced Agent Merging): an entry only one expert moved (|τ| > ``epsilon``) takes
     that expert's value whole; one several moved takes their mean (mergekit's ``ram``)."""
-    if weights is not None:
-        raise ValueError("ram takes no weights")
+    no_weights(weights, "ram")
     stacked = _stack(task_tensors)
     x = stacked.reshape(stacked.shape[0], -1)
-    _, counts, shared, unique = _ram_masks(x, epsilon)
-    kept = x * (x.abs() > epsilon)
+    moved, counts, shared, unique = _ram_masks(x, epsilon)
+    kept = x * moved
     return ((kept * unique) + (kept * shared / counts.clamp(min=1))).sum(dim=0).reshape(stacked.shape[1:])
 
 
@@ -610,8 +597,7 @@ def ramplus_tl(
 ) -> torch.Tensor:
     """RAM+ (tensor-local): as :func:`ram`, with each expert's unique entries scaled by
     1 + r·min(max(ρ, 0), α), ρ its shared-to-unique entry ratio in the tensor (mergekit's ``ramplus_tl``)."""
-    if weights is not None:
-        raise ValueError("ramplus_tl takes no weights")
+    no_weights(weights, "ramplus_tl")
     stacked = _stack(task_tensors)
     x = stacked.reshape(stacked.shape[0], -1)
     moved, counts, shared, unique = _ram_masks(x, epsilon)
@@ -648,7 +634,8 @@ def rank_for(shape: Sequence[int], rank: int | None = None, keep: float | None =
 
 # ------------------------------------------------- parameters that vary over a model's tensors
 
-LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+#: a decoder layer's tensor: ``<prefix><index><rest>``, e.g. ``model.layers.`` ``3`` ``.mlp.up_proj.weight``
+LAYER_KEY = re.compile(r"^(?P<prefix>(?:.*?\.)?(?:layers|h|blocks|layer)\.)(?P<index>\d+)(?P<rest>\..*)$")
 
 
 @dataclass(frozen=True)
@@ -690,10 +677,10 @@ class Setting:
 
 def layer_position(key: str, layers: int | None) -> float:
     """t of the tensor ``key`` in a model of ``layers`` layers (see :class:`Setting`)."""
-    m = LAYER_INDEX.search(key)
+    m = LAYER_KEY.match(key)
     if m is None or not layers:
         return 0.0
-    return int(m.group(1)) / (layers - 1) if layers > 1 else 1.0
+    return int(m["index"]) / (layers - 1) if layers > 1 else 1.0
 
 
 def _interpolate(values: tuple[Any, ...], t: float) -> Any:

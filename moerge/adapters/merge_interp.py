@@ -35,15 +35,14 @@ from typing import Any
 
 import torch
 
-from moerge.adapters.merge import TaskTensors, _stack, register_merge
+from moerge.adapters.merge import TaskTensors, _stack, no_weights, register_merge
 
 
 def _one_expert(task_tensors: TaskTensors, weights: Any, method: str) -> torch.Tensor:
     x = _stack(task_tensors)
     if x.shape[0] != 1:
         raise ValueError(f"{method} interpolates between the base and exactly one expert, got {x.shape[0]} experts")
-    if weights is not None:
-        raise ValueError(f"{method} takes t, not per-expert weights")
+    no_weights(weights, method)
     return x[0]
 
 
@@ -104,8 +103,7 @@ def model_stock(task_tensors: TaskTensors, weights: Any = None, *, filter_wise: 
     k = x.shape[0]
     if k < 2:
         raise ValueError(f"model_stock needs at least two experts beside the base, got {k}")
-    if weights is not None:
-        raise ValueError("model_stock sets its own interpolation from the experts' angles; it takes no weights")
+    no_weights(weights, "model_stock", "sets its own interpolation from the experts' angles")
     if filter_wise:
         rows = x.unsqueeze(1) if x.dim() == 2 else x  # a 1-D tensor is one row
     else:
@@ -203,8 +201,7 @@ def karcher(
     """θ_m − θ_0 for θ_m the Karcher (Riemannian) mean of the base and the experts' whole weights
     on the unit sphere, with equal weights, scaled by their mean norm (mergekit's ``karcher``:
     the base is one of the models averaged). Directions of norm ≤ ``tol`` are left out."""
-    if weights is not None:
-        raise ValueError("karcher averages the models with equal weights; it takes no weights")
+    no_weights(weights, "karcher", "averages the models with equal weights")
     x = _stack(task_tensors)
     dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
     models = [base] + [base + tau for tau in x]

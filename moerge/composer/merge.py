@@ -254,11 +254,7 @@ def merge(
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise FileExistsError(f"merge output {out} exists and is not an empty folder")
     report = MergeReport(method, {**params}, names, base_id, output)
-    if kind == "lora":
-        loras = [
-            load_lora(it, name=n, registry=reg, device=dev) if isinstance(it, ExpertRecord) else load_lora(it, name=n, device=dev)
-            for _, it, n in resolved
-        ]
+    if kind == "lora":  # refused before any tensor is read
         if varying:
             raise ValueError(
                 "per-layer gradients and filters (a parameter that varies over the tensors) apply to dense experts; "
@@ -270,6 +266,10 @@ def merge(
                 "experts with it (fold each LoRA into the base first), or use a method defined on task vectors "
                 "(nearswap, model_stock, task_arithmetic, ties …)"
             )
+        loras = [
+            load_lora(it, name=n, registry=reg, device=dev) if isinstance(it, ExpertRecord) else load_lora(it, name=n, device=dev)
+            for _, it, n in resolved
+        ]
         if rank == "auto" and output != "lora":
             raise ValueError("rank='auto' applies to a LoRA output; output='model' keeps the exact merge")
         result = _merge_lora(

@@ -161,6 +161,19 @@ def _per_model(own: Any, glob: Any, default: float, where: str) -> Any:
     return Setting(mine.conditions + rest, default if last is None else last)
 
 
+def _out_dtype(cfg: Mapping[str, Any]) -> str | None:
+    """The written weights' dtype (``out_dtype`` wins over ``dtype``), checked."""
+    dtype = cfg.get("out_dtype") or cfg.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise MergeConfigError(f"dtype {dtype!r}: moerge writes one of {sorted(DTYPES)}")
+    return dtype
+
+
+def _check_models(models: Any) -> None:
+    if not isinstance(models, list) or not models:
+        raise MergeConfigError("merge config needs 'models': a list of {model: ..., parameters: {...}}")
+
+
 def _model_ref(entry: Any, where: str) -> str:
     ref = entry.get("model") if isinstance(entry, Mapping) else entry
     if not isinstance(ref, str) or not ref:
@@ -211,8 +224,7 @@ def plan_merge(config: Mapping[str, Any]) -> dict[str, Any]:
             )
         glob[key] = _scalar(value, f"parameters.{key}") if key in PLAN_TIME else _setting(value, f"parameters.{key}")
     models = cfg.get("models")
-    if not isinstance(models, list) or not models:
-        raise MergeConfigError("merge config needs 'models': a list of {model: ..., parameters: {...}}")
+    _check_models(models)
     base = cfg.get("base_model")
     if base is not None:
         base = _model_ref(base, "base_model")
@@ -283,9 +295,7 @@ def plan_merge(config: Mapping[str, Any]) -> dict[str, Any]:
             params["lambda"] = lam
         if method.startswith(("dare", "della")):
             params["seed"] = int(cfg.get("seed", glob.get("seed", 0)))
-    dtype = cfg.get("out_dtype") or cfg.get("dtype")
-    if dtype is not None and dtype not in DTYPES:
-        raise MergeConfigError(f"dtype {dtype!r}: moerge writes one of {sorted(DTYPES)}")
+    dtype = _out_dtype(cfg)
     return {"base": base, "experts": experts, "method": kernel, "weights": weights, "dtype": dtype, "params": params}
 
 
@@ -326,9 +336,7 @@ def _plan_slices(cfg: dict[str, Any], method: Any) -> dict[str, Any]:
             raise MergeConfigError(f"{at}.parameters: passthrough takes only 'scale', got {bad}")
         scale = _setting(params["scale"], f"{at}.parameters.scale") if "scale" in params else None
         out.append(Slice(_model_ref(src, at), lr[0], lr[1], scale))
-    dtype = cfg.get("out_dtype") or cfg.get("dtype")
-    if dtype is not None and dtype not in DTYPES:
-        raise MergeConfigError(f"dtype {dtype!r}: moerge writes one of {sorted(DTYPES)}")
+    dtype = _out_dtype(cfg)
     return {"base": None, "experts": [s.model for s in out], "method": "passthrough", "weights": None, "dtype": dtype,
             "params": {}, "slices": out}  # fmt: skip
 
@@ -353,8 +361,7 @@ def _plan_own(cfg: dict[str, Any], method: str) -> dict[str, Any]:
     if method in ("slerp", "nearswap") and "t" not in params:
         raise MergeConfigError(f"merge_method {method!r} needs parameters.t")
     models = cfg.get("models")
-    if not isinstance(models, list) or not models:
-        raise MergeConfigError("merge config needs 'models': a list of {model: ..., parameters: {...}}")
+    _check_models(models)
     experts, weights = [], []
     for i, entry in enumerate(models):
         where = f"models[{i}]"
@@ -381,9 +388,7 @@ def _plan_own(cfg: dict[str, Any], method: str) -> dict[str, Any]:
     if len(experts) < fewest or (most is not None and len(experts) > most):
         want = f"exactly {fewest}" if most == fewest else f"at least {fewest}"
         raise MergeConfigError(f"merge_method {method!r} needs {want} model(s) besides base_model, got {len(experts)}")
-    dtype = cfg.get("out_dtype") or cfg.get("dtype")
-    if dtype is not None and dtype not in DTYPES:
-        raise MergeConfigError(f"dtype {dtype!r}: moerge writes one of {sorted(DTYPES)}")
+    dtype = _out_dtype(cfg)
     return {"base": base, "experts": experts, "method": kernel, "weights": weights or None, "dtype": dtype, "params": params}
 
 

@@ -21,7 +21,6 @@ same files.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -31,12 +30,11 @@ from typing import Any
 
 import torch
 
-from moerge.adapters.merge import Setting
+from moerge.adapters.merge import LAYER_KEY, Setting
 from moerge.composer.merge import REPORT_FILE, MergeReport, ShardWriter, _atomic_folder, _num_layers
 from moerge.progress import progress_bar
 from moerge.registry.files import TensorFolder, atomic_write_json
 
-LAYER_KEY = re.compile(r"^(?P<prefix>.*?(?:layers|h|blocks|layer)\.)(?P<index>\d+)(?P<rest>\..*)$")
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
 
 

@@ -74,7 +74,15 @@ class ArrowRouter(KeyedTokenRouter):
         return [ctx.registry.get(name) for name in self.config.general]
 
     def _general(self, ctx: PrepareContext) -> list[LoraExpert]:
-        return [load_lora(r, registry=ctx.registry, device=ctx.device) for r in self._general_records(ctx)]
+        """The general LoRAs, loaded once per registry and device (every expert's prototypes and
+        the install step use them)."""
+        refs = tuple(r.ref for r in self._general_records(ctx))
+        key = (str(ctx.registry.root), str(ctx.device), refs)
+        cached = getattr(self, "_general_loaded", None)
+        if cached is None or cached[0] != key:
+            loaded = [load_lora(r, registry=ctx.registry, device=ctx.device) for r in self._general_records(ctx)]
+            self._general_loaded = cached = (key, loaded)
+        return cached[1]
 
     def _compute(self, record: Any, ctx: PrepareContext) -> dict[str, torch.Tensor]:
         expert = load_lora(record, registry=ctx.registry, device=ctx.device)
