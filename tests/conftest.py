@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -216,6 +217,32 @@ def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001
 
 
 _timeline: dict[str, dict] = {}
+_cpu_mark: list[float] = []
+
+
+def _cpu_now() -> tuple[float, float]:
+    """This process's CPU seconds (every thread) and its reaped children's."""
+    import resource
+
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time(), kids.ru_utime + kids.ru_stime
+
+
+def pytest_sessionstart(session) -> None:  # noqa: ANN001
+    _cpu_mark[:] = _cpu_now()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):  # noqa: ANN001, ANN201
+    """With $MOERGE_TEST_DURATIONS set, the CPU seconds each phase of a test took in the worker
+    and in the subprocesses it waited for (Ray's processes are counted by neither)."""
+    outcome = yield
+    if not os.environ.get("MOERGE_TEST_DURATIONS"):
+        return
+    own, kids = _cpu_now()
+    if _cpu_mark:
+        outcome.get_result().user_properties.append(("cpu", (own - _cpu_mark[0], kids - _cpu_mark[1])))
+    _cpu_mark[:] = [own, kids]
 
 
 def pytest_runtest_logreport(report) -> None:  # noqa: ANN001
@@ -225,6 +252,9 @@ def pytest_runtest_logreport(report) -> None:  # noqa: ANN001
         return
     row = _timeline.setdefault(_plain(report.nodeid), {"seconds": 0.0, "start": report.start})
     row["seconds"] += report.duration
+    for _key, (own, kids) in (p for p in report.user_properties if p[0] == "cpu"):
+        row["cpu"] = row.get("cpu", 0.0) + own
+        row["cpu_children"] = row.get("cpu_children", 0.0) + kids
     node = getattr(report, "node", None)  # the pytest-xdist worker that ran it; none without xdist
     row["worker"] = node.gateway.id if node is not None else "main"
     row["stop"] = report.stop
@@ -238,5 +268,9 @@ def pytest_sessionfinish(session) -> None:  # noqa: ANN001
     Path(path).write_text(json.dumps({k: round(v["seconds"], 1) for k, v in sorted(_timeline.items())}, indent=0) + "\n")
     rows = sorted(_timeline.items(), key=lambda kv: kv[1]["start"])
     Path(path).with_suffix(".timeline.tsv").write_text(
-        "".join(f"{v['worker']}\t{v['start'] - t0:.1f}\t{v['stop'] - t0:.1f}\t{v['seconds']:.1f}\t{k}\n" for k, v in rows)
+        "".join(
+            f"{v['worker']}\t{v['start'] - t0:.1f}\t{v['stop'] - t0:.1f}\t{v['seconds']:.1f}\t"
+            f"{v.get('cpu', 0):.1f}\t{v.get('cpu_children', 0):.1f}\t{k}\n"
+            for k, v in rows
+        )
     )
