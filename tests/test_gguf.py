@@ -161,3 +161,20 @@ def test_what_is_not_a_gguf_file_is_named(tmp_path):
         G.converted_folder(fake, tmp_path)
     assert not list((tmp_path / "gguf").glob("*")) if (tmp_path / "gguf").exists() else True
     assert G.local_base("some/folder") == "some/folder" and not G.is_gguf(Path("x.safetensors")) and G.is_gguf("X.GGUF")
+
+
+def test_a_conversion_parses_the_file_once_and_leaves_the_gguf_package_as_it_was(tiny, tmp_path, monkeypatch):
+    path, _, _ = tiny
+    opened: list[str] = []
+    reader_cls = gguf.GGUFReader
+
+    def counting(p, mode="r"):  # noqa: ANN001, ANN202
+        opened.append(str(p))
+        return reader_cls(p, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    name_map = gguf.get_tensor_name_map
+    G._convert(path, sha256_file(path), tmp_path / "converted")
+    assert len(opened) == 1  # transformers asks three times (config, tokenizer, weights); one parse answers all
+    assert gguf.GGUFReader is counting and gguf.get_tensor_name_map is name_map  # restored afterwards
+    assert (tmp_path / "converted" / "model.safetensors").exists()

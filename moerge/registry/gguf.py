@@ -13,9 +13,12 @@ Wherever moerge takes a base model (``compose``, ``moerge.evaluate``, merges, ``
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +96,33 @@ def _converted(cache: Path, digest: str) -> Path | None:
     return None
 
 
+@contextlib.contextmanager
+def _gguf_read_once() -> Iterator[None]:
+    """For one conversion: each GGUF file parsed once, each tensor-name map built once.
+
+    transformers reads the ``gguf`` package's names at call time and, for one file, parses it
+    three times (config, tokenizer, weights: 12 of a conversion's 29 s here, measured) and builds
+    the same tensor-name map once per tensor (397 times, 5.6 s). The reader is read-only (a
+    memory map) and the map a pure function of its arguments, so sharing them changes no byte."""
+    import gguf
+
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple, Any] = {}
+
+    def reader(path: Any, mode: str = "r") -> Any:
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = reader_cls(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
+        readers.clear()
+
+
 def _convert(src: Path, digest: str, folder: Path) -> None:
     import torch
     import transformers
@@ -109,7 +139,7 @@ def _convert(src: Path, digest: str, folder: Path) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        with hf_bars(None):  # transformers' de-quantising bar only where one can be drawn
+        with hf_bars(None), _gguf_read_once():  # transformers' de-quantising bar only where one can be drawn
             model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; say which file and why
