@@ -10,17 +10,28 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from moerge.composer import ComposedModel, compose, load_composition, merge, merge_from_config
+    from moerge.composer import ComposedModel, compose, load_composition, lorahub, merge, merge_from_config
     from moerge.evaluation import evaluate
     from moerge.registry import Registry
 
 __version__ = "0.1.0"
-__all__ = ["ComposedModel", "Registry", "__version__", "compose", "evaluate", "load_composition", "merge", "merge_from_config"]
+__all__ = [
+    "ComposedModel",
+    "Registry",
+    "__version__",
+    "compose",
+    "evaluate",
+    "load_composition",
+    "lorahub",
+    "merge",
+    "merge_from_config",
+]
 
 _LAZY = {
     "ComposedModel": "moerge.composer",
     "compose": "moerge.composer",
     "load_composition": "moerge.composer",
+    "lorahub": "moerge.composer",
     "merge": "moerge.composer",
     "merge_from_config": "moerge.composer",
     "evaluate": "moerge.evaluation",

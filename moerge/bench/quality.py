@@ -120,15 +120,16 @@ def _gate_snr(zoo: Zoo, model: Any, device: DeviceLike, progress: bool | None) -
 
 
 #: the merges in the demo table: moerge eval's own merge methods under the demo's labels. Every grid point is scored on the
-#: zoo's validation split (mean exact match over the held-in tasks); the best is reported on test.
+#: zoo's validation split (mean exact match over the held-in tasks); the best is reported on test. LoRAHub has no grid: its
+#: weights are searched on each task's first validation examples.
 ZOO_MERGES: dict[str, MethodSpec] = {
     METHODS[m].label: replace(METHODS[m], name=METHODS[m].label, router=m)
-    for m in ("average", "task_arithmetic", "ties", "dare_ties", "twin")
+    for m in ("average", "task_arithmetic", "ties", "dare_ties", "twin", "lorahub")
 }
 
 
 #: the methods with a seed of their own (gate training, the Twin router's training, DARE's drop masks)
-SEEDED = ("phatgoose", "glider", "twin", "dare_ties")
+SEEDED = ("phatgoose", "glider", "twin", "dare_ties", "lorahub")
 
 
 def router_specs(routers: Sequence[str]) -> list[MethodSpec]:
@@ -260,6 +261,8 @@ def evaluate_zoo(
                     "seconds": seconds.get(row.name, 0.0)}  # fmt: skip
             if spec.family == "twin" and "routing" in res:
                 meta.update(router=res["routing"]["router"], stored=res["routing"]["stored"])
+            if spec.family == "lorahub":  # each task's searched weights and its examples' loss before and after
+                meta.update(weights=res["weights"], loss=res["loss"])
             report.meta.setdefault("merges", {})[row.name] = meta
     report.meta["eval_seconds"] = time.perf_counter() - t0
     return report

@@ -19,7 +19,7 @@ from moerge.runtime import quiet_hf
     show_default=True,
     help="average, task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune, svd; mergekit's breadcrumbs, "
     "breadcrumbs_ties, della, della_linear, sce, slerp, nearswap, model_stock, nuslerp, multislerp, karcher, arcee_fusion, "
-    "ram, ramplus_tl, cat.",
+    "ram, ramplus_tl, cat; lorahub (weights searched on --examples).",
 )
 @click.option("--experts", default=None, help="Comma-separated registry names or PEFT-adapter / model folders.")
 @click.option(
@@ -66,6 +66,13 @@ from moerge.runtime import quiet_hf
     help="Any other parameter of the method (repeatable): gamma, epsilon (breadcrumbs, della), select_topk (sce), "
     "t (slerp, nearswap), filter_wise (model_stock), flatten and row_wise (nuslerp), normalize_weights (multislerp) …",
 )
+@click.option(
+    "--examples",
+    "examples_path",
+    default=None,
+    type=click.Path(dir_okay=False, exists=True),
+    help='lorahub: a JSONL of the new task\'s examples ({"prompt": ..., "target": ...} per line, as a task split).',
+)
 @click.option("--no-progress", is_flag=True)
 def merge_cmd(
     method,
@@ -84,6 +91,7 @@ def merge_cmd(
     rank_tolerance,
     output,
     settings,
+    examples_path,
     no_progress,
 ) -> None:  # noqa: ANN001
     """Merge experts into one LoRA or one model with a static merge method, written to --out."""
@@ -108,6 +116,11 @@ def merge_cmd(
             _fail(ValueError(f"--config gives the method, models and parameters; drop {', '.join(given)}"))
     elif not experts:
         _fail(ValueError("give --experts (with --method) or --config merge.yml"))
+    if (method == "lorahub") != (examples_path is not None):
+        _fail(ValueError("--examples goes with --method lorahub (its weights are searched on them), and lorahub needs it"))
+    if method == "lorahub":
+        _lorahub(experts, out, registry_path, base, params, rank, output, examples_path, no_progress)
+        return
     try:
         reg = _open(registry_path) if registry_path else None
         if config_path is not None:
@@ -153,3 +166,38 @@ def merge_cmd(
     if report["refactor_error"]:
         auto = f" (auto: each module's smallest rank within {report['rank_tolerance']:g})" if report.get("module_ranks") else ""
         click.echo(f"rank-{report['rank']} re-factoring{auto}: max relative error {max(report['refactor_error'].values()):.3f}")
+
+
+def _lorahub(experts, out, registry_path, base, params, rank, output, examples_path, no_progress) -> None:  # noqa: ANN001
+    import moerge
+    from moerge.evaluation.tasks import read_jsonl
+
+    given = [f"--{k}" for k in ("density", "lambda", "majority_sign_method", "flavor") if params.get(k) is not None]
+    if rank is not None:
+        given.append("--rank")
+    if given:
+        _fail(ValueError(f"lorahub combines the experts' factors with searched weights; drop {', '.join(given)}"))
+    known = ("budget", "l1", "bound", "batch_size")
+    extra = {k: v for k, v in params.items() if k not in (*known, "density", "lambda", "majority_sign_method", "seed", "flavor")}
+    if extra:
+        _fail(ValueError(f"lorahub has no setting {', '.join(extra)}; its --set settings: {', '.join(known)} (and --seed)"))
+    kwargs = {k: params[k] for k in known if params.get(k) is not None}
+    if params.get("seed") is not None:
+        kwargs["seed"] = params["seed"]
+    try:
+        rows = read_jsonl(Path(examples_path))
+        chat = [e.where for e in rows if e.prompt is None]
+        if chat:
+            raise ValueError(f"lorahub's --examples take plain prompts; {chat[0]} is a chat example (render it to a prompt)")
+        reg = _open(registry_path) if registry_path else None
+        names = [e.strip() for e in experts.split(",") if e.strip()]
+        path = moerge.lorahub(base, names, [(e.prompt, e.target) for e in rows], out, registry=reg, output=output or "lora",
+                              progress=None if not no_progress else False, **kwargs)  # fmt: skip
+    except (KeyError, ValueError, OSError, RuntimeError, ImportError) as exc:
+        _fail(exc)
+    report = json.loads((path / "moerge_lorahub.json").read_text())
+    weights = ", ".join(f"{n} {w:+.3f}" for n, w in report["weights"].items())
+    click.echo(f"LoRAHub over {len(names)} experts on {report['examples']} examples ({report['budget']} evaluations, "
+               f"{report['seconds']:.1f} s) into {path}")  # fmt: skip
+    click.echo(f"weights: {weights}")
+    click.echo(f"examples' loss: {report['loss_at_zero']:.4f} at w = 0 (the base) → {report['loss']:.4f}")

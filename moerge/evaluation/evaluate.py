@@ -25,6 +25,7 @@ from moerge.evaluation.report import MethodRow, QualityReport, method_row, plot_
 from moerge.evaluation.tasks import Task, TaskSet, load_task_set
 from moerge.progress import progress_bar
 from moerge.registry import ExpertRecord, Registry
+from moerge.registry.files import config_hash
 
 log = logging.getLogger(__name__)
 
@@ -395,6 +396,8 @@ class _Run:
         """Choose the grid point on validation (held-in tasks), then score it on every test split."""
         pool, spec = self.pool, self.specs[method]
         points = spec.points(overrides)
+        if spec.family == "lorahub":
+            return self._per_task(method, points)
         val_tasks = [t for t in pool.tasks.held_in if pool.prompts[t, "validation"]]
         t0 = time.perf_counter()
         out: dict[str, Any] = {"grid": {k: list(v) for k, v in {**spec.grid, **(overrides or {})}.items()}}
@@ -444,6 +447,55 @@ class _Run:
                     stored = dict(get().router.stored)
                     self.cache.put(key, stored)
                 out["stored"] = stored
+        self.seconds[method] = time.perf_counter() - t0
+        return out
+
+    def _per_task(self, method: str, points: list[dict[str, Any]]) -> dict[str, Any]:
+        """A method prepared per task from that task's first validation examples (LoRAHub): one
+        model per task, scored on its test split. Its settings are fixed: the validation
+        examples it learns from leave no split to choose them on."""
+        from moerge.composer.lorahub import lorahub
+
+        pool, spec = self.pool, self.specs[method]
+        t0 = time.perf_counter()
+        out: dict[str, Any] = {"grid": {}, "validation": [], "chosen": points[0]}
+        if len(points) > 1:
+            out["skipped"] = (
+                f"{spec.label} learns from each task's validation examples, which leaves no split to choose its settings "
+                "on: give one value per setting"
+            )
+            return out
+        tasks = pool.tasks.held_in + pool.tasks.held_out
+        bare = [t for t in tasks if not pool.prompts[t, "validation"]]
+        if bare:
+            out["skipped"] = (
+                f"{spec.label} learns each task's weights from its validation examples; these tasks have none: {bare}"
+            )
+            return out
+        params = call_params(spec, points[0])
+        shots = int(params.pop("shots"))
+        sel = pool.reg.select(names=[r.ref for r in pool.records])
+        out["per_task"], out["weights"], out["loss"] = {}, {}, {}
+        for t in progress_bar(tasks, desc=spec.label, progress=self.progress):
+            examples = [(p, ts[0]) for p, ts in zip(pool.prompts[t, "validation"], pool.targets[t, "validation"], strict=True)]
+            examples = examples[:shots]
+            key = self.key({**self.method_key(method, points[0]), "examples": config_hash(examples)}, t, "test")
+            hit = self.cache.get(key)
+            if hit is None:
+                tb = time.perf_counter()
+                model = lorahub(self.base, sel, examples, output="model", device=self.device, dtype=self.dtype,
+                                progress=False, **params)  # fmt: skip
+                rep = model.lorahub_report
+                self.seconds[f"{method} build"] = self.seconds.get(f"{method} build", 0.0) + time.perf_counter() - tb
+                raw = _generate_plain(model, model.tokenizer, pool.prompts[t, "test"], pool.tasks[t].spec.max_new_tokens,
+                                      self.batch_size)  # fmt: skip
+                hit = {"answers": self.answers(t, "test", raw), "weights": rep.weights,
+                       "loss": {"at_zero": rep.loss_at_zero, "at_weights": rep.loss}}  # fmt: skip
+                del model
+                self.cache.put(key, hit)
+                self.computed.append(f"{method}[{shown(points[0]) or '-'}]/{t}/test")
+            out["per_task"][t] = pool.score(t, "test", hit["answers"])
+            out["weights"][t], out["loss"][t] = hit["weights"], hit["loss"]
         self.seconds[method] = time.perf_counter() - t0
         return out
 
@@ -594,7 +646,7 @@ def evaluate(
             add(r, METHODS["experts"])
     sizes: tuple[int, int] | None = None  # (every expert's LoRA factors, one dense ΔW per module), fp32 bytes
     for m, spec in specs.items():
-        if spec.family not in ("router", "merge", "twin"):
+        if spec.family not in ("router", "merge", "twin", "lorahub"):
             continue
         res = run.run_method(m, overrides.get(m))
         meta[m] = {k: v for k, v in res.items() if k != "per_task"}

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from moerge.hints import did_you_mean
 
-Family = Literal["base", "experts", "oracle", "router", "merge", "twin", "symbolic"]
+Family = Literal["base", "experts", "oracle", "router", "merge", "twin", "lorahub", "symbolic"]
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,16 @@ METHODS: dict[str, MethodSpec] = {
             "TA shared expert + SVD twin vectors + MLP router, exact per-input merge",
             grid={"rank": (None, 16, 32), "lambda": (0.3, 0.5)},
             uses_data=True,
+        ),
+        # learned composition weights: one LoRA per task, its weights searched on that task's first
+        # validation examples (never its test split); run by name
+        MethodSpec(
+            "lorahub",
+            "lorahub",
+            "LoRAHub",
+            "one weight per LoRA, searched (NGOpt, L1) on each task's first validation examples; factors combined",
+            fixed={"shots": 5, "budget": 40, "l1": 0.05, "bound": 1.5, "seed": 42},
+            default=False,
         ),
         # whole-model experts (kind "model"): evaluated apart from the LoRA methods
         MethodSpec("symbolic_moe", "symbolic", "Symbolic-MoE", "recruit k models per query from validation profiles, aggregate"),
