@@ -10,7 +10,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from moerge.composer import ComposedModel, compose, load_composition, lorahub, merge, merge_from_config
+    from moerge.composer import ComposedModel, adamerging, compose, load_composition, lorahub, merge, merge_from_config
     from moerge.evaluation import evaluate
     from moerge.registry import Registry
 
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ComposedModel",
     "Registry",
+    "adamerging",
     "__version__",
     "compose",
     "evaluate",
@@ -32,6 +33,7 @@ _LAZY = {
     "compose": "moerge.composer",
     "load_composition": "moerge.composer",
     "lorahub": "moerge.composer",
+    "adamerging": "moerge.composer",
     "merge": "moerge.composer",
     "merge_from_config": "moerge.composer",
     "evaluate": "moerge.evaluation",

@@ -124,12 +124,12 @@ def _gate_snr(zoo: Zoo, model: Any, device: DeviceLike, progress: bool | None) -
 #: weights are searched on each task's first validation examples.
 ZOO_MERGES: dict[str, MethodSpec] = {
     METHODS[m].label: replace(METHODS[m], name=METHODS[m].label, router=m)
-    for m in ("average", "task_arithmetic", "ties", "dare_ties", "twin", "lorahub")
+    for m in ("average", "task_arithmetic", "ties", "dare_ties", "twin", "lorahub", "adamerging")
 }
 
 
 #: the methods with a seed of their own (gate training, the Twin router's training, DARE's drop masks)
-SEEDED = ("phatgoose", "glider", "twin", "dare_ties", "lorahub")
+SEEDED = ("phatgoose", "glider", "twin", "dare_ties", "lorahub", "adamerging")
 
 
 def router_specs(routers: Sequence[str]) -> list[MethodSpec]:
@@ -263,6 +263,8 @@ def evaluate_zoo(
                 meta.update(router=res["routing"]["router"], stored=res["routing"]["stored"])
             if spec.family == "lorahub":  # each task's searched weights and its examples' loss before and after
                 meta.update(weights=res["weights"], loss=res["loss"])
+            if spec.family == "adamerging":  # the learnt λ and the summed entropy at the prior and at the end
+                meta.update(res["learnt"])
             report.meta.setdefault("merges", {})[row.name] = meta
     report.meta["eval_seconds"] = time.perf_counter() - t0
     return report

@@ -2,6 +2,7 @@
 ``merge(base, experts, method=...)`` → a merged model or LoRA, and ``lorahub(base, experts,
 examples)`` → one LoRA whose per-expert weights were searched on a few examples."""
 
+from moerge.composer.adamerging import AdaMergingReport, adamerging
 from moerge.composer.compose import ComposedModel, CompositionSpec, compose, load_base, load_composition
 from moerge.composer.explain import Explanation
 from moerge.composer.lorahub import LoraHubReport, lorahub
@@ -9,6 +10,8 @@ from moerge.composer.merge import MergeReport, merge
 from moerge.composer.mergekit import MergeConfigError, merge_from_config
 
 __all__ = [
+    "AdaMergingReport",
+    "adamerging",
     "ComposedModel",
     "CompositionSpec",
     "Explanation",

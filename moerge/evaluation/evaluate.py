@@ -332,6 +332,13 @@ class _Run:
             built = compose(
                 self.base, sel, router, data=data, progress=self.progress, device=self.device, dtype=self.dtype, **kwargs
             )
+        elif spec.family == "adamerging":
+            from moerge.composer.adamerging import adamerging
+
+            inputs = {t: pool.prompts[t, "validation"] for t in self._all_tasks if pool.prompts[t, "validation"]}
+            model = adamerging(self.base, sel, inputs, output="model", device=self.device, dtype=self.dtype,
+                               progress=self.progress, **kwargs)  # fmt: skip
+            built = (model, model.tokenizer)
         else:
             from transformers import AutoTokenizer
 
@@ -345,7 +352,7 @@ class _Run:
         spec = self.specs[method]
         prompts = self.pool.prompts[task, split]
         n_new = self.pool.tasks[task].spec.max_new_tokens
-        if spec.family == "merge":
+        if spec.family in ("merge", "adamerging"):
             model, tok = built
             return _generate_plain(model, tok, prompts, n_new, self.batch_size)
         return self._live(built, method, params).generate(
@@ -373,9 +380,15 @@ class _Run:
         }
         if spec.uses_data:
             key["data"] = self.pool.data_key()
+        if spec.family == "adamerging":  # learnt on every task's unlabeled validation prompts
+            key["inputs"] = {t: self.pool.tasks[t].hashes.get("validation") for t in self._all_tasks}
         if spec.runs == "glider" and self._chat:
             key["query"] = "user message"  # answers cached before chat queries were embedded alone are not reused
         return key
+
+    @property
+    def _all_tasks(self) -> list[str]:
+        return self.pool.tasks.held_in + self.pool.tasks.held_out
 
     @property
     def _chat(self) -> bool:
@@ -440,6 +453,14 @@ class _Run:
                 out["routing_accuracy"] = out["routing"]["accuracy"]
             elif spec.family in ("router", "twin"):
                 out["routing_accuracy"] = self._routing(get, method, chosen)
+            if spec.family == "adamerging":
+                key = {**self.common, **self.method_key(method, chosen), "what": "coefficients"}
+                learnt = self.cache.get(key)
+                if learnt is None:
+                    rep = get()[0].adamerging_report
+                    learnt = {"coefficients": rep.coefficients, "entropy": [rep.entropy[0], rep.entropy[-1]]}
+                    self.cache.put(key, learnt)
+                out["learnt"] = learnt
             if spec.family == "twin":
                 key = {**self.common, **self.method_key(method, chosen), "what": "stored"}
                 stored = self.cache.get(key)
@@ -646,7 +667,7 @@ def evaluate(
             add(r, METHODS["experts"])
     sizes: tuple[int, int] | None = None  # (every expert's LoRA factors, one dense ΔW per module), fp32 bytes
     for m, spec in specs.items():
-        if spec.family not in ("router", "merge", "twin", "lorahub"):
+        if spec.family not in ("router", "merge", "twin", "lorahub", "adamerging"):
             continue
         res = run.run_method(m, overrides.get(m))
         meta[m] = {k: v for k, v in res.items() if k != "per_task"}

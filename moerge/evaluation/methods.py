@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from moerge.hints import did_you_mean
 
-Family = Literal["base", "experts", "oracle", "router", "merge", "twin", "lorahub", "symbolic"]
+Family = Literal["base", "experts", "oracle", "router", "merge", "twin", "lorahub", "adamerging", "symbolic"]
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,17 @@ METHODS: dict[str, MethodSpec] = {
             "LoRAHub",
             "one weight per LoRA, searched (NGOpt, L1) on each task's first validation examples; factors combined",
             fixed={"shots": 5, "budget": 40, "l1": 0.05, "bound": 1.5, "seed": 42},
+            default=False,
+        ),
+        # learned merging coefficients: one merge for every task, its λ learnt by entropy minimisation on every
+        # task's unlabeled validation prompts (never a test prompt); run by name
+        MethodSpec(
+            "adamerging",
+            "adamerging",
+            "AdaMerging",
+            "λ per expert and module (prior 0.3, clamped to [0, 1]) minimising the next-token entropy (Adam) on every "
+            "task's unlabeled validation prompts",
+            fixed={"granularity": "layer", "steps": 500, "seed": 0},
             default=False,
         ),
         # whole-model experts (kind "model"): evaluated apart from the LoRA methods
