@@ -124,12 +124,27 @@ def _gate_snr(zoo: Zoo, model: Any, device: DeviceLike, progress: bool | None) -
 #: weights are searched on each task's first validation examples.
 ZOO_MERGES: dict[str, MethodSpec] = {
     METHODS[m].label: replace(METHODS[m], name=METHODS[m].label, router=m)
-    for m in ("average", "task_arithmetic", "ties", "dare_ties", "twin", "lorahub", "adamerging")
+    for m in (
+        "average",
+        "task_arithmetic",
+        "ties",
+        "dare_ties",
+        "twin",
+        "lorahub",
+        "adamerging",
+        # mergekit's other merges over task vectors, run by name (bench all --merges ...)
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "della",
+        "sce",
+        "model_stock",
+        "multislerp",
+    )  # fmt: skip
 }
 
 
 #: the methods with a seed of their own (gate training, the Twin router's training, DARE's drop masks)
-SEEDED = ("phatgoose", "glider", "twin", "dare_ties", "lorahub", "adamerging")
+SEEDED = ("phatgoose", "glider", "twin", "dare_ties", "della", "lorahub", "adamerging")
 
 
 def router_specs(routers: Sequence[str]) -> list[MethodSpec]:
