@@ -26,7 +26,9 @@ matches every tensor), except the ones read once for the whole merge (``normaliz
 ``rescale``, ``seed``). ``passthrough`` over ``slices`` stacks layer ranges of models
 (:mod:`moerge.composer.passthrough`). What mergekit has and moerge does not — slices for other
 methods, per-module configs,
-``model+lora`` references, tokenizer merging, other methods — is refused by name.
+``model+lora`` references, merging different vocabularies, other methods — is refused by name
+(``tokenizer_source: union`` over models of one vocabulary is accepted: mergekit then writes the
+base's tensors).
 """
 
 from __future__ import annotations
@@ -206,10 +208,7 @@ def plan_merge(config: Mapping[str, Any]) -> dict[str, Any]:
     if method not in known:
         hint = did_you_mean(str(method), known) if method else ""
         raise MergeConfigError(f"merge_method {method!r}{hint}: moerge runs mergekit configs for {known}")
-    if cfg.get("tokenizer_source") not in (None, "base"):
-        raise MergeConfigError(
-            "tokenizer_source: moerge copies the base model's tokenizer ('base'); merging tokenizers is not supported"
-        )
+    _check_tokenizer_source(cfg)
     if method in OWN_METHODS:
         return _plan_own(cfg, method)
     kernel, normalize_default, rescale_default = METHODS[method]
@@ -297,6 +296,47 @@ def plan_merge(config: Mapping[str, Any]) -> dict[str, Any]:
             params["seed"] = int(cfg.get("seed", glob.get("seed", 0)))
     dtype = _out_dtype(cfg)
     return {"base": base, "experts": experts, "method": kernel, "weights": weights, "dtype": dtype, "params": params}
+
+
+def _vocab(ref: str) -> dict[str, int] | None:
+    """The vocabulary of a model folder's tokenizer; None where there is no folder or no tokenizer
+    (a registry expert, or a hub id: they are checked against the base when merged)."""
+    path = Path(ref).expanduser()
+    if not path.is_dir() or not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path).get_vocab()
+    except (OSError, ValueError) as exc:
+        raise MergeConfigError(f"tokenizer_source: cannot read the tokenizer of {ref}: {exc}") from None
+
+
+def _check_tokenizer_source(cfg: Mapping[str, Any]) -> None:
+    """``tokenizer_source: base`` (moerge's default) and ``union`` where every model's vocabulary is the
+    base's: mergekit then maps every token to itself and writes the base's tensors (checked against
+    mergekit). Merging different vocabularies (mergekit's permuted embeddings) is refused by name."""
+    source = cfg.get("tokenizer_source")
+    if source in (None, "base"):
+        return
+    if source != "union":
+        raise MergeConfigError(
+            f"tokenizer_source {source!r}: moerge takes 'base' or 'union' over one vocabulary; a model's own tokenizer "
+            "(mergekit's model:...) and merging different vocabularies are not supported"
+        )
+    refs = [cfg.get("base_model")] + [e.get("model") if isinstance(e, Mapping) else e for e in cfg.get("models") or []]
+    vocabs = {r: v for r in refs if isinstance(r, str) and (v := _vocab(r)) is not None}
+    if len(vocabs) < 2:
+        return
+    first, want = next(iter(vocabs.items()))
+    for ref, vocab in vocabs.items():
+        if vocab != want:
+            extra = sorted(set(vocab) ^ set(want))[:3]
+            raise MergeConfigError(
+                f"tokenizer_source: union over different vocabularies ({ref}: {len(vocab)} tokens, {first}: {len(want)}"
+                + (f"; e.g. {extra}" if extra else "; the same tokens under other ids")
+                + "): merging vocabularies (mergekit's permuted embeddings) is not supported; use models of one tokenizer"
+            )
 
 
 def _plan_slices(cfg: dict[str, Any], method: Any) -> dict[str, Any]:
