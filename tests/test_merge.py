@@ -930,6 +930,52 @@ def test_passthrough_slices_stack_layers_as_mergekit_does(deep_family, name):
         assert all(torch.equal(cli[k], ours[k]) for k in ours)
 
 
+SLICED_CONFIGS = {
+    # the canonical SLERP file: two slices over the same ranges, t a gradient over each slice's layers
+    "slerp-two-slices": lambda b, f: {
+        "merge_method": "slerp", "base_model": f[0], "parameters": {"t": [0.0, 0.3, 1.0]},
+        "slices": [{"sources": [{"model": f[0], "layer_range": [0, 2]}, {"model": f[1], "layer_range": [0, 2]}]},
+                   {"sources": [{"model": f[0], "layer_range": [2, 4]}, {"model": f[1], "layer_range": [2, 4]}]}],
+    },
+    # layers of one model merged with other layers of another, per-source weights
+    "linear-shifted": lambda b, f: {
+        "merge_method": "linear",
+        "slices": [{"sources": [{"model": f[0], "layer_range": [0, 2], "parameters": {"weight": 0.7}},
+                                {"model": f[1], "layer_range": [2, 4], "parameters": {"weight": 0.3}}]}],
+    },
+    # a slice's own parameters over the global ones; a one-layer slice; a λ gradient
+    "ties-per-slice": lambda b, f: {
+        "merge_method": "ties", "base_model": b, "parameters": {"density": 0.5, "weight": 1.0, "lambda": [0.5, 1.0]},
+        "slices": [
+            {"sources": [{"model": b, "layer_range": [0, 1]}, {"model": f[0], "layer_range": [0, 1]},
+                         {"model": f[2], "layer_range": [0, 1], "parameters": {"weight": 0.5}}], "parameters": {"density": 0.3}},
+            {"sources": [{"model": b, "layer_range": [1, 4]}, {"model": f[0], "layer_range": [1, 4]},
+                         {"model": f[2], "layer_range": [1, 4], "parameters": {"weight": 0.5}}]},
+        ],
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(SLICED_CONFIGS))
+def test_slices_with_a_merge_method_merge_layer_by_layer_as_mergekit_does(deep_family, name):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+    from transformers import AutoModelForCausalLM
+
+    root = deep_family
+    cfg = {**SLICED_CONFIGS[name](str(root / "base"), [str(root / f"ft{i}") for i in range(3)]), "dtype": "float32"}
+    run_merge(MergeConfiguration.model_validate(cfg), str(root / "mk"),
+              MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False))  # fmt: skip
+    theirs = load_file(root / "mk" / "model.safetensors")
+    path = moerge.merge_from_config(cfg, root / "ours", progress=False)
+    ours = load_file(path / "model.safetensors")
+    assert set(ours) == set(theirs)
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-6, rtol=1e-5, msg=k)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.num_hidden_layers == json.loads((root / "mk" / "config.json").read_text())["num_hidden_layers"]
+
+
 def test_passthrough_refuses_what_it_cannot_stack(deep_family):
     root = deep_family
     ft0 = root / "ft0"
@@ -942,7 +988,10 @@ def test_passthrough_refuses_what_it_cannot_stack(deep_family):
             "slices\\[0\\].layer_range: \\[2, 9\\] is not a range of .* 4 layers")  # fmt: skip
     refused(f"merge_method: passthrough\nslices: [{{sources: [{{model: {ft0}, layer_range: [0, 2]}}, {{model: {ft0}, layer_range: [0, 2]}}]}}]",
             "exactly one source per slice")  # fmt: skip
-    refused(f"merge_method: slerp\nslices: [{{sources: [{{model: {ft0}, layer_range: [0, 2]}}]}}]", "passthrough only")
+    refused(f"merge_method: slerp\nbase_model: {ft0}\nslices: [{{sources: [{{model: {ft0}, layer_range: [0, 2]}}, "
+            f"{{model: {root / 'ft1'}, layer_range: [0, 3]}}]}}]", "layer ranges of different lengths")  # fmt: skip
+    refused(f"merge_method: ties\nbase_model: {root / 'base'}\nslices: [{{sources: [{{model: {ft0}, layer_range: [0, 2]}}, "
+            f"{{model: {root / 'ft1'}, layer_range: [0, 2]}}]}}]", "base_model .* is not among this slice's sources")  # fmt: skip
     refused(
         f"merge_method: passthrough\nslices: [{{sources: [{{model: {ft0}, layer_range: [0]}}]}}]",
         "layer_range: \\[start, stop\\]",

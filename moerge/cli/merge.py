@@ -133,6 +133,12 @@ def merge_cmd(
                 path = run_passthrough(plan, out, progress=None if not no_progress else False)
                 click.echo(f"stacked {len(plan['slices'])} slices with passthrough into {path}")
                 return
+            if plan["method"] == "sliced":
+                from moerge.composer.slices import merge_slices
+
+                path = merge_slices(plan, out, progress=None if not no_progress else False)
+                click.echo(f"merged {len(plan['slices'])} slices layer by layer with {plan['kernel']} into {path}")
+                return
             base, names, method, w = plan["base"], plan["experts"], plan["method"], plan["weights"]
             params, dtype = plan["params"], plan["dtype"]
         else:

@@ -24,8 +24,8 @@ of numbers spread over the layers) or filters (``[{filter: self_attn, value: [0,
 {value: 0.5}]``: the first condition whose filter is in the tensor's name; one without a filter
 matches every tensor), except the ones read once for the whole merge (``normalize``,
 ``rescale``, ``seed``). ``passthrough`` over ``slices`` stacks layer ranges of models
-(:mod:`moerge.composer.passthrough`). What mergekit has and moerge does not — slices for other
-methods, per-module configs,
+(:mod:`moerge.composer.passthrough`); ``slices`` with another method merge layer by layer
+(:mod:`moerge.composer.slices`). What mergekit has and moerge does not — per-module configs,
 ``model+lora`` references, merging different vocabularies, other methods — is refused by name
 (``tokenizer_source: union`` over models of one vocabulary is accepted: mergekit then writes the
 base's tensors).
@@ -344,10 +344,7 @@ def _plan_slices(cfg: dict[str, Any], method: Any) -> dict[str, Any]:
     from moerge.composer.passthrough import Slice
 
     if method != "passthrough":
-        raise MergeConfigError(
-            f"slices with merge_method {method!r}: moerge stacks slices with passthrough only (one source per slice); "
-            "merging slices layer range by layer range is not supported"
-        )
+        return _plan_sliced_merge(cfg, method)
     if cfg.get("models") is not None or cfg.get("base_model") is not None:
         raise MergeConfigError("passthrough stacks 'slices' (each {sources: [{model, layer_range}]}); drop models/base_model")
     for key in ("parameters", "seed", "tokenizer_source"):
@@ -379,6 +376,65 @@ def _plan_slices(cfg: dict[str, Any], method: Any) -> dict[str, Any]:
     dtype = _out_dtype(cfg)
     return {"base": None, "experts": [s.model for s in out], "method": "passthrough", "weights": None, "dtype": dtype,
             "params": {}, "slices": out}  # fmt: skip
+
+
+def _plan_sliced_merge(cfg: dict[str, Any], method: Any) -> dict[str, Any]:
+    """``slices`` with a merge method: slice s merges its sources' layer ranges (all of one
+    length) layer by layer into the output's next layers, as mergekit does. Each slice is planned
+    as a ``models`` config of its own (global ``parameters`` under the slice's, per-source
+    ``parameters`` per model), so every method and parameter means what it means there; a
+    gradient spreads over the slice's own layers; the embeddings are merged from the first slice's
+    sources and the final norm and head from the last one's, at the gradient's first value
+    (checked against mergekit). Executed by :func:`moerge.composer.slices.merge_slices`."""
+    if cfg.get("models") is not None:
+        raise MergeConfigError("slices: give the models as each slice's sources, not also as 'models'")
+    slices = cfg.get("slices")
+    if not isinstance(slices, list) or not slices:
+        raise MergeConfigError(f"{method} over slices needs a list of {{sources: [{{model, layer_range}}, ...]}}")
+    glob = dict(cfg.get("parameters") or {})
+    base = cfg.get("base_model")
+    planned = []
+    for i, sl in enumerate(slices):
+        where = f"slices[{i}]"
+        if not isinstance(sl, Mapping) or set(sl) - {"sources", "parameters"}:
+            raise MergeConfigError(
+                f"{where}: a slice is {{sources: [{{model, layer_range, parameters}}], parameters}}, got {sl!r}"
+            )
+        sources = sl.get("sources")
+        if not isinstance(sources, list) or not sources:
+            raise MergeConfigError(f"{where}.sources: a list of {{model, layer_range}}")
+        ranges: dict[str, tuple[int, int]] = {}
+        models = []
+        for j, src in enumerate(sources):
+            at = f"{where}.sources[{j}]"
+            if not isinstance(src, Mapping) or set(src) - {"model", "layer_range", "parameters"}:
+                raise MergeConfigError(f"{at}: a source is {{model, layer_range, parameters}}, got {src!r}")
+            ref = _model_ref(src, at)
+            lr = src.get("layer_range")
+            if not (isinstance(lr, list | tuple) and len(lr) == 2 and all(isinstance(x, int) for x in lr) and 0 <= lr[0] < lr[1]):
+                raise MergeConfigError(f"{at}.layer_range: [start, stop] with 0 ≤ start < stop, got {lr!r}")
+            if ref in ranges:
+                raise MergeConfigError(f"{at}: {ref} is a source of this slice twice")
+            ranges[ref] = (int(lr[0]), int(lr[1]))
+            models.append({"model": ref, **({"parameters": dict(src["parameters"])} if src.get("parameters") else {})})
+        lengths = {b - a for a, b in ranges.values()}
+        if len(lengths) > 1:
+            raise MergeConfigError(
+                f"{where}.sources: layer ranges of different lengths {sorted(ranges.values())}; a slice merges layer by layer"
+            )
+        sub = {"merge_method": method, "models": models, "parameters": {**glob, **dict(sl.get("parameters") or {})}}
+        for key in ("base_model", "dtype", "out_dtype", "seed", "tokenizer_source"):
+            if cfg.get(key) is not None:
+                sub[key] = cfg[key]
+        try:
+            plan = plan_merge(sub)
+        except MergeConfigError as exc:
+            raise MergeConfigError(f"{where}: {exc}") from None
+        if plan["base"] not in ranges:
+            raise MergeConfigError(f"{where}: base_model {base!r} is not among this slice's sources (its layers are the base)")
+        planned.append({**plan, "ranges": ranges, "length": lengths.pop()})
+    return {"method": "sliced", "base": planned[0]["base"], "kernel": planned[0]["method"], "slices": planned,
+            "dtype": _out_dtype(cfg), "params": {}, "experts": sorted({r for p in planned for r in p["ranges"]})}  # fmt: skip
 
 
 def _plan_own(cfg: dict[str, Any], method: str) -> dict[str, Any]:
@@ -443,6 +499,10 @@ def merge_from_config(
     plan = plan_merge(load_merge_config(config))
     if plan["method"] == "passthrough":
         return run_passthrough(plan, out, progress=options.get("progress"))
+    if plan["method"] == "sliced":
+        from moerge.composer.slices import merge_slices
+
+        return merge_slices(plan, out, progress=options.get("progress"))
     return merge(
         plan["base"],
         plan["experts"],
