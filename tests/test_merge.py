@@ -218,7 +218,10 @@ def test_merge_config_cli_and_its_errors(dense_family, tmp_path):
 
     base = str(root / "base")
     refused(f"merge_method: ties\nbase_model: {base}\nmodules: {{}}\nmodels: [{{model: {base}}}]", "'modules' .*not supported")
-    refused(f"merge_method: ties\nbase_model: {base}\nslices: []\nmodels: [{{model: {base}}}]", "give the models as each slice.s sources, not also as .models.")
+    refused(
+        f"merge_method: ties\nbase_model: {base}\nslices: []\nmodels: [{{model: {base}}}]",
+        "give the models as each slice.s sources, not also as .models.",
+    )
     refused(f"merge_metod: ties\nbase_model: {base}", "did you mean 'merge_method'")
     refused(f"merge_method: tie\nbase_model: {base}\nmodels: [{{model: {base}}}]", "did you mean 'ties'")
     refused(f"merge_method: ramplus\nmodels: [{{model: {base}}}]", "did you mean 'ramplus_tl'")
