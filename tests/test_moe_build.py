@@ -26,8 +26,8 @@ def _config(zoo, tasks, mode="hidden", **kw):  # noqa: ANN001, ANN003, ANN202
     return {"base_model": str(zoo.base_path), "gate_mode": mode, "dtype": "float32", "experts": experts, **kw}
 
 
-@pytest.mark.parametrize("mode", ["hidden", "hidden_avg", "cheap_embed"])
-def test_every_tensor_and_the_config_equal_mergekit_moes(small_zoo, tmp_path, mode):
+@pytest.mark.parametrize(("mode", "shared"), [("hidden", False), ("hidden_avg", False), ("cheap_embed", False), ("hidden", True)])
+def test_every_tensor_and_the_config_equal_mergekit_moes(small_zoo, tmp_path, mode, shared):
     pytest.importorskip("mergekit")
     from mergekit.merge import MergeOptions
     from mergekit.moe.config import MoEMergeConfig
@@ -37,12 +37,15 @@ def test_every_tensor_and_the_config_equal_mergekit_moes(small_zoo, tmp_path, mo
     from moerge.composer.moe import build_moe
 
     cfg = _config(small_zoo, ["sort", "reverse", "max"], mode, experts_per_token=2)
+    if shared:  # Qwen2-MoE: one shared expert (mergekit-moe 0.1.5 reads it only when it is the base or an expert)
+        cfg["shared_experts"] = [{"source_model": str(small_zoo.base_path), "positive_prompts": ["max of : 3 9 4 =>"]}]
     (tmp_path / "moe.yml").write_text(yaml.safe_dump(cfg))
     # mergekit-moe's own build, in this process (its command line is this function behind click)
     build(MoEMergeConfig.model_validate(cfg), str(tmp_path / "mk"), MergeOptions(), device="cpu")
     ours = build_moe(tmp_path / "moe.yml", tmp_path / "ours", progress=False)
     want, got = load_file(tmp_path / "mk" / "model.safetensors"), load_file(ours / "model.safetensors")
     assert set(want) == set(got) and any(".mlp.gate.weight" in k for k in got)
+    assert any("shared_expert_gate" in k for k in got) == shared
     for k in want:
         assert want[k].dtype == got[k].dtype and torch.equal(want[k], got[k]), k
     assert json.loads((tmp_path / "mk" / "config.json").read_text()) == json.loads((ours / "config.json").read_text())
@@ -102,7 +105,10 @@ def test_registry_experts_fold_their_lora_and_route_by_their_registered_examples
     [
         ({"experts_per_token": 3}, r"experts: 2 expert\(s\) for experts_per_token 3"),
         ({"gate_mode": "psychic"}, r"field gate_mode"),
-        ({"shared_experts": [{"source_model": "x"}]}, r"shared_experts"),
+        ({"shared_experts": [{"source_model": "x"}]}, r"shared_experts\[0\]\.positive_prompts"),
+        ({"shared_experts": [{"source_model": "x", "positive_prompts": ["p"]}], "architecture": "mixtral"}, r"no shared expert"),
+        ({"shared_experts": [{"source_model": "x", "positive_prompts": ["p"]}] * 2}, r"exactly one shared expert"),
+        ({"architecture": "deepseek"}, r"architecture 'deepseek'"),
         ({"bogus": 1}, r"field bogus"),
         ({"same_prompts": True}, r"identical for every expert"),
         ({"no_prompts": True}, r"experts\[1\]\.positive_prompts"),

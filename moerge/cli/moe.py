@@ -36,8 +36,9 @@ def moe() -> None:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random gate modes and noise_scale.")
 @click.option("--no-progress", is_flag=True)
 def build_cmd(config_path, out, registry_path, hidden_dtype, seed, no_progress) -> None:  # noqa: ANN001
-    """Build the Mixtral model of a mergekit-moe CONFIG (base_model, experts with positive_prompts,
-    gate_mode, experts_per_token, dtype) into --out; plain transformers loads it."""
+    """Build the Mixtral (or, with one shared expert, Qwen2-MoE) model of a mergekit-moe CONFIG
+    (base_model, experts with positive_prompts, gate_mode, experts_per_token, dtype) into --out;
+    plain transformers loads it."""
     quiet_hf()
     from moerge.composer.moe import build_moe, describe
 
@@ -48,7 +49,8 @@ def build_cmd(config_path, out, registry_path, hidden_dtype, seed, no_progress) 
     except (KeyError, ValueError, OSError, RuntimeError) as exc:
         _fail(exc)
     info = describe(path)
-    click.echo(f"built a Mixtral MoE of {len(info['experts'])} experts (top-{info['experts_per_token']}, gate_mode "
+    kind = "Qwen2-MoE" if info.get("architecture") == "qwen2_moe" else "Mixtral MoE"
+    click.echo(f"built a {kind} of {len(info['experts'])} experts (top-{info['experts_per_token']}, gate_mode "
                f"{info['gate_mode']}) into {path} ({info['seconds']:.1f} s)")  # fmt: skip
     if info["degenerate_layers"]:
         click.echo(

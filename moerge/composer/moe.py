@@ -1,4 +1,4 @@
-"""``moerge moe build CONFIG --out DIR`` / :func:`build_moe`: a sparse Mixtral model built from dense
+"""``moerge moe build CONFIG --out DIR`` / :func:`build_moe`: a sparse Mixtral (or Qwen2-MoE) model built from dense
 experts, reading mergekit-moe's config (mergekit 0.1.5, ``mergekit/moe``), with its meaning:
 
 * every non-MLP weight (embeddings, attention, norms, head) comes from ``base_model``; layer l's
@@ -21,8 +21,13 @@ an expert without prompts takes its registered examples (``positive_prompts`` fr
 
 Refused by name before any tensor is read: fewer experts than ``experts_per_token``, an expert
 without prompts in a prompt-based mode, prompts identical across experts (mergekit: "will not
-produce a functioning MoE"), ``shared_experts`` (Mixtral has none; Qwen2-MoE output is not built
-yet), models of different architectures or shapes, an unknown key."""
+produce a functioning MoE"), shared experts for a Mixtral or more than one for a Qwen2-MoE,
+models of different architectures or shapes, an unknown key.
+
+With one ``shared_experts`` entry (or ``architecture: qwen``) the output is mergekit-moe's
+Qwen2-MoE instead: the experts under ``mlp.experts.i``, the shared expert's MLP under
+``mlp.shared_expert`` with ``shared_expert_gate`` its router row, zero attention biases where the
+base has none (tensor for tensor equal to mergekit-moe's, checked)."""
 
 from __future__ import annotations
 
@@ -105,14 +110,34 @@ def check_moe_config(cfg: MoEConfig) -> None:
         raise MoEConfigError(
             f"experts: {len(cfg.experts)} expert(s) for experts_per_token {cfg.experts_per_token}; give at least as many"
         )
-    if cfg.shared_experts:
-        raise MoEConfigError("shared_experts: the Mixtral output has no shared expert, and moerge does not build Qwen2-MoE yet")
-    if cfg.architecture is not None and not "mixtral".startswith(cfg.architecture.lower()):
-        raise MoEConfigError(f"architecture {cfg.architecture!r}: moerge builds Mixtral only")
+    arch = output_architecture(cfg)
+    if arch == "qwen2_moe":
+        if len(cfg.shared_experts or []) != 1:
+            raise MoEConfigError(
+                f"shared_experts: a Qwen2-MoE output takes exactly one shared expert, got {len(cfg.shared_experts or [])}"
+            )
+        if cfg.gate_mode not in ("random", "uniform_random") and not cfg.shared_experts[0].positive_prompts:
+            raise MoEConfigError(
+                "shared_experts[0].positive_prompts: its gate (shared_expert_gate) is set from prompts like the experts'"
+            )
     for name, value in (("noise_scale", "noise_scale"), ("residual_scale", "residual_scale")):
         bad = [i for i, e in enumerate(cfg.experts) if getattr(e, value) is not None and not math.isfinite(getattr(e, value))]
         if bad:
             raise MoEConfigError(f"experts[{bad[0]}].{name} must be a finite number")
+
+
+def output_architecture(cfg: MoEConfig) -> str:
+    """``mixtral`` or ``qwen2_moe``, as mergekit-moe picks it: ``architecture`` by name prefix, else
+    Mixtral without shared experts and Qwen2-MoE with one."""
+    if cfg.architecture is not None:
+        name = cfg.architecture.lower()
+        for arch, full in (("mixtral", "mixtral"), ("qwen2_moe", "qwen moe")):
+            if full.startswith(name):
+                if arch == "mixtral" and cfg.shared_experts:
+                    raise MoEConfigError("shared_experts: the Mixtral output has no shared expert (architecture: qwen has one)")
+                return arch
+        raise MoEConfigError(f"architecture {cfg.architecture!r}: moerge builds mixtral or qwen (Qwen2-MoE)")
+    return "qwen2_moe" if cfg.shared_experts else "mixtral"
 
 
 def _prompts(cfg: MoEConfig, registry: Registry | None) -> list[tuple[list[str], list[str]]]:
@@ -127,7 +152,14 @@ def _prompts(cfg: MoEConfig, registry: Registry | None) -> list[tuple[list[str],
                 f"{e.source_model!r} has none (give some, or register it with examples)"
             )
         out.append((pos, list(e.negative_prompts or [])))
-    if cfg.gate_mode not in ("random", "uniform_random") and len(out) > 1 and all(p == out[0] for p in out[1:]):
+    for e in cfg.shared_experts or []:
+        out.append((list(e.positive_prompts or []), list(e.negative_prompts or [])))
+    experts_only = out[: len(cfg.experts)]
+    if (
+        cfg.gate_mode not in ("random", "uniform_random")
+        and len(experts_only) > 1
+        and all(p == experts_only[0] for p in experts_only[1:])
+    ):
         raise MoEConfigError(
             "experts[*].positive_prompts: the prompts are identical for every expert, so every router row is the same and "
             "the MoE cannot route (mergekit refuses this too): give each expert prompts of its own"
@@ -145,9 +177,10 @@ def _folder(source: str, registry: Registry | None, what: str) -> Path:
     return Path(resolved)
 
 
-def _check_configs(base_cfg: Any, configs: dict[str, Any]) -> None:
-    if base_cfg.model_type not in ("llama", "mistral"):
-        raise MoEConfigError(f"base_model: a Mixtral MoE is built from Llama or Mistral models, not {base_cfg.model_type!r}")
+def _check_configs(base_cfg: Any, configs: dict[str, Any], arch: str = "mixtral") -> None:
+    allowed = ("llama", "mistral") if arch == "mixtral" else ("llama", "mistral", "qwen2")
+    if base_cfg.model_type not in allowed:
+        raise MoEConfigError(f"base_model: a {arch} MoE is built from {' or '.join(allowed)} models, not {base_cfg.model_type!r}")
     keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
     for name, c in configs.items():
         diff = [k for k in keys if getattr(c, k, None) != getattr(base_cfg, k, None)]
@@ -274,7 +307,7 @@ def build_moe(
     :class:`MoEConfig`) into ``out`` (written atomically, with the base's tokenizer) and return the
     path; ``out/moerge_moe.json`` records the experts, the gate mode and the layers whose routers
     are degenerate. ``registry``: experts (and the base) may be registry names."""
-    from transformers import AutoConfig, AutoTokenizer, MixtralConfig
+    from transformers import AutoConfig, AutoTokenizer
 
     t0 = time.perf_counter()
     cfg = config if isinstance(config, MoEConfig) else load_moe_config(config)
@@ -285,8 +318,9 @@ def build_moe(
     prompts = _prompts(cfg, registry)
     base_folder = _folder(cfg.base_model, registry, "base model")
     base_cfg = AutoConfig.from_pretrained(base_folder)
+    arch = output_architecture(cfg)
     expert_cfgs = {}
-    for e in cfg.experts:
+    for e in [*cfg.experts, *(cfg.shared_experts or [])]:
         src = e.source_model
         rec_lora = registry is not None and not Path(src).expanduser().is_dir() and src.partition("@")[0] in registry
         if rec_lora and registry._resolve(src).kind in ("lora",):
@@ -294,40 +328,27 @@ def build_moe(
         folder = _folder(src, registry, "expert")
         if (folder / "config.json").exists():
             expert_cfgs[src] = AutoConfig.from_pretrained(folder)
-    _check_configs(base_cfg, expert_cfgs)
+    _check_configs(base_cfg, expert_cfgs, arch)
     base = TensorFolder(base_folder)
     experts = [_Expert(e.source_model, base, registry, torch.device("cpu")) for e in cfg.experts]
+    shared = [_Expert(e.source_model, base, registry, torch.device("cpu")) for e in cfg.shared_experts or []]
     out_dtype = resolve_dtype(cfg.dtype, torch.device("cpu")) if cfg.dtype else _config_dtype(base_cfg)
     gates = gate_vectors(base_folder, prompts, cfg.gate_mode, hidden_dtype, seed, progress)
 
-    moe_cfg = MixtralConfig(**{k: v for k, v in base_cfg.to_dict().items() if k not in ("architectures", "model_type")})
-    moe_cfg.architectures = ["MixtralForCausalLM"]
-    moe_cfg.num_local_experts = len(cfg.experts)
-    moe_cfg.num_experts_per_tok = cfg.experts_per_token
-    moe_cfg.sliding_window = None
-    moe_cfg.dtype = out_dtype
-    state: dict[str, torch.Tensor] = {}
     g = torch.Generator().manual_seed(seed)
-    for key in base.keys():
-        if ".mlp." not in key:
-            state[key] = base.get(key).to(out_dtype)
-    for layer in progress_bar(range(base_cfg.num_hidden_layers), desc="expert weights", progress=progress):
-        gate_up, down = [], []
-        for ex, spec in zip(experts, cfg.experts, strict=True):
-            w = {}
-            for p in MLP:
-                t = ex.get(f"model.layers.{layer}.mlp.{p}.weight")
-                if spec.noise_scale is not None:
-                    t = t + torch.randn(t.shape, generator=g, dtype=torch.float32).to(t.dtype) * spec.noise_scale
-                if p == "down_proj" and spec.residual_scale is not None:
-                    t = t * spec.residual_scale
-                w[p] = t.to(out_dtype)
-            gate_up.append(torch.cat([w["gate_proj"], w["up_proj"]], dim=0))
-            down.append(w["down_proj"])
-        prefix = f"model.layers.{layer}.mlp"
-        state[f"{prefix}.experts.gate_up_proj"] = torch.stack(gate_up).contiguous()
-        state[f"{prefix}.experts.down_proj"] = torch.stack(down).contiguous()
-        state[f"{prefix}.gate.weight"] = gates[layer].to(out_dtype).contiguous()
+
+    def mlp(ex: _Expert, spec: MoEExpert, layer: int, proj: str) -> torch.Tensor:
+        t = ex.get(f"model.layers.{layer}.mlp.{proj}.weight")
+        if spec.noise_scale is not None:
+            t = t + torch.randn(t.shape, generator=g, dtype=torch.float32).to(t.dtype) * spec.noise_scale
+        if proj == "down_proj" and spec.residual_scale is not None:
+            t = t * spec.residual_scale
+        return t.to(out_dtype)
+
+    if arch == "mixtral":
+        moe_cfg, state = _mixtral(base_cfg, base, cfg, experts, mlp, gates, out_dtype, progress)
+    else:
+        moe_cfg, state = _qwen2_moe(base_cfg, base, cfg, experts, shared, mlp, gates, out_dtype, progress)
     degenerate = degenerate_layers(gates)
 
     def write(stage: Path) -> None:
@@ -341,6 +362,8 @@ def build_moe(
             {
                 "base_model": cfg.base_model,
                 "experts": [e.source_model for e in cfg.experts],
+                "shared_experts": [e.source_model for e in cfg.shared_experts or []],
+                "architecture": arch,
                 "gate_mode": cfg.gate_mode,
                 "experts_per_token": cfg.experts_per_token,
                 "dtype": str(out_dtype).removeprefix("torch."),
@@ -352,6 +375,65 @@ def build_moe(
         )
 
     return _atomic_folder(out, write)
+
+
+def _mixtral(base_cfg: Any, base: TensorFolder, cfg: MoEConfig, experts: list, mlp: Any, gates: torch.Tensor, out_dtype: torch.dtype,
+             progress: bool | None) -> tuple[Any, dict[str, torch.Tensor]]:  # fmt: skip
+    """mergekit-moe's Mixtral (``mergekit/moe/mixtral.py``), in transformers' fused expert layout."""
+    from transformers import MixtralConfig
+
+    moe_cfg = MixtralConfig(**{k: v for k, v in base_cfg.to_dict().items() if k not in ("architectures", "model_type")})
+    moe_cfg.architectures = ["MixtralForCausalLM"]
+    moe_cfg.num_local_experts = len(cfg.experts)
+    moe_cfg.num_experts_per_tok = cfg.experts_per_token
+    moe_cfg.sliding_window = None
+    moe_cfg.dtype = out_dtype
+    state = {k: base.get(k).to(out_dtype) for k in base.keys() if ".mlp." not in k}
+    for layer in progress_bar(range(base_cfg.num_hidden_layers), desc="expert weights", progress=progress):
+        prefix = f"model.layers.{layer}.mlp"
+        gate_up = [torch.cat([mlp(ex, spec, layer, "gate_proj"), mlp(ex, spec, layer, "up_proj")]) for ex, spec in
+                   zip(experts, cfg.experts, strict=True)]  # fmt: skip
+        down = [mlp(ex, spec, layer, "down_proj") for ex, spec in zip(experts, cfg.experts, strict=True)]
+        state[f"{prefix}.experts.gate_up_proj"] = torch.stack(gate_up).contiguous()
+        state[f"{prefix}.experts.down_proj"] = torch.stack(down).contiguous()
+        state[f"{prefix}.gate.weight"] = gates[layer].to(out_dtype).contiguous()
+    return moe_cfg, state
+
+
+def _qwen2_moe(base_cfg: Any, base: TensorFolder, cfg: MoEConfig, experts: list, shared: list, mlp: Any, gates: torch.Tensor,
+               out_dtype: torch.dtype, progress: bool | None) -> tuple[Any, dict[str, torch.Tensor]]:  # fmt: skip
+    """mergekit-moe's Qwen2-MoE (``mergekit/moe/qwen.py``): every expert's MLP under
+    ``mlp.experts.i``, the shared expert's under ``mlp.shared_expert`` with its gate
+    (``shared_expert_gate``, the shared expert's router row), attention biases zero where the base
+    has none; both intermediate sizes the base's."""
+    from transformers import Qwen2MoeConfig
+
+    moe_cfg = Qwen2MoeConfig(**base_cfg.to_dict())
+    moe_cfg.architectures = ["Qwen2MoeForCausalLM"]
+    moe_cfg.num_experts = len(cfg.experts)
+    moe_cfg.num_experts_per_tok = cfg.experts_per_token
+    moe_cfg.decoder_sparse_step = 1
+    moe_cfg.norm_topk_prob = True
+    moe_cfg.sliding_window = None
+    moe_cfg.use_sliding_window = False
+    moe_cfg.shared_expert_intermediate_size = moe_cfg.intermediate_size
+    moe_cfg.moe_intermediate_size = moe_cfg.intermediate_size
+    moe_cfg.dtype = out_dtype
+    state = {k: base.get(k).to(out_dtype) for k in base.keys() if ".mlp." not in k}
+    head_dim = moe_cfg.hidden_size // moe_cfg.num_attention_heads
+    E = len(cfg.experts)
+    for layer in progress_bar(range(base_cfg.num_hidden_layers), desc="expert weights", progress=progress):
+        prefix = f"model.layers.{layer}"
+        for proj, heads in (("q_proj", moe_cfg.num_attention_heads), ("k_proj", moe_cfg.num_key_value_heads),
+                            ("v_proj", moe_cfg.num_key_value_heads)):  # fmt: skip
+            state.setdefault(f"{prefix}.self_attn.{proj}.bias", torch.zeros(heads * head_dim, dtype=out_dtype))
+        for proj in MLP:
+            for i, (ex, spec) in enumerate(zip(experts, cfg.experts, strict=True)):
+                state[f"{prefix}.mlp.experts.{i}.{proj}.weight"] = mlp(ex, spec, layer, proj)
+            state[f"{prefix}.mlp.shared_expert.{proj}.weight"] = mlp(shared[0], cfg.shared_experts[0], layer, proj)
+        state[f"{prefix}.mlp.gate.weight"] = gates[layer, :E].to(out_dtype).contiguous()
+        state[f"{prefix}.mlp.shared_expert_gate.weight"] = gates[layer, E:].to(out_dtype).contiguous()
+    return moe_cfg, state
 
 
 def _config_dtype(cfg: Any) -> torch.dtype:
