@@ -53,3 +53,15 @@ def test_other_vocabularies_and_sources_are_refused_by_name(small_zoo, tmp_path)
     with pytest.raises(MergeConfigError, match=r"tokenizer_source 'model:x'"):
         plan_merge(_cfg(small_zoo, "model:x"))
     assert plan_merge(_cfg(small_zoo, "base"))["method"] == "ties"
+
+
+def test_the_tokenizer_block_takes_a_source_and_refuses_the_rest_by_field(small_zoo):
+    from moerge.composer.mergekit import MergeConfigError, plan_merge
+
+    cfg = _cfg(small_zoo, None)
+    del cfg["tokenizer_source"]
+    assert plan_merge({**cfg, "tokenizer": {"source": "union"}})["method"] == "ties"  # one vocabulary: accepted
+    with pytest.raises(MergeConfigError, match=r"tokenizer\.pad_to_multiple_of"):
+        plan_merge({**cfg, "tokenizer": {"source": "union", "pad_to_multiple_of": 64}})
+    with pytest.raises(MergeConfigError, match=r"tokenizer_source or a tokenizer block, not both"):
+        plan_merge({**cfg, "tokenizer": {"source": "base"}, "tokenizer_source": "base"})

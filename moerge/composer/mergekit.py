@@ -69,8 +69,10 @@ OWN_METHODS: dict[str, tuple[str, frozenset[str], bool, int, int | None]] = {
 RENAMED = {"nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise"}
 #: the sparsifiers' own per-model parameters, by method
 SPARSIFIER_PARAMS = {"breadcrumbs": "gamma", "breadcrumbs_ties": "gamma", "della": "epsilon", "della_linear": "epsilon"}
-TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "seed"}
-UNSUPPORTED_TOP = {"modules", "tokenizer", "chat_template"}
+TOP_KEYS = {
+    "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer", "seed",
+}  # fmt: skip
+UNSUPPORTED_TOP = {"modules", "chat_template"}
 GLOBAL_PARAMS = {"normalize", "lambda", "rescale", "int8_mask", "weight", "density", "seed", "gamma", "epsilon"}
 MODEL_PARAMS = {"weight", "density", "gamma", "epsilon"}
 DTYPES = {"float32", "float16", "bfloat16", "fp32", "fp16", "bf16"}
@@ -317,6 +319,19 @@ def _check_tokenizer_source(cfg: Mapping[str, Any]) -> None:
     base's: mergekit then maps every token to itself and writes the base's tensors (checked against
     mergekit). Merging different vocabularies (mergekit's permuted embeddings) is refused by name."""
     source = cfg.get("tokenizer_source")
+    block = cfg.get("tokenizer")
+    if block is not None:  # mergekit's newer form: tokenizer: {source, tokens, pad_to_multiple_of}
+        if source is not None:
+            raise MergeConfigError("give tokenizer_source or a tokenizer block, not both")
+        if not isinstance(block, Mapping):
+            raise MergeConfigError(f"tokenizer: a mapping {{source: base | union}}, got {block!r}")
+        for key in block:
+            if key != "source":
+                raise MergeConfigError(
+                    f"tokenizer.{key}: moerge takes tokenizer.source only (adding tokens and padding the vocabulary are "
+                    "not supported)"
+                )
+        source = block.get("source")
     if source in (None, "base"):
         return
     if source != "union":
@@ -325,6 +340,8 @@ def _check_tokenizer_source(cfg: Mapping[str, Any]) -> None:
             "(mergekit's model:...) and merging different vocabularies are not supported"
         )
     refs = [cfg.get("base_model")] + [e.get("model") if isinstance(e, Mapping) else e for e in cfg.get("models") or []]
+    refs += [src.get("model") for sl in cfg.get("slices") or [] if isinstance(sl, Mapping) for src in sl.get("sources") or []
+             if isinstance(src, Mapping)]  # fmt: skip
     vocabs = {r: v for r in refs if isinstance(r, str) and (v := _vocab(r)) is not None}
     if len(vocabs) < 2:
         return
@@ -423,7 +440,7 @@ def _plan_sliced_merge(cfg: dict[str, Any], method: Any) -> dict[str, Any]:
                 f"{where}.sources: layer ranges of different lengths {sorted(ranges.values())}; a slice merges layer by layer"
             )
         sub = {"merge_method": method, "models": models, "parameters": {**glob, **dict(sl.get("parameters") or {})}}
-        for key in ("base_model", "dtype", "out_dtype", "seed", "tokenizer_source"):
+        for key in ("base_model", "dtype", "out_dtype", "seed", "tokenizer_source", "tokenizer"):
             if cfg.get(key) is not None:
                 sub[key] = cfg[key]
         try:
