@@ -242,7 +242,10 @@ def test_merge_config_cli_and_its_errors(dense_family, tmp_path):
         f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {root / 'ft0'}, parameters: {{densty: 0.5}}}}]",
         "did you mean 'density'",
     )
-    refused(f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: org/model+org/lora}}]", "model\\+LoRA reference")
+    refused(
+        f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: org/model+org/lora}}]",
+        "'org/model' \\(before '\\+'\\) must be a model folder or a hub id",
+    )
     refused(str(tmp_path / "missing.yml"), "does not exist")
 
 
@@ -977,6 +980,35 @@ def test_slices_with_a_merge_method_merge_layer_by_layer_as_mergekit_does(deep_f
         torch.testing.assert_close(ours[k], theirs[k], atol=1e-6, rtol=1e-5, msg=k)
     model = AutoModelForCausalLM.from_pretrained(path)
     assert model.config.num_hidden_layers == json.loads((root / "mk" / "config.json").read_text())["num_hidden_layers"]
+
+
+def test_a_model_plus_lora_reference_is_folded_first_as_mergekit_does(deep_family, tmp_path, monkeypatch):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = deep_family
+    monkeypatch.setenv("MOERGE_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(3)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(root / "ft0"),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False))  # fmt: skip
+    peft.save_pretrained(root / "lora")
+    cfg = {"merge_method": "ties", "base_model": str(root / "base"), "dtype": "float32", "parameters": {"weight": 1.0, "density": 0.5},
+           "models": [{"model": f"{root / 'ft0'}+{root / 'lora'}"}, {"model": str(root / "ft1")}]}  # fmt: skip
+    run_merge(MergeConfiguration.model_validate(cfg), str(root / "mk"),
+              MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False, lora_merge_cache=str(tmp_path / "mkc")))  # fmt: skip
+    theirs = load_file(root / "mk" / "model.safetensors")
+    ours = load_file(moerge.merge_from_config(cfg, root / "ours", progress=False) / "model.safetensors")
+    assert set(ours) == set(theirs)
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-6, rtol=1e-5, msg=k)
+    folded = list((tmp_path / "cache" / "lora-folded").iterdir())
+    assert len([f for f in folded if f.is_dir()]) == 1  # folded once, kept for the next run
+    moerge.merge_from_config(cfg, root / "again", progress=False)
+    assert len([f for f in (tmp_path / "cache" / "lora-folded").iterdir() if f.is_dir()]) == 1
+    with pytest.raises(moerge.composer.MergeConfigError, match=r"after '\+'.*PEFT adapter folder"):
+        moerge.merge_from_config({**cfg, "models": [{"model": f"{root / 'ft0'}+{root / 'ft1'}"}]}, root / "x")
 
 
 def test_passthrough_refuses_what_it_cannot_stack(deep_family):

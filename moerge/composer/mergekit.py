@@ -26,7 +26,8 @@ matches every tensor), except the ones read once for the whole merge (``normaliz
 ``rescale``, ``seed``). ``passthrough`` over ``slices`` stacks layer ranges of models
 (:mod:`moerge.composer.passthrough`); ``slices`` with another method merge layer by layer
 (:mod:`moerge.composer.slices`). What mergekit has and moerge does not — per-module configs,
-``model+lora`` references, merging different vocabularies, other methods — is refused by name
+merging different vocabularies, other methods — is refused by name (``model: MODEL+LORA`` folds
+the PEFT LoRA into the model first, as mergekit does)
 (``tokenizer_source: union`` over models of one vocabulary is accepted: mergekit then writes the
 base's tensors).
 """
@@ -183,8 +184,61 @@ def _model_ref(entry: Any, where: str) -> str:
     if not isinstance(ref, str) or not ref:
         raise MergeConfigError(f"{where}: 'model' must be a folder, hub id or registry name, got {ref!r}")
     if "+" in ref and not Path(ref).expanduser().exists():
-        raise MergeConfigError(f"{where}: {ref!r} is a mergekit model+LoRA reference; register the LoRA and name it instead")
+        return str(fold_lora_ref(ref, where))
     return ref
+
+
+def fold_lora_ref(ref: str, where: str = "model") -> Path:
+    """mergekit's ``model: MODEL+LORA``: the model with the PEFT LoRA folded into its weights
+    (``merge_and_unload``, in the checkpoint's dtype, as mergekit does), written once under
+    ``<cache>/lora-folded/`` keyed by the adapter's content and the model's files, and reused."""
+    from moerge.registry.importers import resolve_source
+
+    model, _, lora = ref.partition("+")
+
+    def local(name: str, what: str) -> Path:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            return path
+        try:  # a hub id in the local Hugging Face cache
+            return Path(resolve_source(name, what)[0])
+        except (FileNotFoundError, OSError, ValueError):
+            raise MergeConfigError(
+                f"{where}: {name!r} ({'before' if what == 'model' else 'after'} '+') must be a {what} folder or a hub id in "
+                "the local cache"
+            ) from None
+
+    mpath, lpath = local(model, "model"), local(lora, "PEFT adapter")
+    if not (lpath / "adapter_config.json").exists():
+        raise MergeConfigError(f"{where}: {lora!r} (after '+') must be a PEFT adapter folder (with adapter_config.json)")
+    from moerge.registry.files import config_hash, sha256_file, staging_dir
+    from moerge.runtime import default_cache_dir, locked
+
+    weights = sorted(f for f in mpath.iterdir() if f.suffix in (".safetensors", ".bin"))
+    key = config_hash({
+        "model": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in weights],
+        "adapter": {f.name: sha256_file(f) for f in sorted(lpath.iterdir()) if f.is_file()},
+    })  # fmt: skip
+    root = default_cache_dir() / "lora-folded"
+    out = root / f"{mpath.name}+{lpath.name}-{key[:16]}"
+    root.mkdir(parents=True, exist_ok=True)
+    with locked(root / f".{out.name}.lock"):
+        if (out / "config.json").exists():
+            return out
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        base = AutoModelForCausalLM.from_pretrained(mpath, dtype="auto")
+        merged = PeftModel.from_pretrained(base, lpath, is_trainable=False).merge_and_unload()
+        with staging_dir(root) as stage:
+            merged.save_pretrained(stage)
+            try:
+                AutoTokenizer.from_pretrained(mpath).save_pretrained(stage)
+            except (OSError, ValueError, TypeError):
+                pass  # a model folder without a tokenizer
+            stage.rename(out)
+            stage.mkdir()
+    return out
 
 
 def _same(a: str, b: str) -> bool:
