@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from moerge.cli.options import _fail, _open
+from moerge.cli.options import _fail, _open, registry_option
 from moerge.cli.root import main
 from moerge.runtime import quiet_hf
 
@@ -30,14 +30,7 @@ from moerge.runtime import quiet_hf
     help="A mergekit YAML (merge_method, base_model, models, parameters, dtype) instead of --method/--experts/--weights.",
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write (must not exist or be empty).")
-@click.option(
-    "--registry",
-    "registry_path",
-    envvar="MOERGE_REGISTRY",
-    default=None,
-    type=click.Path(file_okay=False),
-    help="Registry holding the named experts (env MOERGE_REGISTRY).",
-)
+@registry_option("Registry holding the named experts (env MOERGE_REGISTRY).")
 @click.option("--base", default=None, help="Base model folder or hub id (default: the experts' registered base).")
 @click.option("--weights", default=None, help="Comma-separated weight per expert, in --experts order.")
 @click.option("--density", default=None, type=float, help="Fraction kept (ties, dare_*, magnitude_prune).")

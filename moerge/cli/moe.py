@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from moerge.cli.options import _fail, _open
+from moerge.cli.options import _fail, _open, registry_option
 from moerge.cli.root import main
 from moerge.runtime import quiet_hf
 
@@ -19,14 +19,7 @@ def moe() -> None:
 @moe.command("build")
 @click.argument("config_path", type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write (must not exist or be empty).")
-@click.option(
-    "--registry",
-    "registry_path",
-    envvar="MOERGE_REGISTRY",
-    default=None,
-    type=click.Path(file_okay=False),
-    help="Registry whose experts the config may name (LoRAs folded into the base's MLPs; prompts from their examples).",
-)
+@registry_option("Registry whose experts the config may name (LoRAs folded into the base's MLPs; prompts from their examples).")
 @click.option(
     "--hidden-dtype",
     default="bfloat16",

@@ -20,14 +20,14 @@ REGISTRY_OPTION = click.option(
 )
 
 
-ZOO_REGISTRY_OPTION = click.option(
-    "--registry",
-    "registry_path",
-    envvar="MOERGE_REGISTRY",
-    default=None,
-    type=click.Path(file_okay=False),
-    help="Registry folder (env MOERGE_REGISTRY).",
-)
+def registry_option(help: str = "Registry folder (env MOERGE_REGISTRY).") -> Any:  # noqa: A002 - click's own name
+    """``--registry DIR`` (env ``MOERGE_REGISTRY``), optional, with a command's own help."""
+    return click.option(
+        "--registry", "registry_path", envvar="MOERGE_REGISTRY", default=None, type=click.Path(file_okay=False), help=help
+    )
+
+
+ZOO_REGISTRY_OPTION = registry_option()
 ZOO_OPTION = click.option(
     "--zoo",
     "zoo_preset",

@@ -29,15 +29,13 @@ from typing import Any, Literal
 
 import torch
 
-from moerge.adapters import attach, detach, load_lora, set_weights
+from moerge.adapters import attach, detach, set_weights
 from moerge.adapters.lora import LoraExpert, LoraFactors
 from moerge.composer.compose import encode_prompts, load_base
-from moerge.composer.merge import _atomic_folder, _base_of, _finish_lora, _finish_model, _kind_of, _records, save_peft_lora
+from moerge.composer.merge import empty_output, finish_learned, load_lora_experts
 from moerge.device import DeviceLike, resolve_device
 from moerge.progress import progress_bar
-from moerge.registry import ExpertRecord, Registry
-from moerge.registry.files import atomic_write_json
-from moerge.registry.gguf import local_base
+from moerge.registry import Registry
 
 REPORT_FILE = "moerge_adamerging.json"
 #: the reference's settings: λ's prior, Adam's learning rate, its steps, inputs per batch and batches per task and step
@@ -123,26 +121,13 @@ def adamerging(
         raise ValueError(f"AdaMerging's lr must be > 0, got {lr}")
     if not 0.0 <= prior <= 1.0:
         raise ValueError(f"AdaMerging's prior must be in [0, 1] (λ is clamped there), got {prior}")
-    if out is not None:
-        out = Path(out).expanduser()
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise FileExistsError(f"AdaMerging output {out} exists and is not an empty folder")
-    reg, items = _records(experts, registry)
-    resolved = [_kind_of(it, reg) for it in items]
-    not_lora = [n for k, _, n in resolved if k != "lora"]
-    if not_lora:
-        raise ValueError(f"moerge's AdaMerging merges LoRA experts (λ·ΔW per module); these are not: {not_lora}")
-    if len({n for _, _, n in resolved}) != len(resolved):
-        raise ValueError(f"an expert is named twice: {[n for _, _, n in resolved]}")
+    out = empty_output(out, "AdaMerging")
     dev = resolve_device(device)
-    loras = [
-        load_lora(it, name=n, registry=reg, device=dev) if isinstance(it, ExpertRecord) else load_lora(it, name=n, device=dev)
-        for _, it, n in resolved
-    ]
+    names, loras, base_id = load_lora_experts(
+        experts, registry, base, dev, "moerge's AdaMerging merges LoRA experts (λ·ΔW per module)"
+    )
     if len({e.fan_in_fan_out for e in loras}) > 1:
         raise ValueError("the LoRA experts disagree on fan_in_fan_out (they adapt different layer types)")
-    base_id = local_base(_base_of(resolved, base))
-    names = [n for _, _, n in resolved]
     modules = sorted({m for e in loras for m in e.modules})
     model, tok = load_base(base_id, device=dev, dtype=dtype)
     for p in model.parameters():
@@ -190,28 +175,8 @@ def adamerging(
     )
     report = AdaMergingReport(names, base_id, granularity, steps, lr, prior, coefficients, history,
                               {k: len(v) for k, v in groups.items()})  # fmt: skip
-    rank = max(f.rank for f in merged.modules.values())
-    built = path = None
-    if output == "lora":
-        if out is not None:
-            path = _atomic_folder(out, lambda stage: save_peft_lora(merged, stage, base_id, rank))
-        else:
-            built = _finish_lora(merged, base_id, rank, None)
-    else:
-        with torch.no_grad():
-            for mod, f in merged.modules.items():
-                layer = model.get_submodule(mod)
-                d = f.delta()
-                d = d.T if merged.fan_in_fan_out else d
-                layer.weight.add_(d.to(device=layer.weight.device, dtype=layer.weight.dtype))
-        result = _finish_model(model, tok, out)
-        path, built = (result, None) if out is not None else (None, result)
     report.seconds = time.perf_counter() - t0
-    if path is not None:
-        atomic_write_json(Path(path) / REPORT_FILE, report.to_json())
-        return path
-    built.adamerging_report = report
-    return built
+    return finish_learned(merged, model, tok, base_id, output, out, report, REPORT_FILE, "adamerging_report")
 
 
 def _lambda_cat(loras: Sequence[LoraExpert], modules: Sequence[str], lam: torch.Tensor, row_of: dict[str, int]) -> LoraExpert:

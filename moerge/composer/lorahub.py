@@ -17,15 +17,13 @@ from typing import Any, Literal
 
 import torch
 
-from moerge.adapters import attach_slots, detach, load_expert, load_lora, one_hot, use_weights
+from moerge.adapters import attach_slots, detach, load_expert, one_hot, use_weights
 from moerge.adapters.lorahub import BOUND, BUDGET, L1, SEED, check_composable, combine, reference_loss, search
 from moerge.composer.compose import load_base
-from moerge.composer.merge import _atomic_folder, _base_of, _finish_lora, _finish_model, _kind_of, _records, save_peft_lora
+from moerge.composer.merge import empty_output, finish_learned, load_lora_experts
 from moerge.device import DeviceLike, resolve_device
 from moerge.progress import progress_bar
-from moerge.registry import ExpertRecord, Registry
-from moerge.registry.files import atomic_write_json
-from moerge.registry.gguf import local_base
+from moerge.registry import Registry
 from moerge.training import encode_pairs
 
 REPORT_FILE = "moerge_lorahub.json"
@@ -101,23 +99,12 @@ def lorahub(
         raise ValueError(f"output must be 'lora' or 'model', got {output!r}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1 (or None: every example in one batch), got {batch_size}")
-    if out is not None:
-        out = Path(out).expanduser()
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise FileExistsError(f"LoRAHub output {out} exists and is not an empty folder")
-    reg, items = _records(experts, registry)
-    resolved = [_kind_of(it, reg) for it in items]
-    not_lora = [n for k, _, n in resolved if k != "lora"]
-    if not_lora:
-        raise ValueError(f"LoRAHub composes LoRA experts (it adds their A and B factors); these are not: {not_lora}")
+    out = empty_output(out, "LoRAHub")
     dev = resolve_device(device)
-    loras = [
-        load_lora(it, name=n, registry=reg, device=dev) if isinstance(it, ExpertRecord) else load_lora(it, name=n, device=dev)
-        for _, it, n in resolved
-    ]
+    names, loras, base_id = load_lora_experts(
+        experts, registry, base, dev, "LoRAHub composes LoRA experts (it adds their A and B factors)"
+    )
     check_composable(loras)  # before the base is loaded
-    base_id = local_base(_base_of(resolved, base))
-    names = [n for _, _, n in resolved]
     model, tok = load_base(base_id, device=dev, dtype=dtype)
     batches = [pairs] if batch_size is None else [pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size)]
     encoded = [{k: v.to(dev) for k, v in encode_pairs(tok, b).items()} for b in batches]
@@ -146,26 +133,5 @@ def lorahub(
     report = LoraHubReport(names, base_id, dict(zip(names, result.weights, strict=True)), len(pairs), budget, l1, bound, seed,
                            at_zero, final, result.history)  # fmt: skip
     merged = combine(loras, result.weights, name="lorahub")
-    rank = max(f.rank for f in merged.modules.values())
-    if output == "lora":
-        if out is not None:
-            path = _atomic_folder(out, lambda stage: save_peft_lora(merged, stage, base_id, rank))
-        else:
-            path = None
-            built = _finish_lora(merged, base_id, rank, None)
-    else:
-        d = {mod: f.delta() for mod, f in merged.modules.items()}
-        with torch.no_grad():
-            for mod, delta in d.items():
-                layer = model.get_submodule(mod)
-                w = delta.T if merged.fan_in_fan_out else delta
-                layer.weight.add_(w.to(device=layer.weight.device, dtype=layer.weight.dtype))
-        result_model = _finish_model(model, tok, out)
-        path = result_model if out is not None else None
-        built = None if out is not None else result_model
     report.seconds = time.perf_counter() - t0
-    if path is not None:
-        atomic_write_json(Path(path) / REPORT_FILE, report.to_json())
-        return path
-    built.lorahub_report = report
-    return built
+    return finish_learned(merged, model, tok, base_id, output, out, report, REPORT_FILE, "lorahub_report")

@@ -489,6 +489,69 @@ def _finish_model(model: torch.nn.Module, tok: Any, out: Path | None) -> Any:
     return _atomic_folder(out, write)
 
 
+# ------------------------------------------------------- learned weights (LoRAHub, AdaMerging)
+
+
+def empty_output(out: str | Path | None, what: str) -> Path | None:
+    """``out`` as a path that may be written (missing or an empty folder), or None."""
+    if out is None:
+        return None
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{what} output {out} exists and is not an empty folder")
+    return out
+
+
+def load_lora_experts(experts: Any, registry: Registry | None, base: Any, device: torch.device, why: str,
+                      ) -> tuple[list[str], list[LoraExpert], str]:  # fmt: skip
+    """The LoRA experts named by ``experts`` (as :func:`merge` takes them), their names and their
+    common base (a ``.gguf`` file: its converted folder); anything not a LoRA refused with ``why``."""
+    reg, items = _records(experts, registry)
+    resolved = [_kind_of(it, reg) for it in items]
+    not_lora = [n for k, _, n in resolved if k != "lora"]
+    if not_lora:
+        raise ValueError(f"{why}; these are not LoRA experts: {not_lora}")
+    names = [n for _, _, n in resolved]
+    if len(set(names)) != len(names):
+        raise ValueError(f"an expert is named twice: {names}")
+    loras = [
+        load_lora(it, name=n, registry=reg, device=device)
+        if isinstance(it, ExpertRecord)
+        else load_lora(it, name=n, device=device)
+        for _, it, n in resolved
+    ]
+    return names, loras, local_base(_base_of(resolved, base))
+
+
+def finish_learned(merged: LoraExpert, model: torch.nn.Module, tok: Any, base_id: str, output: Output, out: Path | None,
+                   report: Any, report_file: str, attribute: str) -> Any:  # fmt: skip
+    """A learned combination's result: ``merged`` (scaling folded) as a PEFT folder at ``out`` or a
+    ``PeftModel`` (``output="lora"``), or folded into ``model`` (the base, loaded in the method's
+    dtype) and written or returned (``"model"``). With ``out`` the report (``report.to_json()``)
+    goes to ``out/report_file`` and the path is returned; without, it is ``result.<attribute>``."""
+    rank = max(f.rank for f in merged.modules.values())
+    built = path = None
+    if output == "lora":
+        if out is not None:
+            path = _atomic_folder(out, lambda stage: save_peft_lora(merged, stage, base_id, rank))
+        else:
+            built = _finish_lora(merged, base_id, rank, None)
+    else:
+        with torch.no_grad():
+            for mod, f in merged.modules.items():
+                layer = model.get_submodule(mod)
+                d = f.delta()
+                d = d.T if merged.fan_in_fan_out else d
+                layer.weight.add_(d.to(device=layer.weight.device, dtype=layer.weight.dtype))
+        result = _finish_model(model, tok, out)
+        path, built = (result, None) if out is not None else (None, result)
+    if path is not None:
+        atomic_write_json(Path(path) / report_file, report.to_json())
+        return path
+    setattr(built, attribute, report)
+    return built
+
+
 # ------------------------------------------------------------------------------ dense
 
 

@@ -108,27 +108,33 @@ def stack_layers(
             writer.add(out_key, x.to(dtype) if dtype is not None and x.is_floating_point() else x)
         writer.close()
         src = folders[slices[0].model]
-        for f in sorted(src.iterdir()):
-            if f.is_file() and not f.name.endswith(WEIGHT_FILES) and f.name != "model.safetensors.index.json":
-                shutil.copy2(f, stage / f.name)
-        cfg_path = stage / "config.json"
-        if cfg_path.exists():
-            cfg = json.loads(cfg_path.read_text())
-            inner = cfg.get("text_config", cfg)
-            for name in ("num_hidden_layers", "n_layer", "num_layers"):
-                if isinstance(inner.get(name), int):
-                    inner[name] = index
-            if isinstance(inner.get("layer_types"), list) and inner["layer_types"]:
-                inner["layer_types"] = [inner["layer_types"][0]] * index
-            if dtype is not None:
-                cfg["dtype"] = str(dtype).removeprefix("torch.")
-            atomic_write_json(cfg_path, cfg)
+        copy_model_files(src, stage, index, dtype)
         report = MergeReport("passthrough", {"slices": [[s.model, s.start, s.stop] for s in slices]}, list(folders),
                              str(folders[slices[0].model]), "model")  # fmt: skip
         report.tensors, report.seconds = len(plan), time.perf_counter() - t0
         atomic_write_json(stage / REPORT_FILE, report.to_json())
 
     return _atomic_folder(out, write)
+
+
+def copy_model_files(src: Path, stage: Path, layers: int, dtype: torch.dtype | None) -> None:
+    """Everything of the model folder ``src`` but its weights (config, tokenizer, generation
+    config) into ``stage``, the config saying ``layers`` decoder layers (and ``dtype``)."""
+    for f in sorted(src.iterdir()):
+        if f.is_file() and not f.name.endswith(WEIGHT_FILES) and f.name != "model.safetensors.index.json":
+            shutil.copy2(f, stage / f.name)
+    cfg_path = stage / "config.json"
+    if cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text())
+        inner = cfg.get("text_config", cfg)
+        for name in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(inner.get(name), int):
+                inner[name] = layers
+        if isinstance(inner.get("layer_types"), list) and inner["layer_types"]:
+            inner["layer_types"] = [inner["layer_types"][0]] * layers
+        if dtype is not None:
+            cfg["dtype"] = str(dtype).removeprefix("torch.")
+        atomic_write_json(cfg_path, cfg)
 
 
 def _is_embedding(key: str) -> bool:

@@ -17,8 +17,6 @@ against it (``tests/test_merge.py``)."""
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +26,7 @@ import torch
 
 from moerge.adapters.merge import LAYER_KEY, get_merge, kernel_kwargs, merge_params, resolve_settings
 from moerge.composer.merge import REPORT_FILE, MergeReport, ShardWriter, _atomic_folder, _load_model, _tmp_root
-from moerge.composer.passthrough import WEIGHT_FILES, _folder, _is_embedding
+from moerge.composer.passthrough import _folder, _is_embedding, copy_model_files
 from moerge.device import resolve_dtype
 from moerge.progress import progress_bar
 from moerge.registry.files import TensorFolder, atomic_write_json, staging_dir
@@ -93,21 +91,7 @@ def merge_slices(plan: Mapping[str, Any], out: str | Path | None = None, progres
             writer.add(out_key, merged(sl, reads, at, layers))
         writer.close()
         src = _folder(first["base"])
-        for f in sorted(src.iterdir()):
-            if f.is_file() and not f.name.endswith(WEIGHT_FILES) and f.name != "model.safetensors.index.json":
-                shutil.copy2(f, stage / f.name)
-        cfg_path = stage / "config.json"
-        if cfg_path.exists():
-            cfg = json.loads(cfg_path.read_text())
-            inner = cfg.get("text_config", cfg)
-            for name in ("num_hidden_layers", "n_layer", "num_layers"):
-                if isinstance(inner.get(name), int):
-                    inner[name] = index
-            if isinstance(inner.get("layer_types"), list) and inner["layer_types"]:
-                inner["layer_types"] = [inner["layer_types"][0]] * index
-            if dtype is not None:
-                cfg["dtype"] = str(dtype).removeprefix("torch.")
-            atomic_write_json(cfg_path, cfg)
+        copy_model_files(src, stage, index, dtype)
         report = MergeReport(plan["kernel"], {"slices": [[[r, *rg] for r, rg in sl["ranges"].items()] for sl in slices]},
                              refs, str(src), "model")  # fmt: skip
         report.tensors, report.seconds = len(entries), time.perf_counter() - t0
