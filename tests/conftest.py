@@ -239,9 +239,8 @@ def pytest_runtest_makereport(item, call):  # noqa: ANN001, ANN201
     outcome = yield
     if not os.environ.get("MOERGE_TEST_DURATIONS"):
         return
-    own, kids = _cpu_now()
-    if _cpu_mark:
-        outcome.get_result().user_properties.append(("cpu", (own - _cpu_mark[0], kids - _cpu_mark[1])))
+    own, kids = _cpu_now()  # since the last phase's report (the session's start, for the first)
+    outcome.get_result().user_properties.append(("cpu", (own - _cpu_mark[0], kids - _cpu_mark[1])))
     _cpu_mark[:] = [own, kids]
 
 
@@ -252,7 +251,7 @@ def pytest_runtest_logreport(report) -> None:  # noqa: ANN001
         return
     row = _timeline.setdefault(_plain(report.nodeid), {"seconds": 0.0, "start": report.start})
     row["seconds"] += report.duration
-    for _key, (own, kids) in (p for p in report.user_properties if p[0] == "cpu"):
+    for own, kids in (value for key, value in report.user_properties if key == "cpu"):
         row["cpu"] = row.get("cpu", 0.0) + own
         row["cpu_children"] = row.get("cpu_children", 0.0) + kids
     node = getattr(report, "node", None)  # the pytest-xdist worker that ran it; none without xdist
