@@ -26,10 +26,9 @@ matches every tensor), except the ones read once for the whole merge (``normaliz
 ``rescale``, ``seed``). ``passthrough`` over ``slices`` stacks layer ranges of models
 (:mod:`moerge.composer.passthrough`); ``slices`` with another method merge layer by layer
 (:mod:`moerge.composer.slices`). What mergekit has and moerge does not — per-module configs,
-merging different vocabularies, other methods — is refused by name (``model: MODEL+LORA`` folds
-the PEFT LoRA into the model first, as mergekit does)
-(``tokenizer_source: union`` over models of one vocabulary is accepted: mergekit then writes the
-base's tensors).
+merging different vocabularies, other methods — is refused by name. ``model: MODEL+LORA`` folds
+the PEFT LoRA into the model first, as mergekit does, and ``tokenizer_source: union`` over models
+of one vocabulary is accepted (mergekit then writes the base's tensors).
 """
 
 from __future__ import annotations
@@ -462,6 +461,7 @@ def _plan_sliced_merge(cfg: dict[str, Any], method: Any) -> dict[str, Any]:
     slices = cfg.get("slices")
     if not isinstance(slices, list) or not slices:
         raise MergeConfigError(f"{method} over slices needs a list of {{sources: [{{model, layer_range}}, ...]}}")
+    _check_tokenizer_source(cfg)  # once, over every slice's sources
     glob = dict(cfg.get("parameters") or {})
     base = cfg.get("base_model")
     planned = []
@@ -494,7 +494,7 @@ def _plan_sliced_merge(cfg: dict[str, Any], method: Any) -> dict[str, Any]:
                 f"{where}.sources: layer ranges of different lengths {sorted(ranges.values())}; a slice merges layer by layer"
             )
         sub = {"merge_method": method, "models": models, "parameters": {**glob, **dict(sl.get("parameters") or {})}}
-        for key in ("base_model", "dtype", "out_dtype", "seed", "tokenizer_source", "tokenizer"):
+        for key in ("base_model", "dtype", "out_dtype", "seed"):
             if cfg.get(key) is not None:
                 sub[key] = cfg[key]
         try:

@@ -41,7 +41,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from moerge.composer.merge import _atomic_folder, _dense_source
+from moerge.composer.merge import _atomic_folder, _dense_source, empty_output
 from moerge.device import resolve_dtype
 from moerge.progress import hf_bars, progress_bar
 from moerge.registry import Registry
@@ -120,8 +120,8 @@ def check_moe_config(cfg: MoEConfig) -> None:
             raise MoEConfigError(
                 "shared_experts[0].positive_prompts: its gate (shared_expert_gate) is set from prompts like the experts'"
             )
-    for name, value in (("noise_scale", "noise_scale"), ("residual_scale", "residual_scale")):
-        bad = [i for i, e in enumerate(cfg.experts) if getattr(e, value) is not None and not math.isfinite(getattr(e, value))]
+    for name in ("noise_scale", "residual_scale"):
+        bad = [i for i, e in enumerate(cfg.experts) if getattr(e, name) is not None and not math.isfinite(getattr(e, name))]
         if bad:
             raise MoEConfigError(f"experts[{bad[0]}].{name} must be a finite number")
 
@@ -144,8 +144,8 @@ def _prompts(cfg: MoEConfig, registry: Registry | None) -> list[tuple[list[str],
     out = []
     for i, e in enumerate(cfg.experts):
         pos = list(e.positive_prompts or [])
-        if not pos and registry is not None and e.source_model.partition("@")[0] in registry:
-            pos = list(registry._resolve(e.source_model).examples)  # the registered examples as its prompts
+        if not pos and (rec := _record(e.source_model, registry)) is not None:
+            pos = list(rec.examples)  # the registered examples as its prompts
         if cfg.gate_mode not in ("random", "uniform_random") and not pos:
             raise MoEConfigError(
                 f"experts[{i}].positive_prompts: gate_mode {cfg.gate_mode!r} routes by prompts and expert "
@@ -167,12 +167,20 @@ def _prompts(cfg: MoEConfig, registry: Registry | None) -> list[tuple[list[str],
     return out
 
 
+def _record(source: str, registry: Registry | None) -> Any:
+    """The registry expert ``source`` names (a folder of that name wins), or None."""
+    if registry is None or Path(source).expanduser().is_dir() or source.partition("@")[0] not in registry:
+        return None
+    return registry._resolve(source)
+
+
 def _folder(source: str, registry: Registry | None, what: str) -> Path:
     path = Path(source).expanduser()
     if path.is_dir():
         return path
-    if registry is not None and source.partition("@")[0] in registry:
-        return registry.path(registry._resolve(source))
+    rec = _record(source, registry)
+    if rec is not None:
+        return registry.path(rec)  # type: ignore[union-attr]
     resolved, _ = resolve_source(source, what)
     return Path(resolved)
 
@@ -199,8 +207,7 @@ class _Expert:
         self.folder: TensorFolder | None = None
         self.delta: dict[str, torch.Tensor] | None = None
         self.source: Any = None
-        in_registry = registry is not None and not Path(source).expanduser().is_dir() and source.partition("@")[0] in registry
-        rec = registry._resolve(source) if in_registry else None
+        rec = _record(source, registry)
         if rec is None:
             self.folder = TensorFolder(_folder(source, registry, "expert"))
         elif rec.kind == "lora":
@@ -312,9 +319,7 @@ def build_moe(
     t0 = time.perf_counter()
     cfg = config if isinstance(config, MoEConfig) else load_moe_config(config)
     check_moe_config(cfg)
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"MoE output {out} exists and is not an empty folder")
+    out = empty_output(out, "MoE")
     prompts = _prompts(cfg, registry)
     base_folder = _folder(cfg.base_model, registry, "base model")
     base_cfg = AutoConfig.from_pretrained(base_folder)
@@ -322,8 +327,8 @@ def build_moe(
     expert_cfgs = {}
     for e in [*cfg.experts, *(cfg.shared_experts or [])]:
         src = e.source_model
-        rec_lora = registry is not None and not Path(src).expanduser().is_dir() and src.partition("@")[0] in registry
-        if rec_lora and registry._resolve(src).kind in ("lora",):
+        rec = _record(src, registry)
+        if rec is not None and rec.kind == "lora":
             continue  # a LoRA on the base: the base's shapes
         folder = _folder(src, registry, "expert")
         if (folder / "config.json").exists():

@@ -48,31 +48,30 @@ def merge_slices(plan: Mapping[str, Any], out: str | Path | None = None, progres
         raise ValueError(f"sliced merge: no decoder layers found in {first['base']}")
     start0 = first["ranges"][first["base"]][0]
     template = sorted({m["rest"] for m in split if m and int(m["index"]) == start0})
-    # (output key, slice, the key each source reads, the key a setting is resolved at, the slice's layers)
-    entries: list[tuple[str, dict, dict[str, str], str, int]] = []
+    # (output key, the slice's index, the key each source reads, the key a setting is resolved at)
+    entries: list[tuple[str, int, dict[str, str], str]] = []
     for k in base_keys:
         if not LAYER_KEY.match(k) and _is_embedding(k):
-            entries.append((k, first, dict.fromkeys(first["ranges"], k), k, first["length"]))
+            entries.append((k, 0, dict.fromkeys(first["ranges"], k), k))
     index = 0
-    for sl in slices:
+    for n, sl in enumerate(slices):
         for j in range(sl["length"]):
             for rest in template:
                 reads = {r: f"{prefix}{a + j}{rest}" for r, (a, _) in sl["ranges"].items()}
-                entries.append((f"{prefix}{index}{rest}", sl, reads, f"{prefix}{j}{rest}", sl["length"]))
+                entries.append((f"{prefix}{index}{rest}", n, reads, f"{prefix}{j}{rest}"))
             index += 1
     for k in views[last["base"]].keys():
         if not LAYER_KEY.match(k) and not _is_embedding(k):
-            entries.append((k, last, dict.fromkeys(last["ranges"], k), k, last["length"]))
-    for _, _sl, reads, _, _ in entries:
+            entries.append((k, len(slices) - 1, dict.fromkeys(last["ranges"], k), k))
+    for _, _, reads, _ in entries:
         for r, key in reads.items():
             if key not in views[r]:
                 raise ValueError(f"sliced merge: {r} has no tensor {key} (the slices' models must share an architecture)")
     kernels = [get_merge(sl["method"]) for sl in slices]
     params = [merge_params(sl["method"], dict(sl["params"])) for sl in slices]
 
-    def merged(sl: dict, reads: dict[str, str], at: str, layers: int) -> torch.Tensor:
-        i = slices.index(sl)
-        kernel = kernels[i]
+    def merged(i: int, reads: dict[str, str], at: str) -> torch.Tensor:
+        sl, kernel, layers = slices[i], kernels[i], slices[i]["length"]
         base = views[sl["base"]].get(reads[sl["base"]])
         if not base.is_floating_point():
             return base
@@ -85,10 +84,8 @@ def merge_slices(plan: Mapping[str, Any], out: str | Path | None = None, progres
 
     def write(stage: Path) -> None:
         writer = ShardWriter(stage, 2 * 1024**3)
-        for out_key, sl, reads, at, layers in progress_bar(
-            entries, desc=f"merge {plan['kernel']} over slices", progress=progress
-        ):
-            writer.add(out_key, merged(sl, reads, at, layers))
+        for out_key, i, reads, at in progress_bar(entries, desc=f"merge {plan['kernel']} over slices", progress=progress):
+            writer.add(out_key, merged(i, reads, at))
         writer.close()
         src = _folder(first["base"])
         copy_model_files(src, stage, index, dtype)

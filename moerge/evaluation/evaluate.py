@@ -441,7 +441,7 @@ class _Run:
         out["validation"] = tried
         out["chosen"] = chosen
         with self._builder(method, chosen) as get:
-            tasks = pool.tasks.held_in + pool.tasks.held_out
+            tasks = self._all_tasks
             answers = {
                 t: self._cached(get, method, chosen, t, "test")
                 for t in progress_bar(tasks, desc=spec.label, progress=self.progress)
@@ -486,7 +486,7 @@ class _Run:
                 "on: give one value per setting"
             )
             return out
-        tasks = pool.tasks.held_in + pool.tasks.held_out
+        tasks = self._all_tasks
         bare = [t for t in tasks if not pool.prompts[t, "validation"]]
         if bare:
             out["skipped"] = (
