@@ -1,15 +1,20 @@
-"""The real LM's table over router seeds (docs/zoo.md): mean ± sd of each method over the runs of
+"""The real LM's table over seeds (docs/zoo.md): mean ± sd of each method over the runs of
 ``moerge bench real`` given on the command line (``results.json`` files), and the papers'
 orderings tested on the paired differences (moerge.bench.spread's rule: every run agrees and the
 mean difference exceeds its sd).
 
-A run that scored only the seeded methods (``--methods base,experts,oracle,phatgoose,glider,twin
---set phatgoose.seed=S …``) takes the other rows from the first run: those methods (Arrow,
-retrieval, the static merges) have no seed and are functions of the same experts, so they are
-the same in every run; their sd is 0 by construction and the table marks them n = 1.
+The first file is a full run. A later run may score only some methods — the seeded routers
+(``--methods base,experts,oracle,phatgoose,glider,twin --set phatgoose.seed=S …``) or Symbolic-MoE
+over the whole models (``--methods base,experts,oracle,symbolic_moe,majority_vote,best_single
+--set symbolic_moe.seed=S``). A method's figures are those of the runs that scored it: a row in
+several runs is mean ± sd over them (n stated); a row in one run only (Arrow, retrieval, the
+static merges: no seed, functions of the same experts) is one value, n = 1, and so are the rows
+of the experts alone (base, oracle, best single expert or model), whatever runs have them. A
+one-value row is put into every run, so an ordering against it pairs each seeded run with the
+same value; two one-value rows are not compared.
 
     python scripts/real_spread.py scripts/results/real_methods-cpu.json \\
-        scripts/results/real_methods-cpu-seed1.json scripts/results/real_methods-cpu-seed2.json
+        scripts/results/real_methods-cpu-seed{1,2}.json scripts/results/real_symbolic-cpu-seed{0,1,2}.json
 """
 
 from __future__ import annotations
@@ -17,38 +22,53 @@ from __future__ import annotations
 import json
 import sys
 
-from moerge.bench.spread import CLAIMS, figures, mean_sd, orderings, orderings_markdown
+from moerge.bench.spread import CLAIMS, compare, figures, mean_sd, orderings_markdown
 
 COLUMNS = ("held-in normalised", "held-out (%)", "routing (%)")
+#: rows with no seed: the experts alone, the same in every run
+FIXED = ("base", "oracle", "best single expert", "best single model")
+#: Symbolic-MoE's orderings on this table (the paper: above its best single model and the plain vote)
+SYMBOLIC_CLAIMS = tuple(
+    ("zoo", col, "Symbolic-MoE", b)
+    for col in ("held-in normalised", "held-out (%)")
+    for b in ("best single model", "majority vote of the recruited")
+) + (("zoo", "held-in normalised", "majority vote of the recruited", "best single model"),)
 
 
 def main(paths: list[str]) -> None:
-    results = [json.loads(open(p).read()) for p in paths]
-    runs = [figures(r)["zoo"] for r in results]
-    fixed = ("base", "oracle", "best single expert")  # no seed either: the experts alone
-    seeded = {name for run in runs[1:] for name in run if name not in fixed and not name.startswith("expert:")}
-    for run in runs[1:]:
-        for name, row in runs[0].items():
-            run.setdefault(name, row)
-    names = [n for n in runs[0] if not n.startswith("expert:")]
+    runs = [figures(json.loads(open(p).read()))["zoo"] for p in paths]
+    scored = {name: [i for i, run in enumerate(runs) if name in run] for run in runs for name in run}
+    names = [n for n in scored if not n.startswith("expert:")]
+    unseeded = [n for n in scored if n in FIXED or len(scored[n]) == 1]
+    for name in unseeded:  # one value: pair each seeded run with it
+        first = runs[scored[name][0]][name]
+        for run in runs:
+            run.setdefault(name, first)
     print(f"| method | {' | '.join(COLUMNS)} | n |")
     print("|---|" + "---:|" * (len(COLUMNS) + 1))
     for name in names:
+        seeded = name not in FIXED and len(scored[name]) > 1
+        use = [runs[i] for i in scored[name]] if seeded else [runs[scored[name][0]]]
         cells = []
         for col in COLUMNS:
-            values = [run[name][col] for run in runs if col in run.get(name, {})]
+            values = [run[name][col] for run in use if col in run[name]]
             if not values:
                 cells.append("")
                 continue
             m, sd = mean_sd(values)
-            cells.append(f"{m:.1f} ± {sd:.1f}" if name in seeded else f"{m:.1f}")
-        n = len(runs) if name in seeded else 1
-        print(f"| {name} | {' | '.join(cells)} | {n} |")
+            cells.append(f"{m:.1f} ± {sd:.1f}" if seeded else f"{m:.1f}")
+        print(f"| {name} | {' | '.join(cells)} | {len(use)} |")
     print()
-    found = orderings([{"zoo": r} for r in runs], [c for c in CLAIMS if c[0] == "zoo"])
-    for c in found:  # two rows without a seed are one build repeated: no spread to test against
-        if c["a"] not in seeded and c["b"] not in seeded:
+    found = []
+    for claim in [c for c in CLAIMS if c[0] == "zoo"] + list(SYMBOLIC_CLAIMS):
+        _, col, a, b = claim
+        both = [{"zoo": run} for run in runs if a in run and b in run]
+        c = compare(both, *claim) if both else None
+        if c is None:
+            continue
+        if a in unseeded and b in unseeded:
             c["verdict"], c["n"] = "no seed in either row (one build): not tested", 1
+        found.append(c)
     print(orderings_markdown(found))
 
 

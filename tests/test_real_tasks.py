@@ -236,3 +236,58 @@ def test_bench_real_serving_prints_the_table_and_refuses_bad_levels(monkeypatch,
     monkeypatch.undo()
     with pytest.raises(ValueError, match="concurrency levels and requests must be ≥ 1"):
         real_bench.serving(None, [0, 8], 32)
+
+
+def test_bench_real_runs_symbolic_moe_over_the_whole_models_and_joins_its_rows_to_the_lora_table(monkeypatch, tmp_path):
+    """`moerge bench real` with LoRA and Symbolic-MoE methods: each evaluator run gets its own
+    methods and settings, Symbolic-MoE the whole models with the base as aggregator by default,
+    and its rows are normalised by the LoRA experts' own scores in one table (the evaluator
+    itself stands in here; the real runs are in docs/zoo.md)."""
+    import moerge.evaluation
+    import moerge.zoo.real as real
+    from moerge.bench import real as real_bench
+    from moerge.evaluation.report import QualityReport, method_row
+
+    pool = real.RealPool(root=tmp_path, preset=real.RealPreset(tasks=("capital", "plural")), gguf=tmp_path / "m.gguf", meta={})
+    monkeypatch.setattr(real, "build_pool", lambda *a, **kw: pool)
+    monkeypatch.setattr(real, "whole_models", lambda p, **kw: [f"model-{t}" for t in p.experts])
+    monkeypatch.setattr(moerge.evaluation, "load_task_set", lambda *a, **kw: None)
+    calls = []
+
+    def fake_evaluate(registry, tasks, **kw):  # noqa: ANN001, ANN003, ANN202
+        calls.append(kw)
+        held_in, held_out = ["capital", "plural"], ["capital_country"]
+        if "symbolic_moe" in kw["methods"]:  # the whole models score a little differently from the LoRAs
+            m = {"model-capital": {"capital": 0.4, "plural": 0.0, "capital_country": 0.1},
+                 "model-plural": {"capital": 0.0, "plural": 0.5, "capital_country": 0.0}}  # fmt: skip
+            r = QualityReport(
+                held_in, held_out, list(m), m, [], own_experts={"capital": ["model-capital"], "plural": ["model-plural"]}
+            )
+            r.rows = [method_row("Symbolic-MoE", {"capital": 0.2, "plural": 0.5, "capital_country": 0.1}, held_in, held_out,
+                                 r.own_scores())]  # fmt: skip
+            r.meta = {"symbolic": {"k": 3, "aggregator": "model-base", "model_loads": 3, "distinct_models": 2},
+                      "seconds": {"total": 5.0}}  # fmt: skip
+            return r
+        m = {"capital": {"capital": 0.4, "plural": 0.0, "capital_country": 0.1}, "plural": {"capital": 0.0, "plural": 0.25,
+                                                                                             "capital_country": 0.0}}  # fmt: skip
+        r = QualityReport(held_in, held_out, list(m), m, [], own_experts={"capital": ["capital"], "plural": ["plural"]})
+        r.rows = [
+            method_row("oracle", {"capital": 0.4, "plural": 0.25, "capital_country": 0.1}, held_in, held_out, r.own_scores())
+        ]
+        r.meta = {"seconds": {"total": 9.0}}
+        return r
+
+    monkeypatch.setattr(moerge.evaluation, "evaluate", fake_evaluate)
+    report = real_bench.run(methods=["oracle", "phatgoose", "symbolic_moe", "best_single"], limit=4, out=tmp_path / "o",
+                            grid=["phatgoose.steps=30", "symbolic_moe.seed=1"])  # fmt: skip
+    lora, sym = calls
+    assert lora["methods"] == ["oracle", "phatgoose"] and lora["grid"] == ["phatgoose.steps=30"]
+    assert sym["methods"] == ["symbolic_moe", "best_single"] and sym["experts"] == ["model-capital", "model-plural"]
+    assert sym["grid"] == ["symbolic_moe.seed=1", "symbolic_moe.aggregator=model-base"] and "base" not in sym
+    rows = {r.name: r for r in report.rows}
+    # normalised by the LoRA experts' own scores (0.4, 0.25): 100·(0.2/0.4 + 0.5/0.25)/2, not by the whole models' (0.4, 0.5)
+    assert rows["Symbolic-MoE"].held_in_normalized == pytest.approx(125.0) and rows["oracle"].held_in_normalized == 100.0
+    assert report.meta["symbolic"]["folded_vs_lora"] == {"entries": 6, "differ": 1, "max_gap": pytest.approx(25.0)}
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["methods"]["Symbolic-MoE"]["held_in_normalized"] == 125.0
+    with pytest.raises(ValueError, match="unknown method 'symbolic'"):
+        real_bench.run(methods=["symbolic"])

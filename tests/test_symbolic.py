@@ -455,3 +455,83 @@ def test_model_experts_load_in_the_dtype_asked_for(tmp_path):
     bf16 = load_model_expert(reg, "llama", dtype="bfloat16")
     assert next(bf16.model.parameters()).dtype == torch.bfloat16
     assert len(generate(bf16, ["a b", "c"], max_new_tokens=2)) == 2
+
+
+def _chat_task_set(root, messages=None):
+    """Two held-in chat tasks and one held-out, a few examples each (case and punctuation normalised)."""
+    import json
+
+    rows = {"upper": [("say a", "A"), ("say b", "B"), ("say c", "C")], "lower": [("give A", "a"), ("give B", "b"), ("give C", "c")],
+            "other": [("what is d", "d"), ("what is e", "e")]}  # fmt: skip
+    spec = '{role: %s, metric: exact_match, normalize: ["strip", "case", "punctuation"], max_new_tokens: 2, stop: ["\\n"]}'
+    root.mkdir()
+    (root / "tasks.yaml").write_text(
+        "tasks:\n" + "".join(f"  {t}: {spec % ('held_out' if t == 'other' else 'held_in')}\n" for t in rows)
+    )
+    for t, pairs in rows.items():
+        (root / t).mkdir()
+        for split in ("train", "validation", "test"):
+            lines = [{"messages": messages or [{"role": "user", "content": f"{q} ({split})"}], "target": a} for q, a in pairs]
+            (root / t / f"{split}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return root
+
+
+def test_symbolic_moe_in_the_evaluator_asks_chat_tasks_through_each_models_template_and_takes_its_settings(tmp_path, monkeypatch):
+    """Chat tasks reach every model as their user message, wrapped by the model's own template;
+    a model without a template or a multi-turn example is refused by name; seed, k and a named
+    aggregator are settings of one value; validation answers are judged by the task's metric."""
+    import moerge
+    from moerge.evaluation import EvaluationError, load_task_set
+    from moerge.evaluation.symbolic import gold, task_check
+    from moerge.registry import Registry
+    from moerge.symbolic import execute
+
+    tasks = _chat_task_set(tmp_path / "tasks")
+    reg = Registry(tmp_path / "reg")
+    reg.register(_causal_lm(tmp_path / "llama"), "llama", kind="model", tasks=["upper"])
+    reg.register(_causal_lm(tmp_path / "gpt2", "gpt2"), "gpt2", kind="model", tasks=["lower"])
+    seen: list[tuple[str, bool, str]] = []
+    real_generate = execute.generate
+
+    def spy(loaded, prompts, **kw):
+        seen.extend((loaded.name, loaded.chat, p) for p in prompts)
+        return real_generate(loaded, prompts, **kw)
+
+    monkeypatch.setattr(execute, "generate", spy)
+    kw = dict(methods="symbolic_moe,majority_vote,best_single", device="cpu", progress=False)
+    r = moerge.evaluate(reg, tasks, grid=["symbolic_moe.aggregator=gpt2", "symbolic_moe.seed=3", "symbolic_moe.k=2"], **kw)
+    sym = r.meta["symbolic"]
+    assert sym["aggregator"] == "gpt2@1" and not sym["aggregator_chosen"] and sym["aggregator_scores"] is None
+    assert sym["seed"] == 3 and sym["k"] == 2 and sym["model_loads"] == sym["distinct_models"] + 1
+    asked = {p for _, _, p in seen}
+    assert {"say a (validation)", "give B (test)", "what is e (test)"} <= asked  # the user message itself
+    assert all(chat for name, chat, _ in seen)  # ... which generate wraps in each model's own template
+    assert not any(p.startswith("say") and "(train)" in p for p in asked)  # nothing from the train split
+    assert all(row.test_prompts_in_preparation == 0 for row in r.rows)
+    # the profile's judge is the task's: stop strings, normalisation, any target
+    check = task_check(load_task_set(tasks))
+    assert check(" a.\nmore", gold("upper", ["A"])) and not check("b", gold("upper", ["A"]))
+    assert check("x", gold("upper", ["A", "X"]))
+    for bad, why in (
+        (["symbolic_moe.seed=1,2"], "takes one value"),
+        (["symbolic_moe.k=0"], "k must be an integer ≥ 1"),
+        (["symbolic_moe.aggregator=nobody"], "aggregator: expert 'nobody' is not in the registry"),
+    ):
+        with pytest.raises(EvaluationError, match=why):
+            moerge.evaluate(reg, tasks, grid=bad, **kw)
+    reg.register(_lora(tmp_path), "adapter")
+    with pytest.raises(EvaluationError, match="aggregator must be a whole model .*adapter@1 is 'lora'"):
+        moerge.evaluate(reg, tasks, grid=["symbolic_moe.aggregator=adapter"], experts=["llama", "gpt2"], **kw)
+    # a model without a chat template cannot take chat messages; a chat example is one user message
+    plain = _causal_lm(tmp_path / "plain")
+    (plain / "tokenizer_config.json").write_text(
+        (plain / "tokenizer_config.json").read_text().replace('"chat_template"', '"unused_template"')
+    )
+    for f in plain.glob("chat_template.*"):
+        f.unlink()
+    reg.register(plain, "plain", kind="model", tasks=["upper"])
+    with pytest.raises(EvaluationError, match="model expert\\(s\\) plain@1 have no chat template"):
+        moerge.evaluate(reg, tasks, experts=["llama", "plain"], **kw)
+    turns = _chat_task_set(tmp_path / "turns", [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q"}])
+    with pytest.raises(EvaluationError, match="must be one user message"):
+        moerge.evaluate(reg, turns, experts=["llama", "gpt2"], **kw)

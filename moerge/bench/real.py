@@ -12,8 +12,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-#: the methods of a full run: baselines, routers, merges (Symbolic-MoE over whole models: not yet)
-METHODS = ("base", "experts", "oracle", "phatgoose", "glider", "arrow", "retrieval", "average", "task_arithmetic", "ties", "twin")
+#: the methods of a full run: baselines, routers, merges, and Symbolic-MoE over the experts as whole models
+METHODS = ("base", "experts", "oracle", "phatgoose", "glider", "arrow", "retrieval", "average", "task_arithmetic", "ties", "twin",
+           "symbolic_moe", "majority_vote", "best_single")  # fmt: skip
 
 
 def run(
@@ -31,22 +32,69 @@ def run(
 ) -> Any:
     """Build (or find) the experts, then score ``methods`` on the suite; returns the evaluator's
     report. ``grid``: ``METHOD.PARAM=V1,V2`` overrides, as ``moerge eval --set`` takes them (a
-    router's own setting too, e.g. ``phatgoose.steps=30`` for a CPU budget)."""
-    from moerge.evaluation import evaluate, load_task_set
-    from moerge.zoo.real import build_pool
+    router's own setting too, e.g. ``phatgoose.steps=30`` for a CPU budget).
+
+    Symbolic-MoE's methods (``symbolic_moe``, ``majority_vote``, ``best_single``) run over the
+    experts as whole models (:func:`moerge.zoo.real.whole_models`: each LoRA folded into the base)
+    with the base as the aggregator unless ``symbolic_moe.aggregator`` names another; their rows
+    join the table, normalised by the LoRA experts' own scores when those are scored too."""
+    from moerge.evaluation import evaluate, load_task_set, write_report
+    from moerge.evaluation.methods import resolve_methods
+    from moerge.evaluation.report import method_row
+    from moerge.zoo.real import WHOLE_BASE, build_pool, whole_models
     from moerge.zoo.real_tasks import TASKS
 
+    specs = resolve_methods(list(methods))  # an unknown name is refused before any expert is trained
+    symbolic = [m for m, spec in specs.items() if spec.family == "symbolic"]
+    lora = [m for m in specs if m not in symbolic]
     pool = build_pool(preset, cache_dir=cache_dir, progress=progress)
     # a run on some experts: their tasks, and the held-out tasks drawing on those alone
     names = [t.name for t in TASKS if t.name in pool.experts or (t.uses and set(t.uses) <= set(pool.experts))]
-    report = evaluate(pool.registry_path, load_task_set(pool.tasks_path, names), base=str(pool.gguf), methods=list(methods),
-                      grid=list(grid or []), experts=pool.experts,
-                      expert_tasks={t: [t] for t in pool.experts}, device=device, dtype=dtype, limit=limit,
-                      batch_size=batch_size, cache_dir=pool.root / "eval-cache", out=out, json_path=json_path,
-                      progress=progress)  # fmt: skip
+    tasks = load_task_set(pool.tasks_path, names)
+    grid = list(grid or [])
+    sym_grid = [g for g in grid if g.split(".", 1)[0] in symbolic]
+    common = dict(device=device, dtype=dtype, limit=limit, batch_size=batch_size, progress=progress)
+    report = None
+    if lora:
+        report = evaluate(pool.registry_path, tasks, base=str(pool.gguf), methods=lora, grid=[g for g in grid if g not in sym_grid],
+                          experts=pool.experts, expert_tasks={t: [t] for t in pool.experts},
+                          cache_dir=pool.root / "eval-cache", **common)  # fmt: skip
+    if symbolic:
+        models = whole_models(pool, cache_dir=cache_dir, progress=progress)
+        if not any(g.startswith("symbolic_moe.aggregator=") for g in sym_grid):
+            sym_grid.append(f"symbolic_moe.aggregator={WHOLE_BASE}")
+        sym = evaluate(pool.registry_path, tasks, methods=symbolic, grid=sym_grid, experts=models, **common)
+        if report is None:
+            report = sym
+        else:  # one table: the whole models' rows normalised as the LoRA methods' are
+            own = report.own_scores()
+            for row in sym.rows:
+                joined = method_row(row.name, row.per_task, report.held_in, report.held_out, own, row.notes)
+                joined.test_prompts_in_preparation = row.test_prompts_in_preparation
+                report.rows.append(joined)
+            report.meta["symbolic"] = sym.meta["symbolic"] | {
+                "matrix": sym.matrix,
+                "seconds_total": sym.meta["seconds"]["total"],
+                "folded_vs_lora": _folded_vs_lora(sym.matrix, report.matrix, report.held_in + report.held_out),
+            }  # fmt: skip
+    assert report is not None  # methods is never empty: resolve_methods refuses that
     report.meta["real"] = {"root": str(pool.root), "preset": asdict(pool.preset) | {"tasks": list(pool.experts)},
                            "experts": pool.meta.get("experts", {}), "descriptions": pool.meta.get("descriptions", {})}  # fmt: skip
+    if out is not None:
+        write_report(report, out, json_path)
     return report
+
+
+def _folded_vs_lora(
+    whole: dict[str, dict[str, float]], lora: dict[str, dict[str, float]], tasks: Sequence[str]
+) -> dict[str, Any]:
+    """How far each whole model (its LoRA folded into the base) scores from the same expert run as
+    a LoRA on the base, over every task: the largest gap (points) and how many entries differ."""
+    from moerge.zoo.real import WHOLE_PREFIX
+
+    gaps = [abs(100 * (row[t] - lora[m.removeprefix(WHOLE_PREFIX)][t])) for m, row in whole.items()
+            if m.removeprefix(WHOLE_PREFIX) in lora for t in tasks]  # fmt: skip
+    return {"entries": len(gaps), "differ": sum(g > 0 for g in gaps), "max_gap": max(gaps, default=0.0)}
 
 
 def _held_in_suite() -> Any:

@@ -645,4 +645,13 @@ def bench_real(methods, tasks, steps, limit, out, json_path, batch_size, device,
     click.echo(f"\nexperts: {json.dumps(report.meta['real']['experts'])}")
     for task, d in report.meta["real"]["descriptions"].items():  # what GLIDER embeds for each expert
         click.echo(f"  {task}: {d['text']}  (written by the base model from {len(d['from'])} training prompts)")
+    sym = report.meta.get("symbolic")
+    if sym:
+        click.echo(f"Symbolic-MoE: k = {sym['k']}, seed {sym['seed']}, aggregator {sym['aggregator']}, {sym['model_loads']} model "
+                   f"loads; the recruits include the query's own expert for {100 * (sym['recruited_own_model_share'] or 0):.1f} % "
+                   "of held-in test queries")  # fmt: skip
+        if "folded_vs_lora" in sym:
+            f = sym["folded_vs_lora"]
+            click.echo(f"  whole models vs the same experts as LoRAs: {f['differ']} of {f['entries']} task scores differ, "
+                       f"by at most {f['max_gap']:.1f} points")  # fmt: skip
     click.echo(f"{torch_threads()} torch thread(s); {time.perf_counter() - t0:.0f} s; report in {out}")

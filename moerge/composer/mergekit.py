@@ -187,10 +187,11 @@ def _model_ref(entry: Any, where: str) -> str:
     return ref
 
 
-def fold_lora_ref(ref: str, where: str = "model") -> Path:
+def fold_lora_ref(ref: str, where: str = "model", cache: Path | None = None) -> Path:
     """mergekit's ``model: MODEL+LORA``: the model with the PEFT LoRA folded into its weights
     (``merge_and_unload``, in the checkpoint's dtype, as mergekit does), written once under
-    ``<cache>/lora-folded/`` keyed by the adapter's content and the model's files, and reused."""
+    ``<cache>/lora-folded/`` (``cache``: the moerge cache by default) keyed by the adapter's
+    content and the model's files, and reused."""
     from moerge.registry.importers import resolve_source
 
     model, _, lora = ref.partition("+")
@@ -218,7 +219,7 @@ def fold_lora_ref(ref: str, where: str = "model") -> Path:
         "model": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in weights],
         "adapter": {f.name: sha256_file(f) for f in sorted(lpath.iterdir()) if f.is_file()},
     })  # fmt: skip
-    root = default_cache_dir() / "lora-folded"
+    root = (cache or default_cache_dir()) / "lora-folded"
     out = root / f"{mpath.name}+{lpath.name}-{key[:16]}"
     root.mkdir(parents=True, exist_ok=True)
     with locked(root / f".{out.name}.lock"):

@@ -616,8 +616,8 @@ def evaluate(
     if limit is not None and limit < 1:
         raise EvaluationError(f"limit must be ≥ 1, got {limit}")
     if "symbolic" in families:
-        return _evaluate_symbolic(reg, task_set, specs, experts, expert_tasks, limit, device, dtype, batch_size, progress,
-                                  out, json_path, t_start)  # fmt: skip
+        return _evaluate_symbolic(reg, task_set, specs, overrides, experts, expert_tasks, limit, device, dtype, batch_size,
+                                  progress, out, json_path, t_start)  # fmt: skip
     records = _records(reg, experts)
     base_id, fingerprint = _check_base(records, base)
     pool = _Pool(reg, records, task_set, _chat_renderer(base_id, task_set), limit, expert_tasks)
@@ -713,11 +713,14 @@ def evaluate(
     return report
 
 
-def _evaluate_symbolic(reg: Registry, task_set: TaskSet, specs: Mapping[str, MethodSpec], experts: Sequence[str] | None,
+def _evaluate_symbolic(reg: Registry, task_set: TaskSet, specs: Mapping[str, MethodSpec],
+                       overrides: Mapping[str, Mapping[str, Sequence[Any]]], experts: Sequence[str] | None,
                        expert_tasks: Mapping[str, Sequence[str]] | None, limit: int | None, device: Any, dtype: Any,
                        batch_size: int, progress: bool | None, out: str | Path | None, json_path: str | Path | None,
                        t_start: float) -> QualityReport:  # fmt: skip
-    """Symbolic-MoE and its baselines over the registry's whole-model experts (:mod:`.symbolic`)."""
+    """Symbolic-MoE and its baselines over the registry's whole-model experts (:mod:`.symbolic`);
+    ``symbolic_moe``'s settings (``seed``, ``k``, ``aggregator``) hold one value each, since
+    nothing of it is chosen from a grid."""
     from moerge.device import resolve_device
     from moerge.evaluation.symbolic import evaluate_symbolic
 
@@ -736,13 +739,25 @@ def _evaluate_symbolic(reg: Registry, task_set: TaskSet, specs: Mapping[str, Met
             raise EvaluationError(f"Symbolic-MoE recruits whole models (kind 'model'); these are not: {', '.join(wrong)}")
     if len(records) < 2:
         raise EvaluationError(f"Symbolic-MoE recruits among whole-model experts; the registry at {reg.root} has {len(records)}")
-    chat = [e.where for t in task_set.tasks.values() for s in t.splits.values() for e in s if e.messages]
-    if chat:
-        raise EvaluationError(f"{chat[0]}: Symbolic-MoE's models each have their own chat template; give it plain prompts")
-    pool = _Pool(reg, records, task_set, None, limit, expert_tasks)
+    settings = _symbolic_settings(reg, specs, overrides)
+    chat = [e for t in task_set.tasks.values() for s in t.splits.values() for e in s if e.messages]
+    turns = [e.where for e in chat if [r for r, _ in e.messages or ()] != ["user"]]
+    if turns:
+        raise EvaluationError(
+            f"{turns[0]}: Symbolic-MoE asks every model one question through the model's own chat template; a chat "
+            "example must be one user message (no system prompt or earlier turns)"
+        )
+    if chat:  # each model wraps the user message in its own template (moerge.symbolic.execute.generate)
+        plain = [r.ref for r in records if not (r.extra.get("model") or {}).get("chat_template")]
+        if plain:
+            raise EvaluationError(
+                f"{chat[0].where}: the tasks are chat messages, and model expert(s) {', '.join(plain)} have no chat "
+                "template to put them in; give those tasks plain prompts or the models a chat template"
+            )
+    pool = _Pool(reg, records, task_set, (lambda msgs: msgs[-1]["content"]) if chat else None, limit, expert_tasks)
     pool.check(specs)
     dev = resolve_device(device)
-    report = evaluate_symbolic(pool, specs, device=dev, dtype=dtype, batch_size=batch_size, progress=progress)
+    report = evaluate_symbolic(pool, specs, device=dev, dtype=dtype, batch_size=batch_size, progress=progress, **settings)
     report.meta.update({
         "registry": str(reg.root), "tasks": str(task_set.root), "experts": [r.ref for r in records], "own_experts": pool.own,
         "expert_tasks": pool.trained, "limit": limit, "n_test": {t: len(pool.prompts[t, "test"]) for t in task_set.tasks},
@@ -753,6 +768,34 @@ def _evaluate_symbolic(reg: Registry, task_set: TaskSet, specs: Mapping[str, Met
     if out is not None:
         write_report(report, out, json_path)
     return report
+
+
+def _symbolic_settings(reg: Registry, specs: Mapping[str, MethodSpec],
+                       overrides: Mapping[str, Mapping[str, Sequence[Any]]]) -> dict[str, Any]:  # fmt: skip
+    """``symbolic_moe``'s settings with their overrides, each one value, the aggregator a registered whole model."""
+    settings = dict(METHODS["symbolic_moe"].fixed)
+    for param, values in overrides.get("symbolic_moe", {}).items():
+        if len(values) != 1:
+            raise EvaluationError(
+                f"symbolic_moe.{param} takes one value (nothing of Symbolic-MoE is chosen from a grid), got {list(values)}"
+            )
+        settings[param] = values[0]
+    for param, least in (("seed", 0), ("k", 1)):
+        value = settings[param]
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise EvaluationError(f"symbolic_moe.{param} must be an integer ≥ {least}, got {value!r}")
+    agg = settings["aggregator"]
+    if agg is not None:
+        try:
+            record = reg._resolve(str(agg))
+        except KeyError as exc:
+            raise EvaluationError(f"symbolic_moe.aggregator: {exc.args[0] if exc.args else agg}") from None
+        if record.kind != "model":
+            raise EvaluationError(
+                f"symbolic_moe.aggregator must be a whole model (kind 'model'); {record.ref} is {record.kind!r}"
+            )
+        settings["aggregator"] = record.ref
+    return settings
 
 
 def write_report(report: QualityReport, out_dir: str | Path, json_path: str | Path | None = None) -> dict[str, Path]:

@@ -170,7 +170,15 @@ METHODS: dict[str, MethodSpec] = {
             default=False,
         ),
         # whole-model experts (kind "model"): evaluated apart from the LoRA methods
-        MethodSpec("symbolic_moe", "symbolic", "Symbolic-MoE", "recruit k models per query from validation profiles, aggregate"),
+        # one run for all three rows; its settings (one value each, nothing chosen from a grid): the draws' seed, the
+        # models recruited per query, and the aggregator (None: chosen on validation, spec §3.5; or a registered model)
+        MethodSpec(
+            "symbolic_moe",
+            "symbolic",
+            "Symbolic-MoE",
+            "recruit k models per query from validation profiles, aggregate",
+            fixed={"seed": 0, "k": 3, "aggregator": None},
+        ),  # fmt: skip
         MethodSpec("majority_vote", "symbolic", "majority vote of the recruited", "Symbolic-MoE's recruits, majority answer"),
         MethodSpec("best_single", "symbolic", "best single model", "the model with the best validation accuracy"),
     )

@@ -176,6 +176,40 @@ def _build(p: RealPreset, root: Path, gguf_path: Path, folder: Path, progress: b
     return meta
 
 
+#: Symbolic-MoE's names for the real pool's whole models: each expert's task prefixed, and the base
+WHOLE_PREFIX = "model-"
+WHOLE_BASE = "model-base"
+
+
+def whole_models(pool: RealPool, cache_dir: str | Path | None = None, progress: bool | None = None) -> list[str]:
+    """Symbolic-MoE's pool on the real LM: each expert as a whole model — the base with its LoRA
+    folded into the weights (``merge_and_unload``, float32, folded once and cached under
+    ``<cache>/lora-folded``) — registered in the pool's registry as kind ``model`` by reference
+    (``model-<task>``, tagged with its task), and the base itself (``model-base``, the aggregator
+    the issue asks for). Registers only what is missing; returns the experts' model names."""
+    from moerge.composer.mergekit import fold_lora_ref
+    from moerge.progress import progress_bar
+    from moerge.registry import Registry
+    from moerge.registry.gguf import converted_folder
+    from moerge.runtime import default_cache_dir, locked
+
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    folder = converted_folder(pool.gguf, cache)
+    reg = Registry(pool.registry_path)
+    with locked(pool.root / ".lock"):
+        have = set(reg.names())
+        if WHOLE_BASE not in have:
+            reg.register(folder, WHOLE_BASE, kind="model", reference=True,
+                         description="SmolLM2-135M-Instruct, no expert folded in")  # fmt: skip
+        for task in progress_bar([t for t in pool.experts if WHOLE_PREFIX + t not in have],
+                                 desc="whole models (LoRA folded into the base)", progress=progress):  # fmt: skip
+            lora = reg.get(task)
+            merged = fold_lora_ref(f"{folder}+{pool.root / 'lora' / task}", where=f"expert {task}", cache=cache)
+            reg.register(merged, WHOLE_PREFIX + task, kind="model", reference=True, tasks=[task],
+                         description=lora.description, examples=lora.examples)  # fmt: skip
+    return [WHOLE_PREFIX + t for t in pool.experts]
+
+
 def _descriptions(p: RealPreset, base: Any, tok: Any, examples: dict[str, list[str]], meta: dict[str, Any], meta_path: Path,
                   progress: bool | None) -> dict[str, str]:  # fmt: skip
     """Each task's description: written by ``base`` from its first ``describe_k`` training prompts
