@@ -143,7 +143,7 @@ class SymbolicMoE:
         _, validation = self._need_profiles()
         self.aggregator, self.report["aggregator_scores"] = select_aggregator(
             self.registry, list(candidates or self.models), self.models, validation, self.check, self._loader,
-            self.answer_format, self.seed, self.aggregate_template, **self.generation,
+            self.answer_format, self.seed, self.aggregate_template, progress, **self.generation,
         )  # fmt: skip
         return self.aggregator
 

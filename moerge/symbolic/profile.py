@@ -224,18 +224,20 @@ def select_aggregator(
     answer_format: str = "",
     seed: int = 0,
     template: Callable[[str, Sequence[str], str], str] | None = None,
+    progress: bool | None = None,
     **gen: Any,
 ) -> tuple[str, dict[str, float]]:
     """Each candidate aggregates the synthetic benchmark once (one load each); the most accurate
     is the aggregator (ties: the first candidate). The prompt is the one deployment uses
     (:func:`~moerge.symbolic.execute.aggregate_prompt`) — the released code's benchmark put the
     question first (spec pitfall 4)."""
+    from moerge.progress import progress_bar
     from moerge.symbolic.execute import aggregate, aggregate_prompt
 
     bench = aggregator_benchmark(registry, pool, validation, seed)
     questions = {q: v["question"] for q, v in validation.items()}
     scores = {}
-    for c in candidates:
+    for c in progress_bar(list(candidates), desc="aggregator candidates (one load each)", progress=progress):
         final, _ = aggregate(questions, bench, loader, c, answer_format, template or aggregate_prompt, **gen)
         scores[c] = sum(bool(check(final[q], validation[q]["answer"])) for q in validation) / len(validation)
     best = max(candidates, key=lambda c: scores[c])
