@@ -739,7 +739,7 @@ def _evaluate_symbolic(reg: Registry, task_set: TaskSet, specs: Mapping[str, Met
             raise EvaluationError(f"Symbolic-MoE recruits whole models (kind 'model'); these are not: {', '.join(wrong)}")
     if len(records) < 2:
         raise EvaluationError(f"Symbolic-MoE recruits among whole-model experts; the registry at {reg.root} has {len(records)}")
-    settings = _symbolic_settings(reg, specs, overrides)
+    settings = _symbolic_settings(reg, overrides)
     chat = [e for t in task_set.tasks.values() for s in t.splits.values() for e in s if e.messages]
     turns = [e.where for e in chat if [r for r, _ in e.messages or ()] != ["user"]]
     if turns:
@@ -770,8 +770,7 @@ def _evaluate_symbolic(reg: Registry, task_set: TaskSet, specs: Mapping[str, Met
     return report
 
 
-def _symbolic_settings(reg: Registry, specs: Mapping[str, MethodSpec],
-                       overrides: Mapping[str, Mapping[str, Sequence[Any]]]) -> dict[str, Any]:  # fmt: skip
+def _symbolic_settings(reg: Registry, overrides: Mapping[str, Mapping[str, Sequence[Any]]]) -> dict[str, Any]:
     """``symbolic_moe``'s settings with their overrides, each one value, the aggregator a registered whole model."""
     settings = dict(METHODS["symbolic_moe"].fixed)
     for param, values in overrides.get("symbolic_moe", {}).items():

@@ -133,7 +133,8 @@ def evaluate_symbolic(pool: Any, specs: Mapping[str, Any], *, device: Any, dtype
     ]
     report.meta = {
         "symbolic": {
-            "k": k, "seed": seed, "aggregator_chosen": aggregator is None, "aggregator": sym["aggregator"], "aggregator_scores": moe.report.get("aggregator_scores"),
+            "k": k, "seed": seed, "aggregator": sym["aggregator"], "aggregator_chosen": aggregator is None,
+            "aggregator_scores": moe.report.get("aggregator_scores"),
             "best_single": best, "validation_accuracy": val_acc, "profiles": moe.profiles,
             "model_loads": sym["model_loads"], "distinct_models": sym["distinct_models"],
             "every_model_loads": every_stats.model_loads,
