@@ -15,6 +15,14 @@ same value; two one-value rows are not compared.
 
     python scripts/real_spread.py scripts/results/real_methods-cpu.json \\
         scripts/results/real_methods-cpu-seed{1,2}.json scripts/results/real_symbolic-cpu-seed{0,1,2}.json
+
+With ``--builds`` the files are independent expert builds (``MOERGE_ZOO_SEED=S moerge bench
+real``: another split of the entities, other experts): only the rows every build scored are
+shown, each varying (the experts' own rows too), nothing is carried from one build to another,
+and each expert's score on its own task is given over the builds as well.
+
+    python scripts/real_spread.py --builds scripts/results/real_methods-cpu.json \\
+        scripts/results/real_build-cpu-seed{1,2}.json
 """
 
 from __future__ import annotations
@@ -34,12 +42,26 @@ SYMBOLIC_CLAIMS = tuple(
     for b in ("best single model", "majority vote of the recruited")
 ) + (("zoo", "held-in normalised", "majority vote of the recruited", "best single model"),)
 
+#: what the builds can test besides the papers' orderings: the routers and merges every build scores
+BUILD_CLAIMS = (
+    ("zoo", "held-in normalised", "retrieval", "TIES"),
+    ("zoo", "held-in normalised", "Arrow", "TIES"),
+    ("zoo", "held-in normalised", "TIES", "uniform average"),
+)
+
 
 def main(paths: list[str]) -> None:
-    runs = [figures(json.loads(open(p).read()))["zoo"] for p in paths]
+    builds = paths[:1] == ["--builds"]
+    paths = paths[1:] if builds else paths
+    results = [json.loads(open(p).read()) for p in paths]
+    runs = [figures(r)["zoo"] for r in results]
     scored = {name: [i for i, run in enumerate(runs) if name in run] for run in runs for name in run}
-    names = [n for n in scored if not n.startswith("expert:")]
-    unseeded = [n for n in scored if n in FIXED or len(scored[n]) == 1]
+    if builds:  # each build's rows are functions of its own experts: only rows every build has, nothing shared
+        names = [n for n in scored if not n.startswith("expert:") and len(scored[n]) == len(runs)]
+        unseeded: list[str] = []
+    else:
+        names = [n for n in scored if not n.startswith("expert:")]
+        unseeded = [n for n in scored if n in FIXED or len(scored[n]) == 1]
     for name in unseeded:  # one value: pair each seeded run with it
         first = runs[scored[name][0]][name]
         for run in runs:
@@ -47,7 +69,7 @@ def main(paths: list[str]) -> None:
     print(f"| method | {' | '.join(COLUMNS)} | n |")
     print("|---|" + "---:|" * (len(COLUMNS) + 1))
     for name in names:
-        seeded = name not in FIXED and len(scored[name]) > 1
+        seeded = name not in unseeded
         use = [runs[i] for i in scored[name]] if seeded else [runs[scored[name][0]]]
         cells = []
         for col in COLUMNS:
@@ -60,8 +82,10 @@ def main(paths: list[str]) -> None:
         print(f"| {name} | {' | '.join(cells)} | {len(use)} |")
     print()
     found = []
-    for claim in [c for c in CLAIMS if c[0] == "zoo"] + list(SYMBOLIC_CLAIMS):
+    for claim in [c for c in CLAIMS if c[0] == "zoo"] + list(SYMBOLIC_CLAIMS) + list(BUILD_CLAIMS if builds else ()):
         _, col, a, b = claim
+        if a not in names or b not in names:
+            continue
         both = [{"zoo": run} for run in runs if a in run and b in run]
         c = compare(both, *claim) if both else None
         if c is None:
@@ -70,6 +94,15 @@ def main(paths: list[str]) -> None:
             c["verdict"], c["n"] = "no seed in either row (one build): not tested", 1
         found.append(c)
     print(orderings_markdown(found))
+    if builds:  # the +30 target over builds: each expert on its own task, against the base
+        print("\n| expert on its own task (exact match, %) | " + " | ".join(f"build {i}" for i in range(len(results)))
+              + " | mean ± sd | base |")  # fmt: skip
+        print("|---|" + "---:|" * (len(results) + 2))
+        for task in results[0]["held_in"]:
+            own = [100 * r["cross_task_matrix"][task][task] for r in results]
+            base = [100 * r["methods"]["base"]["per_task"][task] for r in results]
+            m, sd = mean_sd(own)
+            print(f"| `{task}` | {' | '.join(f'{v:.1f}' for v in own)} | {m:.1f} ± {sd:.1f} | {max(base):.1f} |")
 
 
 if __name__ == "__main__":
