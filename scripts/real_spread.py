@@ -21,8 +21,13 @@ real``: another split of the entities, other experts): only the rows every build
 shown, each varying (the experts' own rows too), nothing is carried from one build to another,
 and each expert's score on its own task is given over the builds as well.
 
-    python scripts/real_spread.py --builds scripts/results/real_methods-cpu.json \\
-        scripts/results/real_build-cpu-seed{1,2}.json
+    python scripts/real_spread.py --builds \\
+        scripts/results/real_methods-cpu.json,scripts/results/real_symbolic-cpu-seed0.json \\
+        scripts/results/real_build-cpu-seed1.json,scripts/results/real_symbolic_build-cpu-seed1.json \\
+        scripts/results/real_build-cpu-seed2.json,scripts/results/real_symbolic_build-cpu-seed2.json
+
+A ``FILE1,FILE2`` argument is one run that two commands scored (a build's LoRA methods, then its
+Symbolic-MoE): their rows together.
 """
 
 from __future__ import annotations
@@ -53,8 +58,10 @@ BUILD_CLAIMS = (
 def main(paths: list[str]) -> None:
     builds = paths[:1] == ["--builds"]
     paths = paths[1:] if builds else paths
-    results = [json.loads(open(p).read()) for p in paths]
-    runs = [figures(r)["zoo"] for r in results]
+    # FILE1,FILE2: one run scored in two commands (a build's LoRA methods, then its Symbolic-MoE)
+    groups = [[json.loads(open(f).read()) for f in p.split(",")] for p in paths]
+    results = [g[0] for g in groups]
+    runs = [{name: row for r in g for name, row in figures(r)["zoo"].items()} for g in groups]
     scored = {name: [i for i, run in enumerate(runs) if name in run] for run in runs for name in run}
     if builds:  # each build's rows are functions of its own experts: only rows every build has, nothing shared
         names = [n for n in scored if not n.startswith("expert:") and len(scored[n]) == len(runs)]
