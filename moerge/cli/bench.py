@@ -648,7 +648,7 @@ def bench_real(methods, tasks, steps, limit, out, json_path, batch_size, device,
     sym = report.meta.get("symbolic")
     if sym:
         click.echo(f"Symbolic-MoE: k = {sym['k']}, seed {sym['seed']}, aggregator {sym['aggregator']}, {sym['model_loads']} model "
-                   f"loads; the recruits include the query's own expert for {100 * (sym['recruited_own_model_share'] or 0):.1f} % "
+                   f"load(s) after reusing {sym.get('reused_answers', 0)} recruited answers; the recruits include the query's own expert for {100 * (sym['recruited_own_model_share'] or 0):.1f} % "
                    "of held-in test queries")  # fmt: skip
         if "folded_vs_lora" in sym:
             f = sym["folded_vs_lora"]

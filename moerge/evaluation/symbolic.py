@@ -80,7 +80,9 @@ def evaluate_symbolic(pool: Any, specs: Mapping[str, Any], *, device: Any, dtype
 
     every, every_stats = run_batched({q: Recruitment(list(pool.names), None) for q in questions}, questions, loader,
                                      progress=progress, **gen)  # fmt: skip
-    sym = moe.run(questions, progress=progress)
+    # every model has answered every test query already (the matrix): recruiting reuses those answers
+    known = {m: {q: every[q][j] for q in questions} for j, m in enumerate(pool.names)}
+    sym = moe.run(questions, progress=progress, known=known)
 
     def per_task(answers: Mapping[str, str]) -> dict[str, float]:
         out = {}
@@ -125,7 +127,9 @@ def evaluate_symbolic(pool: Any, specs: Mapping[str, Any], *, device: Any, dtype
     for spec in specs.values():
         row = rows[spec.runs]
         if spec.runs == "symbolic_moe":
-            row.notes += f"; {sym['model_loads']} model loads for {len(questions)} queries (batch by model)"
+            loads = sym["model_loads"]
+            row.notes += (f"; {loads} model load{'s' * (loads != 1)} for {len(questions)} queries (batch by model; "
+                          f"{sym['reused_answers']} recruited answers reused from the every-model run)")  # fmt: skip
         row.test_prompts_in_preparation = sum(p in {v["question"] for v in validation.values()} for p in questions.values())
         report.rows.append(row)
     own_hit = [
@@ -137,6 +141,7 @@ def evaluate_symbolic(pool: Any, specs: Mapping[str, Any], *, device: Any, dtype
             "aggregator_scores": moe.report.get("aggregator_scores"),
             "best_single": best, "validation_accuracy": val_acc, "profiles": moe.profiles,
             "model_loads": sym["model_loads"], "distinct_models": sym["distinct_models"],
+            "reused_answers": sym["reused_answers"],
             "every_model_loads": every_stats.model_loads,
             "recruited_own_model_share": sum(own_hit) / len(own_hit) if own_hit else None,
             "seconds": time.perf_counter() - t0,

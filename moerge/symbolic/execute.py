@@ -133,6 +133,8 @@ class RunStats:
     generate_s: float = 0.0
     #: model → how many prompts it answered
     prompts: dict[str, int] = field(default_factory=dict)
+    #: (query, model) answers taken from ``known`` instead of generated
+    reused: int = 0
 
 
 Loader = Callable[[str], LoadedModel]
@@ -143,14 +145,30 @@ def run_batched(
     prompts: Mapping[str, str],
     loader: Loader,
     progress: bool | None = None,
+    known: Mapping[str, Mapping[str, str]] | None = None,
     **gen: Any,
 ) -> tuple[dict[str, list[str]], RunStats]:
     """Every recruited model answers its queries, grouped by model (one load each, models in
-    order of first appearance); returns query → the k answers in recruitment order, and stats."""
+    order of first appearance); returns query → the k answers in recruitment order, and stats.
+
+    ``known``: model → {query: answer} already generated for these same prompts with these same
+    (greedy) settings — those pairs are reused, and a model with nothing left to answer is not
+    loaded (``stats.reused`` counts them)."""
+    if known and gen.get("temperature", 0.0) > 0:
+        raise ValueError("known answers are reused only for greedy generation; with temperature > 0 each draw is new")
+    known = known or {}
     plan = plan_by_model(recruited)
     answers: dict[str, list[str]] = {q: [""] * len(r.experts) for q, r in recruited.items()}
     stats = RunStats(distinct_models=len(plan))
-    for name, pairs in progress_bar(list(plan.items()), desc="experts (one load each)", progress=progress):
+    for name, every_pair in progress_bar(list(plan.items()), desc="experts (one load each)", progress=progress):
+        have = known.get(name, {})
+        pairs = [(q, i) for q, i in every_pair if q not in have]
+        for q, i in every_pair:
+            if q in have:
+                answers[q][i] = have[q]
+        stats.reused += len(every_pair) - len(pairs)
+        if not pairs:
+            continue
         t = time.perf_counter()
         loaded = loader(name)
         stats.model_loads += 1

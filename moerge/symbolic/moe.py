@@ -166,6 +166,7 @@ class SymbolicMoE:
         progress: bool | None = None,
         recruited: Mapping[str, Recruitment] | None = None,
         per_query: bool = False,
+        known: Mapping[str, Mapping[str, str]] | None = None,
         **ray_options: Any,
     ) -> dict[str, Any]:
         """Recruit (unless ``recruited`` is given), answer grouped by model (in process, or one
@@ -175,7 +176,11 @@ class SymbolicMoE:
         Returns ``{"results": {qid: {experts, how, keywords, answers, final, majority,
         final_from}}, "model_loads", "distinct_models", "aggregator", "seconds"}``. ``final`` is the
         aggregator's answer; where the aggregator answers nothing (or there is none) it is the
-        majority vote of the recruited answers and ``final_from`` says ``"majority"``."""
+        majority vote of the recruited answers and ``final_from`` says ``"majority"``.
+
+        ``known``: model → {qid: answer} already generated for these questions (this instance's
+        prompt and generation settings, greedy), e.g. by a run of every model over the test set;
+        recruited pairs found there are not generated again (in-process batched runs only)."""
         t0 = time.perf_counter()
         if recruited is None:
             recruited = self.recruit(questions)
@@ -185,13 +190,16 @@ class SymbolicMoE:
         prompts = {q: self.prompt(t) for q, t in questions.items()}
         if per_query and on_ray:
             raise ValueError("per_query is the naive in-process loop; it does not run on Ray")
+        if known and (per_query or on_ray):
+            raise ValueError("known answers are reused by the in-process batched run only, not with per_query or on_ray")
         if on_ray:
             answers, stats = run_batched_ray(recruited, prompts, str(self.registry.root), progress=progress,
                                              **{"dtype": self.dtype, **ray_options}, **self.generation)  # fmt: skip
         elif per_query:
             answers, stats = run_per_query(recruited, prompts, self._loader, progress=progress, **self.generation)
         else:
-            answers, stats = run_batched(recruited, prompts, self._loader, progress=progress, **self.generation)
+            answers, stats = run_batched(recruited, prompts, self._loader, progress=progress, known=known,
+                                         **self.generation)  # fmt: skip
         loads = stats.model_loads
         final: dict[str, str] = {}
         if self.aggregator is not None:
@@ -208,4 +216,5 @@ class SymbolicMoE:
                           "final": final.get(q, majority), "majority": majority,
                           "final_from": "aggregator" if q in final else "majority"}  # fmt: skip
         return {"results": results, "model_loads": loads, "distinct_models": stats.distinct_models,
-                "aggregator": self.aggregator, "seconds": time.perf_counter() - t0}  # fmt: skip
+                "aggregator": self.aggregator, "reused_answers": stats.reused,
+                "seconds": time.perf_counter() - t0}  # fmt: skip
