@@ -66,6 +66,11 @@ from moerge.runtime import quiet_hf
     type=click.Path(dir_okay=False, exists=True),
     help='lorahub: a JSONL of the new task\'s examples ({"prompt": ..., "target": ...} per line, as a task split).',
 )
+@click.option(
+    "--tokenizer-source",
+    default=None,
+    help="Dense experts of different vocabularies: the output's tokenizer — base, union or a model folder (as mergekit's).",
+)
 @click.option("--no-progress", is_flag=True)
 def merge_cmd(
     method,
@@ -85,6 +90,7 @@ def merge_cmd(
     output,
     settings,
     examples_path,
+    tokenizer_source,
     no_progress,
 ) -> None:  # noqa: ANN001
     """Merge experts into one LoRA or one model with a static merge method, written to --out."""
@@ -103,7 +109,8 @@ def merge_cmd(
         params[name.strip().replace("-", "_")] = parse_value(value.strip())
     if config_path is not None:
         flags = {"density": density, "lambda": lambda_, "majority_sign_method": majority_sign_method, "seed": seed}
-        flags.update({"flavor": flavor, "experts": experts, "weights": weights, "base": base, "set": settings})
+        flags.update({"flavor": flavor, "experts": experts, "weights": weights, "base": base, "set": settings,
+                      "tokenizer_source": tokenizer_source})  # fmt: skip
         given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v]
         if given:
             _fail(ValueError(f"--config gives the method, models and parameters; drop {', '.join(given)}"))
@@ -133,7 +140,7 @@ def merge_cmd(
                 click.echo(f"merged {len(plan['slices'])} slices layer by layer with {plan['kernel']} into {path}")
                 return
             base, names, method, w = plan["base"], plan["experts"], plan["method"], plan["weights"]
-            params, dtype = plan["params"], plan["dtype"]
+            params, dtype, tokenizer_source = plan["params"], plan["dtype"], plan.get("tokenizer_source")
         else:
             names = [e.strip() for e in experts.split(",") if e.strip()]
             dtype = None
@@ -156,12 +163,15 @@ def merge_cmd(
                 rank_tolerance=rank_tolerance,
                 dtype=dtype,
                 progress=None if not no_progress else False,
+                tokenizer_source=tokenizer_source,
                 **params,
             )
     except (KeyError, ValueError, OSError, RuntimeError) as exc:
         _fail(exc)
     report = json.loads((path / "moerge_merge.json").read_text())
     click.echo(f"merged {len(names)} experts with {method} into {path} ({report['output']}, {report['seconds']:.1f} s)")
+    if report["params"].get("vocab_size"):
+        click.echo(f"tokenizer: {report['params']['tokenizer_source']}, {report['params']['vocab_size']} tokens")
     if report["refactor_error"]:
         auto = f" (auto: each module's smallest rank within {report['rank_tolerance']:g})" if report.get("module_ranks") else ""
         click.echo(f"rank-{report['rank']} re-factoring{auto}: max relative error {max(report['refactor_error'].values()):.3f}")

@@ -97,6 +97,20 @@ class DenseSource:
             raise ValueError(f"expert {self.name!r}: weight {key!r} has shape {tuple(t.shape)}, base has {tuple(base.shape)}")
         return t.float() if self.is_task_vector else t.float() - base.float()
 
+    def whole_tensor(self, key: str, base: torch.Tensor) -> torch.Tensor:
+        """θ_i itself (float32), of the expert's own shape: a vocabulary tensor of a model whose
+        vocabulary differs from the base's is laid out anew (:mod:`moerge.composer.vocab`)."""
+        if self.is_task_vector:
+            return base.float() + self.task_tensor(key, base)
+        if key not in self.weights:
+            raise KeyError(f"expert {self.name!r} has no weight {key!r} that the base model has")
+        return self.weights.get(key).to(base.device).float()
+
+    @property
+    def folder(self) -> Path | None:
+        """The expert's model folder (its tokenizer's); None for a registry task vector."""
+        return None if self.is_task_vector else self.weights.folder
+
 
 def _records(experts: Any, registry: Registry | None) -> tuple[Registry | None, list[Any]]:
     if isinstance(experts, Registry):
@@ -184,6 +198,7 @@ def merge(
     progress: bool | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     device: DeviceLike = "auto",
+    tokenizer_source: str | None = None,
     **params: Any,
 ) -> Any:
     """Merge ``experts`` onto ``base`` with ``method`` (``average``, ``task_arithmetic``,
@@ -210,7 +225,12 @@ def merge(
     ``device``: where the kernels run (``"auto"``: a GPU when there is one). Dense merges still
     stream tensor by tensor: one tensor per expert is on the device at a time; the output is
     written from the CPU in the base's dtype, or ``dtype`` (a model output's weights).
-    ``progress``: as in :func:`moerge.compose`."""
+    ``progress``: as in :func:`moerge.compose`.
+
+    ``tokenizer_source`` (dense experts): ``"base"``, ``"union"`` or a model folder
+    (``"model:PATH"``) — the output's tokenizer, with every model's embeddings and output head laid
+    out in its token order before merging, as mergekit does, so models of different vocabularies
+    merge (:mod:`moerge.composer.vocab`). Without it every expert must have the base's shapes."""
     t0 = time.perf_counter()
     dev = resolve_device(device)
     out_dtype = None if dtype is None else resolve_dtype(dtype, torch.device("cpu"))
@@ -225,6 +245,9 @@ def merge(
     if "rank" in m.params and rank is not None:  # svd: merge()'s rank is the kernel's rank
         params.setdefault("rank", rank)
     params = merge_params(method, params, also=_OWN_OPTIONS)
+    from moerge.composer.vocab import parse_source
+
+    tokenizer_source = parse_source(tokenizer_source)
     reg, items = _records(experts, registry)
     resolved = [_kind_of(it, reg) for it in items]
     kinds = {k for k, _, _ in resolved}
@@ -254,6 +277,11 @@ def merge(
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise FileExistsError(f"merge output {out} exists and is not an empty folder")
     report = MergeReport(method, {**params}, names, base_id, output)
+    if kind == "lora" and tokenizer_source not in (None, "base"):
+        raise ValueError(
+            f"tokenizer_source {tokenizer_source!r} lays out embeddings of models with their own vocabularies; LoRA experts "
+            "share the base's (merge them without it, or fold each into the base and merge the models)"
+        )
     if kind == "lora":  # refused before any tensor is read
         if varying:
             raise ValueError(
@@ -277,7 +305,9 @@ def merge(
         )
     else:
         sources = [_dense_source(it, reg, n) for _, it, n in resolved]
-        result = _merge_dense(base_id, sources, m.name, params, w, out, report, progress, shard_bytes, dev, out_dtype)
+        result = _merge_dense(
+            base_id, sources, m.name, params, w, out, report, progress, shard_bytes, dev, out_dtype, tokenizer_source
+        )
     report.seconds = time.perf_counter() - t0
     if report.max_refactor_error > REFACTOR_WARN and report.rank_tolerance is None:  # rank="auto": the user's bound
         worst = max(report.refactor_error, key=report.refactor_error.get)
@@ -297,7 +327,9 @@ def merge(
 
 
 #: merge()'s own keywords, suggested when a misspelt one lands among the kernel's parameters
-_OWN_OPTIONS = ("registry", "weights", "output", "rank", "rank_tolerance", "dtype", "progress", "shard_bytes", "device")
+_OWN_OPTIONS = (
+    "registry", "weights", "output", "rank", "rank_tolerance", "dtype", "progress", "shard_bytes", "device", "tokenizer_source",
+)  # fmt: skip
 
 
 def _expert_weights(weights: Any, names: list[str]) -> torch.Tensor | None:
@@ -622,7 +654,9 @@ def _merge_dense(
     shard_bytes: int,
     device: torch.device = torch.device("cpu"),
     out_dtype: torch.dtype | None = None,
+    tokenizer_source: str | None = None,
 ) -> Any:
+    from moerge.composer.vocab import TOKENIZER_FILES, build_vocabulary, vocabulary_tensors
     from moerge.registry.importers import resolve_base
 
     info = resolve_base(base_id, required=True)
@@ -631,6 +665,10 @@ def _merge_dense(
     kernel = get_merge(method)
     keys = base_w.keys()
     layers = _num_layers(info.folder)
+    vocab = build_vocabulary(tokenizer_source, info.folder, [s.folder for s in sources]) if tokenizer_source else None
+    vocab_keys = vocabulary_tensors(info.folder, keys) if vocab is not None else []
+    if vocab is not None:
+        report.params.update(tokenizer_source=tokenizer_source, vocab_size=vocab.size, vocabulary_tensors=vocab_keys)
 
     def write(stage: Path) -> None:
         writer = ShardWriter(stage, shard_bytes)
@@ -640,7 +678,11 @@ def _merge_dense(
                 writer.add(key, b)
                 continue
             b_dev = b.to(device)
-            taus = [s.task_tensor(key, b_dev) for s in sources]
+            if key in vocab_keys:  # every model's rows in the output's token order, then merged as any tensor
+                laid = vocab.permute([b_dev, *(s.whole_tensor(key, b_dev) for s in sources)])  # type: ignore[union-attr]
+                b_dev, taus = laid[0], [t - laid[0] for t in laid[1:]]
+            else:
+                taus = [s.task_tensor(key, b_dev) for s in sources]
             own = {"base": b_dev.float()} if kernel.needs_base else {}
             w = weights
             if isinstance(weights, list):  # some vary over the tensors
@@ -655,8 +697,14 @@ def _merge_dense(
                 f.is_file()
                 and not f.name.endswith((".safetensors", ".bin", ".pt", ".pth"))
                 and f.name != "model.safetensors.index.json"
+                and not (vocab is not None and f.name in TOKENIZER_FILES)
             ):
                 shutil.copy2(f, stage / f.name)
+        if vocab is not None:  # the output's tokenizer, and a config of its size
+            vocab.tokenizer.save_pretrained(stage)
+            cfg = json.loads((stage / "config.json").read_text())
+            (cfg["text_config"] if "vocab_size" not in cfg and "text_config" in cfg else cfg)["vocab_size"] = vocab.size
+            atomic_write_json(stage / "config.json", cfg)
         if out_dtype is not None and (stage / "config.json").exists():  # the config names the written dtype
             cfg = json.loads((stage / "config.json").read_text())
             name = str(out_dtype).removeprefix("torch.")

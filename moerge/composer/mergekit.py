@@ -25,10 +25,11 @@ of numbers spread over the layers) or filters (``[{filter: self_attn, value: [0,
 matches every tensor), except the ones read once for the whole merge (``normalize``,
 ``rescale``, ``seed``). ``passthrough`` over ``slices`` stacks layer ranges of models
 (:mod:`moerge.composer.passthrough`); ``slices`` with another method merge layer by layer
-(:mod:`moerge.composer.slices`). What mergekit has and moerge does not — per-module configs,
-merging different vocabularies, other methods — is refused by name. ``model: MODEL+LORA`` folds
-the PEFT LoRA into the model first, as mergekit does, and ``tokenizer_source: union`` over models
-of one vocabulary is accepted (mergekit then writes the base's tensors).
+(:mod:`moerge.composer.slices`). What mergekit has and moerge does not — per-module configs, a
+token's embedding chosen by hand, other methods — is refused by name. ``model: MODEL+LORA`` folds
+the PEFT LoRA into the model first, as mergekit does, and ``tokenizer_source`` (``base``,
+``union`` or a model) merges models of different vocabularies as mergekit does
+(:mod:`moerge.composer.vocab`).
 """
 
 from __future__ import annotations
@@ -264,9 +265,15 @@ def plan_merge(config: Mapping[str, Any]) -> dict[str, Any]:
     if method not in known:
         hint = did_you_mean(str(method), known) if method else ""
         raise MergeConfigError(f"merge_method {method!r}{hint}: moerge runs mergekit configs for {known}")
-    _check_tokenizer_source(cfg)
-    if method in OWN_METHODS:
-        return _plan_own(cfg, method)
+    tokenizer = _tokenizer_source(cfg)
+    plan = _plan_own(cfg, method) if method in OWN_METHODS else _plan_models(cfg, method)
+    if tokenizer is not None:
+        plan["tokenizer_source"] = tokenizer
+    return plan
+
+
+def _plan_models(cfg: dict[str, Any], method: str) -> dict[str, Any]:
+    """The plan for a method of :data:`METHODS` (linear, task arithmetic, TIES, DARE …)."""
     kernel, normalize_default, rescale_default = METHODS[method]
     own_param = SPARSIFIER_PARAMS.get(method)
     allowed_global = {k for k in GLOBAL_PARAMS if k not in ("gamma", "epsilon") or k == own_param}
@@ -368,46 +375,62 @@ def _vocab(ref: str) -> dict[str, int] | None:
         raise MergeConfigError(f"tokenizer_source: cannot read the tokenizer of {ref}: {exc}") from None
 
 
-def _check_tokenizer_source(cfg: Mapping[str, Any]) -> None:
-    """``tokenizer_source: base`` (moerge's default) and ``union`` where every model's vocabulary is the
-    base's: mergekit then maps every token to itself and writes the base's tensors (checked against
-    mergekit). Merging different vocabularies (mergekit's permuted embeddings) is refused by name."""
+def _tokenizer_source(cfg: Mapping[str, Any], sliced: bool = False) -> str | None:
+    """The config's ``tokenizer_source`` (or ``tokenizer: {source}``): ``base``, ``union`` or a
+    model (``PATH`` or ``model:PATH``), merged as mergekit does (:mod:`moerge.composer.vocab`).
+    Over ``slices`` only models of one vocabulary are taken (checked here, by name)."""
     source = cfg.get("tokenizer_source")
     block = cfg.get("tokenizer")
+    where = "tokenizer_source"
     if block is not None:  # mergekit's newer form: tokenizer: {source, tokens, pad_to_multiple_of}
         if source is not None:
             raise MergeConfigError("give tokenizer_source or a tokenizer block, not both")
         if not isinstance(block, Mapping):
-            raise MergeConfigError(f"tokenizer: a mapping {{source: base | union}}, got {block!r}")
+            raise MergeConfigError(f"tokenizer: a mapping {{source: base | union | MODEL}}, got {block!r}")
         for key in block:
             if key != "source":
                 raise MergeConfigError(
-                    f"tokenizer.{key}: moerge takes tokenizer.source only (adding tokens and padding the vocabulary are "
-                    "not supported)"
+                    f"tokenizer.{key}: moerge takes tokenizer.source only (choosing token embeddings and padding the "
+                    "vocabulary are not supported)"
                 )
-        source = block.get("source")
-    if source in (None, "base"):
-        return
-    if source != "union":
-        raise MergeConfigError(
-            f"tokenizer_source {source!r}: moerge takes 'base' or 'union' over one vocabulary; a model's own tokenizer "
-            "(mergekit's model:...) and merging different vocabularies are not supported"
-        )
-    refs = [cfg.get("base_model")] + [e.get("model") if isinstance(e, Mapping) else e for e in cfg.get("models") or []]
-    refs += [src.get("model") for sl in cfg.get("slices") or [] if isinstance(sl, Mapping) for src in sl.get("sources") or []
-             if isinstance(src, Mapping)]  # fmt: skip
-    vocabs = {r: v for r in refs if isinstance(r, str) and (v := _vocab(r)) is not None}
-    if len(vocabs) < 2:
-        return
-    first, want = next(iter(vocabs.items()))
-    for ref, vocab in vocabs.items():
-        if vocab != want:
-            extra = sorted(set(vocab) ^ set(want))[:3]
-            raise MergeConfigError(
-                f"tokenizer_source: union over different vocabularies ({ref}: {len(vocab)} tokens, {first}: {len(want)}"
-                + (f"; e.g. {extra}" if extra else "; the same tokens under other ids")
-                + "): merging vocabularies (mergekit's permuted embeddings) is not supported; use models of one tokenizer"
-            )
+        source, where = block.get("source", "union"), "tokenizer.source"  # mergekit's default in the block
+    if source is None:
+        return None
+    if not isinstance(source, str) or not source.strip():
+        raise MergeConfigError(f"{where}: 'base', 'union' or a model (a folder, or model:PATH), got {source!r}")
+    if source not in ("base", "union"):
+        source = source.removeprefix("model:").strip()
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            from moerge.registry.importers import resolve_source
+
+            try:
+                path = Path(resolve_source(source, "model")[0])
+            except (FileNotFoundError, OSError, ValueError):
+                raise MergeConfigError(
+                    f"{where} {source!r}: not a model folder or a hub id in the local cache (give 'base', 'union' or a model)"
+                ) from None
+        if _vocab(str(path)) is None:
+            raise MergeConfigError(f"{where} {source!r}: {path} has no tokenizer")
+        source = str(path)
+    if sliced and source != "base":
+        refs = [cfg.get("base_model")]
+        refs += [src.get("model") for sl in cfg.get("slices") or [] if isinstance(sl, Mapping)
+                 for src in sl.get("sources") or [] if isinstance(src, Mapping)]  # fmt: skip
+        if source != "union":
+            refs.append(source)
+        vocabs = {r: v for r in refs if isinstance(r, str) and (v := _vocab(r)) is not None}
+        if len(vocabs) >= 2:
+            first, want = next(iter(vocabs.items()))
+            for ref, vocab in vocabs.items():
+                if vocab != want:
+                    extra = sorted(set(vocab) ^ set(want))[:3]
+                    raise MergeConfigError(
+                        f"{where}: slices over different vocabularies ({ref}: {len(vocab)} tokens, {first}: {len(want)}"
+                        + (f"; e.g. {extra}" if extra else "; the same tokens under other ids")
+                        + "): moerge merges vocabularies for a models list, not over slices"
+                    )
+    return source
 
 
 def _plan_slices(cfg: dict[str, Any], method: Any) -> dict[str, Any]:
@@ -462,7 +485,7 @@ def _plan_sliced_merge(cfg: dict[str, Any], method: Any) -> dict[str, Any]:
     slices = cfg.get("slices")
     if not isinstance(slices, list) or not slices:
         raise MergeConfigError(f"{method} over slices needs a list of {{sources: [{{model, layer_range}}, ...]}}")
-    _check_tokenizer_source(cfg)  # once, over every slice's sources
+    _tokenizer_source(cfg, sliced=True)  # once, over every slice's sources
     glob = dict(cfg.get("parameters") or {})
     base = cfg.get("base_model")
     planned = []
@@ -495,7 +518,7 @@ def _plan_sliced_merge(cfg: dict[str, Any], method: Any) -> dict[str, Any]:
                 f"{where}.sources: layer ranges of different lengths {sorted(ranges.values())}; a slice merges layer by layer"
             )
         sub = {"merge_method": method, "models": models, "parameters": {**glob, **dict(sl.get("parameters") or {})}}
-        for key in ("base_model", "dtype", "out_dtype", "seed"):
+        for key in ("base_model", "dtype", "out_dtype", "seed"):  # (the tokenizer: checked once above)
             if cfg.get(key) is not None:
                 sub[key] = cfg[key]
         try:
@@ -575,6 +598,8 @@ def merge_from_config(
         from moerge.composer.slices import merge_slices
 
         return merge_slices(plan, out, progress=options.get("progress"))
+    if plan.get("tokenizer_source") is not None:
+        options = {**options, "tokenizer_source": plan["tokenizer_source"]}
     return merge(
         plan["base"],
         plan["experts"],
