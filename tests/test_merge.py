@@ -982,6 +982,57 @@ def test_slices_with_a_merge_method_merge_layer_by_layer_as_mergekit_does(deep_f
     assert model.config.num_hidden_layers == json.loads((root / "mk" / "config.json").read_text())["num_hidden_layers"]
 
 
+MODULE_CONFIGS = {
+    # the module's filters over the global value: attention tensors match no module filter and take the global density
+    "ties-module-filters-over-global": lambda b, f: {
+        "merge_method": "ties", "base_model": b, "parameters": {"density": 0.7, "weight": 1.0},
+        "modules": {"default": {"models": [{"model": b}, {"model": f[0]}, {"model": f[1], "parameters": {"weight": 0.5}}],
+                                "parameters": {"density": [{"filter": "mlp", "value": 0.3}], "lambda": [0.5, 1.0]}}},
+    },
+    # slices inside the module, the module's t under the slice's
+    "slerp-module-slices": lambda b, f: {
+        "merge_method": "slerp", "base_model": f[0],
+        "modules": {"default": {"parameters": {"t": 0.3}, "slices": [
+            {"sources": [{"model": f[0], "layer_range": [0, 2]}, {"model": f[1], "layer_range": [0, 2]}]},
+            {"sources": [{"model": f[0], "layer_range": [2, 4]}, {"model": f[1], "layer_range": [2, 4]}],
+             "parameters": {"t": [{"filter": "self_attn", "value": 0.8}]}}]}},
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(MODULE_CONFIGS))
+def test_a_modules_config_of_one_module_merges_as_mergekit_does(deep_family, name):
+    """``modules: {default: …}`` (mergekit's form for a model's one module): the same tensors as
+    mergekit's, with the module's parameters between the global ones and a slice's or model's."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    root = deep_family
+    cfg = {**MODULE_CONFIGS[name](str(root / "base"), [str(root / f"ft{i}") for i in range(3)]), "dtype": "float32"}
+    run_merge(MergeConfiguration.model_validate(cfg), str(root / "mk"),
+              MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False))  # fmt: skip
+    theirs = load_file(root / "mk" / "model.safetensors")
+    ours = load_file(moerge.merge_from_config(cfg, root / "ours", progress=False) / "model.safetensors")
+    assert set(ours) == set(theirs)
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_modules_beyond_one_module_are_refused_by_field():
+    from moerge.composer.mergekit import MergeConfigError, plan_merge
+
+    one = {"models": [{"model": "a"}]}
+    for cfg, why in (
+        ({"modules": {"text_decoder": one, "vision_tower": one}}, r"modules: \['text_decoder', 'vision_tower'\].*not supported"),
+        ({"modules": {"default": one}, "models": [{"model": "a"}]}, "one of models, slices or modules"),
+        ({"modules": {"default": {**one, "slices": []}}}, r"modules\.default: give either models or slices"),
+        ({"modules": {"default": {**one, "base_model": "x"}}}, r"modules\.default: a module is"),
+        ({"modules": []}, "modules: a mapping"),
+    ):
+        with pytest.raises(MergeConfigError, match=why):
+            plan_merge({"merge_method": "ties", "base_model": "b", **cfg})
+
+
 def test_a_model_plus_lora_reference_is_folded_first_as_mergekit_does(deep_family, tmp_path, monkeypatch):
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge

@@ -25,8 +25,9 @@ of numbers spread over the layers) or filters (``[{filter: self_attn, value: [0,
 matches every tensor), except the ones read once for the whole merge (``normalize``,
 ``rescale``, ``seed``). ``passthrough`` over ``slices`` stacks layer ranges of models
 (:mod:`moerge.composer.passthrough`); ``slices`` with another method merge layer by layer
-(:mod:`moerge.composer.slices`). What mergekit has and moerge does not — per-module configs, a
-token's embedding chosen by hand, other methods — is refused by name. ``model: MODEL+LORA`` folds
+(:mod:`moerge.composer.slices`). ``modules`` of one module (mergekit's ``default``) is
+the same config with the module's parameters in between. What mergekit has and moerge does not —
+several modules, a token's embedding chosen by hand, other methods — is refused by name. ``model: MODEL+LORA`` folds
 the PEFT LoRA into the model first, as mergekit does, and ``tokenizer_source`` (``base``,
 ``union`` or a model) merges models of different vocabularies as mergekit does
 (:mod:`moerge.composer.vocab`).
@@ -71,9 +72,10 @@ RENAMED = {"nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise"}
 #: the sparsifiers' own per-model parameters, by method
 SPARSIFIER_PARAMS = {"breadcrumbs": "gamma", "breadcrumbs_ties": "gamma", "della": "epsilon", "della_linear": "epsilon"}
 TOP_KEYS = {
-    "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer", "seed",
+    "merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer",
+    "seed",
 }  # fmt: skip
-UNSUPPORTED_TOP = {"modules", "chat_template"}
+UNSUPPORTED_TOP = {"chat_template"}
 GLOBAL_PARAMS = {"normalize", "lambda", "rescale", "int8_mask", "weight", "density", "seed", "gamma", "epsilon"}
 MODEL_PARAMS = {"weight", "density", "gamma", "epsilon"}
 DTYPES = {"float32", "float16", "bfloat16", "fp32", "fp16", "bf16"}
@@ -258,6 +260,8 @@ def plan_merge(config: Mapping[str, Any]) -> dict[str, Any]:
             raise MergeConfigError(f"merge config key {key!r} (mergekit) is not supported by moerge")
         if key not in TOP_KEYS:
             raise MergeConfigError(f"unknown merge config key {key!r}{did_you_mean(key, sorted(TOP_KEYS))}")
+    if "modules" in cfg:
+        cfg = _unwrap_modules(cfg)
     method = cfg.get("merge_method")
     if method == "passthrough" or "slices" in cfg:
         return _plan_slices(cfg, method)
@@ -270,6 +274,63 @@ def plan_merge(config: Mapping[str, Any]) -> dict[str, Any]:
     if tokenizer is not None:
         plan["tokenizer_source"] = tokenizer
     return plan
+
+
+def _filters(value: Any) -> bool:
+    return isinstance(value, Mapping) or (isinstance(value, list) and bool(value) and all(isinstance(c, Mapping) for c in value))
+
+
+def chain_parameters(high: Mapping[str, Any] | None, low: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Parameters of two levels as mergekit resolves them (a slice's over the module's over the
+    global ones): the higher level's value of a name wins, except that where it is filters and
+    none matches a tensor, the lower level's value applies — its conditions follow."""
+
+    def conditions(value: Any) -> list[Any]:
+        if isinstance(value, Mapping):
+            return [value]
+        return list(value) if _filters(value) else [{"value": value}]
+
+    out = dict(low or {})
+    for key, value in dict(high or {}).items():
+        out[key] = conditions(value) + conditions(out[key]) if key in out and _filters(value) else value
+    return out
+
+
+#: the module a single-module model's weights are in, as mergekit names it
+DEFAULT_MODULE = "default"
+
+
+def _unwrap_modules(cfg: dict[str, Any]) -> dict[str, Any]:
+    """mergekit's ``modules: {default: {models | slices, parameters}}`` as the same config written
+    without it: moerge merges causal LMs, which have one module (mergekit's ``default``); the
+    module's parameters sit between the global ones and a slice's or model's. Several modules (a
+    multimodal model's towers) are refused by name."""
+    modules = cfg["modules"]
+    if not isinstance(modules, Mapping) or not modules:
+        raise MergeConfigError(f"modules: a mapping of module name to {{models | slices, parameters}}, got {modules!r}")
+    if cfg.get("models") is not None or cfg.get("slices") is not None:
+        raise MergeConfigError("give one of models, slices or modules, not several (mergekit takes exactly one)")
+    names = sorted(modules)
+    if names != [DEFAULT_MODULE]:
+        raise MergeConfigError(
+            f"modules: {names}: moerge merges models of one module (a causal LM, mergekit's {DEFAULT_MODULE!r}); several "
+            "modules (a multimodal model's towers) are not supported"
+        )
+    module = modules[DEFAULT_MODULE]
+    where = f"modules.{DEFAULT_MODULE}"
+    if not isinstance(module, Mapping) or set(module) - {"models", "slices", "parameters"}:
+        raise MergeConfigError(f"{where}: a module is {{models | slices, parameters}}, got {module!r}")
+    if (module.get("models") is None) == (module.get("slices") is None):
+        raise MergeConfigError(f"{where}: give either models or slices")
+    params = module.get("parameters")
+    if params is not None and not isinstance(params, Mapping):
+        raise MergeConfigError(f"{where}.parameters: a mapping of parameter to value, got {params!r}")
+    out = {k: v for k, v in cfg.items() if k != "modules"}
+    out.update({k: module[k] for k in ("models", "slices") if module.get(k) is not None})
+    merged = chain_parameters(params, cfg.get("parameters"))
+    if merged:
+        out["parameters"] = merged
+    return out
 
 
 def _plan_models(cfg: dict[str, Any], method: str) -> dict[str, Any]:
@@ -461,7 +522,7 @@ def _plan_slices(cfg: dict[str, Any], method: Any) -> dict[str, Any]:
         lr = src.get("layer_range")
         if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in lr)):
             raise MergeConfigError(f"{at}.layer_range: [start, stop] (whole numbers), got {lr!r}")
-        params = {**dict(sl.get("parameters") or {}), **dict(src.get("parameters") or {})}
+        params = chain_parameters(src.get("parameters"), sl.get("parameters"))
         bad = sorted(set(params) - {"scale"})
         if bad:
             raise MergeConfigError(f"{at}.parameters: passthrough takes only 'scale', got {bad}")
@@ -517,7 +578,7 @@ def _plan_sliced_merge(cfg: dict[str, Any], method: Any) -> dict[str, Any]:
             raise MergeConfigError(
                 f"{where}.sources: layer ranges of different lengths {sorted(ranges.values())}; a slice merges layer by layer"
             )
-        sub = {"merge_method": method, "models": models, "parameters": {**glob, **dict(sl.get("parameters") or {})}}
+        sub = {"merge_method": method, "models": models, "parameters": chain_parameters(sl.get("parameters"), glob)}
         for key in ("base_model", "dtype", "out_dtype", "seed"):  # (the tokenizer: checked once above)
             if cfg.get(key) is not None:
                 sub[key] = cfg[key]
