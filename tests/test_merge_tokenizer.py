@@ -155,6 +155,8 @@ def test_permuted_rows_follow_mergekits_rule_for_a_missing_token():
 
 
 def test_other_sources_are_refused_by_name(small_zoo, tmp_path):
+    import json
+
     import moerge
     from moerge.composer.mergekit import MergeConfigError, plan_merge
 
@@ -168,6 +170,12 @@ def test_other_sources_are_refused_by_name(small_zoo, tmp_path):
         {"model": str(small_zoo.base_path), "layer_range": [0, 2]}, {"model": str(other), "layer_range": [0, 2]}]}]}  # fmt: skip
     with pytest.raises(MergeConfigError, match=r"slices over different vocabularies.*<x>"):
         plan_merge(sliced)
+    short = tmp_path / "short"  # a base whose tokenizer has ids past its embedding rows
+    shutil.copytree(small_zoo.base_path, short)
+    cfg = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**cfg, "vocab_size": 100}))
+    with pytest.raises(ValueError, match="ids beyond its model's vocab_size 100"):
+        moerge.merge(short, [other], "task_arithmetic", tokenizer_source="union", progress=False)
     loras = [small_zoo.lora_path(t) for t in ("sort", "max")]
     with pytest.raises(ValueError, match="LoRA experts share the base's"):
         moerge.merge(small_zoo.base_path, loras, "task_arithmetic", tokenizer_source="union")

@@ -94,8 +94,8 @@ def union_tokenizer(base_tok: Any, toks: Sequence[tuple[Any, int | None]]) -> An
         for i, info in sorted(tok.added_tokens_decoder.items()):
             if size is None or i < size:
                 added.setdefault(info.content, info)
-    for t in new:
-        out.add_tokens(t)
+    if new:
+        out.add_tokens(new)  # in one call: ids in this order, as one call a token gives them
     for info in added.values():
         out.add_tokens(info)
     return out
