@@ -95,6 +95,32 @@ def test_the_real_preset_names_a_wrong_task_and_keys_on_what_it_trains():
         RealPreset(describe_k=0)
 
 
+def test_an_experts_initial_lora_comes_from_its_own_seed_whatever_ran_before():
+    """An expert's seed is its task's place among the preset's tasks (an interrupted build that
+    resumes at plural gives plural the same seed), and its LoRA's initial A comes from that seed
+    alone: drawing random numbers first (the descriptions, another expert) changes nothing."""
+    import torch
+    from conftest import tiny_llama
+    from peft import LoraConfig
+
+    from moerge.zoo.real import RealPreset, expert_seed, init_expert
+
+    p = RealPreset()
+    assert expert_seed(p, "plural") == R.HELD_IN.index("plural") and expert_seed(RealPreset(seed=2), "capital") == 2000
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+
+    def initial_a(draw_first: int):  # noqa: ANN202
+        torch.manual_seed(123)
+        torch.rand(draw_first)  # whatever the process did before
+        model = init_expert(tiny_llama(0), cfg, expert_seed(p, "plural"))
+        return {n: w.detach().clone() for n, w in model.named_parameters() if "lora_A" in n}
+
+    first, after = initial_a(0), initial_a(1000)
+    assert first and all(torch.equal(first[n], after[n]) for n in first)
+    other = init_expert(tiny_llama(0), cfg, expert_seed(p, "capital"))
+    assert not all(torch.equal(first[n], w) for n, w in other.named_parameters() if "lora_A" in n)
+
+
 def test_the_descriptions_benchmark_scores_each_source_of_expert_text_by_routing(monkeypatch, tmp_path):
     """`moerge bench real --descriptions` without the real model: a describer that returns the
     hand-written text of the task its examples come from must route exactly as the hand-written

@@ -90,7 +90,9 @@ class RealPreset:
         return config_fingerprint({**asdict(self), "tasks": list(self.held_in()), "base": gguf_sha, "format": REAL_FORMAT})
 
 
-REAL_FORMAT = 1
+#: 2: each expert's LoRA initialised from its own seed (format 1 drew the first expert's initial A
+#: from whatever the process had drawn before, so a rebuild could differ in it)
+REAL_FORMAT = 2
 
 
 @dataclass
@@ -149,7 +151,7 @@ def _build(p: RealPreset, root: Path, gguf_path: Path, folder: Path, progress: b
     todo = [t for t in p.held_in() if t not in meta["experts"]]
     reg = Registry(root / "registry")
     if todo:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
         from moerge.composer.compose import load_base
         from moerge.zoo.train import train_loop
@@ -158,12 +160,13 @@ def _build(p: RealPreset, root: Path, gguf_path: Path, folder: Path, progress: b
         base, tok = load_base(str(folder), device="cpu", dtype="float32")
         examples = {t: [e.query for e in ts.tasks[t].splits["train"][:8]] for t in todo}
         descriptions = _descriptions(p, base, tok, examples, meta, meta_path, progress)  # by the base, before any training
-        for i, task in enumerate(todo):
+        for task in todo:
             t0 = time.perf_counter()
             pairs = [_Pair(render_chat(tok, e), e.targets[0]) for e in ts.tasks[task].splits["train"]]
             cfg = LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, target_modules=list(p.target_modules), lora_dropout=0.0)
-            model = get_peft_model(base, cfg)
-            losses = train_loop(model, tok, pairs, steps=p.steps, batch_size=p.batch, lr=p.lr, seed=p.seed * 1000 + i,
+            seed = expert_seed(p, task)
+            model = init_expert(base, cfg, seed)
+            losses = train_loop(model, tok, pairs, steps=p.steps, batch_size=p.batch, lr=p.lr, seed=seed,
                                 warmup=p.warmup, desc=f"expert {task}", progress=progress)  # fmt: skip
             out = root / "lora" / task
             model.save_pretrained(out)
@@ -174,6 +177,22 @@ def _build(p: RealPreset, root: Path, gguf_path: Path, folder: Path, progress: b
                                      "last_loss": sum(losses[-5:]) / len(losses[-5:]), "threads": torch.get_num_threads()}  # fmt: skip
             atomic_write_json(meta_path, meta)
     return meta
+
+
+def expert_seed(p: RealPreset, task: str) -> int:
+    """An expert's seed, from the build's seed and the task's place among the preset's tasks (not
+    among those left to train, which an interrupted build changes)."""
+    return p.seed * 1000 + p.held_in().index(task)
+
+
+def init_expert(base: Any, cfg: Any, seed: int) -> Any:
+    """``base`` with a new PEFT LoRA (``cfg``) whose initial A is drawn from ``seed``: the same
+    whatever the process drew before (the descriptions, other experts)."""
+    import torch
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    return get_peft_model(base, cfg)
 
 
 #: Symbolic-MoE's names for the real pool's whole models: each expert's task prefixed, and the base
