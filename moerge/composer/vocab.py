@@ -119,8 +119,9 @@ class Vocabulary:
         for v in views[1:]:
             if v.shape[1:] != shape:
                 raise ValueError(f"vocabulary tensors differ beyond the vocabulary axis: {[tuple(t.shape) for t in tensors]}")
-        present = torch.stack([p >= 0 for p in self.perms])  # [models, V]
-        rows = torch.stack([v[p.clamp(min=0)] for v, p in zip(views, self.perms, strict=True)])  # [models, V, ...]
+        perms = [p.to(views[0].device) for p in self.perms]  # the merge's device (a GPU's too)
+        present = torch.stack([p >= 0 for p in perms])  # [models, V]
+        rows = torch.stack([v[p.clamp(min=0)] for v, p in zip(views, perms, strict=True)])  # [models, V, ...]
         mask = present.reshape(*present.shape, *([1] * len(shape))).to(rows.dtype)
         count = present.sum(0)
         mean = (rows * mask).sum(0) / count.clamp(min=1).reshape(-1, *([1] * len(shape)))
