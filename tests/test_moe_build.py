@@ -51,6 +51,61 @@ def test_every_tensor_and_the_config_equal_mergekit_moes(small_zoo, tmp_path, mo
     assert json.loads((tmp_path / "mk" / "config.json").read_text()) == json.loads((ours / "config.json").read_text())
 
 
+def _qwen3_family(zoo, root):  # noqa: ANN001, ANN202
+    """A tiny Qwen3 base (the zoo's tokenizer) and three perturbed copies, as model folders."""
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(vocab_size=131, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=2,
+                      eos_token_id=3, dtype="float32")  # fmt: skip
+    torch.manual_seed(0)
+    base = Qwen3ForCausalLM(cfg)
+    tok = AutoTokenizer.from_pretrained(zoo.base_path)
+    for i, name in enumerate(("base", "e0", "e1", "e2")):
+        m = Qwen3ForCausalLM(cfg)
+        m.load_state_dict(base.state_dict())
+        g = torch.Generator().manual_seed(30 + i)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * i * torch.randn(p.shape, generator=g))
+        m.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return root
+
+
+def test_qwen3_models_make_mergekit_moes_qwen3_moe_tensor_for_tensor(small_zoo, tmp_path):
+    """Qwen3 inputs give mergekit-moe's Qwen3-MoE (every tensor and the config equal), which plain
+    transformers loads and generates with; a shared expert is refused by name for them."""
+    pytest.importorskip("mergekit")
+    from mergekit.merge import MergeOptions
+    from mergekit.moe.config import MoEMergeConfig
+    from mergekit.scripts.moe import build
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moerge.composer.moe import MoEConfigError, build_moe
+
+    root = _qwen3_family(small_zoo, tmp_path / "q3")
+    prompts = {t: [x.prompt for x in small_zoo.val_split(t)[:3]] for t in ("sort", "reverse", "max")}
+    cfg = {"base_model": str(root / "base"), "gate_mode": "hidden", "dtype": "float32", "experts_per_token": 2,
+           "experts": [{"source_model": str(root / f"e{i}"), "positive_prompts": prompts[t]} for i, t in
+                       enumerate(("sort", "reverse", "max"))]}  # fmt: skip
+    build(MoEMergeConfig.model_validate(cfg), str(tmp_path / "mk"), MergeOptions(), device="cpu")
+    ours = build_moe(cfg, tmp_path / "ours", progress=False)
+    want, got = load_file(tmp_path / "mk" / "model.safetensors"), load_file(ours / "model.safetensors")
+    assert set(want) == set(got) and "model.layers.0.self_attn.q_norm.weight" in got
+    for k in want:
+        assert want[k].dtype == got[k].dtype and torch.equal(want[k], got[k]), k
+    config = json.loads((ours / "config.json").read_text())
+    assert json.loads((tmp_path / "mk" / "config.json").read_text()) == config and config["model_type"] == "qwen3_moe"
+    model, tok = AutoModelForCausalLM.from_pretrained(ours), AutoTokenizer.from_pretrained(ours)
+    ids = tok(prompts["sort"][0], return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+    with pytest.raises(MoEConfigError, match="Qwen3 models make a Qwen3-MoE, which has no shared expert"):
+        build_moe({**cfg, "shared_experts": [{"source_model": str(root / "base"), "positive_prompts": ["x"]}]},
+                  tmp_path / "no", progress=False)  # fmt: skip
+
+
 def test_it_loads_generates_and_with_the_base_as_every_expert_is_the_base(small_zoo, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -27,7 +27,11 @@ models of different architectures or shapes, an unknown key.
 With one ``shared_experts`` entry (or ``architecture: qwen``) the output is mergekit-moe's
 Qwen2-MoE instead: the experts under ``mlp.experts.i``, the shared expert's MLP under
 ``mlp.shared_expert`` with ``shared_expert_gate`` its router row, zero attention biases where the
-base has none (tensor for tensor equal to mergekit-moe's, checked)."""
+base has none (tensor for tensor equal to mergekit-moe's, checked). From Qwen3 models it is
+mergekit-moe's Qwen3-MoE: the Mixtral layout under Qwen3's attention (q/k norms), no shared expert
+(checked too). mergekit-moe's DeepSeek output is not built: its config points at remote code on
+the Hub (``auto_map``), which transformers does not load offline, so a config that only DeepSeek
+fits (a shared expert without prompts) is refused by name."""
 
 from __future__ import annotations
 
@@ -118,7 +122,9 @@ def check_moe_config(cfg: MoEConfig) -> None:
             )
         if cfg.gate_mode not in ("random", "uniform_random") and not cfg.shared_experts[0].positive_prompts:
             raise MoEConfigError(
-                "shared_experts[0].positive_prompts: its gate (shared_expert_gate) is set from prompts like the experts'"
+                "shared_experts[0].positive_prompts: its gate (shared_expert_gate) is set from prompts like the experts' "
+                "(mergekit-moe makes a DeepSeek MoE of an ungated shared expert; moerge does not: that output needs the "
+                "Hub's remote code to load)"
             )
     for name in ("noise_scale", "residual_scale"):
         bad = [i for i, e in enumerate(cfg.experts) if getattr(e, name) is not None and not math.isfinite(getattr(e, name))]
@@ -126,17 +132,31 @@ def check_moe_config(cfg: MoEConfig) -> None:
             raise MoEConfigError(f"experts[{bad[0]}].{name} must be a finite number")
 
 
-def output_architecture(cfg: MoEConfig) -> str:
-    """``mixtral`` or ``qwen2_moe``, as mergekit-moe picks it: ``architecture`` by name prefix, else
-    Mixtral without shared experts and Qwen2-MoE with one."""
+def output_architecture(cfg: MoEConfig, model_type: str | None = None) -> str:
+    """``mixtral``, ``qwen2_moe`` or ``qwen3_moe``, as mergekit-moe picks it: ``architecture`` by
+    name prefix, else Qwen3-MoE for Qwen3 models (no shared expert), Mixtral without shared
+    experts and Qwen2-MoE with one. ``model_type``: the base's, once read (None: not yet)."""
+    qwen3 = model_type == "qwen3"
     if cfg.architecture is not None:
         name = cfg.architecture.lower()
-        for arch, full in (("mixtral", "mixtral"), ("qwen2_moe", "qwen moe")):
+        names = [("qwen3_moe", "qwen3 moe")] if qwen3 else []
+        for arch, full in (*names, ("mixtral", "mixtral"), ("qwen2_moe", "qwen moe")):
             if full.startswith(name):
-                if arch == "mixtral" and cfg.shared_experts:
-                    raise MoEConfigError("shared_experts: the Mixtral output has no shared expert (architecture: qwen has one)")
+                if arch in ("mixtral", "qwen3_moe") and cfg.shared_experts:
+                    raise MoEConfigError(
+                        f"shared_experts: the {arch} output has no shared expert (architecture: qwen, Qwen2-MoE, has one)"
+                    )
                 return arch
-        raise MoEConfigError(f"architecture {cfg.architecture!r}: moerge builds mixtral or qwen (Qwen2-MoE)")
+        raise MoEConfigError(
+            f"architecture {cfg.architecture!r}: moerge builds mixtral, qwen (Qwen2-MoE) or, from Qwen3 models, qwen3 (Qwen3-MoE)"
+        )
+    if qwen3:
+        if cfg.shared_experts:
+            raise MoEConfigError(
+                "shared_experts: Qwen3 models make a Qwen3-MoE, which has no shared expert (mergekit-moe's Qwen2-MoE, "
+                "which has one, takes Qwen2, Llama or Mistral models)"
+            )
+        return "qwen3_moe"
     return "qwen2_moe" if cfg.shared_experts else "mixtral"
 
 
@@ -186,7 +206,7 @@ def _folder(source: str, registry: Registry | None, what: str) -> Path:
 
 
 def _check_configs(base_cfg: Any, configs: dict[str, Any], arch: str = "mixtral") -> None:
-    allowed = ("llama", "mistral") if arch == "mixtral" else ("llama", "mistral", "qwen2")
+    allowed = {"mixtral": ("llama", "mistral"), "qwen3_moe": ("qwen3",)}.get(arch, ("llama", "mistral", "qwen2"))
     if base_cfg.model_type not in allowed:
         raise MoEConfigError(f"base_model: a {arch} MoE is built from {' or '.join(allowed)} models, not {base_cfg.model_type!r}")
     keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
@@ -323,7 +343,7 @@ def build_moe(
     prompts = _prompts(cfg, registry)
     base_folder = _folder(cfg.base_model, registry, "base model")
     base_cfg = AutoConfig.from_pretrained(base_folder)
-    arch = output_architecture(cfg)
+    arch = output_architecture(cfg, base_cfg.model_type)
     expert_cfgs = {}
     for e in [*cfg.experts, *(cfg.shared_experts or [])]:
         src = e.source_model
@@ -352,6 +372,8 @@ def build_moe(
 
     if arch == "mixtral":
         moe_cfg, state = _mixtral(base_cfg, base, cfg, experts, mlp, gates, out_dtype, progress)
+    elif arch == "qwen3_moe":
+        moe_cfg, state = _qwen3_moe(base_cfg, base, cfg, experts, mlp, gates, out_dtype, progress)
     else:
         moe_cfg, state = _qwen2_moe(base_cfg, base, cfg, experts, shared, mlp, gates, out_dtype, progress)
     degenerate = degenerate_layers(gates)
@@ -394,6 +416,14 @@ def _mixtral(base_cfg: Any, base: TensorFolder, cfg: MoEConfig, experts: list, m
     moe_cfg.sliding_window = None
     moe_cfg.dtype = out_dtype
     state = {k: base.get(k).to(out_dtype) for k in base.keys() if ".mlp." not in k}
+    _fused_experts(state, base_cfg, cfg, experts, mlp, gates, out_dtype, progress)
+    return moe_cfg, state
+
+
+def _fused_experts(state: dict[str, torch.Tensor], base_cfg: Any, cfg: MoEConfig, experts: list, mlp: Any, gates: torch.Tensor,
+                   out_dtype: torch.dtype, progress: bool | None) -> None:  # fmt: skip
+    """Each layer's experts in transformers' fused layout (``experts.gate_up_proj`` [E, 2·I, H]:
+    gate then up; ``experts.down_proj`` [E, H, I]) and its router (``gate.weight``)."""
     for layer in progress_bar(range(base_cfg.num_hidden_layers), desc="expert weights", progress=progress):
         prefix = f"model.layers.{layer}.mlp"
         gate_up = [torch.cat([mlp(ex, spec, layer, "gate_proj"), mlp(ex, spec, layer, "up_proj")]) for ex, spec in
@@ -402,6 +432,25 @@ def _mixtral(base_cfg: Any, base: TensorFolder, cfg: MoEConfig, experts: list, m
         state[f"{prefix}.experts.gate_up_proj"] = torch.stack(gate_up).contiguous()
         state[f"{prefix}.experts.down_proj"] = torch.stack(down).contiguous()
         state[f"{prefix}.gate.weight"] = gates[layer].to(out_dtype).contiguous()
+
+
+def _qwen3_moe(base_cfg: Any, base: TensorFolder, cfg: MoEConfig, experts: list, mlp: Any, gates: torch.Tensor,
+               out_dtype: torch.dtype, progress: bool | None) -> tuple[Any, dict[str, torch.Tensor]]:  # fmt: skip
+    """mergekit-moe's Qwen3-MoE (``mergekit/moe/qwen3.py``), from Qwen3 models: the base's
+    attention (its q/k norms too), embeddings and norms; every layer sparse, the experts' MLPs
+    fused as in Mixtral, the top-k probabilities renormalised; no shared expert."""
+    from transformers import Qwen3MoeConfig
+
+    moe_cfg = Qwen3MoeConfig(**base_cfg.to_dict())
+    moe_cfg.architectures = ["Qwen3MoeForCausalLM"]
+    moe_cfg.num_experts = len(cfg.experts)
+    moe_cfg.num_experts_per_tok = cfg.experts_per_token
+    moe_cfg.decoder_sparse_step = 1
+    moe_cfg.norm_topk_prob = True
+    moe_cfg.moe_intermediate_size = moe_cfg.intermediate_size
+    moe_cfg.dtype = out_dtype
+    state = {k: base.get(k).to(out_dtype) for k in base.keys() if ".mlp." not in k}
+    _fused_experts(state, base_cfg, cfg, experts, mlp, gates, out_dtype, progress)
     return moe_cfg, state
 
 
