@@ -101,6 +101,9 @@ def test_qwen3_models_make_mergekit_moes_qwen3_moe_tensor_for_tensor(small_zoo, 
     model, tok = AutoModelForCausalLM.from_pretrained(ours), AutoTokenizer.from_pretrained(ours)
     ids = tok(prompts["sort"][0], return_tensors="pt").input_ids
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+    for name in ("Qwen3 MoE", "qwen"):  # named as mergekit-moe names it (a prefix)
+        named = build_moe({**cfg, "architecture": name}, tmp_path / name.replace(" ", "-"), progress=False)
+        assert load_file(named / "model.safetensors").keys() == got.keys()
     with pytest.raises(MoEConfigError, match="Qwen3 models make a Qwen3-MoE, which has no shared expert"):
         build_moe({**cfg, "shared_experts": [{"source_model": str(root / "base"), "positive_prompts": ["x"]}]},
                   tmp_path / "no", progress=False)  # fmt: skip

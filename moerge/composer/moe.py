@@ -106,15 +106,16 @@ def load_moe_config(source: str | Path | dict[str, Any]) -> MoEConfig:
         raise MoEConfigError(f"MoE config field {where}: {first['msg']}") from None
 
 
-def check_moe_config(cfg: MoEConfig) -> None:
-    """mergekit-moe's refusals (``is_bad_config``) and moerge's own, each naming its field."""
+def check_moe_config(cfg: MoEConfig, model_type: str | None = None) -> None:
+    """mergekit-moe's refusals (``is_bad_config``) and moerge's own, each naming its field
+    (``model_type``: the base's, where it is known; it decides Qwen3-MoE)."""
     if cfg.experts_per_token < 1:
         raise MoEConfigError(f"experts_per_token must be ≥ 1, got {cfg.experts_per_token}")
     if len(cfg.experts) < cfg.experts_per_token:
         raise MoEConfigError(
             f"experts: {len(cfg.experts)} expert(s) for experts_per_token {cfg.experts_per_token}; give at least as many"
         )
-    arch = output_architecture(cfg)
+    arch = output_architecture(cfg, model_type)
     if arch == "qwen2_moe":
         if len(cfg.shared_experts or []) != 1:
             raise MoEConfigError(
@@ -139,8 +140,10 @@ def output_architecture(cfg: MoEConfig, model_type: str | None = None) -> str:
     qwen3 = model_type == "qwen3"
     if cfg.architecture is not None:
         name = cfg.architecture.lower()
-        names = [("qwen3_moe", "qwen3 moe")] if qwen3 else []
-        for arch, full in (*names, ("mixtral", "mixtral"), ("qwen2_moe", "qwen moe")):
+        known = [("mixtral", "mixtral"), ("qwen2_moe", "qwen moe"), ("qwen3_moe", "qwen3 moe")]
+        if qwen3:  # "qwen" names both; mergekit-moe's Qwen2-MoE takes no Qwen3 model
+            known = [known[2], known[0], known[1]]
+        for arch, full in known:
             if full.startswith(name):
                 if arch in ("mixtral", "qwen3_moe") and cfg.shared_experts:
                     raise MoEConfigError(
@@ -338,11 +341,11 @@ def build_moe(
 
     t0 = time.perf_counter()
     cfg = config if isinstance(config, MoEConfig) else load_moe_config(config)
-    check_moe_config(cfg)
+    base_folder = _folder(cfg.base_model, registry, "base model")
+    base_cfg = AutoConfig.from_pretrained(base_folder)  # its architecture decides the output's
+    check_moe_config(cfg, base_cfg.model_type)
     out = empty_output(out, "MoE")
     prompts = _prompts(cfg, registry)
-    base_folder = _folder(cfg.base_model, registry, "base model")
-    base_cfg = AutoConfig.from_pretrained(base_folder)
     arch = output_architecture(cfg, base_cfg.model_type)
     expert_cfgs = {}
     for e in [*cfg.experts, *(cfg.shared_experts or [])]:
