@@ -217,7 +217,9 @@ def test_merge_config_cli_and_its_errors(dense_family, tmp_path):
             moerge.merge_from_config(text)
 
     base = str(root / "base")
-    refused(f"merge_method: ties\nbase_model: {base}\nmodules: {{}}\nmodels: [{{model: {base}}}]", "'modules' .*not supported")
+    refused(
+        f"merge_method: ties\nbase_model: {base}\nmodules: {{}}\nmodels: [{{model: {base}}}]", "modules: a mapping of module name"
+    )
     refused(
         f"merge_method: ties\nbase_model: {base}\nslices: []\nmodels: [{{model: {base}}}]",
         "give the models as each slice.s sources, not also as .models.",
