@@ -437,6 +437,21 @@ def _fused_experts(state: dict[str, torch.Tensor], base_cfg: Any, cfg: MoEConfig
         state[f"{prefix}.gate.weight"] = gates[layer].to(out_dtype).contiguous()
 
 
+def _qwen_config(config_cls: Any, architecture: str, base_cfg: Any, cfg: MoEConfig, out_dtype: torch.dtype) -> Any:
+    """A Qwen MoE config as mergekit-moe writes it: the base's, every layer sparse with
+    ``experts_per_token`` of the experts, top-k probabilities renormalised, the experts'
+    intermediate size the base's."""
+    moe_cfg = config_cls(**base_cfg.to_dict())
+    moe_cfg.architectures = [architecture]
+    moe_cfg.num_experts = len(cfg.experts)
+    moe_cfg.num_experts_per_tok = cfg.experts_per_token
+    moe_cfg.decoder_sparse_step = 1
+    moe_cfg.norm_topk_prob = True
+    moe_cfg.moe_intermediate_size = moe_cfg.intermediate_size
+    moe_cfg.dtype = out_dtype
+    return moe_cfg
+
+
 def _qwen3_moe(base_cfg: Any, base: TensorFolder, cfg: MoEConfig, experts: list, mlp: Any, gates: torch.Tensor,
                out_dtype: torch.dtype, progress: bool | None) -> tuple[Any, dict[str, torch.Tensor]]:  # fmt: skip
     """mergekit-moe's Qwen3-MoE (``mergekit/moe/qwen3.py``), from Qwen3 models: the base's
@@ -444,14 +459,7 @@ def _qwen3_moe(base_cfg: Any, base: TensorFolder, cfg: MoEConfig, experts: list,
     fused as in Mixtral, the top-k probabilities renormalised; no shared expert."""
     from transformers import Qwen3MoeConfig
 
-    moe_cfg = Qwen3MoeConfig(**base_cfg.to_dict())
-    moe_cfg.architectures = ["Qwen3MoeForCausalLM"]
-    moe_cfg.num_experts = len(cfg.experts)
-    moe_cfg.num_experts_per_tok = cfg.experts_per_token
-    moe_cfg.decoder_sparse_step = 1
-    moe_cfg.norm_topk_prob = True
-    moe_cfg.moe_intermediate_size = moe_cfg.intermediate_size
-    moe_cfg.dtype = out_dtype
+    moe_cfg = _qwen_config(Qwen3MoeConfig, "Qwen3MoeForCausalLM", base_cfg, cfg, out_dtype)
     state = {k: base.get(k).to(out_dtype) for k in base.keys() if ".mlp." not in k}
     _fused_experts(state, base_cfg, cfg, experts, mlp, gates, out_dtype, progress)
     return moe_cfg, state
@@ -465,17 +473,10 @@ def _qwen2_moe(base_cfg: Any, base: TensorFolder, cfg: MoEConfig, experts: list,
     has none; both intermediate sizes the base's."""
     from transformers import Qwen2MoeConfig
 
-    moe_cfg = Qwen2MoeConfig(**base_cfg.to_dict())
-    moe_cfg.architectures = ["Qwen2MoeForCausalLM"]
-    moe_cfg.num_experts = len(cfg.experts)
-    moe_cfg.num_experts_per_tok = cfg.experts_per_token
-    moe_cfg.decoder_sparse_step = 1
-    moe_cfg.norm_topk_prob = True
+    moe_cfg = _qwen_config(Qwen2MoeConfig, "Qwen2MoeForCausalLM", base_cfg, cfg, out_dtype)
     moe_cfg.sliding_window = None
     moe_cfg.use_sliding_window = False
     moe_cfg.shared_expert_intermediate_size = moe_cfg.intermediate_size
-    moe_cfg.moe_intermediate_size = moe_cfg.intermediate_size
-    moe_cfg.dtype = out_dtype
     state = {k: base.get(k).to(out_dtype) for k in base.keys() if ".mlp." not in k}
     head_dim = moe_cfg.hidden_size // moe_cfg.num_attention_heads
     E = len(cfg.experts)
