@@ -147,13 +147,13 @@ def test_permuted_rows_follow_mergekits_rule_for_a_missing_token():
 
     perms = [torch.tensor([0, -1, -1, 1, -1]), torch.tensor([1, 0, -1, -1, 2]), torch.tensor([-1, 1, -1, 0, 0])]
     t = [torch.arange(2 * n, dtype=torch.float32).reshape(n, 2) + 10 * m for m, n in enumerate((2, 3, 2))]
-    out = Vocabulary(None, 5, perms, "union").permute(t)
+    out = Vocabulary(None, 5, perms).permute(t)
     base, b, c = out
     assert torch.equal(base[1], (t[1][0] + t[2][1]) / 2) and torch.equal(b[3], t[0][1]) and torch.equal(c[0], t[0][0])
     assert torch.equal(base[2], torch.zeros(2)) and torch.equal(base[4], (t[1][2] + t[2][0]) / 2)
     assert torch.equal(out[0][0], t[0][0]) and torch.equal(out[1][1], t[1][0])  # a model's own rows where it has them
     # on the merge's device, with no data-dependent step (the meta device refuses those)
-    meta = Vocabulary(None, 5, perms, "union").permute([x.to("meta") for x in t])
+    meta = Vocabulary(None, 5, perms).permute([x.to("meta") for x in t])
     assert all(m.device.type == "meta" and m.shape == (5, 2) for m in meta)
 
 

@@ -33,6 +33,7 @@ from moerge.adapters.merge import (
     merge_params,
     resolve_settings,
 )
+from moerge.composer.vocab import TOKENIZER_FILES, build_vocabulary, parse_source, vocabulary_tensors
 from moerge.device import DeviceLike, resolve_device, resolve_dtype
 from moerge.hints import did_you_mean
 from moerge.progress import hf_bars, progress_bar
@@ -245,8 +246,6 @@ def merge(
     if "rank" in m.params and rank is not None:  # svd: merge()'s rank is the kernel's rank
         params.setdefault("rank", rank)
     params = merge_params(method, params, also=_OWN_OPTIONS)
-    from moerge.composer.vocab import parse_source
-
     tokenizer_source = parse_source(tokenizer_source)
     reg, items = _records(experts, registry)
     resolved = [_kind_of(it, reg) for it in items]
@@ -656,7 +655,6 @@ def _merge_dense(
     out_dtype: torch.dtype | None = None,
     tokenizer_source: str | None = None,
 ) -> Any:
-    from moerge.composer.vocab import TOKENIZER_FILES, build_vocabulary, vocabulary_tensors
     from moerge.registry.importers import resolve_base
 
     info = resolve_base(base_id, required=True)

@@ -425,8 +425,10 @@ def _plan_models(cfg: dict[str, Any], method: str) -> dict[str, Any]:
 def _vocab(ref: str) -> dict[str, int] | None:
     """The vocabulary of a model folder's tokenizer; None where there is no folder or no tokenizer
     (a registry expert, or a hub id: they are checked against the base when merged)."""
+    from moerge.composer.vocab import has_tokenizer
+
     path = Path(ref).expanduser()
-    if not path.is_dir() or not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+    if not has_tokenizer(path):
         return None
     from transformers import AutoTokenizer
 
@@ -460,20 +462,12 @@ def _tokenizer_source(cfg: Mapping[str, Any], sliced: bool = False) -> str | Non
     if not isinstance(source, str) or not source.strip():
         raise MergeConfigError(f"{where}: 'base', 'union' or a model (a folder, or model:PATH), got {source!r}")
     if source not in ("base", "union"):
-        source = source.removeprefix("model:").strip()
-        path = Path(source).expanduser()
-        if not path.is_dir():
-            from moerge.registry.importers import resolve_source
+        from moerge.composer.vocab import parse_source, source_folder
 
-            try:
-                path = Path(resolve_source(source, "model")[0])
-            except (FileNotFoundError, OSError, ValueError):
-                raise MergeConfigError(
-                    f"{where} {source!r}: not a model folder or a hub id in the local cache (give 'base', 'union' or a model)"
-                ) from None
-        if _vocab(str(path)) is None:
-            raise MergeConfigError(f"{where} {source!r}: {path} has no tokenizer")
-        source = str(path)
+        try:
+            source = str(source_folder(parse_source(source)))
+        except ValueError as exc:
+            raise MergeConfigError(str(exc).replace("tokenizer_source", where, 1)) from None
     if sliced and source != "base":
         refs = [cfg.get("base_model")]
         refs += [src.get("model") for sl in cfg.get("slices") or [] if isinstance(sl, Mapping)

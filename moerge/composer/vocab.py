@@ -48,8 +48,30 @@ def parse_source(source: Any) -> str | None:
     return source.removeprefix("model:").strip()
 
 
-def _has_tokenizer(folder: Path) -> bool:
-    return any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model"))
+def has_tokenizer(folder: str | Path) -> bool:
+    """Whether a model folder carries a tokenizer (a folder at all)."""
+    folder = Path(folder).expanduser()
+    return folder.is_dir() and any(
+        (folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    )
+
+
+def source_folder(source: str) -> Path:
+    """The folder of a model named as a tokenizer source (a folder, or a hub id in the local
+    cache) that has a tokenizer; ValueError naming it otherwise."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        from moerge.registry.importers import resolve_source
+
+        try:
+            path = Path(resolve_source(source, "model")[0])
+        except (FileNotFoundError, OSError, ValueError):
+            raise ValueError(
+                f"tokenizer_source {source!r}: not a model folder or a hub id in the local cache (give 'base', 'union' or a model)"
+            ) from None
+    if not has_tokenizer(path):
+        raise ValueError(f"tokenizer_source {source!r}: {path} has no tokenizer")
+    return path
 
 
 def load_tokenizer(folder: str | Path, what: str) -> Any:
@@ -109,7 +131,6 @@ class Vocabulary:
     tokenizer: Any
     size: int
     perms: list[torch.Tensor]
-    source: str
 
     def permute(self, tensors: Sequence[torch.Tensor], axis: int = 0) -> list[torch.Tensor]:
         """Each model's vocabulary tensor laid out in the output's token order (the module's
@@ -120,15 +141,11 @@ class Vocabulary:
             if v.shape[1:] != shape:
                 raise ValueError(f"vocabulary tensors differ beyond the vocabulary axis: {[tuple(t.shape) for t in tensors]}")
         perms = [p.to(views[0].device) for p in self.perms]  # the merge's device (a GPU's too)
-        present = torch.stack([p >= 0 for p in perms])  # [models, V]
         rows = torch.stack([v[p.clamp(min=0)] for v, p in zip(views, perms, strict=True)])  # [models, V, ...]
-        mask = present.reshape(*present.shape, *([1] * len(shape))).to(rows.dtype)
-        count = present.sum(0)
-        mean = (rows * mask).sum(0) / count.clamp(min=1).reshape(-1, *([1] * len(shape)))
-        base_has = present[0].reshape(-1, *([1] * len(shape)))
-        shared = torch.where(base_has, rows[0], mean)  # count == 0: the mean of nothing is 0
-        out = [torch.where(present[m].reshape(-1, *([1] * len(shape))), rows[m], shared) for m in range(len(views))]
-        return [o.movedim(0, axis) for o in out]
+        present = torch.stack([p >= 0 for p in perms]).reshape(*rows.shape[:2], *([1] * len(shape)))  # broadcasts
+        mean = (rows * present).sum(0) / present.sum(0).clamp(min=1)  # none has it: the mean of nothing, 0
+        shared = torch.where(present[0], rows[0], mean)  # the base's row where it has the token
+        return [torch.where(present[m], rows[m], shared).movedim(0, axis) for m in range(len(views))]
 
 
 def build_vocabulary(source: str, base: Path, models: Sequence[Path | None]) -> Vocabulary | None:
@@ -144,7 +161,7 @@ def build_vocabulary(source: str, base: Path, models: Sequence[Path | None]) -> 
         )
     toks: list[tuple[Any, int | None]] = [(base_tok, base_size)]
     for folder in models:
-        if folder is None or not _has_tokenizer(Path(folder)):
+        if folder is None or not has_tokenizer(folder):
             toks.append((base_tok, base_size))
         else:
             toks.append((load_tokenizer(folder, "a model"), vocab_size_of(folder) or base_size))
@@ -156,15 +173,7 @@ def build_vocabulary(source: str, base: Path, models: Sequence[Path | None]) -> 
     elif source == "union":
         out_tok = union_tokenizer(base_tok, toks)
     else:
-        path = Path(source).expanduser()
-        if not path.is_dir():
-            from moerge.registry.importers import resolve_source
-
-            try:
-                path = Path(resolve_source(source, "model")[0])
-            except (FileNotFoundError, OSError, ValueError):
-                raise ValueError(f"tokenizer_source: {source!r} is not a model folder or a hub id in the local cache") from None
-        out_tok = load_tokenizer(path, f"tokenizer_source {source!r}")
+        out_tok = load_tokenizer(source_folder(source), f"tokenizer_source {source!r}")
     vocab = out_tok.get_vocab()
     perms = []
     for tok, size in toks:
@@ -180,7 +189,7 @@ def build_vocabulary(source: str, base: Path, models: Sequence[Path | None]) -> 
             f"tokenizer_source: {len(missing)} output token(s) are in no model (e.g. {missing[:3]}); their embeddings are zeros",
             stacklevel=3,
         )
-    return Vocabulary(out_tok, len(vocab), perms, source)
+    return Vocabulary(out_tok, len(vocab), perms)
 
 
 def vocabulary_tensors(folder: str | Path, keys: Sequence[str]) -> list[str]:
